@@ -1,0 +1,48 @@
+# Ferry: `make demo` runs the main job on the embedded default, `make test` runs the tests.
+# Both set everything up themselves (virtualenv in .venv, pip, npm ci, Debian tools).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint demo bench clean system-deps
+
+setup: $(VENV)/.stamp node_modules/.stamp system-deps
+
+$(VENV)/.stamp: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+	  || $(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+node_modules/.stamp: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Debian tools the tests and demo use (installed only when missing, and only as root).
+SYSTEM_TOOLS := mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fsfreeze:util-linux losetup:mount
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$tool >/dev/null 2>&1 || PATH=$$PATH:/usr/sbin:/sbin command -v $$tool >/dev/null 2>&1 \
+	    || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (install them as root)"; fi; \
+	fi
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m ferry.demo
+
+clean:
+	rm -rf $(VENV) node_modules run .pytest_cache

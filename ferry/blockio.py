@@ -1,0 +1,173 @@
+"""Reading and writing disks: O_DIRECT reads, zero detection, sizes, digests.
+
+Reads of a protected device MUST use O_DIRECT: a buffered read can return
+metadata the filesystem holds in cache but has not written, a write that no
+trace event will ever explain.  Regular image files are read the same way
+where the filesystem allows O_DIRECT, and buffered otherwise.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import stat
+import struct
+
+import numpy as np
+import xxhash
+
+from ferry.errors import DeviceError
+
+BLKGETSIZE64 = 0x80081272
+ALIGN = 4096
+"""O_DIRECT alignment for offsets, lengths and buffers, in bytes."""
+
+
+def is_block_device(path: str) -> bool:
+    """True when ``path`` is a block device."""
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def device_size(fd: int) -> int:
+    """Size in bytes of the block device or regular file open as ``fd``."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return struct.unpack("Q", buf)[0]
+    return st.st_size
+
+
+def dev_number(path: str) -> int:
+    """The kernel's ``(major << 20) | minor`` for a block device, as trace events print it."""
+    rdev = os.stat(path).st_rdev
+    return (os.major(rdev) << 20) | os.minor(rdev)
+
+
+class DirectReader:
+    """Aligned reads from a device or file, with O_DIRECT where possible."""
+
+    def __init__(self, path: str, max_chunk: int) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            self.direct = True
+        except OSError:
+            try:
+                self.fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise DeviceError(device=path, problem=exc.strerror or str(exc))
+            self.direct = False
+        self.size = device_size(self.fd)
+        self.buf = mmap.mmap(-1, _round_up(max_chunk))
+
+    def read(self, offset: int, length: int) -> memoryview:
+        """Return ``length`` bytes at ``offset`` (valid until the next read)."""
+        start = offset - offset % ALIGN
+        end = min(_round_up(offset + length), _round_up(self.size))
+        want = end - start
+        view = memoryview(self.buf)[:want]
+        got = 0
+        while got < want:
+            n = os.preadv(self.fd, [view[got:]], start + got)
+            if n <= 0:
+                break
+            got += n
+        if got < offset - start + length:
+            raise DeviceError(device=self.path, problem=f"short read at {offset}")
+        skip = offset - start
+        return memoryview(self.buf)[skip : skip + length]
+
+    def close(self) -> None:
+        """Release the descriptor and buffer."""
+        os.close(self.fd)
+        self.buf.close()
+
+
+def _round_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+def zero_mask(view: memoryview, block: int) -> np.ndarray:
+    """Boolean array: True where the ``block``-sized piece of ``view`` is all zeros."""
+    arr = np.frombuffer(view, dtype=np.uint8)
+    whole = len(arr) // block
+    mask = ~arr[: whole * block].reshape(whole, block).any(axis=1) if whole else np.zeros(0, bool)
+    if len(arr) % block:
+        mask = np.append(mask, not arr[whole * block :].any())
+    return mask
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int, bool]]:
+    """Split a boolean mask into ``(start, count, value)`` runs."""
+    if len(mask) == 0:
+        return []
+    edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
+    starts = np.concatenate(([0], edges))
+    ends = np.concatenate((edges, [len(mask)]))
+    return [(int(s), int(e - s), bool(mask[s])) for s, e in zip(starts, ends, strict=True)]
+
+
+def block_digests(view: memoryview, block: int) -> list[bytes]:
+    """xxh3-128 digest of each ``block``-sized piece of ``view`` (the last may be short)."""
+    return [xxhash.xxh3_128_digest(view[i : i + block]) for i in range(0, len(view), block)]
+
+
+def zero_digest(length: int) -> bytes:
+    """Digest of ``length`` zero bytes."""
+    return xxhash.xxh3_128_digest(bytes(length))
+
+
+DIGEST_BYTES = 16
+"""Bytes per block digest in a digest map (xxh3-128)."""
+
+
+def digest_map(path: str, block: int, chunk: int = 8 << 20, progress=None) -> tuple[bytes, bool]:
+    """Digest every ``block``-sized block of ``path``.
+
+    Returns ``(map, empty)``: ``map`` is the concatenated 16-byte digests in
+    block order; ``empty`` is True when the whole device reads as zeros (then
+    callers may skip the map).  Holes of sparse files are not read.
+    """
+    chunk = max(block, chunk - chunk % block)
+    reader = DirectReader(path, chunk)
+    try:
+        return _digest_all(reader, block, chunk, progress)
+    finally:
+        reader.close()
+
+
+def _digest_all(reader: DirectReader, block: int, chunk: int, progress) -> tuple[bytes, bool]:
+    out = bytearray()
+    empty = True
+    zero_full = zero_digest(block)
+    offset = 0
+    while offset < reader.size:
+        length = min(chunk, reader.size - offset)
+        if _is_hole(reader, offset, length):
+            full, rest = divmod(length, block)
+            out += zero_full * full
+            if rest:
+                out += zero_digest(rest)
+        else:
+            view = reader.read(offset, length)
+            out += b"".join(block_digests(view, block))
+            if empty and not zero_mask(view, block).all():
+                empty = False
+        offset += length
+        if progress:
+            progress(offset, reader.size)
+    return bytes(out), empty
+
+
+def _is_hole(reader: DirectReader, offset: int, length: int) -> bool:
+    if is_block_device(reader.path):
+        return False
+    try:
+        data = os.lseek(reader.fd, offset, os.SEEK_DATA)
+    except OSError:
+        return True  # ENXIO: no data at or after offset
+    return data >= offset + length

@@ -1,0 +1,54 @@
+"""Durable file writes: temporary file, fsync, rename, fsync the directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory so that renames and creations in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, parts: list[bytes] | bytes, durable: bool = True) -> None:
+    """Replace ``path`` with ``parts`` so that a crash leaves the old or the new file, whole.
+
+    With ``durable`` the data and the rename are fsync'ed before returning.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if isinstance(parts, bytes | bytearray | memoryview):
+        parts = [parts]
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_json(path: str | Path, value: Any, durable: bool = True) -> None:
+    """Atomically write ``value`` as JSON (see :func:`write_atomic`)."""
+    write_atomic(path, json.dumps(value, indent=1, sort_keys=True).encode() + b"\n", durable)
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    """Read a JSON file written by :func:`write_json`; ``default`` if it does not exist."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default

@@ -1,0 +1,80 @@
+"""Names of everything Ferry keeps in Azure Storage.
+
+Azure's rules: container and queue names are 3-63 characters of lowercase
+letters, digits and single dashes, starting with a letter or digit.  Tenant
+and disk ids are therefore restricted (``ID_RE``) so that every derived name
+is valid without mangling; a name that would be too long is shortened with a
+stable hash suffix.
+
+Blob names are deterministic: a re-upload after a crash overwrites the same
+blob, and a re-sent notice names the same blob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){0,39}$")
+"""Tenant, machine and disk ids: 1-40 chars, lowercase letters, digits, single inner dashes."""
+
+SEGMENTS_CONTAINER = "ferry-segments"
+"""Container holding every segment blob (names carry tenant, disk, generation, sequence)."""
+
+CONTROL_CONTAINER = "ferry-control"
+"""Container holding leases, digest maps, resync answers and per-disk state."""
+
+POISON_SUFFIX = "-poison"
+"""Suffix of the queue that receives notices which failed (the Functions convention)."""
+
+
+def check_id(kind: str, value: str) -> str | None:
+    """Return a problem line if ``value`` is not a valid id of ``kind``, else None."""
+    if not isinstance(value, str) or not ID_RE.match(value):
+        return (
+            f"{kind} {value!r} is not a valid id (1-40 lowercase letters, digits and "
+            "single dashes, not starting or ending with a dash)"
+        )
+    return None
+
+
+def _bounded(name: str, limit: int = 63) -> str:
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return f"{name[: limit - 11].rstrip('-')}-{digest}"
+
+
+def disk_queue(tenant: str, disk: str) -> str:
+    """The queue on which segment notices for one disk are announced."""
+    return _bounded(f"fd-{tenant}-{disk}", 63 - len(POISON_SUFFIX))
+
+
+def poison_queue(queue: str) -> str:
+    """The poison queue of ``queue``."""
+    return f"{queue}{POISON_SUFFIX}"
+
+
+def segment_blob(tenant: str, disk: str, gen: int, seq: int) -> str:
+    """Blob name of the segment carrying batch (gen, seq) of a disk."""
+    return f"{tenant}/{disk}/{gen:08d}/{seq:012d}.seg"
+
+
+def lease_blob(tenant: str, disk: str) -> str:
+    """Blob whose lease makes one master target the owner of a disk."""
+    return f"{tenant}/{disk}/owner.lease"
+
+
+def digest_blob(tenant: str, disk: str, gen: int) -> str:
+    """Blob holding the master target's block digests at the start of generation ``gen``."""
+    return f"{tenant}/{disk}/digests/{gen:08d}.bin"
+
+
+def resync_answer_blob(tenant: str, disk: str, request_id: str) -> str:
+    """Blob in which the master target answers one resync request."""
+    return f"{tenant}/{disk}/resync/{request_id}.json"
+
+
+def disk_state_blob(tenant: str, disk: str) -> str:
+    """Blob in which the master target publishes a disk's applied state (JSON)."""
+    return f"{tenant}/{disk}/state.json"

@@ -1,0 +1,139 @@
+"""A small certificate authority for mutual TLS between agents and process servers.
+
+The playbooks (and the demo and tests) make one CA per deployment and issue
+each component a certificate signed by it.  Keys are written with mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+VALID_DAYS = 825
+"""Lifetime of issued certificates, in days."""
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Ferry"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # fmt: skip
+
+
+def make_ca(directory: str | Path, name: str = "Ferry CA") -> tuple[Path, Path]:
+    """Create ``ca.pem`` and ``ca.key`` in ``directory`` unless they exist; return their paths."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = d / "ca.pem", d / "ca.key"
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS * 2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    _write_key(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def issue(
+    ca_dir: str | Path, out_dir: str | Path, name: str, hosts: list[str] | None = None
+) -> tuple[Path, Path]:
+    """Issue ``<name>.pem``/``<name>.key`` signed by the CA in ``ca_dir``; return their paths.
+
+    ``hosts`` become subject alternative names (DNS names or IP addresses);
+    the certificate is valid for both server and client authentication.
+    """
+    ca_dir, out_dir = Path(ca_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    sans: list[x509.GeneralName] = []
+    for host in hosts or ["localhost", "127.0.0.1"]:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
+    _write_key(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def server_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
+    """TLS server context that requires a client certificate from ``ca``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
+    """TLS client context presenting ``cert`` and trusting only ``ca``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(ca)
+    ctx.check_hostname = True
+    return ctx
+
+
+def peer_name(sock: ssl.SSLSocket) -> str:
+    """Common name of the verified peer certificate."""
+    cert = sock.getpeercert() or {}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return "unknown"

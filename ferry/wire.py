@@ -1,0 +1,90 @@
+"""Framing on the agent <-> process server connection (inside mutual TLS).
+
+Each frame is::
+
+    magic  4 bytes  b"FRY1"
+    hlen   u32      length of the JSON header
+    plen   u32      length of the binary payload
+    header hlen     JSON object with at least "type"
+    payload plen    raw bytes (a batch's data extents)
+
+Frame types (``header["type"]``):
+
+* agent -> server ``hello``: ``{tenant, machine, disks: [disk ids]}``;
+  the server answers ``welcome`` or ``error``.
+* agent -> server ``batch``: ``{batch: Batch.header()}`` + payload; the server
+  answers ``ack {disk, gen, seq}`` only after the batch is durable in its
+  spool.  Acks may come in any order.
+* agent -> server ``resync``: ``{disk, request_id, block_size}``; the server
+  relays it to the master target and answers ``resync-answer {disk,
+  request_id, gen, block_size, digest_blob, empty}`` + payload (the digest
+  map, see :mod:`ferry.digests`).
+* server -> agent ``resync-required {disk, gen, reason}``: the master target
+  cannot go on with generation ``gen`` (poisoned segment); the agent MUST
+  start a new generation.
+* either way ``error {message}``: the peer is about to close.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+from ferry.errors import ProtocolError
+
+MAGIC = b"FRY1"
+_FRAME = struct.Struct(">4sII")
+MAX_HEADER = 1 << 20
+"""Largest header accepted, in bytes."""
+MAX_PAYLOAD = 256 << 20
+"""Largest payload accepted, in bytes."""
+
+
+def encode(header: dict[str, Any], payload: bytes | memoryview = b"") -> list[bytes]:
+    """The byte strings of one frame (send them in order)."""
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    return [_FRAME.pack(MAGIC, len(hbytes), len(payload)), hbytes, payload]
+
+
+def send(sock: socket.socket, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+    """Send one frame; the caller serialises writers."""
+    for part in encode(header, payload):
+        if part:
+            sock.sendall(part)
+
+
+def recv(sock: socket.socket, peer: str = "peer") -> tuple[dict[str, Any], bytes] | None:
+    """Receive one frame; None on a clean end of stream before a frame starts."""
+    head = _recv_exact(sock, _FRAME.size, peer, allow_eof=True)
+    if head is None:
+        return None
+    magic, hlen, plen = _FRAME.unpack(head)
+    if magic != MAGIC:
+        raise ProtocolError(peer=peer, problem="bad frame magic")
+    if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
+        raise ProtocolError(peer=peer, problem=f"frame too large ({hlen}+{plen} bytes)")
+    hbytes = _recv_exact(sock, hlen, peer)
+    payload = _recv_exact(sock, plen, peer) if plen else b""
+    try:
+        header = json.loads(hbytes)
+    except ValueError:
+        raise ProtocolError(peer=peer, problem="frame header is not JSON")
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise ProtocolError(peer=peer, problem="frame header lacks a type")
+    return header, payload
+
+
+def _recv_exact(sock: socket.socket, n: int, peer: str, allow_eof: bool = False) -> bytes | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            if got == 0 and allow_eof:
+                return None
+            raise ProtocolError(peer=peer, problem="connection closed mid-frame")
+        got += k
+    return bytes(buf)
