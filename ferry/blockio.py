@@ -84,7 +84,10 @@ class DirectReader:
     def close(self) -> None:
         """Release the descriptor and buffer."""
         os.close(self.fd)
-        self.buf.close()
+        try:
+            self.buf.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes with it
 
 
 def _round_up(n: int, align: int = ALIGN) -> int:

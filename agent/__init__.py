@@ -1,0 +1,1 @@
+"""Ferry's mobility agent: tracks changed blocks and ships them to a process server."""

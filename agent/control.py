@@ -1,0 +1,101 @@
+"""The agent's local control socket: JSON lines over a Unix socket.
+
+Requests and answers, one JSON object per line::
+
+    {"cmd": "status"}                       -> {"ok": true, "status": {...}}
+    {"cmd": "tag", "kind": "crash"|"app",
+     "timeout": 120}                        -> {"ok": true, "tag": {...}} once the tagged
+                                               batches are durable at the process server
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import socketserver
+import threading
+from typing import Any
+
+from agent.replicator import Replicator, TagRequest
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        for line in self.rfile:
+            try:
+                request = json.loads(line)
+                answer = self.server.dispatch(request)  # type: ignore[attr-defined]
+            except (ValueError, TypeError, KeyError) as exc:
+                answer = {"ok": False, "error": f"bad request: {exc}"}
+            self.wfile.write(json.dumps(answer).encode() + b"\n")
+            self.wfile.flush()
+
+
+class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Serves status and tag requests for one replicator."""
+
+    daemon_threads = True
+
+    def __init__(self, path: str, replicator: Replicator) -> None:
+        if os.path.exists(path):
+            os.unlink(path)
+        super().__init__(path, _Handler)
+        os.chmod(path, 0o600)
+        self.replicator = replicator
+        self.thread = threading.Thread(target=self.serve_forever, name="control", daemon=True)
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop serving and remove the socket file."""
+        self.shutdown()
+        self.server_close()
+        try:
+            os.unlink(self.server_address)
+        except OSError:
+            pass
+
+    def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one request."""
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.replicator.status()}
+        if cmd == "tag":
+            return self._tag(request.get("kind", "crash"), float(request.get("timeout", 120)))
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _tag(self, kind: str, timeout: float) -> dict[str, Any]:
+        if kind not in ("crash", "app"):
+            return {"ok": False, "error": f"tag kind must be crash or app, not {kind!r}"}
+        request = TagRequest(kind)
+        self.replicator.tag_requests.put(request)
+        if not request.done.wait(timeout):
+            return {"ok": False, "error": f"no tag within {timeout:.0f} s"}
+        if request.error:
+            return {"ok": False, "error": request.error}
+        tag = request.result
+        for disk in tag["disks"]:
+            state = self.replicator.disks[disk]
+            seq = state.last_tag["seq"] if state.last_tag else 0
+            left = max(1.0, timeout)
+            if not self.replicator.shipper.wait_acked(disk, state.gen, seq, left):
+                return {"ok": False, "error": f"tag {tag['id']} not acknowledged for {disk}"}
+        return {"ok": True, "tag": tag}
+
+
+def call(path: str, request: dict[str, Any], timeout: float = 180.0) -> dict[str, Any]:
+    """Send one request to an agent's control socket and return its answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)

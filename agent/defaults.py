@@ -1,0 +1,43 @@
+"""Tunables of the mobility agent, each with its unit."""
+
+BLOCK_SIZE = 4096
+"""Tracking granularity, in bytes (a power of two, >= 512)."""
+
+RESYNC_BLOCK_SIZE = 65536
+"""Granularity of the digest comparison during a resync, in bytes (a multiple of BLOCK_SIZE)."""
+
+BATCH_BYTES = 4 << 20
+"""Largest data payload of one batch, in bytes."""
+
+WINDOW = 8
+"""Batches sent but not yet acknowledged, per connection."""
+
+PASS_INTERVAL = 0.25
+"""Pause between read passes when there is nothing urgent, in seconds."""
+
+SCAN_PASS_INTERVAL = 2.0
+"""Pause between passes of the scan tracker (each pass reads the whole disk), in seconds."""
+
+FREEZE_AFTER = 30.0
+"""Longest time without a clean (tagged) pass before a pass runs under fsfreeze, in seconds."""
+
+FREEZE_TIMEOUT = 10.0
+"""A watchdog thaws the filesystem after this long frozen, in seconds."""
+
+TRACE_BUFFER_KB = 16384
+"""Per-CPU ring buffer of the private trace instance, in KiB."""
+
+HOOK_TIMEOUT = 120.0
+"""Longest run of an app-consistency pre or post hook, in seconds."""
+
+RECONNECT_MIN = 0.5
+"""First pause before reconnecting to the process server, in seconds (doubles up to RECONNECT_MAX)."""
+
+RECONNECT_MAX = 10.0
+"""Longest pause between reconnection attempts, in seconds."""
+
+STATUS_INTERVAL = 1.0
+"""How often status.json is rewritten, in seconds."""
+
+TRACEFS = "/sys/kernel/tracing"
+"""Where tracefs is mounted (mounted there by the agent if absent)."""

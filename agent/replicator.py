@@ -1,0 +1,465 @@
+"""The agent's read passes: resync, initial sync, tags, freezes.
+
+One thread runs :meth:`Replicator.run`.  Each pass spans every replicating
+disk of the machine, so a tag is consistent across them.  See
+docs/design.md, "Mobility agent", for the rules this code follows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pyroaring import BitMap
+
+from agent.settings import Settings
+from agent.shipper import Shipper
+from agent.tracker import DiskTrack, Tracker, mono
+from ferry import blockio
+from ferry.batch import DATA, ZERO, Batch
+
+log = logging.getLogger("ferry.agent")
+
+MAX_EXTENTS = 8192
+"""Most extents in one batch (keeps frame headers small)."""
+
+
+@dataclass
+class DiskState:
+    """What the agent knows of one disk's replication."""
+
+    track: DiskTrack
+    mountpoint: str | None
+    gen: int | None = None
+    next_seq: int = 1
+    phase: str = "starting"
+    request_id: str | None = None
+    target_zero: BitMap = field(default_factory=BitMap)
+    last_tag: dict[str, Any] | None = None
+    bytes_shipped: int = 0
+    bytes_read: int = 0
+    pass_remaining: int = 0
+    resyncs: int = 0
+
+    @property
+    def id(self) -> str:
+        """The disk id."""
+        return self.track.id
+
+
+@dataclass
+class TagRequest:
+    """An operator's request for a tag; ``done`` is set with ``result``."""
+
+    kind: str
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class Replicator:
+    """Runs resyncs and read passes and hands batches to the shipper."""
+
+    def __init__(
+        self, settings: Settings, tracker: Tracker, shipper: Shipper, disks: list[DiskState]
+    ):
+        self.settings = settings
+        self.tracker = tracker
+        self.shipper = shipper
+        self.disks = {d.id: d for d in disks}
+        self.stop = threading.Event()
+        self.tag_requests: queue.Queue[TagRequest] = queue.Queue()
+        self.passes = 0
+        self.clean_passes = 0
+        self.frozen_passes = 0
+        self.longest_freeze = 0.0
+        self.last_clean = mono()
+        self.started = time.time()
+        self._reader = blockio.DirectReader
+        self._buffers: dict[str, blockio.DirectReader] = {}
+
+    # -- main loop ------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Replicate until ``stop`` is set."""
+        for disk in self.disks.values():
+            self._request_resync(disk, "agent start")
+        try:
+            while not self.stop.is_set():
+                self._handle_inbox()
+                request = self._next_tag_request()
+                if request is not None:
+                    self._serve_tag(request)
+                elif self._work_waiting():
+                    self._run_pass(freeze=self._freeze_due())
+                    continue
+                self.stop.wait(self._interval())
+        finally:
+            for reader in self._buffers.values():
+                reader.close()
+
+    def _interval(self) -> float:
+        if self.tracker.kind == "scan":
+            return max(self.settings.pass_interval, 2.0)
+        return self.settings.pass_interval
+
+    def _replicating(self) -> list[DiskState]:
+        return [d for d in self.disks.values() if d.gen is not None]
+
+    def _work_waiting(self) -> bool:
+        disks = self._replicating()
+        if not disks:
+            return False
+        if self.tracker.kind == "scan":
+            return True  # only a scan can tell whether anything changed
+        return any(self.tracker.dirty_count(d.id) for d in disks)
+
+    def _freeze_due(self) -> bool:
+        return mono() - self.last_clean > self.settings.freeze_after and any(
+            d.mountpoint for d in self._replicating()
+        )
+
+    def _next_tag_request(self) -> TagRequest | None:
+        if not self._replicating():
+            return None
+        try:
+            return self.tag_requests.get_nowait()
+        except queue.Empty:
+            return None
+
+    # -- resync -----------------------------------------------------------------------
+
+    def _request_resync(self, disk: DiskState, reason: str) -> None:
+        if disk.gen is not None:
+            self.shipper.forget_disk(disk.id)
+        disk.gen = None
+        disk.request_id = uuid.uuid4().hex
+        disk.phase = "resync-wait"
+        disk.resyncs += 1
+        log.info("disk %s: asking for a new generation (%s)", disk.id, reason)
+        self.shipper.request_resync(disk.id, disk.request_id, self.settings.resync_block_size)
+
+    def _handle_inbox(self) -> None:
+        while True:
+            try:
+                event = self.shipper.inbox.get_nowait()
+            except queue.Empty:
+                return
+            disk = self.disks.get(event.get("disk"))
+            if disk is None:
+                continue
+            if event["type"] == "resync-answer" and event.get("request_id") == disk.request_id:
+                self._start_generation(disk, event)
+            elif event["type"] == "resync-required" and event.get("gen") == disk.gen:
+                self._request_resync(
+                    disk, f"master target: {event.get('reason') or 'resync required'}"
+                )
+
+    def _start_generation(self, disk: DiskState, answer: dict[str, Any]) -> None:
+        track = disk.track
+        block = int(answer["block_size"])
+        per = block // track.block
+        if answer.get("empty"):
+            disk.target_zero = BitMap()
+            disk.target_zero.add_range(0, track.blocks)
+            self.tracker.mark_dirty(disk.id, 0, track.blocks)
+            disk.phase = "initial-sync"
+        else:
+            differ, zero = self._compare(disk, answer["digests"], block)
+            disk.target_zero = _expand(zero, per, track.blocks)
+            for first in differ:
+                self.tracker.mark_dirty(disk.id, int(first) * per, (int(first) + 1) * per)
+            disk.phase = "resync"
+            log.info(
+                "disk %s: %d of %d blocks differ from the target",
+                disk.id,
+                len(differ),
+                -(-track.size // block),
+            )
+        disk.gen = int(answer["gen"])
+        disk.next_seq = 1
+        disk.request_id = None
+        log.info("disk %s: generation %d started (%s)", disk.id, disk.gen, disk.phase)
+
+    def _compare(self, disk: DiskState, target: bytes, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks (of ``block`` bytes) that differ from the target, and the target's zero blocks."""
+        mine, _ = blockio.digest_map(disk.track.device, block)
+        a = np.frombuffer(mine, dtype=np.uint8).reshape(-1, blockio.DIGEST_BYTES)
+        b = np.frombuffer(target, dtype=np.uint8).reshape(-1, blockio.DIGEST_BYTES)
+        n = min(len(a), len(b))
+        differ = np.flatnonzero((a[:n] != b[:n]).any(axis=1))
+        beyond = np.arange(n, len(a))  # the target is shorter: those blocks read as zeros there
+        zero = np.frombuffer(blockio.zero_digest(block), dtype=np.uint8)
+        target_zero = np.flatnonzero((b[:n] == zero).all(axis=1))
+        return np.concatenate((differ, beyond)), np.concatenate((target_zero, beyond))
+
+    # -- passes -------------------------------------------------------------------------
+
+    def _run_pass(self, freeze: bool = False, kind: str = "crash") -> dict[str, Any] | None:
+        """One read pass over every replicating disk; returns the tag if it was clean."""
+        disks = self._replicating()
+        if not disks:
+            return None
+        with self._frozen(disks) if freeze else contextlib.nullcontext() as frozen:
+            taken = self.tracker.begin_pass([d.id for d in disks])
+            t0 = self.tracker.t0
+            t0_wall = time.time() - (mono() - t0)
+            held = {d.id: self._ship_pass(d, taken[d.id]) for d in disks}
+            clean = self.tracker.end_pass()
+        self.passes += 1
+        if self.tracker.lost():
+            for disk in disks:
+                self._request_resync(disk, "trace events were lost")
+            return None
+        tag = None
+        if clean:
+            tag = {
+                "id": f"{self.settings.machine}-{int(t0 * 1e9)}",
+                "kind": kind if frozen else "crash",
+                "t0_mono_ns": int(t0 * 1e9),
+                "t0_wall": t0_wall,
+                "frozen": bool(frozen),
+                "disks": sorted(d.id for d in disks),
+            }
+        for disk in disks:
+            self._close_pass(disk, held[disk.id], tag)
+        if clean:
+            self.clean_passes += 1
+            self.last_clean = mono()
+        return tag
+
+    def _close_pass(self, disk: DiskState, batch: Batch | None, tag: dict[str, Any] | None) -> None:
+        if batch is None and tag is None:
+            return
+        if batch is None:
+            batch = self._new_batch(disk)
+        batch.tag = tag
+        self._send(disk, batch)
+        if tag is not None:
+            disk.last_tag = {**tag, "seq": batch.seq, "gen": batch.gen}
+            if disk.phase in ("initial-sync", "resync"):
+                log.info("disk %s: generation %d reached its first tag", disk.id, disk.gen)
+                disk.phase = "replicating"
+
+    def _new_batch(self, disk: DiskState) -> Batch:
+        return Batch(
+            tenant=self.settings.tenant,
+            disk=disk.id,
+            gen=disk.gen,
+            seq=0,
+            disk_size=disk.track.size,
+            extents=[],
+        )
+
+    def _send(self, disk: DiskState, batch: Batch) -> None:
+        batch.seq = disk.next_seq
+        disk.next_seq += 1
+        disk.bytes_shipped += len(batch.payload)
+        self.shipper.send_batch(batch)
+
+    def _ship_pass(self, disk: DiskState, blocks: BitMap) -> Batch | None:
+        """Read ``blocks`` and send them; return the pass's last batch, unsent."""
+        track = disk.track
+        limit = self.settings.batch_bytes
+        reader = self._reader_for(disk)
+        batch, payload = self._new_batch(disk), []
+        size = 0
+        disk.pass_remaining = len(blocks) * track.block
+        for first, count in _runs(blocks, max(1, limit // track.block)):
+            start = first * track.block
+            length = min((first + count) * track.block, track.size) - start
+            view = reader.read(start, length)
+            self.tracker.chunk_read(disk.id, first + count)
+            disk.bytes_read += length
+            disk.pass_remaining = max(0, disk.pass_remaining - length)
+            pieces = self._extents(disk, first, view)
+            need = sum(len(p) for _, _, _, p in pieces if p is not None)
+            if batch.extents and (
+                size + need > limit or len(batch.extents) + len(pieces) > MAX_EXTENTS
+            ):
+                batch.payload = b"".join(payload)
+                self._send(disk, batch)
+                batch, payload, size = self._new_batch(disk), [], 0
+            for offset, n, kind, data in pieces:
+                batch.extents.append((offset, n, kind))
+                if data is not None:
+                    payload.append(data)
+                    size += n
+        disk.pass_remaining = 0
+        if not batch.extents:
+            return None
+        batch.payload = b"".join(payload)
+        return batch
+
+    def _reader_for(self, disk: DiskState) -> blockio.DirectReader:
+        reader = self._buffers.get(disk.id)
+        if reader is None:
+            reader = self._buffers[disk.id] = self._reader(
+                disk.track.device, self.settings.batch_bytes
+            )
+        return reader
+
+    def _extents(
+        self, disk: DiskState, first: int, view: memoryview
+    ) -> list[tuple[int, int, str, bytes | None]]:
+        """Split a read run into data and zero extents, skipping zeros the target has."""
+        block = disk.track.block
+        out = []
+        for start, count, is_zero in blockio.runs(blockio.zero_mask(view, block)):
+            b0 = first + start
+            lo, hi = start * block, min((start + count) * block, len(view))
+            if not is_zero:
+                disk.target_zero.remove_range(b0, b0 + count)
+                out.append((b0 * block, hi - lo, DATA, bytes(view[lo:hi])))
+                continue
+            known = disk.target_zero.range_cardinality(b0, b0 + count)
+            if known == count:
+                continue  # the target already reads as zeros here
+            disk.target_zero.add_range(b0, b0 + count)
+            out.append((b0 * block, hi - lo, ZERO, None))
+        return out
+
+    # -- tags and freezes ---------------------------------------------------------------
+
+    def _serve_tag(self, request: TagRequest) -> None:
+        try:
+            tag = self._tag_now(request.kind)
+        except Exception as exc:  # reported to the operator who asked
+            log.error("tag request failed: %s", exc)
+            request.error = str(exc)
+            request.done.set()
+            return
+        if tag is None:
+            request.error = "no clean pass could be made (see the agent log)"
+        else:
+            request.result = tag
+        request.done.set()
+
+    def _tag_now(self, kind: str) -> dict[str, Any] | None:
+        if kind == "app":
+            self._hook(self.settings.pre_hook, "pre")
+            try:
+                return self._run_pass(freeze=True, kind="app")
+            finally:
+                self._hook(self.settings.post_hook, "post")
+        for _ in range(3):
+            tag = self._run_pass()
+            if tag is not None:
+                return tag
+        return self._run_pass(freeze=True)
+
+    def _hook(self, command: str | None, which: str) -> None:
+        if not command:
+            return
+        log.info("running the %s-freeze hook", which)
+        result = subprocess.run(
+            command, shell=True, capture_output=True, text=True, timeout=self.settings.hook_timeout
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"{which} hook exited with status {result.returncode}: {result.stderr.strip()[:200]}"
+            )
+
+    @contextlib.contextmanager
+    def _frozen(self, disks: list[DiskState]):
+        points = sorted({d.mountpoint for d in disks if d.mountpoint})
+        if not points:
+            log.warning("no mounted filesystem to freeze; the pass runs unfrozen")
+            yield False
+            return
+        frozen: list[str] = []
+        started = time.monotonic()
+        watchdog = threading.Timer(self.settings.freeze_timeout, _thaw_all, args=(frozen, True))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            for point in points:
+                subprocess.run(
+                    ["fsfreeze", "-f", point], check=True, capture_output=True, timeout=60
+                )
+                frozen.append(point)
+            yield True
+        finally:
+            watchdog.cancel()
+            _thaw_all(frozen, False)
+            took = time.monotonic() - started
+            self.frozen_passes += 1
+            self.longest_freeze = max(self.longest_freeze, took)
+            log.info("froze %s for %.3f s", ", ".join(points), took)
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able picture of the agent's replication, per disk."""
+        disks = []
+        for disk in self.disks.values():
+            dirty = self.tracker.dirty_count(disk.id) * disk.track.block
+            disks.append(
+                {
+                    "disk": disk.id,
+                    "device": disk.track.device,
+                    "size": disk.track.size,
+                    "phase": disk.phase,
+                    "gen": disk.gen,
+                    "next_seq": disk.next_seq,
+                    "bytes_to_go": dirty + disk.pass_remaining,
+                    "backlog_batches": self.shipper.unacked(disk.id),
+                    "bytes_read": disk.bytes_read,
+                    "bytes_shipped": disk.bytes_shipped,
+                    "last_tag": disk.last_tag,
+                    "resyncs": disk.resyncs,
+                    "mountpoint": disk.mountpoint,
+                }
+            )
+        return {
+            "tracker": self.tracker.kind,
+            "tracker_description": self.tracker.description,
+            "connected": self.shipper.connected,
+            "last_error": self.shipper.last_error,
+            "passes": self.passes,
+            "clean_passes": self.clean_passes,
+            "frozen_passes": self.frozen_passes,
+            "longest_freeze_s": round(self.longest_freeze, 4),
+            "uptime_s": round(time.time() - self.started, 1),
+            "disks": disks,
+        }
+
+
+def _thaw_all(points: list[str], from_watchdog: bool) -> None:
+    for point in points:
+        result = subprocess.run(["fsfreeze", "-u", point], capture_output=True, text=True)
+        if from_watchdog and result.returncode == 0:
+            log.error("watchdog thawed %s: a freeze outlived freeze_timeout", point)
+
+
+def _runs(blocks: BitMap, longest: int):
+    """Yield ``(first, count)`` runs of consecutive blocks, none longer than ``longest``."""
+    if not blocks:
+        return
+    arr = np.asarray(blocks.to_array(), dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(arr) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(arr)]))
+    for s, e in zip(starts, ends, strict=True):
+        first, count = int(arr[s]), int(e - s)
+        while count > 0:
+            n = min(count, longest)
+            yield first, n
+            first += n
+            count -= n
+
+
+def _expand(coarse: np.ndarray, per: int, limit: int) -> BitMap:
+    """Tracking blocks covered by the given coarse (resync) blocks."""
+    out = BitMap()
+    for c in coarse:
+        out.add_range(int(c) * per, min((int(c) + 1) * per, limit))
+    return out

@@ -1,0 +1,85 @@
+"""Settings of the mobility agent (a TOML file; see docs/design.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from agent import defaults
+from ferry.naming import check_id
+from ferry.settings import positive
+
+
+@dataclasses.dataclass
+class DiskSettings:
+    """One protected disk."""
+
+    id: str
+    device: str
+    mountpoint: str | None = None
+    """Filesystem to freeze for consistency; found in /proc/self/mountinfo if unset."""
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything the agent needs; the configuration server will supply the same shape."""
+
+    tenant: str
+    machine: str
+    process_server: str
+    ca: str
+    cert: str
+    key: str
+    state_dir: str
+    disks: list[DiskSettings]
+    server_name: str | None = None
+    control_socket: str | None = None
+    tracker: str = "auto"
+    block_size: int = defaults.BLOCK_SIZE
+    resync_block_size: int = defaults.RESYNC_BLOCK_SIZE
+    batch_bytes: int = defaults.BATCH_BYTES
+    window: int = defaults.WINDOW
+    pass_interval: float = defaults.PASS_INTERVAL
+    freeze_after: float = defaults.FREEZE_AFTER
+    freeze_timeout: float = defaults.FREEZE_TIMEOUT
+    trace_buffer_kb: int = defaults.TRACE_BUFFER_KB
+    pre_hook: str | None = None
+    post_hook: str | None = None
+    hook_timeout: float = defaults.HOOK_TIMEOUT
+
+    def validate(self) -> str | None:
+        """Problem line, or None when the settings are usable."""
+        for kind, value in [("tenant", self.tenant), ("machine", self.machine)] + [
+            ("disk id", d.id) for d in self.disks
+        ]:
+            problem = check_id(kind, value)
+            if problem:
+                return problem
+        if not self.disks:
+            return "disks must list at least one disk"
+        if len({d.id for d in self.disks}) != len(self.disks):
+            return "disk ids must be unique"
+        host, _, port = self.process_server.rpartition(":")
+        if not host or not port.isdigit():
+            return f"process_server must be host:port, not {self.process_server!r}"
+        if self.tracker not in ("auto", "tracefs", "scan"):
+            return f"tracker must be auto, tracefs or scan, not {self.tracker!r}"
+        if self.block_size < 512 or self.block_size & (self.block_size - 1):
+            return f"block_size must be a power of two >= 512, not {self.block_size}"
+        if self.resync_block_size % self.block_size:
+            return "resync_block_size must be a multiple of block_size"
+        if self.batch_bytes < self.block_size:
+            return "batch_bytes must be at least block_size"
+        return positive(
+            window=self.window,
+            pass_interval=self.pass_interval,
+            freeze_after=self.freeze_after,
+            freeze_timeout=self.freeze_timeout,
+            trace_buffer_kb=self.trace_buffer_kb,
+            hook_timeout=self.hook_timeout,
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` of the process server."""
+        host, _, port = self.process_server.rpartition(":")
+        return host.strip("[]"), int(port)

@@ -1,0 +1,223 @@
+"""The agent's connection to its process server (mutual TLS, see ferry.wire).
+
+``send_batch`` blocks while ``window`` batches are unacknowledged: that is
+the agent's backpressure, and why its memory stays bounded when the process
+server or the cloud is slow (the dirty map grows instead).  A lost connection
+is re-established with backoff, and every unacknowledged batch is sent again,
+unchanged and in order.  Resync answers and resync demands arrive as events
+in ``inbox``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+from agent import defaults
+from ferry import pki, wire
+from ferry.batch import Batch
+from ferry.errors import FerryError
+
+log = logging.getLogger("ferry.agent.shipper")
+
+
+class Shipper:
+    """Sends batches to the process server and tracks their acknowledgements."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        server_name: str,
+        ca: str,
+        cert: str,
+        key: str,
+        hello: dict[str, Any],
+        window: int,
+    ) -> None:
+        self.address = address
+        self.server_name = server_name
+        self.context = pki.client_context(ca, cert, key)
+        self.hello = hello
+        self.window = window
+        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._cv = threading.Condition()
+        self._unacked: dict[tuple[str, int, int], Batch] = {}
+        self._requests: dict[str, dict[str, Any]] = {}
+        self._sock: ssl.SSLSocket | None = None
+        self._send_lock = threading.Lock()
+        self._stop = False
+        self.connected = False
+        self.last_error = ""
+        self.bytes_sent = 0
+        self.batches_acked = 0
+        self._thread = threading.Thread(target=self._run, name="shipper", daemon=True)
+
+    def start(self) -> None:
+        """Connect in the background (and keep reconnecting)."""
+        self._thread.start()
+
+    def close(self) -> None:
+        """Close the connection and stop reconnecting."""
+        self._stop = True
+        with self._cv:
+            self._cv.notify_all()
+        self._drop_socket()
+        self._thread.join(timeout=5)
+
+    # -- what the agent calls -------------------------------------------------------
+
+    def send_batch(self, batch: Batch, stop: threading.Event | None = None) -> bool:
+        """Queue ``batch`` for sending; blocks while the window is full.
+
+        Returns False if asked to stop before the batch could be queued.
+        """
+        key = (batch.disk, batch.gen, batch.seq)
+        with self._cv:
+            while len(self._unacked) >= self.window:
+                if self._stop or (stop is not None and stop.is_set()):
+                    return False
+                self._cv.wait(0.2)
+            self._unacked[key] = batch
+        self._try_send({"type": "batch", "batch": batch.header()}, batch.payload)
+        return True
+
+    def request_resync(self, disk: str, request_id: str, block_size: int) -> None:
+        """Ask the master target (through the process server) to start a new generation."""
+        frame = {"type": "resync", "disk": disk, "request_id": request_id, "block_size": block_size}
+        with self._cv:
+            self._requests[disk] = frame
+        self._try_send(frame)
+
+    def forget_disk(self, disk: str, before_gen: int | None = None) -> None:
+        """Drop unacknowledged batches of ``disk`` older than ``before_gen`` (all if None)."""
+        with self._cv:
+            for key in [k for k in self._unacked if k[0] == disk]:
+                if before_gen is None or key[1] < before_gen:
+                    del self._unacked[key]
+            self._cv.notify_all()
+
+    def unacked(self, disk: str | None = None) -> int:
+        """Batches sent but not yet acknowledged (for one disk, or all)."""
+        with self._cv:
+            return sum(1 for k in self._unacked if disk is None or k[0] == disk)
+
+    def wait_acked(self, disk: str, gen: int, seq: int, timeout: float) -> bool:
+        """Wait until batch ``(disk, gen, seq)`` is acknowledged; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while (disk, gen, seq) in self._unacked:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop:
+                    return False
+                self._cv.wait(min(left, 0.2))
+            return True
+
+    # -- connection -------------------------------------------------------------------
+
+    def _try_send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        sock = self._sock
+        if sock is None:
+            return  # sent on reconnect
+        try:
+            with self._send_lock:
+                wire.send(sock, header, payload)
+            if header["type"] == "batch":
+                self.bytes_sent += len(payload)
+        except (OSError, ssl.SSLError) as exc:
+            self._lost(f"send failed: {exc}")
+
+    def _lost(self, why: str) -> None:
+        if self.connected:
+            log.warning("lost the process server at %s:%d (%s); reconnecting", *self.address, why)
+        self.last_error = why
+        self._drop_socket()
+
+    def _drop_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        self.connected = False
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _run(self) -> None:
+        pause = defaults.RECONNECT_MIN
+        while not self._stop:
+            try:
+                sock = self._connect()
+            except (OSError, ssl.SSLError, FerryError) as exc:
+                if self.last_error != str(exc):
+                    log.warning("cannot reach the process server at %s:%d: %s", *self.address, exc)
+                self.last_error = str(exc)
+                time.sleep(pause)
+                pause = min(pause * 2, defaults.RECONNECT_MAX)
+                continue
+            pause = defaults.RECONNECT_MIN
+            self._sock = sock
+            self.connected = True
+            self.last_error = ""
+            log.info("connected to the process server at %s:%d", *self.address)
+            self._resend()
+            self._receive(sock)
+
+    def _connect(self) -> ssl.SSLSocket:
+        raw = socket.create_connection(self.address, timeout=10)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = self.context.wrap_socket(raw, server_hostname=self.server_name)
+        sock.settimeout(None)
+        wire.send(sock, {"type": "hello", **self.hello})
+        reply = wire.recv(sock, "process server")
+        if reply is None or reply[0].get("type") != "welcome":
+            message = reply[0].get("message", reply[0]) if reply else "closed the connection"
+            sock.close()
+            raise FerryError(detail=f"process server refused hello: {message}")
+        return sock
+
+    def _resend(self) -> None:
+        with self._cv:
+            batches = sorted(self._unacked.values(), key=lambda b: (b.disk, b.gen, b.seq))
+            requests = list(self._requests.values())
+        for frame in requests:
+            self._try_send(frame)
+        for batch in batches:
+            self._try_send({"type": "batch", "batch": batch.header()}, batch.payload)
+
+    def _receive(self, sock: ssl.SSLSocket) -> None:
+        while not self._stop:
+            try:
+                frame = wire.recv(sock, "process server")
+            except (OSError, ssl.SSLError, FerryError) as exc:
+                self._lost(str(exc))
+                return
+            if frame is None:
+                self._lost("connection closed")
+                return
+            self._handle(frame[0], frame[1])
+
+    def _handle(self, header: dict[str, Any], payload: bytes) -> None:
+        kind = header["type"]
+        if kind == "ack":
+            key = (header.get("disk"), header.get("gen"), header.get("seq"))
+            with self._cv:
+                if self._unacked.pop(key, None) is not None:
+                    self.batches_acked += 1
+                self._cv.notify_all()
+        elif kind == "resync-answer":
+            with self._cv:
+                pending = self._requests.get(header.get("disk"))
+                if pending and pending["request_id"] == header.get("request_id"):
+                    del self._requests[header["disk"]]
+            self.inbox.put({**header, "digests": payload})
+        elif kind == "resync-required":
+            self.inbox.put(header)
+        elif kind == "error":
+            log.error("process server reported: %s", header.get("message"))
+        else:
+            log.warning("ignoring unknown frame type %r from the process server", kind)

@@ -1,0 +1,228 @@
+"""A private tracefs instance that reports block-layer writes of chosen devices.
+
+The instance is ``<tracefs>/instances/<name>``: created on start, removed on
+close, never the global buffer.  Its clock is ``mono`` (CLOCK_MONOTONIC), so
+event times compare with ``time.clock_gettime(CLOCK_MONOTONIC)``.
+
+Events are read as text from ``trace_pipe`` by one thread.  ``mark()`` writes
+a marker into the same ordered stream and returns once the reader has
+consumed it: every event recorded before the marker has then been handed to
+the callbacks.  Lost events are read from ``per_cpu/cpuN/stats``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ferry.errors import TrackerUnavailable
+
+log = logging.getLogger("ferry.agent.tracefs")
+
+COMPLETE_EVENTS = ("block_rq_complete", "block_bio_complete")
+"""Events that mark blocks dirty: a write is dirty once the kernel reports it complete."""
+QUEUE_EVENT = "block_bio_queue"
+"""Event that reveals a write racing a read pass."""
+
+_LINE = re.compile(
+    rb"^\s*.+?-\d+\s+\[\d+\]\s+\S+\s+(?P<ts>\d+\.\d+): (?P<event>\w+): (?P<rest>.*)$"
+)
+_BLOCK = re.compile(
+    rb"^(?P<maj>\d+),(?P<min>\d+) (?P<rwbs>\S+) (?:\(.*?\) )?(?P<sector>\d+) \+ (?P<n>\d+)"
+)
+_MARK = re.compile(rb"ferry-mark (\d+)")
+
+OnComplete = Callable[[int, int, int], None]
+"""``(dev, first_sector, sectors)`` of a completed write."""
+OnQueue = Callable[[int, int, int, float], None]
+"""``(dev, first_sector, sectors, time)`` of a queued write."""
+OnMark = Callable[[int, float], None]
+"""``(marker number, time)`` when a marker is consumed."""
+
+
+def mount_point(root: str) -> Path:
+    """Return a tracefs mount, mounting it at ``root`` if needed."""
+    path = Path(root)
+    if (path / "instances").is_dir():
+        return path
+    debug = Path("/sys/kernel/debug/tracing")
+    if (debug / "instances").is_dir():
+        return debug
+    result = subprocess.run(
+        ["mount", "-t", "tracefs", "nodev", str(path)], capture_output=True, text=True
+    )
+    if result.returncode != 0 or not (path / "instances").is_dir():
+        raise TrackerUnavailable(
+            device="this host", problem=f"cannot mount tracefs at {path}: {result.stderr.strip()}"
+        )
+    return path
+
+
+class TraceInstance:
+    """A private trace instance streaming write events of ``devs`` to callbacks."""
+
+    def __init__(
+        self,
+        root: str,
+        name: str,
+        devs: list[int],
+        buffer_kb: int,
+        on_complete: OnComplete,
+        on_queue: OnQueue,
+        on_mark: OnMark,
+    ) -> None:
+        self.path = mount_point(root) / "instances" / name
+        self.devs = devs
+        self.buffer_kb = buffer_kb
+        self.on_complete = on_complete
+        self.on_queue = on_queue
+        self.on_mark = on_mark
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._fd: int | None = None
+        self._marker_fd: int | None = None
+        self.events = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create and configure the instance, then start the reader thread."""
+        try:
+            if self.path.exists():
+                self._remove()  # a leftover of a killed agent with our name
+            self.path.mkdir()
+        except OSError as exc:
+            raise TrackerUnavailable(
+                device="this host", problem=f"cannot create {self.path}: {exc}"
+            )
+        try:
+            self._configure()
+        except OSError as exc:
+            self.close()
+            raise TrackerUnavailable(
+                device="this host", problem=f"cannot configure {self.path}: {exc}"
+            )
+        self._fd = os.open(self.path / "trace_pipe", os.O_RDONLY)
+        self._marker_fd = os.open(self.path / "trace_marker", os.O_WRONLY)
+        self._thread = threading.Thread(target=self._read_loop, name="trace-reader", daemon=True)
+        self._thread.start()
+
+    def _configure(self) -> None:
+        self._write("tracing_on", "0")
+        self._write("trace_clock", "mono")
+        self._write("buffer_size_kb", str(self.buffer_kb))
+        # overwrite=0: a full buffer drops new events and counts them, never
+        # silently replaces old ones.
+        self._write("options/overwrite", "0")
+        clause = " || ".join(f"dev == {d}" for d in self.devs)
+        filt = f'({clause}) && !(rwbs ~ "R*")'
+        for event in (*COMPLETE_EVENTS, QUEUE_EVENT):
+            base = f"events/block/{event}"
+            if not (self.path / base).exists():
+                continue  # e.g. block_bio_complete on kernels without it
+            self._write(f"{base}/filter", filt)
+            self._write(f"{base}/enable", "1")
+        self._write("tracing_on", "1")
+
+    def _write(self, rel: str, value: str) -> None:
+        (self.path / rel).write_text(value)
+
+    def close(self) -> None:
+        """Stop the reader and remove the instance."""
+        self._stop = True
+        if self._marker_fd is not None and self._thread is not None:
+            try:
+                os.write(self._marker_fd, b"ferry-stop")
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for fd in (self._fd, self._marker_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._marker_fd = None
+        self._remove()
+
+    def _remove(self) -> None:
+        try:
+            (self.path / "tracing_on").write_text("0")
+        except OSError:
+            pass
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)  # busy while a reader still has trace_pipe open
+        log.warning("could not remove trace instance %s", self.path)
+
+    # -- markers and counters ---------------------------------------------------------
+
+    def write_marker(self, number: int) -> None:
+        """Write marker ``number`` into the event stream."""
+        assert self._marker_fd is not None
+        os.write(self._marker_fd, b"ferry-mark %d" % number)
+
+    def lost_events(self) -> int:
+        """Events lost so far in this instance (dropped plus overrun, all CPUs)."""
+        total = 0
+        for stats in (self.path / "per_cpu").glob("cpu*/stats"):
+            try:
+                text = stats.read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() in ("overrun", "dropped events"):
+                    total += int(value.strip() or 0)
+        return total
+
+    # -- reader thread ----------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        pending = b""
+        while not self._stop:
+            try:
+                chunk = os.read(self._fd, 1 << 16)
+            except OSError as exc:
+                log.error("trace pipe read failed: %s", exc)
+                return
+            if not chunk:
+                time.sleep(0.01)
+                continue
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                self._dispatch(line)
+
+    def _dispatch(self, line: bytes) -> None:
+        m = _LINE.match(line)
+        if not m:
+            return
+        event, rest, ts = m.group("event"), m.group("rest"), float(m.group("ts"))
+        if event == b"tracing_mark_write":
+            mark = _MARK.search(rest)
+            if mark:
+                self.on_mark(int(mark.group(1)), ts)
+            return
+        b = _BLOCK.match(rest)
+        if not b:
+            return
+        n = int(b.group("n"))
+        if n == 0:
+            return  # flushes carry no data
+        self.events += 1
+        dev = (int(b.group("maj")) << 20) | int(b.group("min"))
+        sector = int(b.group("sector"))
+        if event == b"block_bio_queue":
+            self.on_queue(dev, sector, n, ts)
+        else:
+            self.on_complete(dev, sector, n)
