@@ -74,9 +74,13 @@ def test_reads_are_not_marked(raw_disk):
 def test_discard_and_write_zeroes_are_marked(raw_disk):
     tracker = make_tracker(raw_disk.device, 64 << 20)
     try:
-        subprocess.run(["blkdiscard", "-o", str(256 * BLOCK), "-l", str(16 * BLOCK), raw_disk.device], check=True)
         subprocess.run(
-            ["blkdiscard", "-z", "-o", str(512 * BLOCK), "-l", str(8 * BLOCK), raw_disk.device], check=True
+            ["blkdiscard", "-o", str(256 * BLOCK), "-l", str(16 * BLOCK), raw_disk.device],
+            check=True,
+        )
+        subprocess.run(
+            ["blkdiscard", "-z", "-o", str(512 * BLOCK), "-l", str(8 * BLOCK), raw_disk.device],
+            check=True,
         )
         dirty = dirty_blocks(tracker)
         assert set(range(256, 272)) <= dirty

@@ -1,0 +1,335 @@
+"""The embedded default: every Ferry role on one machine, Azurite as Azure Storage.
+
+Used by ``make demo``, the end-to-end tests and the benchmarks alike, so all
+three exercise the same deployment: real daemons as subprocesses, real
+mutual TLS, real Azurite over HTTP.  Everything it starts is stopped by
+:meth:`Embedded.close` (also on Ctrl-C through the context manager).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ferry import naming, pki
+from ferry.azurite import ROOT, Azurite, free_port
+from ferry.errors import FerryError, NotFound
+from ferry.storage import Storage
+
+DAEMONS = {
+    "process-server": "processserver",
+    "master-target": "mastertarget",
+    "agent": "agent",
+}
+
+
+class EmbeddedError(FerryError):
+    """{detail}"""
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def write_toml(path: Path, settings: dict[str, Any]) -> Path:
+    """Write a flat settings dict (plus lists of tables) as TOML."""
+    lines, tables = [], []
+    for key, value in settings.items():
+        if value is None:
+            continue
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml(value)}")
+    for key, items in tables:
+        for item in items:
+            lines.append(f"\n[[{key}]]")
+            lines.extend(f"{k} = {_toml(v)}" for k, v in item.items() if v is not None)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Embedded:
+    """A one-machine Ferry deployment under ``base``."""
+
+    def __init__(
+        self,
+        base: Path,
+        tenant: str = "demo",
+        machine: str = "web01",
+        azurite: Azurite | None = None,
+        log_level: str = "",
+    ) -> None:
+        self.base = Path(base)
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.tenant = tenant
+        self.machine = machine
+        self._own_azurite = azurite is None
+        self.azurite = azurite
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.configs: dict[str, Path] = {}
+        self.port = free_port()
+        self.pki = self.base / "pki"
+        self.verbose = log_level == "debug"
+
+    # -- setup ----------------------------------------------------------------------
+
+    def start_storage(self) -> None:
+        """Start Azurite (unless one was handed in) and make the certificates."""
+        if self.azurite is None:
+            self.azurite = Azurite(log=str(self.base / "azurite.log")).start()
+        pki.make_ca(self.pki / "ca")
+        pki.issue(self.pki / "ca", self.pki, "process-server", ["localhost", "127.0.0.1"])
+        pki.issue(self.pki / "ca", self.pki, f"agent-{self.machine}")
+
+    @property
+    def storage(self) -> Storage:
+        """A storage client for the deployment's account."""
+        return Storage(self.azurite.connection_string)
+
+    def configure(
+        self,
+        disks: list[dict[str, str]],
+        targets: dict[str, str],
+        agent: dict[str, Any] | None = None,
+        process_server: dict[str, Any] | None = None,
+        master_target: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the settings of all three daemons.
+
+        ``disks`` are the agent's ``{id, device}`` tables; ``targets`` maps
+        each disk id to the master target's target path.
+        """
+        ca = str(self.pki / "ca" / "ca.pem")
+        self.configs["process-server"] = write_toml(
+            self.base / "process-server.toml",
+            {
+                "listen": f"127.0.0.1:{self.port}",
+                "ca": ca,
+                "cert": str(self.pki / "process-server.pem"),
+                "key": str(self.pki / "process-server.key"),
+                "state_dir": str(self.base / "process-server"),
+                **(process_server or {}),
+            },
+        )
+        self.configs["master-target"] = write_toml(
+            self.base / "master-target.toml",
+            {
+                "tenant": self.tenant,
+                "state_dir": str(self.base / "master-target"),
+                **(master_target or {}),
+                "disks": [{"id": d, "target": t} for d, t in targets.items()],
+            },
+        )
+        self.configs["agent"] = write_toml(
+            self.base / "agent.toml",
+            {
+                "tenant": self.tenant,
+                "machine": self.machine,
+                "process_server": f"127.0.0.1:{self.port}",
+                "server_name": "localhost",
+                "ca": ca,
+                "cert": str(self.pki / f"agent-{self.machine}.pem"),
+                "key": str(self.pki / f"agent-{self.machine}.key"),
+                "state_dir": str(self.base / "agent"),
+                **(agent or {}),
+                "disks": disks,
+            },
+        )
+        self.disk_ids = [d["id"] for d in disks]
+
+    # -- daemons --------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        """Environment for the daemons: the storage connection string and the code path."""
+        env = dict(os.environ)
+        env["FERRY_STORAGE"] = self.azurite.connection_string
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self, name: str, *extra: str) -> subprocess.Popen:
+        """Start daemon ``name`` (process-server, master-target or agent)."""
+        self.stop(name)
+        log = open(self.base / f"{name}.log", "ab")
+        args = [sys.executable, "-m", DAEMONS[name], "--config", str(self.configs[name]), *extra]
+        if self.verbose:
+            args.append("--verbose")
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=ROOT
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_all(self) -> None:
+        """Start the process server, the master target and the agent, in that order."""
+        self.start("process-server")
+        self.wait_port()
+        self.start("master-target")
+        self.start("agent")
+
+    def wait_port(self, timeout: float = 30) -> None:
+        """Wait until the process server accepts connections."""
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive("process-server")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 1),
+            ):
+                return
+            time.sleep(0.1)
+        raise EmbeddedError(
+            detail="the process server did not start listening; see process-server.log"
+        )
+
+    def check_alive(self, *names: str) -> None:
+        """Raise with the log's last lines if one of the daemons has exited."""
+        for name in names or list(self.procs):
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                tail = self.log_tail(name)
+                raise EmbeddedError(detail=f"{name} exited with status {proc.returncode}: {tail}")
+
+    def log_tail(self, name: str, lines: int = 5) -> str:
+        """The last lines of a daemon's log, joined."""
+        try:
+            text = (self.base / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to daemon ``name`` and reap it."""
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def stop(self, name: str) -> None:
+        """Stop daemon ``name`` gracefully (SIGTERM, then SIGKILL after 30 s)."""
+        self.kill(name, signal.SIGTERM)
+        self.procs.pop(name, None)
+
+    def close(self) -> None:
+        """Stop everything this deployment started."""
+        for name in ("agent", "process-server", "master-target"):
+            self.stop(name)
+        _remove_trace_instances(f"ferry-{self.machine}-")
+        if self._own_azurite and self.azurite is not None:
+            self.azurite.stop()
+
+    def __enter__(self) -> Embedded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- observation ----------------------------------------------------------------
+
+    def agent_call(self, request: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
+        """Send a request to the agent's control socket."""
+        from agent.control import call
+
+        return call(str(self.base / "agent" / "agent.sock"), request, timeout)
+
+    def agent_status(self) -> dict[str, Any] | None:
+        """The agent's status, or None while it is not answering."""
+        try:
+            answer = self.agent_call({"cmd": "status"}, timeout=10)
+        except (OSError, ValueError):
+            return None
+        return answer.get("status")
+
+    def tag(self, kind: str = "crash", timeout: float = 300) -> dict[str, Any]:
+        """Ask the agent for a tag; return it once it is durable at the process server."""
+        answer = self.agent_call({"cmd": "tag", "kind": kind, "timeout": timeout}, timeout + 30)
+        if not answer.get("ok"):
+            raise EmbeddedError(detail=f"tag failed: {answer.get('error')}")
+        return answer["tag"]
+
+    def target_state(self, disk: str) -> dict[str, Any] | None:
+        """What the master target published about ``disk`` (None before anything)."""
+        try:
+            return self.storage.get_json(
+                naming.CONTROL_CONTAINER, naming.disk_state_blob(self.tenant, disk)
+            )
+        except NotFound:
+            return None
+
+    def wait_applied(
+        self, tag_id: str, disks: list[str] | None = None, timeout: float = 600, progress=None
+    ) -> float:
+        """Wait until every disk's target sits on ``tag_id`` or a later tag; return when."""
+        deadline = time.monotonic() + timeout
+        wanted = int(tag_id.rsplit("-", 1)[1])
+        while time.monotonic() < deadline:
+            self.check_alive()
+            done = 0
+            for disk in disks or self.disk_ids:
+                state = self.target_state(disk) or {}
+                tag = state.get("last_tag") or {}
+                if tag.get("t0_mono_ns", -1) >= wanted:
+                    done += 1
+            if done == len(disks or self.disk_ids):
+                return time.time()
+            if progress:
+                progress()
+            time.sleep(0.1)
+        raise EmbeddedError(detail=f"the target did not reach tag {tag_id} within {timeout:.0f} s")
+
+
+def _remove_trace_instances(prefix: str) -> None:
+    base = Path("/sys/kernel/tracing/instances")
+    if not base.is_dir():
+        return
+    for inst in base.glob(f"{prefix}*"):
+        with contextlib.suppress(OSError):
+            (inst / "tracing_on").write_text("0")
+            inst.rmdir()
+
+
+def copy_tree_sample(
+    dest: Path, budget: int, sources: tuple[str, ...] = ("/usr/lib", "/usr/share")
+) -> int:
+    """Copy real files from the system into ``dest`` until ``budget`` bytes; return bytes copied."""
+    copied = 0
+    for source in sources:
+        for root, _dirs, files in os.walk(source):
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                try:
+                    if os.path.islink(path) or not os.path.isfile(path):
+                        continue
+                    size = os.path.getsize(path)
+                    if copied + size > budget or size == 0:
+                        continue
+                    target = dest / os.path.relpath(path, "/")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+                    copied += size
+                except OSError:
+                    continue
+                if copied >= budget * 0.98:
+                    return copied
+    return copied

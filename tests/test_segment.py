@@ -1,0 +1,108 @@
+"""The segment format: a round trip, and every corruption rejected."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ferry.batch import DATA, ZERO, Batch
+from ferry.errors import SegmentCorrupt
+from ferry.segment import pack, unpack
+
+KEY = bytes(range(32))
+
+
+def sample(seq: int = 7) -> Batch:
+    data = os.urandom(8192) + bytes(4096)
+    return Batch(
+        tenant="acme",
+        disk="web01-disk0",
+        gen=3,
+        seq=seq,
+        disk_size=1 << 30,
+        extents=[(0, 8192, DATA), (1 << 20, 65536, ZERO), (2 << 20, 4096, DATA)],
+        payload=data,
+        tag={"id": "web01-1", "kind": "crash"},
+    )
+
+
+EXPECT = {"tenant": "acme", "disk": "web01-disk0", "gen": 3, "seq": 7}
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "sealed"])
+def test_round_trip(key):
+    batch = sample()
+    data, checksum = pack(batch, key)
+    back = unpack(data, "s", EXPECT, key=key, checksum=checksum)
+    assert back == batch
+    assert list(back.pieces())[1] == (1 << 20, None, 65536)
+
+
+def test_zeros_compress():
+    batch = Batch("acme", "d", 1, 1, 1 << 30, [(0, 1 << 20, DATA)], bytes(1 << 20))
+    data, _ = pack(batch)
+    assert len(data) < 4096
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "sealed"])
+def test_truncated(key):
+    data, _ = pack(sample(), key)
+    for cut in (0, 10, len(data) // 2, len(data) - 1):
+        with pytest.raises(SegmentCorrupt, match="truncated|checksum"):
+            unpack(data[:cut], "s", EXPECT, key=key)
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "sealed"])
+def test_every_bit_flip_region(key):
+    data, _ = pack(sample(), key)
+    for pos in range(0, len(data), max(1, len(data) // 97)):
+        bad = bytearray(data)
+        bad[pos] ^= 0x10
+        with pytest.raises(SegmentCorrupt):
+            unpack(bytes(bad), "s", EXPECT, key=key)
+
+
+def test_flip_with_recomputed_checksum_fails_authentication():
+    import xxhash
+
+    data, _ = pack(sample(), KEY)
+    bad = bytearray(data)
+    bad[-40] ^= 1  # inside the sealed body
+    bad[-16:] = xxhash.xxh3_128(bytes(bad[:-16])).digest()
+    with pytest.raises(SegmentCorrupt, match="authentication"):
+        unpack(bytes(bad), "s", EXPECT, key=KEY)
+
+
+def test_wrong_sequence_and_identity():
+    data, _ = pack(sample(seq=8))
+    with pytest.raises(SegmentCorrupt, match="seq is 8, expected 7"):
+        unpack(data, "s", EXPECT)
+    with pytest.raises(SegmentCorrupt, match="disk"):
+        unpack(data, "s", {**EXPECT, "seq": 8, "disk": "other"})
+
+
+def test_wrong_key_and_missing_key():
+    data, _ = pack(sample(), KEY)
+    with pytest.raises(SegmentCorrupt, match="authentication"):
+        unpack(data, "s", EXPECT, key=bytes(32))
+    with pytest.raises(SegmentCorrupt, match="no key"):
+        unpack(data, "s", EXPECT)
+    plain, _ = pack(sample())
+    with pytest.raises(SegmentCorrupt, match="not encrypted"):
+        unpack(plain, "s", EXPECT, key=KEY)
+
+
+def test_checksum_must_match_the_notice():
+    data, _ = pack(sample())
+    with pytest.raises(SegmentCorrupt, match="notice"):
+        unpack(data, "s", EXPECT, checksum="00" * 16)
+
+
+def test_inconsistent_batches_are_refused():
+    with pytest.raises(ValueError, match="payload"):
+        Batch.from_header(sample().header(), b"short")
+    header = sample().header()
+    header["extents"] = [[(1 << 30) - 10, 8192, "d"]]
+    with pytest.raises(ValueError, match="outside"):
+        Batch.from_header(header, os.urandom(8192))
