@@ -1,0 +1,240 @@
+"""Agent -> process server -> Azurite -> master target, on real loop devices.
+
+These tests run the real daemons as processes (ferry.embedded), with real
+mutual TLS, a real tracefs instance and real Azurite, while a writer keeps
+changing the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ferry.blockio import DirectReader
+from ferry.embedded import Embedded
+
+pytestmark = [pytest.mark.root, pytest.mark.tracefs, pytest.mark.slow]
+
+MiB = 1 << 20
+DISK = "web01-disk0"
+
+
+def sha256_of(path: str, size: int) -> str:
+    reader = DirectReader(path, 4 * MiB)
+    h = hashlib.sha256()
+    try:
+        for offset in range(0, size, 4 * MiB):
+            h.update(reader.read(offset, min(4 * MiB, size - offset)))
+    finally:
+        reader.close()
+    return h.hexdigest()
+
+
+class RawWriter(threading.Thread):
+    """Random O_DIRECT writes of 4-64 KiB all over a block device."""
+
+    def __init__(self, device: str, size: int, rate: int) -> None:
+        super().__init__(daemon=True)
+        self.device, self.size, self.rate = device, size, rate
+        self.stop = threading.Event()
+        self.rng = random.Random(1)
+        self.writes = 0
+
+    def run(self) -> None:
+        fd = os.open(self.device, os.O_WRONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 64 * 1024)
+        try:
+            while not self.stop.is_set():
+                n = self.rng.choice([4096, 16384, 65536])
+                offset = self.rng.randrange(0, self.size - n) // 4096 * 4096
+                buf[:n] = self.rng.randbytes(n)
+                os.pwritev(fd, [memoryview(buf)[:n]], offset)
+                self.writes += 1
+                self.stop.wait(n / self.rate)
+        finally:
+            os.close(fd)
+
+
+class FileWriter(threading.Thread):
+    """Rewrites, appends and deletes files on a mounted filesystem."""
+
+    def __init__(self, root: Path, rate: int) -> None:
+        super().__init__(daemon=True)
+        self.root = root / "live"
+        self.root.mkdir(exist_ok=True)
+        self.rate = rate
+        self.stop = threading.Event()
+        self.rng = random.Random(2)
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            size = self.rng.choice([4096, 65536, 262144])
+            path = self.root / f"f{self.rng.randrange(100):02d}"
+            try:
+                with open(path, "wb") as f:
+                    f.write(self.rng.randbytes(size))
+                    if n % 3 == 0:
+                        os.fsync(f.fileno())
+                with open(self.root / "log", "a") as f:
+                    f.write(f"{n} {path.name}\n")
+                if n % 10 == 0:
+                    (self.root / f"f{self.rng.randrange(100):02d}").unlink(missing_ok=True)
+            except OSError:
+                pass
+            self.stop.wait(size / self.rate)
+
+
+def fill_with_files(mnt: Path, budget: int) -> None:
+    from ferry.embedded import copy_tree_sample
+
+    copy_tree_sample(mnt, budget)
+    os.sync()
+
+
+def materialised_fsck(target: str, work: Path) -> subprocess.CompletedProcess:
+    """Copy the target, replay its journal as a mount would, then e2fsck -fn."""
+    copy = work / "materialised.img"
+    shutil.copyfile(target, copy)
+    subprocess.run(["e2fsck", "-E", "journal_only", "-y", str(copy)], capture_output=True)
+    result = subprocess.run(["e2fsck", "-fn", str(copy)], capture_output=True, text=True)
+    copy.unlink()
+    return result
+
+
+@pytest.fixture
+def deployment(tmp_path, azurite, tenant):
+    emb = Embedded(tmp_path / "ferry", tenant=tenant, machine="web01", azurite=azurite)
+    emb.start_storage()
+    yield emb
+    emb.close()
+
+
+def configure(emb: Embedded, device: str, target: Path, **agent) -> None:
+    emb.configure(
+        [{"id": DISK, "device": device}],
+        {DISK: str(target)},
+        agent={"freeze_after": 5.0, **agent},
+    )
+
+
+def wait_first_tag(emb: Embedded, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        emb.check_alive()
+        status = emb.agent_status() or {}
+        disk = (status.get("disks") or [{}])[0]
+        if disk.get("phase") == "replicating" and disk.get("last_tag"):
+            emb.wait_applied(disk["last_tag"]["id"], timeout=timeout)
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"no first tag; agent log: {emb.log_tail('agent', 10)}")
+
+
+def final_tag_and_compare(emb: Embedded, device: str, target: Path, size: int) -> None:
+    """With the source quiet: tag, wait until applied, compare byte for byte."""
+    tag = emb.tag("crash", timeout=120)
+    emb.wait_applied(tag["id"], timeout=300)
+    assert sha256_of(str(target), size) == sha256_of(device, size), "target differs from source"
+
+
+def test_filesystem_replicates_consistently_under_writes(deployment, loopdisk, tmp_path):
+    size = 256 * MiB
+    disk = loopdisk(size, fs=True)
+    fill_with_files(disk.mountpoint, 96 * MiB)
+    target = tmp_path / "target.img"
+    configure(deployment, disk.device, target)
+    writer = FileWriter(disk.mountpoint, 2 * MiB)
+    writer.start()
+    deployment.start_all()
+    wait_first_tag(deployment)
+    # Stop the master target at several moments: each time it finishes the
+    # group in hand, so the target sits on a tag and must be a clean filesystem.
+    for _ in range(3):
+        time.sleep(2)
+        deployment.stop("master-target")
+        result = materialised_fsck(str(target), tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:]
+        deployment.start("master-target")
+    writer.stop.set()
+    writer.join()
+    disk.unmount()
+    final_tag_and_compare(deployment, disk.device, target, size)
+    status = deployment.agent_status()
+    assert status["tracker"] == "tracefs"
+    assert status["disks"][0]["resyncs"] == 1, "no resync beyond the start was needed"
+
+
+def test_initial_sync_skips_zeros_and_resync_sends_only_differences(deployment, loopdisk, tmp_path):
+    size = 128 * MiB
+    disk = loopdisk(size, fs=False)
+    fd = os.open(disk.device, os.O_WRONLY)
+    os.pwrite(fd, os.urandom(8 * MiB), 16 * MiB)
+    os.fsync(fd)
+    os.close(fd)
+    target = tmp_path / "target.img"
+    configure(deployment, disk.device, target)
+    deployment.start_all()
+    status = wait_first_tag(deployment)
+    assert status["disks"][0]["bytes_read"] >= size, "initial sync reads the whole disk"
+    assert status["disks"][0]["bytes_shipped"] < 9 * MiB, "zero blocks must not travel"
+    final_tag_and_compare(deployment, disk.device, target, size)
+
+    # Change 1 MiB while the agent is down; on restart only that travels.
+    deployment.kill("agent")
+    fd = os.open(disk.device, os.O_WRONLY)
+    os.pwrite(fd, os.urandom(MiB), 64 * MiB)
+    os.fsync(fd)
+    os.close(fd)
+    deployment.start("agent")
+    status = wait_first_tag(deployment)
+    assert status["disks"][0]["gen"] == 2
+    assert status["disks"][0]["bytes_shipped"] <= 2 * MiB, "resync sends only differing blocks"
+    final_tag_and_compare(deployment, disk.device, target, size)
+
+
+@pytest.mark.parametrize("victim", ["agent", "process-server", "master-target"])
+def test_sigkill_mid_stream_converges(deployment, loopdisk, tmp_path, victim):
+    size = 192 * MiB
+    disk = loopdisk(size, fs=False)
+    fd = os.open(disk.device, os.O_WRONLY)
+    for i in range(0, size, 4 * MiB):
+        if (i // (4 * MiB)) % 3 == 0:
+            os.pwrite(fd, os.urandom(4 * MiB), i)
+    os.fsync(fd)
+    os.close(fd)
+    target = tmp_path / "target.img"
+    # Small batches and a slow uploader keep the stream busy when the kill lands.
+    configure(deployment, disk.device, target, batch_bytes=MiB)
+    writer = RawWriter(disk.device, size, 3 * MiB)
+    writer.start()
+    deployment.start_all()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill once data is flowing
+        status = deployment.agent_status() or {}
+        d = (status.get("disks") or [{}])[0]
+        if d.get("bytes_shipped", 0) > 8 * MiB:
+            break
+        time.sleep(0.05)
+    deployment.kill(victim, signal.SIGKILL)
+    time.sleep(1)
+    deployment.start(victim)
+    wait_first_tag(deployment)
+    time.sleep(2)
+    writer.stop.set()
+    writer.join()
+    final_tag_and_compare(deployment, disk.device, target, size)
+    resyncs = deployment.agent_status()["disks"][0]["resyncs"]
+    if victim != "agent":
+        assert resyncs == 1, "killing a server must not lose an acknowledged batch (no resync)"
