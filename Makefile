@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo bench clean system-deps
+.PHONY: setup test lint demo bench bench-replication clean system-deps
 
 setup: $(VENV)/.stamp node_modules/.stamp system-deps
 
@@ -46,3 +46,7 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) node_modules run .pytest_cache
+
+# Replication figures (initial sync vs cp, delta, RPO); needs root. Writes bench/results/.
+bench-replication: setup
+	$(PY) -m bench.replication

@@ -1,0 +1,7 @@
+"""``python -m mastertarget``: see :mod:`mastertarget.main`."""
+
+import sys
+
+from mastertarget.main import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""The cursor: what a disk's target durably holds, ``<state_dir>/<disk>/cursor.json``.
+
+Example::
+
+    {"tenant": "demo", "disk": "web01-disk0", "gen": 3, "applied_seq": 17,
+     "last_tag": {"id": "3-17", "kind": "crash", "t0_wall": 1795671234.125, ...},
+     "applied_at": 1795671240.5, "bytes_applied": 1048576,
+     "resync_request": "b9f0...", "resync_required_gen": null, "reason": null}
+
+The cursor is written with :func:`ferry.durable.write_json` (temporary file,
+fsync, rename, fsync of the directory): a crash leaves the old or the new
+cursor, never a torn one.  ``resync_request`` names the request that started
+``gen``, so a crash between the cursor and the answer blob reuses the
+generation instead of starting another one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ferry import durable
+from mastertarget.errors import CursorUnreadable
+
+
+@dataclasses.dataclass
+class Cursor:
+    """A disk's applied position plus the few facts that must survive a restart."""
+
+    tenant: str
+    disk: str
+    gen: int = 0
+    applied_seq: int = 0
+    last_tag: dict[str, Any] | None = None
+    applied_at: float | None = None
+    bytes_applied: int = 0
+    resync_request: str | None = None
+    resync_required_gen: int | None = None
+    reason: str | None = None
+
+    def is_stale(self, gen: int, seq: int) -> bool:
+        """True when batch (gen, seq) is already applied or belongs to a finished generation."""
+        return gen < self.gen or (gen == self.gen and seq <= self.applied_seq)
+
+
+_INTS = ("gen", "applied_seq", "bytes_applied")
+
+
+def load(path: Path, tenant: str, disk: str) -> Cursor:
+    """Read the cursor at ``path``; a fresh one (gen 0) if absent; CursorUnreadable if bad."""
+    try:
+        raw = durable.read_json(path)
+    except (OSError, ValueError) as exc:
+        raise CursorUnreadable(path=path, problem=str(exc))
+    if raw is None:
+        return Cursor(tenant=tenant, disk=disk)
+    if not isinstance(raw, dict):
+        raise CursorUnreadable(path=path, problem="not a JSON object")
+    known = {f.name for f in dataclasses.fields(Cursor)}
+    try:
+        cursor = Cursor(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as exc:
+        raise CursorUnreadable(path=path, problem=str(exc))
+    problem = _problem(cursor, tenant, disk)
+    if problem:
+        raise CursorUnreadable(path=path, problem=problem)
+    return cursor
+
+
+def _problem(cursor: Cursor, tenant: str, disk: str) -> str | None:
+    # A state directory copied from another disk would make us skip or replay
+    # the wrong batches: refuse it rather than guess.
+    if (cursor.tenant, cursor.disk) != (tenant, disk):
+        return f"it belongs to {cursor.tenant}/{cursor.disk}, not {tenant}/{disk}"
+    for name in _INTS:
+        value = getattr(cursor, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{name} must be a non-negative integer, not {value!r}"
+    return None
+
+
+def save(path: Path, cursor: Cursor) -> None:
+    """Write ``cursor`` durably; when this returns it survives a crash."""
+    durable.write_json(path, dataclasses.asdict(cursor))

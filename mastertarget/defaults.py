@@ -1,0 +1,75 @@
+"""Every tunable of the master target, each with its unit.
+
+Settings files override only what an operator should choose (see
+:mod:`mastertarget.settings`); the rest are engineering constants kept here so
+that they are named, documented and found in one place.
+"""
+
+STORAGE_ENV = "FERRY_STORAGE"
+"""Environment variable that holds the storage connection string (a name, not a secret)."""
+
+LEASE_SECONDS = 60
+"""Duration of the owner lease on a disk, in seconds (Azure allows 15 to 60)."""
+
+LEASE_MIN_SECONDS = 15
+"""Shortest owner lease Azure accepts, in seconds."""
+
+LEASE_MAX_SECONDS = 60
+"""Longest finite owner lease Azure accepts, in seconds."""
+
+LEASE_RENEW_EVERY = 20.0
+"""Interval between renewals of the owner lease, in seconds (a third of its duration)."""
+
+LEASE_MARGIN = 10.0
+"""Safety margin, in seconds: a lease not renewed for ``lease_seconds - LEASE_MARGIN`` is lost."""
+
+LEASE_RETRY_EVERY = 2.0
+"""With ``--wait``, interval between attempts to take a lease held elsewhere, in seconds."""
+
+LEASE_RETRY_AFTER_ERROR = 2.0
+"""Delay before renewing again after a transient storage failure, in seconds."""
+
+RECEIVE_BATCH = 32
+"""Notices received per round, in messages (32 is the queue service's maximum)."""
+
+VISIBILITY_TIMEOUT = 300
+"""How long received notices stay hidden while one round handles them, in seconds."""
+
+MISSING_BLOB_SIGHTINGS = 3
+"""A segment notice whose blob is missing is poisoned on this sighting, in deliveries."""
+
+MISSING_BLOB_RETRY = 10
+"""How long a notice whose blob is missing stays hidden before the next look, in seconds."""
+
+IDLE_POLL_MIN = 0.2
+"""Wait after the first empty round, in seconds."""
+
+IDLE_POLL_MAX = 2.0
+"""Longest wait between empty rounds (the wait doubles up to it), in seconds."""
+
+ERROR_BACKOFF_MAX = 30.0
+"""Longest wait after storage was unavailable (the wait doubles up to it), in seconds."""
+
+STATUS_INTERVAL = 1.0
+"""Interval between refreshes of ``<state_dir>/status.json``, in seconds."""
+
+STATE_INTERVAL = 5.0
+"""Interval between refreshes of the state blob when nothing changed, in seconds."""
+
+ZERO_CHUNK = 1 << 20
+"""Size of the buffer used to write zero extents, in bytes."""
+
+CHECKSUM_CHUNK = 8 << 20
+"""Bytes read at a time when re-checking a staged file before a group is applied."""
+
+DIGEST_CHUNK = 8 << 20
+"""Bytes read at a time when computing the target's digest map."""
+
+RESYNC_MIN_BLOCK = 512
+"""Smallest block size a resync may ask for, in bytes."""
+
+RESYNC_MAX_BLOCK = 16 << 20
+"""Largest block size a resync may ask for, in bytes."""
+
+STOP_JOIN_TIMEOUT = 600.0
+"""How long a first SIGTERM waits for the disks to finish the group in hand, in seconds."""

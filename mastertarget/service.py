@@ -1,0 +1,153 @@
+"""Serving every configured disk: one thread per disk, each owning its disk through the lease.
+
+A disk's thread takes the owner lease (or waits for it), opens its
+:class:`~mastertarget.worker.DiskWorker` and steps it until asked to stop.
+Storage outages are waited out with a growing back-off; any other error ends
+the whole process (the first error is reported), because a master target
+that silently drops one of its disks would look healthy while replication
+had stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from ferry.errors import RetryableError
+from ferry.storage import Storage
+from mastertarget import defaults
+from mastertarget.ownership import Ownership
+from mastertarget.settings import DiskSettings, Settings
+from mastertarget.status import StatusBoard
+from mastertarget.worker import DiskWorker
+
+log = logging.getLogger("ferry.mastertarget")
+
+
+class DiskRunner(threading.Thread):
+    """The thread serving one disk; ``error`` holds what ended it abnormally."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        disk: DiskSettings,
+        connection_string: str,
+        key: bytes | None,
+        board: StatusBoard,
+        stop: threading.Event,
+        failed: threading.Event,
+        wait: bool = False,
+    ) -> None:
+        super().__init__(name=f"disk-{disk.id}")
+        self.settings = settings
+        self.disk = disk
+        self.connection_string = connection_string
+        self.key = key
+        self.board = board
+        self.stop = stop
+        self.failed = failed
+        self.wait = wait
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # handed to the main thread, which reports it
+            self.error = exc
+            self.failed.set()
+
+    def _serve(self) -> None:
+        ownership = Ownership(
+            Storage(self.connection_string),
+            self.settings.tenant,
+            self.disk.id,
+            seconds=self.settings.lease_seconds,
+            state_dir=self.settings.state_dir / self.disk.id,
+        )
+        if not self._retrying(lambda: ownership.acquire(self.wait, self.stop)):
+            return
+        try:
+            worker = DiskWorker(
+                self.settings,
+                self.disk,
+                Storage(self.connection_string),
+                key=self.key,
+                ownership=ownership,
+                board=self.board,
+                stop=self.stop,
+            ).open()
+            try:
+                self._loop(worker)
+            finally:
+                worker.close()
+        finally:
+            ownership.release()
+
+    def _loop(self, worker: DiskWorker) -> None:
+        c = worker.cursor
+        log.info(
+            "serving disk %s (target %s, gen %d, applied seq %d, %d staged)",
+            self.disk.id,
+            self.disk.target,
+            c.gen,
+            c.applied_seq,
+            len(worker.staging),
+        )
+        idle = defaults.IDLE_POLL_MIN
+        while not self.stop.is_set():
+            done = self._retrying(worker.step)
+            if done:
+                idle = defaults.IDLE_POLL_MIN
+            elif done is not None:
+                self.stop.wait(idle)
+                idle = min(idle * 2, defaults.IDLE_POLL_MAX)
+        self._retrying(lambda: worker.publish(force=True), attempts=1)
+        log.info("stopped serving disk %s", self.disk.id)
+
+    def _retrying(self, call, attempts: int | None = None):
+        """Run ``call`` until it does not raise a retryable error; None if stopped first."""
+        delay = defaults.IDLE_POLL_MIN
+        warned = False
+        while attempts is None or attempts > 0:
+            try:
+                result = call()
+                if warned:
+                    log.info("disk %s: storage is reachable again", self.disk.id)
+                return result
+            except RetryableError as exc:
+                if not warned:
+                    log.warning("disk %s: %s; retrying", self.disk.id, exc)
+                    warned = True
+            if attempts is not None:
+                attempts -= 1
+            if self.stop.wait(delay):
+                return None
+            delay = min(delay * 2, defaults.ERROR_BACKOFF_MAX)
+        return None
+
+
+def serve(
+    settings: Settings,
+    connection_string: str,
+    key: bytes | None,
+    stop: threading.Event,
+    wait: bool = False,
+) -> int:
+    """Serve every disk until ``stop`` is set; raise the first disk's error, if any."""
+    board = StatusBoard(settings.state_dir / "status.json")
+    failed = threading.Event()
+    runners = [
+        DiskRunner(settings, disk, connection_string, key, board, stop, failed, wait)
+        for disk in settings.disks
+    ]
+    for runner in runners:
+        runner.start()
+    while not stop.is_set() and not failed.is_set() and any(r.is_alive() for r in runners):
+        stop.wait(0.2)
+    stop.set()  # a failed disk stops the others after their group in hand
+    for runner in runners:
+        runner.join(defaults.STOP_JOIN_TIMEOUT)
+    errors = [r.error for r in runners if r.error is not None]
+    if errors:
+        raise errors[0]
+    return 0

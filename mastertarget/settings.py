@@ -1,0 +1,95 @@
+"""The master target's settings file (TOML).
+
+Example::
+
+    tenant = "demo"
+    state_dir = "/var/lib/ferry/master-target"
+    segment_key_file = "/etc/ferry/segment.key"   # optional; then segments must be sealed
+    storage_env = "FERRY_STORAGE"                 # variable holding the connection string
+    lease_seconds = 60
+
+    [[disks]]
+    id = "web01-disk0"
+    target = "/dev/sdc"                           # a block device or a (sparse) image file
+
+Per disk the master target keeps ``<state_dir>/<disk>/cursor.json`` and
+``<state_dir>/<disk>/staging/``; ``<state_dir>/status.json`` reports every disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from ferry import naming
+from ferry.errors import ConfigError
+from mastertarget import defaults
+
+
+@dataclasses.dataclass
+class DiskSettings:
+    """One replicated disk: its id and the device or image file it is applied to."""
+
+    id: str
+    target: Path
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything an operator sets for one master target."""
+
+    tenant: str
+    state_dir: Path
+    disks: list[DiskSettings]
+    segment_key_file: str | None = None
+    storage_env: str = defaults.STORAGE_ENV
+    lease_seconds: int = defaults.LEASE_SECONDS
+
+    def validate(self) -> str | None:
+        """Return the first problem of these settings as one line, or None."""
+        return (
+            naming.check_id("tenant", self.tenant) or self._lease_problem() or self._disks_problem()
+        )
+
+    def _lease_problem(self) -> str | None:
+        low, high = defaults.LEASE_MIN_SECONDS, defaults.LEASE_MAX_SECONDS
+        if not low <= self.lease_seconds <= high:
+            return f"lease_seconds must be between {low} and {high}, not {self.lease_seconds}"
+        return None
+
+    def _disks_problem(self) -> str | None:
+        if not self.disks:
+            return "disks must list at least one disk"
+        ids: set[str] = set()
+        targets: set[str] = set()
+        for i, disk in enumerate(self.disks):
+            problem = naming.check_id(f"disks[{i}].id", disk.id)
+            if problem:
+                return problem
+            target = os.path.abspath(disk.target)
+            if disk.id in ids:
+                return f"disks[{i}].id {disk.id!r} is listed twice"
+            if target in targets:
+                return f"disks[{i}].target {str(disk.target)!r} is used by two disks"
+            ids.add(disk.id)
+            targets.add(target)
+        return None
+
+    def disk(self, disk_id: str) -> DiskSettings:
+        """The settings of disk ``disk_id``; KeyError if it is not configured."""
+        for disk in self.disks:
+            if disk.id == disk_id:
+                return disk
+        raise KeyError(disk_id)
+
+    def connection_string(self, source: str | Path) -> str:
+        """The storage connection string from the environment; ConfigError if unset."""
+        value = os.environ.get(self.storage_env, "").strip()
+        if not value:
+            raise ConfigError(
+                path=source,
+                problem=f"environment variable {self.storage_env} (storage_env) is not set; "
+                "it must hold the storage connection string",
+            )
+        return value

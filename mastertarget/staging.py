@@ -1,0 +1,175 @@
+"""Verified segments waiting for their group: ``<state_dir>/<disk>/staging/``.
+
+A staged file is the segment exactly as downloaded and verified, named
+``<gen:08d>-<seq:012d>.seg`` and written with :func:`ferry.durable.write_atomic`
+(temporary file, fsync, rename, fsync of the directory), so after a crash a
+staged file is either whole or absent.  The queue notice is deleted only after
+that, which is what lets a crash anywhere replay from staging.
+
+The index kept in memory records, per staged batch, whether it closes a group
+(carries a tag); it is rebuilt at start from the segment headers alone, so a
+restart with a whole disk staged does not read the whole disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import xxhash
+
+from ferry import durable, segment
+from mastertarget import defaults
+
+_NAME_RE = re.compile(r"^(\d{8})-(\d{12})\.seg$")
+# The fixed prefix of a segment (magic, header length) and its trailing
+# checksum, as laid out in ferry/segment.py.
+_PREFIX = struct.Struct(">8sI")
+_SUM_BYTES = 16
+_MAX_HEADER = 64 << 20
+
+
+@dataclasses.dataclass
+class Staged:
+    """One staged segment."""
+
+    gen: int
+    seq: int
+    path: Path
+    size: int
+    tagged: bool
+
+
+def file_name(gen: int, seq: int) -> str:
+    """The staging file name of batch (gen, seq)."""
+    return f"{gen:08d}-{seq:012d}.seg"
+
+
+class Staging:
+    """The staging directory of one disk and its in-memory index."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._index: dict[tuple[int, int], Staged] = {}
+
+    def scan(self) -> list[Path]:
+        """Rebuild the index from disk; return the staged files whose header is unreadable.
+
+        Temporary files left by a crash in the middle of a write are removed.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._index.clear()
+        unreadable = []
+        for path in sorted(self.directory.iterdir()):
+            match = _NAME_RE.match(path.name)
+            if not match:
+                if path.name.startswith("."):
+                    path.unlink(missing_ok=True)  # a torn write_atomic temporary
+                continue
+            tagged = _peek_tagged(path)
+            if tagged is None:
+                unreadable.append(path)
+                continue
+            gen, seq = int(match[1]), int(match[2])
+            self._index[(gen, seq)] = Staged(gen, seq, path, path.stat().st_size, tagged)
+        return unreadable
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return key in self._index
+
+    def __iter__(self) -> Iterator[Staged]:
+        return iter(sorted(self._index.values(), key=lambda s: (s.gen, s.seq)))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all staged files."""
+        return sum(s.size for s in self._index.values())
+
+    def add(self, gen: int, seq: int, data: bytes, tagged: bool) -> None:
+        """Stage a verified segment durably (fsync'ed file and directory)."""
+        path = self.directory / file_name(gen, seq)
+        durable.write_atomic(path, data)
+        self._index[(gen, seq)] = Staged(gen, seq, path, len(data), tagged)
+
+    def group_end(self, gen: int, after: int) -> int | None:
+        """The seq closing the first whole group after ``after`` in ``gen``, or None.
+
+        A group is whole when ``after+1 .. k`` are all staged and ``k`` carries a tag.
+        """
+        seq = after + 1
+        while (gen, seq) in self._index:
+            if self._index[(gen, seq)].tagged:
+                return seq
+            seq += 1
+        return None
+
+    def read(self, gen: int, seq: int) -> bytes:
+        """The staged segment of (gen, seq); KeyError if it is not staged."""
+        return self._index[(gen, seq)].path.read_bytes()
+
+    def intact(self, gen: int, seq: int) -> bool:
+        """True when the staged file's own checksum still holds (read in bounded chunks)."""
+        path = self._index[(gen, seq)].path
+        return _checksum_holds(path)
+
+    def remove(self, gen: int, seq: int) -> None:
+        """Forget and delete a staged file; absent is fine.
+
+        The directory is not fsync'ed: a removal lost in a crash leaves a file
+        that the next start recognises as applied or stale and removes again.
+        """
+        staged = self._index.pop((gen, seq), None)
+        if staged is not None:
+            staged.path.unlink(missing_ok=True)
+
+    def select(self, keep) -> list[Staged]:
+        """The staged segments for which ``keep(gen, seq)`` is true, in (gen, seq) order."""
+        return [s for s in self if keep(s.gen, s.seq)]
+
+
+def _peek_tagged(path: Path) -> bool | None:
+    """Whether the staged segment at ``path`` carries a tag; None if its header is unreadable.
+
+    Only a hint for grouping: every staged file is fully verified before it is applied.
+    """
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(_PREFIX.size)
+            if len(prefix) != _PREFIX.size:
+                return None
+            magic, hlen = _PREFIX.unpack(prefix)
+            if magic != segment.MAGIC or hlen > _MAX_HEADER:
+                return None
+            header = json.loads(f.read(hlen))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    return header.get("tag") is not None
+
+
+def _checksum_holds(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _SUM_BYTES:
+                return False
+            digest = xxhash.xxh3_128()
+            left = size - _SUM_BYTES
+            while left:
+                chunk = f.read(min(left, defaults.CHECKSUM_CHUNK))
+                if not chunk:
+                    return False
+                digest.update(chunk)
+                left -= len(chunk)
+            return digest.digest() == f.read(_SUM_BYTES)
+    except OSError:
+        return False

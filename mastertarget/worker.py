@@ -1,0 +1,420 @@
+"""One disk's work: receive notices, verify and stage segments, apply whole groups.
+
+Write and delete ordering (docs/design.md, "Master target"; invariants 7-8):
+
+* segment: download → verify (checksum, identity, authentication) → staging
+  file fsync'ed → delete the notice.  A corrupt segment: cursor marks the
+  resync durably → notice to the poison queue → delete it from the queue.
+* resync: cursor ``(gen+1, 0)`` fsync'ed → drop older staged segments →
+  digest map blob → answer blob → delete the notice.
+* apply: check every staged file of the group → write all extents in seq
+  order → fsync the target → cursor fsync'ed → delete blobs, then staged files.
+
+A crash between any two steps leaves work that the next start redoes
+harmlessly: notices come back, staged files replay (extents are absolute),
+and stale leftovers are recognised against the cursor and removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from azure.core.exceptions import AzureError
+
+from ferry import naming, segment
+from ferry.batch import Batch
+from ferry.errors import NotFound, SegmentCorrupt
+from ferry.storage import Message, Storage
+from mastertarget import cursor as cursors
+from mastertarget import defaults, notices
+from mastertarget.errors import BadNotice
+from mastertarget.ownership import Ownership
+from mastertarget.settings import DiskSettings, Settings
+from mastertarget.staging import Staging, file_name
+from mastertarget.status import StatusBoard
+from mastertarget.target import Target
+
+log = logging.getLogger("ferry.mastertarget")
+
+SEGMENTS = naming.SEGMENTS_CONTAINER
+CONTROL = naming.CONTROL_CONTAINER
+
+
+class DiskWorker:
+    """Replicates one disk: call :meth:`open`, then :meth:`step` in a loop, then :meth:`close`.
+
+    ``ownership`` (the held owner lease) is checked before anything is taken
+    from the queue and between extents; without it the caller guarantees
+    that nothing else serves the disk (tests, tools).  ``stop`` is checked
+    between groups, so a stop request finishes the group in hand.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        disk: DiskSettings,
+        storage: Storage,
+        key: bytes | None = None,
+        ownership: Ownership | None = None,
+        board: StatusBoard | None = None,
+        stop: threading.Event | None = None,
+        visibility: int = defaults.VISIBILITY_TIMEOUT,
+        missing_retry: int = defaults.MISSING_BLOB_RETRY,
+    ) -> None:
+        self.tenant = settings.tenant
+        self.disk = disk.id
+        self.storage = storage
+        self.key = key
+        self.ownership = ownership
+        self.board = board
+        self.stop = stop or threading.Event()
+        self.visibility = visibility
+        self.missing_retry = missing_retry
+        self.queue = naming.disk_queue(self.tenant, self.disk)
+        self.poison = naming.poison_queue(self.queue)
+        self.directory = Path(settings.state_dir) / self.disk
+        self.cursor_path = self.directory / "cursor.json"
+        self.staging = Staging(self.directory / "staging")
+        self.target = Target(disk.target)
+        self.cursor = cursors.Cursor(self.tenant, self.disk)
+        self._changed = False
+        self._stale_possible = True
+        self._status_at = self._state_at = float("-inf")
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def open(self) -> DiskWorker:
+        """Load the cursor, open (or create) the target and index the staged segments."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.cursor = cursors.load(self.cursor_path, self.tenant, self.disk)
+        self.target.open()
+        for path in self.staging.scan():
+            self._forget_unreadable(path)
+        return self
+
+    def close(self) -> None:
+        """Release the target; the queue, staging and cursor stay as they are."""
+        self.target.close()
+
+    def _forget_unreadable(self, path: Path) -> None:
+        # The file's name still says which batch it was; its blob may still
+        # exist, but without the notice we cannot tell: resync to be safe.
+        path.unlink(missing_ok=True)
+        why = f"staged file {path.name} is unreadable"
+        self._require_resync(self.cursor.gen, why)
+        log.error("disk %s: %s; removed it; the disk needs a resync", self.disk, why)
+
+    # -- one round -----------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Handle one round of notices and apply every whole group; return the work done.
+
+        The result counts notices handled plus groups applied: 0 means idle.
+        """
+        self._check_owner()
+        self._discard_stale()
+        messages = self.storage.receive(
+            self.queue, count=defaults.RECEIVE_BATCH, visibility=self.visibility
+        )
+        for message in messages:
+            self.handle(message)
+        applied = self.apply_ready()
+        self.publish(force=self._changed)
+        return len(messages) + applied
+
+    def handle(self, message: Message) -> None:
+        """Act on one received notice (resync, segment, or unusable)."""
+        self._check_owner()
+        try:
+            notice = notices.parse(message.body, self.tenant, self.disk)
+        except BadNotice as exc:
+            self._poison(message, exc.why, resync_gen=self.cursor.gen if exc.segment else None)
+            return
+        if isinstance(notice, notices.ResyncNotice):
+            self._resync(message, notice)
+        else:
+            self._segment(message, notice)
+
+    # -- segments ------------------------------------------------------------------------
+
+    def _segment(self, message: Message, notice: notices.SegmentNotice) -> None:
+        if self.cursor.is_stale(notice.gen, notice.seq):
+            # Applied already, or of a finished generation: a re-announce after
+            # a process server restart, or a duplicate delivery.
+            self.storage.delete(SEGMENTS, notice.blob)
+            self.storage.delete_message(self.queue, message)
+            return
+        if (notice.gen, notice.seq) in self.staging:
+            self.storage.delete_message(self.queue, message)
+            return
+        try:
+            data = self.storage.get(SEGMENTS, notice.blob)
+        except NotFound:
+            self._blob_missing(message, notice)
+            return
+        try:
+            batch = self._verify(data, notice.blob, notice.gen, notice.seq, notice.checksum)
+        except SegmentCorrupt as exc:
+            self._poison_segment(message, notice, str(exc))
+            return
+        self.staging.add(notice.gen, notice.seq, data, batch.tag is not None)
+        self.storage.delete_message(self.queue, message)
+
+    def _verify(
+        self, data: bytes, name: str, gen: int, seq: int, checksum: str | None = None
+    ) -> Batch:
+        expect = {"tenant": self.tenant, "disk": self.disk, "gen": gen, "seq": seq}
+        return segment.unpack(data, name, expect=expect, key=self.key, checksum=checksum)
+
+    def _blob_missing(self, message: Message, notice: notices.SegmentNotice) -> None:
+        # The process server uploads before it announces (invariant 6), so a
+        # missing blob is a fault; a few sightings rule out a slow replica.
+        if message.dequeue_count >= defaults.MISSING_BLOB_SIGHTINGS:
+            why = f"blob missing after {message.dequeue_count} deliveries of its notice"
+            self._poison_segment(message, notice, why)
+            return
+        log.debug("disk %s: segment %s not there yet; looking again later", self.disk, notice.blob)
+        self._defer(message)
+
+    def _defer(self, message: Message) -> None:
+        # ferry.storage.Storage has no call to shorten a message's invisibility;
+        # without this the notice would wait out the whole visibility timeout.
+        try:
+            self.storage.queues.get_queue_client(self.queue).update_message(
+                message.id, message.receipt, visibility_timeout=self.missing_retry
+            )
+        except AzureError as exc:
+            log.debug("disk %s: cannot defer notice %s: %s", self.disk, message.id, exc)
+
+    def _poison_segment(self, message: Message, notice: notices.SegmentNotice, why: str) -> None:
+        reason = f"segment gen {notice.gen} seq {notice.seq} ({notice.blob}): {why}"
+        self._poison(message, reason, resync_gen=notice.gen)
+
+    def _poison(self, message: Message, why: str, resync_gen: int | None) -> None:
+        """Move a notice to the poison queue, never applying it; mark a resync if data is lost."""
+        if resync_gen is not None:
+            # Durable before the notice goes: the mark must survive a crash.
+            self._require_resync(resync_gen, why)
+        self.storage.send_raw(self.poison, message.raw)
+        self.storage.delete_message(self.queue, message)
+        if resync_gen is None:
+            log.error("disk %s: unusable notice (%s); moved it to %s", self.disk, why, self.poison)
+        else:
+            log.error(
+                "disk %s: rejected %s; moved its notice to %s; the disk needs a resync",
+                self.disk,
+                why,
+                self.poison,
+            )
+
+    def _require_resync(self, gen: int, reason: str) -> None:
+        current = self.cursor.resync_required_gen
+        gen = max(gen, current) if current is not None else gen
+        self._save(dataclasses.replace(self.cursor, resync_required_gen=gen, reason=reason))
+
+    # -- resync --------------------------------------------------------------------------
+
+    def _resync(self, message: Message, notice: notices.ResyncNotice) -> None:
+        answer_blob = naming.resync_answer_blob(self.tenant, self.disk, notice.request_id)
+        if self.storage.exists(CONTROL, answer_blob):
+            self.storage.delete_message(self.queue, message)  # answered before: idempotent
+            return
+        gen = self._start_generation(notice.request_id)
+        answer = self._answer(notice, gen)
+        self.storage.put_json(CONTROL, answer_blob, answer)
+        self.storage.delete_message(self.queue, message)
+        if gen > 1:
+            # The previous generation's map served its resync; maps are large.
+            self.storage.delete(CONTROL, naming.digest_blob(self.tenant, self.disk, gen - 1))
+        log.info(
+            "disk %s: started generation %d for resync request %s (target %s)",
+            self.disk,
+            gen,
+            notice.request_id,
+            "empty" if answer["empty"] else "compared",
+        )
+
+    def _start_generation(self, request_id: str) -> int:
+        """Move the cursor to a new generation durably; drop what older ones staged."""
+        old = self.cursor
+        if old.resync_request == request_id:
+            # We crashed after the cursor but before the answer: the agent has
+            # not heard of this generation yet, so it is still fresh.
+            new = old
+        else:
+            new = dataclasses.replace(
+                old, gen=old.gen + 1, applied_seq=0, resync_request=request_id
+            )
+        if new.resync_required_gen is not None and new.resync_required_gen < new.gen:
+            new = dataclasses.replace(new, resync_required_gen=None, reason=None)
+        self._save(new)
+        self._discard_stale()
+        return new.gen
+
+    def _answer(self, notice: notices.ResyncNotice, gen: int) -> dict[str, Any]:
+        digests, empty = self.target.digest_map(notice.block_size)
+        digest_blob = None
+        if not empty:
+            digest_blob = naming.digest_blob(self.tenant, self.disk, gen)
+            self.storage.put(CONTROL, digest_blob, digests)
+        return {
+            "request_id": notice.request_id,
+            "gen": gen,
+            "block_size": notice.block_size,
+            "target_size": self.target.size,
+            "digest_blob": digest_blob,
+            "empty": empty,
+        }
+
+    # -- apply ---------------------------------------------------------------------------
+
+    def apply_ready(self) -> int:
+        """Apply every whole group of the cursor's generation, in order; return how many.
+
+        Stops between groups when a stop was asked.
+        """
+        groups = 0
+        while not self.stop.is_set():
+            gen, after = self.cursor.gen, self.cursor.applied_seq
+            end = self.staging.group_end(gen, after)
+            if end is None or not self._apply_group(gen, after + 1, end):
+                break
+            groups += 1
+        return groups
+
+    def _apply_group(self, gen: int, first: int, last: int) -> bool:
+        """Apply batches ``first..last`` of ``gen`` and advance the cursor; False if it cannot."""
+        if not self._group_intact(gen, first, last):
+            return False
+        self._check_owner()
+        written, tag = 0, None
+        for seq in range(first, last + 1):
+            try:
+                batch = self._verify(self.staging.read(gen, seq), file_name(gen, seq), gen, seq)
+            except SegmentCorrupt as exc:
+                # Only if the file changed after _group_intact: earlier batches of
+                # the group are on the target, which is off its tag until the resync.
+                self._group_broken(gen, seq, f"{exc} (after {seq - first} batches were written)")
+                return False
+            written += self.target.write_batch(batch, check=self._check_owner)
+            tag = batch.tag
+            del batch  # one segment's data in memory at a time
+        self.target.sync()
+        self._save(
+            dataclasses.replace(
+                self.cursor,
+                applied_seq=last,
+                last_tag=tag,
+                applied_at=time.time(),
+                bytes_applied=self.cursor.bytes_applied + written,
+            )
+        )
+        self._discard_stale()
+        log.info(
+            "disk %s: applied gen %d seq %d-%d (%d bytes), now at tag %s",
+            self.disk,
+            gen,
+            first,
+            last,
+            written,
+            (tag or {}).get("id"),
+        )
+        return True
+
+    def _group_intact(self, gen: int, first: int, last: int) -> bool:
+        """Check every staged file of the group before the first write, re-fetching bad ones.
+
+        A file that went bad on local disk would otherwise stop the group
+        halfway and leave the target between two tags.
+        """
+        for seq in range(first, last + 1):
+            if not self.staging.intact(gen, seq) and not self._refetch(gen, seq):
+                return False
+        return True
+
+    def _refetch(self, gen: int, seq: int) -> bool:
+        # The blob is deleted only after the group is applied, so it is
+        # normally still there to replace a damaged staged copy.
+        blob = naming.segment_blob(self.tenant, self.disk, gen, seq)
+        self.staging.remove(gen, seq)
+        try:
+            data = self.storage.get(SEGMENTS, blob)
+            batch = self._verify(data, blob, gen, seq)
+        except (NotFound, SegmentCorrupt) as exc:
+            self._group_broken(gen, seq, f"staged copy damaged and {exc}")
+            return False
+        self.staging.add(gen, seq, data, batch.tag is not None)
+        log.warning(
+            "disk %s: staged gen %d seq %d was damaged; fetched it again", self.disk, gen, seq
+        )
+        return True
+
+    def _group_broken(self, gen: int, seq: int, why: str) -> None:
+        self.staging.remove(gen, seq)
+        reason = f"staged segment gen {gen} seq {seq}: {why}"
+        self._require_resync(gen, reason)
+        log.error("disk %s: cannot apply %s; the disk needs a resync", self.disk, reason)
+
+    def _discard_stale(self) -> None:
+        """Delete blobs, then staged files, of batches the cursor has passed.
+
+        Blob first: a crash in between leaves a staged file that the next
+        round recognises as stale, and the blob delete is retried with it.
+        """
+        if not self._stale_possible:
+            return
+        for staged in self.staging.select(self.cursor.is_stale):
+            self.storage.delete(
+                SEGMENTS, naming.segment_blob(self.tenant, self.disk, staged.gen, staged.seq)
+            )
+            self.staging.remove(staged.gen, staged.seq)
+            self._changed = True
+        self._stale_possible = False
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _save(self, cursor: cursors.Cursor) -> None:
+        cursors.save(self.cursor_path, cursor)
+        self.cursor = cursor
+        self._changed = True
+        self._stale_possible = True
+
+    def state(self) -> dict[str, Any]:
+        """The disk's applied state as published in its state blob and status.json."""
+        c = self.cursor
+        return {
+            "tenant": self.tenant,
+            "disk": self.disk,
+            "gen": c.gen,
+            "applied_seq": c.applied_seq,
+            "last_tag": c.last_tag,
+            "applied_at": c.applied_at,
+            "staged": len(self.staging),
+            "staged_bytes": self.staging.total_bytes,
+            "resync_required_gen": c.resync_required_gen,
+            "reason": c.reason,
+            "bytes_applied": c.bytes_applied,
+            "updated_at": time.time(),
+        }
+
+    def publish(self, force: bool = False) -> None:
+        """Write status.json and the state blob when something changed or they are due."""
+        now = time.monotonic()
+        state = self.state()
+        if self.board is not None and (force or now - self._status_at >= defaults.STATUS_INTERVAL):
+            self.board.update(self.disk, state)
+            self._status_at = now
+        if force or now - self._state_at >= defaults.STATE_INTERVAL:
+            blob = naming.disk_state_blob(self.tenant, self.disk)
+            self.storage.put_json(CONTROL, blob, state)
+            self._state_at = now
+            self._changed = False
+
+    def _check_owner(self) -> None:
+        if self.ownership is not None:
+            self.ownership.check()
