@@ -24,6 +24,9 @@ SEGMENTS_CONTAINER = "ferry-segments"
 CONTROL_CONTAINER = "ferry-control"
 """Container holding leases, digest maps, resync answers and per-disk state."""
 
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""Resync request ids (the agent uses uuid4 hex)."""
+
 POISON_SUFFIX = "-poison"
 """Suffix of the queue that receives notices which failed (the Functions convention)."""
 

@@ -36,7 +36,16 @@ from azure.storage.queue import (
 
 from ferry.errors import LeaseHeld, NotFound, StorageUnavailable
 
-_CLIENT_OPTS = {"retry_total": 4, "retry_backoff_factor": 0.5, "connection_timeout": 10}
+# The storage SDKs build their own ExponentialRetry from these (its defaults of
+# 15 s initial backoff and base 3 made one call to unreachable storage take
+# about 85 s, hiding outages from status and retry loops).
+_CLIENT_OPTS = {
+    "retry_total": 3,
+    "initial_backoff": 1,
+    "increment_base": 2,
+    "random_jitter_range": 1,
+    "connection_timeout": 10,
+}
 
 
 @dataclasses.dataclass

@@ -15,10 +15,10 @@ import re
 from typing import Any
 
 from ferry import naming
+from ferry.naming import REQUEST_ID_RE
 from mastertarget import defaults
 from mastertarget.errors import BadNotice
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Resync request ids: they become part of a blob name."""
 
 _CHECKSUM_RE = re.compile(r"^[0-9a-f]{32}$")

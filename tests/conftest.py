@@ -76,7 +76,14 @@ class LoopDisk:
         self.mountpoint: Path | None = None
         if fs:
             run(
-                "mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", self.device
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-b",
+                "4096",
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0",
+                self.device,
             )
             self.mountpoint = base / "mnt"
             self.mountpoint.mkdir()

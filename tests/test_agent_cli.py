@@ -68,7 +68,10 @@ def test_missing_device_is_one_line(tmp_path):
         (tmp_path / name).write_text("x")
     result = run_agent(config)
     assert result.returncode == 3, result.stderr
-    assert result.stderr.strip() == f"agent: error: cannot use {tmp_path}/disk.img: no such device or file"
+    assert (
+        result.stderr.strip()
+        == f"agent: error: cannot use {tmp_path}/disk.img: no such device or file"
+    )
 
 
 def test_missing_config_file(tmp_path):

@@ -1,0 +1,5 @@
+import sys
+
+from processserver.main import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""Tunables of the process server, each with its unit."""
+
+LISTEN = "127.0.0.1:7443"
+"""Address the mutual-TLS listener binds, as ``host:port``."""
+
+SPOOL_LIMIT_BYTES = 1 << 30
+"""Spool size above which agents are made to wait (backpressure), in bytes."""
+
+UPLOAD_THREADS = 4
+"""Threads packing and uploading spooled batches, a count."""
+
+BANDWIDTH_LIMIT = 0
+"""Upper bound on segment bytes uploaded, in bytes per second (0 = unlimited)."""
+
+COMPRESSION_LEVEL = 1
+"""zstd level of segment bodies (1 = fastest; higher trades CPU for bytes), a level 1-22."""
+
+STATE_POLL_INTERVAL = 2.0
+"""How often the master target's per-disk state blobs are read, in seconds."""
+
+STORAGE_ENV = "FERRY_STORAGE"
+"""Environment variable holding the storage connection string, a name."""
+
+RESYNC_POLL_INTERVAL = 1.0
+"""How often a pending resync answer blob is looked for, in seconds."""
+
+STATUS_INTERVAL = 1.0
+"""How often status.json is rewritten, in seconds."""
+
+RETRY_MIN = 1.0
+"""First pause after a storage failure, in seconds (doubles up to RETRY_MAX)."""
+
+RETRY_MAX = 30.0
+"""Longest pause between storage retries, in seconds."""
+
+HANDSHAKE_TIMEOUT = 15.0
+"""Longest a new connection may take for its TLS handshake and hello, in seconds."""
+
+MAX_CONNECTIONS = 256
+"""Agent connections served at once (one thread each), a count."""
+
+STOP_GRACE = 5.0
+"""On SIGTERM, how long in-flight spooling and uploads may take to finish, in seconds."""
+
+ACCEPT_POLL = 0.5
+"""How often the accept loop checks for a stop request, in seconds."""
+
+BUCKET_BURST = 1.0
+"""Burst a bandwidth limit allows, in seconds' worth of the limit."""

@@ -1,0 +1,319 @@
+"""The spool: accepted batches, durable on local disk until they are uploaded and announced.
+
+One file per batch, ``<root>/<tenant>/<disk>/<gen:08d>-<seq:012d>.batch``,
+holding a u32 big-endian header length, the batch header (JSON) and the
+payload.  A batch is acknowledged only once its file and directory are
+fsync'ed (invariant 5); the file is deleted only after its segment was
+uploaded and announced (invariant 6).  A resent batch has the same name and
+simply replaces the file.
+
+The spool also hands files to the uploaders: oldest first, in (gen, seq)
+order within a disk, never the same file to two uploaders at once.  A file
+rewritten while it is being uploaded is kept and uploaded again, so an
+acknowledged write is never deleted unseen.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import json
+import logging
+import os
+import re
+import struct
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+from ferry import durable
+from ferry.batch import Batch
+from ferry.errors import FerryError
+from ferry.naming import check_id
+
+log = logging.getLogger("ferry.processserver.spool")
+
+_LEN = struct.Struct(">I")
+_NAME_RE = re.compile(r"^(\d{8,})-(\d{12,})\.batch$")
+_TMP_RE = re.compile(r"^\..*\.tmp\d*$")
+"""Temporary files of ferry.durable.write_atomic, left behind by a crash."""
+_STRIPES = 64
+
+
+class SpoolError(FerryError):
+    """cannot use the spool {path}: {problem}"""
+
+    exit_code = 73  # EX_CANTCREAT
+
+
+class SpoolKey(NamedTuple):
+    """Names one spooled batch."""
+
+    tenant: str
+    disk: str
+    gen: int
+    seq: int
+
+    @classmethod
+    def of(cls, batch: Batch) -> SpoolKey:
+        """The key of ``batch``."""
+        return cls(batch.tenant, batch.disk, batch.gen, batch.seq)
+
+    @property
+    def filename(self) -> str:
+        """File name inside the disk's spool directory."""
+        return f"{self.gen:08d}-{self.seq:012d}.batch"
+
+    def __str__(self) -> str:
+        return f"{self.tenant}/{self.disk} gen {self.gen} seq {self.seq}"
+
+
+def encode(batch: Batch) -> list[bytes]:
+    """The parts of a spool file for ``batch``."""
+    header = json.dumps(batch.header(), separators=(",", ":")).encode()
+    return [_LEN.pack(len(header)), header, batch.payload]
+
+
+def decode(data: bytes) -> Batch:
+    """The batch in a spool file's content; ValueError if it is damaged."""
+    if len(data) < _LEN.size:
+        raise ValueError(f"truncated spool file ({len(data)} bytes)")
+    (hlen,) = _LEN.unpack_from(data)
+    end = _LEN.size + hlen
+    if end > len(data):
+        raise ValueError("spool file header runs past the end")
+    header = json.loads(data[_LEN.size : end])
+    if not isinstance(header, dict):
+        raise ValueError("spool file header is not an object")
+    return Batch.from_header(header, data[end:])
+
+
+class Spool:
+    """The spool directory and its queue of batches waiting for upload."""
+
+    def __init__(self, root: Path, limit: int, quarantine: Path) -> None:
+        self.root = Path(root)
+        self.limit = limit
+        self.quarantine_dir = Path(quarantine)
+        self._cond = threading.Condition()
+        self._stamp = itertools.count()
+        self._stamps: dict[SpoolKey, int] = {}
+        self._sizes: dict[SpoolKey, int] = {}
+        self._bytes = 0
+        self._queues: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        self._arrivals: list[tuple[int, SpoolKey]] = []
+        self._queued: set[SpoolKey] = set()
+        self._claimed: set[SpoolKey] = set()
+        self._rewritten: set[SpoolKey] = set()
+        self._writing: collections.Counter[SpoolKey] = collections.Counter()
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._dirs: set[Path] = set()
+
+    def path(self, key: SpoolKey) -> Path:
+        """Where the batch of ``key`` is spooled."""
+        return self.root / key.tenant / key.disk / key.filename
+
+    # -- startup ------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Index what a previous run left (removing its temporary files); return the batch count.
+
+        SpoolError if the spool directory cannot be created or read.
+        """
+        found: list[tuple[int, SpoolKey, int]] = []
+        try:
+            self._ensure_dir(self.root)
+            for disk_dir in self._disk_dirs():
+                for entry in os.scandir(disk_dir):
+                    found.extend(self._recover_entry(disk_dir, entry))
+        except OSError as exc:
+            raise SpoolError(path=self.root, problem=exc.strerror or str(exc))
+        # Arrival order is lost with the process; modification time is its best witness.
+        with self._cond:
+            for _mtime, key, size in sorted(found):
+                self._add(key, size)
+        return len(found)
+
+    def _disk_dirs(self) -> list[Path]:
+        dirs = []
+        for tenant in sorted(self.root.iterdir()):
+            if not tenant.is_dir() or check_id("tenant", tenant.name):
+                log.warning("ignoring %s: not a tenant directory", tenant)
+                continue
+            for disk in sorted(tenant.iterdir()):
+                if disk.is_dir() and not check_id("disk", disk.name):
+                    dirs.append(disk)
+                else:
+                    log.warning("ignoring %s: not a disk directory", disk)
+        return dirs
+
+    def _recover_entry(self, disk_dir: Path, entry: os.DirEntry) -> list[tuple[int, SpoolKey, int]]:
+        if _TMP_RE.match(entry.name):
+            # Never acknowledged: the crash came before its rename.
+            os.unlink(entry.path)
+            log.info("removed %s, an unfinished write of a previous run", entry.path)
+            return []
+        match = _NAME_RE.match(entry.name)
+        if not match or not entry.is_file():
+            log.warning("ignoring %s: not a spooled batch", entry.path)
+            return []
+        key = SpoolKey(disk_dir.parent.name, disk_dir.name, int(match[1]), int(match[2]))
+        st = entry.stat()
+        return [(st.st_mtime_ns, key, st.st_size)]
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def store(self, batch: Batch) -> SpoolKey:
+        """Write ``batch`` durably (file and directory fsync'ed); return its key.
+
+        Only after this returns may the batch be acknowledged.
+        """
+        key = SpoolKey.of(batch)
+        parts = encode(batch)
+        with self._cond:
+            # Seen by finish(): an uploader must not delete a file being rewritten.
+            self._writing[key] += 1
+        written = False
+        try:
+            with self._stripes[hash(key) % _STRIPES]:
+                path = self.path(key)
+                self._ensure_dir(path.parent)
+                durable.write_atomic(path, parts)
+            written = True
+        finally:
+            with self._cond:
+                self._writing[key] -= 1
+                if not self._writing[key]:
+                    del self._writing[key]
+                if written:
+                    self._add(key, sum(len(p) for p in parts))
+        return key
+
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create ``directory`` and make its entry durable in its parent."""
+        if directory in self._dirs:
+            return
+        missing = []
+        probe = directory
+        while not probe.is_dir():
+            missing.append(probe)
+            probe = probe.parent
+        for new in reversed(missing):
+            new.mkdir(exist_ok=True)
+            durable.fsync_dir(new.parent)
+        self._dirs.add(directory)
+
+    def _add(self, key: SpoolKey, size: int) -> None:
+        """Account for a file just written; queue it unless it is queued or in upload."""
+        self._bytes += size - self._sizes.get(key, 0)
+        self._sizes[key] = size
+        if key in self._claimed:
+            self._rewritten.add(key)
+        elif key not in self._queued:
+            self._stamps[key] = next(self._stamp)
+            self._enqueue(key)
+        self._cond.notify_all()
+
+    def _enqueue(self, key: SpoolKey) -> None:
+        heapq.heappush(self._queues.setdefault((key.tenant, key.disk), []), (key.gen, key.seq))
+        heapq.heappush(self._arrivals, (self._stamps[key], key))
+        self._queued.add(key)
+
+    # -- backpressure ----------------------------------------------------------------------
+
+    def over_limit(self) -> bool:
+        """True while the spool holds more than its limit."""
+        with self._cond:
+            return self._bytes > self.limit
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the spool to drop under its limit; True if it has."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._bytes <= self.limit, timeout)
+
+    def usage(self) -> tuple[int, int]:
+        """``(bytes, files)`` held in the spool."""
+        with self._cond:
+            return self._bytes, len(self._sizes)
+
+    # -- uploading ---------------------------------------------------------------------------
+
+    def claim(self, timeout: float) -> SpoolKey | None:
+        """The oldest batch waiting for upload, now reserved for the caller; None on timeout."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._queued, timeout):
+                return None
+            disk = self._longest_waiting_disk()
+            queue = self._queues[disk]
+            key = SpoolKey(*disk, *heapq.heappop(queue))
+            if not queue:
+                del self._queues[disk]
+            self._queued.discard(key)
+            self._claimed.add(key)
+            return key
+
+    def _longest_waiting_disk(self) -> tuple[str, str]:
+        """The disk holding the batch that has waited longest.
+
+        Its batches then go in (gen, seq) order, which lets the master target
+        apply them as they arrive.  Entries of batches claimed meanwhile are
+        dropped from ``_arrivals`` here, lazily.
+        """
+        while True:
+            stamp, key = self._arrivals[0]
+            if key in self._queued and self._stamps.get(key) == stamp:
+                return key.tenant, key.disk
+            heapq.heappop(self._arrivals)
+
+    def read(self, key: SpoolKey) -> bytes:
+        """The content of a claimed batch's file."""
+        return self.path(key).read_bytes()
+
+    def finish(self, key: SpoolKey) -> None:
+        """A claimed batch was uploaded and announced: delete its file (unless rewritten since)."""
+        with self._cond:
+            if self._requeue_if_rewritten(key):
+                return
+            self.path(key).unlink(missing_ok=True)
+            self._forget(key)
+
+    def _requeue_if_rewritten(self, key: SpoolKey) -> bool:
+        """Unclaim ``key``; if a resend replaced its file meanwhile, queue it again (True)."""
+        self._claimed.discard(key)
+        if key not in self._rewritten and not self._writing[key]:
+            return False
+        self._rewritten.discard(key)
+        self._enqueue(key)
+        self._cond.notify_all()
+        return True
+
+    def release(self, key: SpoolKey) -> None:
+        """Give a claimed batch back without uploading it (it stays spooled)."""
+        with self._cond:
+            self._claimed.discard(key)
+            self._rewritten.discard(key)
+            self._enqueue(key)
+            self._cond.notify_all()
+
+    def quarantine(self, key: SpoolKey) -> Path | None:
+        """Move a claimed batch whose file is damaged out of the spool; return where it went.
+
+        None if a resend replaced the file meanwhile (it is queued again instead).
+        """
+        target = self.quarantine_dir / key.tenant / key.disk / key.filename
+        with self._cond:
+            if self._requeue_if_rewritten(key):
+                return None  # the resent file may well be sound: try it
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.path(key), target)
+            except OSError as exc:
+                log.error("cannot move %s to %s: %s", self.path(key), target, exc)
+            self._forget(key)
+        return target
+
+    def _forget(self, key: SpoolKey) -> None:
+        self._bytes -= self._sizes.pop(key, 0)
+        self._stamps.pop(key, None)
+        self._cond.notify_all()

@@ -1,0 +1,592 @@
+"""The process server as agents and master targets see it.
+
+Real parts only: the server runs as a process (``python -m processserver``),
+agents are a tiny mutual-TLS client speaking ``ferry.wire``, storage is the
+session's Azurite.  "Storage down" is a connection string naming closed ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ferry import naming, pki, wire
+from ferry.azurite import connection_string, free_port
+from ferry.batch import DATA, ZERO, Batch
+from ferry.embedded import write_toml
+from ferry.errors import SegmentCorrupt
+from ferry.segment import unpack
+
+ROOT = Path(__file__).resolve().parent.parent
+DISK = "web01-disk0"
+DISK_SIZE = 1 << 30
+
+
+# -- a process server under test ----------------------------------------------------------
+
+
+class ProcessServer:
+    """``python -m processserver`` with its own settings, state directory and log."""
+
+    def __init__(self, base: Path, certs: Path, storage: str, **settings) -> None:
+        self.base = base
+        self.port = free_port()
+        self.state_dir = base / "state"
+        self.storage = storage
+        self.config = write_toml(
+            base / "process-server.toml",
+            {
+                "listen": f"127.0.0.1:{self.port}",
+                "ca": str(certs / "ca" / "ca.pem"),
+                "cert": str(certs / "process-server.pem"),
+                "key": str(certs / "process-server.key"),
+                "state_dir": str(self.state_dir),
+                **settings,
+            },
+        )
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+
+    @property
+    def log(self) -> Path:
+        return self.base / f"run{self.runs}.log"
+
+    def start(self, storage: str | None = None) -> ProcessServer:
+        """Start (again), optionally with another storage, and wait for "listening on"."""
+        self.storage = storage or self.storage
+        self.runs += 1
+        env = {**os.environ, "FERRY_STORAGE": self.storage, "PYTHONPATH": str(ROOT)}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "processserver", "--config", str(self.config)],
+                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            )  # fmt: skip
+        wait_for(lambda: "listening on" in self.log.read_text(), 30, self.tail)
+        return self
+
+    def tail(self) -> str:
+        return self.log.read_text()[-3000:]
+
+    def signal(self, sig: int) -> int:
+        """Send ``sig`` and return the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+    def status(self) -> dict:
+        return json.loads((self.state_dir / "status.json").read_text())
+
+    def spooled(self, tenant: str) -> list[str]:
+        disk_dir = self.state_dir / "spool" / tenant / DISK
+        return sorted(p.name for p in disk_dir.iterdir()) if disk_dir.exists() else []
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def servers(tmp_path, certs, azurite):
+    """Factory: ``servers(storage=None, **settings)``; every server is killed at teardown."""
+    made: list[ProcessServer] = []
+
+    def make(storage: str | None = None, start: bool = True, **settings) -> ProcessServer:
+        base = tmp_path / f"ps{len(made)}"
+        base.mkdir()
+        server = ProcessServer(base, certs, storage or azurite.connection_string, **settings)
+        made.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+def dead_storage() -> str:
+    """A connection string whose ports nobody listens on: storage is down."""
+    return connection_string(free_port(), free_port(), free_port())
+
+
+def wait_for(check, timeout: float, explain=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s; {explain()}")
+
+
+# -- a tiny agent ---------------------------------------------------------------------------
+
+
+class Agent:
+    """A mutual-TLS client speaking ferry.wire, the way the mobility agent does.
+
+    Like the agent, it reads in a thread of its own, so sends may block (on a
+    throttled server) while acks are still read.
+    """
+
+    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        self.sock.settimeout(None)
+        self.frames: queue.Queue = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        try:
+            while (frame := wire.recv(self.sock, "process server")) is not None:
+                self.frames.put(frame)
+            self.frames.put(None)
+        except Exception as exc:  # handed to the test thread by recv()
+            self.frames.put(exc)
+
+    def send(self, header: dict, payload: bytes = b"") -> None:
+        wire.send(self.sock, header, payload)
+
+    def recv(self, timeout: float = 10) -> tuple[dict, bytes] | None:
+        """The next frame; None once the server closed; TimeoutError if none comes in time."""
+        try:
+            item = self.frames.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no frame within {timeout} s")
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def hello(self, tenant: str, disks: tuple[str, ...] = (DISK,)) -> dict:
+        self.send({"type": "hello", "tenant": tenant, "machine": "web01", "disks": list(disks)})
+        frame = self.recv()
+        assert frame is not None
+        return frame[0]
+
+    def send_batch(self, batch: Batch) -> None:
+        self.send({"type": "batch", "batch": batch.header()}, batch.payload)
+
+    def close(self) -> None:
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # wakes the reader
+        except OSError:
+            pass
+        # Closing under a reader would let it read the next socket that gets this fd.
+        self.reader.join(5)
+        self.sock.close()
+
+
+def agent_context(certs: Path, name: str | None = "agent") -> ssl.SSLContext:
+    """Client context trusting the deployment's CA, presenting ``name``'s certificate (or none)."""
+    ca = str(certs / "ca" / "ca.pem")
+    if name is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(ca)
+        return context
+    return pki.client_context(ca, str(certs / f"{name}.pem"), str(certs / f"{name}.key"))
+
+
+@pytest.fixture
+def connect(certs):
+    """Factory: ``connect(server, tenant)`` -> an Agent that has said hello; closed at teardown."""
+    agents: list[Agent] = []
+
+    def make(server: ProcessServer, tenant: str) -> Agent:
+        agent = Agent(server.port, agent_context(certs))
+        agents.append(agent)
+        assert agent.hello(tenant)["type"] == "welcome"
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.close()
+
+
+def make_batch(tenant: str, seq: int, size: int = 8192, gen: int = 1, tag: bool = False) -> Batch:
+    payload = os.urandom(size)
+    return Batch(
+        tenant=tenant,
+        disk=DISK,
+        gen=gen,
+        seq=seq,
+        disk_size=DISK_SIZE,
+        extents=[(seq * 1 << 20, size, DATA), (seq * 1 << 20 | 1 << 19, 65536, ZERO)],
+        payload=payload,
+        tag={"id": f"{gen}-{seq}", "kind": "crash", "t0_mono_ns": seq, "frozen": False}
+        if tag
+        else None,
+    )
+
+
+def collect_acks(agent: Agent, count: int, timeout: float = 20) -> set[tuple[int, int]]:
+    acks = set()
+    deadline = time.monotonic() + timeout
+    while len(acks) < count:
+        frame = agent.recv(max(0.1, deadline - time.monotonic()))
+        assert frame is not None, f"connection closed after {len(acks)} acks"
+        header = frame[0]
+        assert header["type"] == "ack", header
+        assert header["disk"] == DISK
+        acks.add((header["gen"], header["seq"]))
+    return acks
+
+
+def collect_notices(storage, tenant: str, count: int, timeout: float = 30) -> list[dict]:
+    """Read ``count`` notices off the disk's queue (in arrival order)."""
+    queue = naming.disk_queue(tenant, DISK)
+    notices: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while len(notices) < count and time.monotonic() < deadline:
+        got = storage.receive(queue, 32, visibility=300)
+        notices.extend(m.body for m in got)
+        if not got:
+            time.sleep(0.1)
+    assert len(notices) == count, f"{len(notices)} notices of {count}"
+    return notices
+
+
+def verify_uploaded(storage, notices: list[dict], batches: dict, key: bytes | None) -> None:
+    """Every notice names a verified segment holding exactly the batch that was sent."""
+    for n in notices:
+        batch = batches[(n["gen"], n["seq"])]
+        blob = naming.segment_blob(batch.tenant, DISK, batch.gen, batch.seq)
+        assert n["type"] == "segment"
+        assert (n["tenant"], n["disk"], n["blob"]) == (batch.tenant, DISK, blob)
+        assert n["tag"] == (batch.tag["id"] if batch.tag else None)
+        data = storage.get(naming.SEGMENTS_CONTAINER, blob)
+        assert n["bytes"] == len(data)
+        expect = {"tenant": batch.tenant, "disk": DISK, "gen": batch.gen, "seq": batch.seq}
+        back = unpack(data, blob, expect, key=key, checksum=n["checksum"])
+        assert back.payload == batch.payload
+        assert back.extents == batch.extents
+        assert back.tag == batch.tag
+
+
+# -- the data path --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+def test_batches_are_acked_uploaded_and_announced(
+    servers, connect, storage, tenant, tmp_path, sealed
+):
+    key = os.urandom(32) if sealed else None
+    settings = {}
+    if key:
+        (tmp_path / "segment.key").write_text(key.hex() + "\n")
+        settings["segment_key_file"] = str(tmp_path / "segment.key")
+    server = servers(**settings)
+    agent = connect(server, tenant)
+    batches = {(1, s): make_batch(tenant, s, tag=s % 3 == 0) for s in range(1, 7)}
+    for batch in batches.values():
+        agent.send_batch(batch)
+    assert collect_acks(agent, len(batches)) == set(batches)
+
+    notices = collect_notices(storage, tenant, len(batches))
+    assert sorted((n["gen"], n["seq"]) for n in notices) == sorted(batches)
+    verify_uploaded(storage, notices, batches, key)
+    if key:  # sealed: useless without the key
+        blob = notices[0]["blob"]
+        with pytest.raises(SegmentCorrupt, match="encrypted"):
+            unpack(storage.get(naming.SEGMENTS_CONTAINER, blob), blob)
+
+    # Uploaded and announced, so nothing is left to spool; the status says what happened.
+    wait_for(lambda: not server.spooled(tenant), 10)
+    wait_for(lambda: server.status()["segments_uploaded"] == len(batches), 5)
+    status = server.status()
+    assert status["batches_received"] == len(batches)
+    assert status["spool"]["files"] == 0
+    assert [(a["cn"], a["tenant"], a["machine"]) for a in status["agents"]] == [
+        ("agent", tenant, "web01")
+    ]
+    assert server.signal(signal.SIGTERM) == 0
+
+
+def test_only_clients_with_a_certificate_from_the_ca_get_in(servers, connect, certs, tenant):
+    server = servers()
+    for who in ("stranger", None):  # another CA's certificate; no certificate at all
+        with pytest.raises((ssl.SSLError, OSError, AssertionError)):
+            agent = Agent(server.port, agent_context(certs, who))
+            try:
+                # TLS 1.3 reports the refusal on the first read, not in the handshake.
+                agent.hello(tenant)
+            finally:
+                agent.close()
+    agent = connect(server, tenant)
+    agent.send_batch(make_batch(tenant, 1))
+    assert collect_acks(agent, 1) == {(1, 1)}
+    wait_for(lambda: server.status()["connections_refused"] == 2, 5)
+
+
+def _bad_payload(tenant: str) -> list:
+    batch = make_batch(tenant, 1)
+    return [{"type": "batch", "batch": batch.header()}, batch.payload[:-1]]
+
+
+@pytest.mark.parametrize(
+    ("frames", "expected"),
+    [
+        (lambda t: [({"type": "batch", "batch": {}}, b"")], "expected hello"),
+        (lambda t: [({"type": "hello", "tenant": "Bad_T", "machine": "m", "disks": [DISK]}, b"")],
+         "tenant 'Bad_T' is not a valid id"),
+        (lambda t: [({"type": "hello", "tenant": t, "machine": "m", "disks": "d"}, b"")],
+         "disks must be a non-empty list"),
+        (lambda t: ["hello", _bad_payload(t)], "payload is 8191 bytes"),
+        (lambda t: ["hello", ({"type": "batch", "batch": {"seq": 1}}, b"")], "malformed batch"),
+        (lambda t: ["hello", ({"type": "batch", "batch": make_batch("other", 1).header()},
+                              make_batch("other", 1).payload)], "batch of tenant 'other'"),
+        (lambda t: ["hello", ({"type": "resync", "disk": DISK, "request_id": "../x",
+                               "block_size": 4096}, b"")], "request id '../x' is not valid"),
+        (lambda t: ["hello", ({"type": "launch"}, b"")], "unexpected frame type 'launch'"),
+    ],
+    ids=["no-hello", "bad-tenant", "bad-disks", "short-payload", "bad-header", "other-tenant",
+         "bad-request-id", "unknown-type"],
+)  # fmt: skip
+def test_bad_input_gets_an_error_and_the_server_goes_on(
+    servers, connect, certs, storage, tenant, frames, expected
+):
+    server = servers()
+    agent = Agent(server.port, agent_context(certs))
+    for frame in frames(tenant):
+        if frame == "hello":
+            assert agent.hello(tenant)["type"] == "welcome"
+        else:
+            agent.send(*frame)
+    reply = agent.recv()
+    assert reply is not None and reply[0]["type"] == "error", reply
+    assert expected in reply[0]["message"]
+    assert agent.recv() is None, "the server closes after an error"
+    agent.close()
+
+    good = connect(server, tenant)
+    good.send_batch(make_batch(tenant, 2))
+    assert collect_acks(good, 1) == {(1, 2)}
+    assert server.proc.poll() is None
+    assert [n["seq"] for n in collect_notices(storage, tenant, 1)] == [2]
+    # Nothing of the refused input was uploaded.
+    assert not storage.exists(naming.SEGMENTS_CONTAINER, naming.segment_blob(tenant, DISK, 1, 1))
+
+
+def test_garbage_on_the_wire_is_refused(servers, connect, certs, tenant):
+    server = servers()
+    agent = Agent(server.port, agent_context(certs))
+    agent.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = agent.recv()
+    assert reply is not None and reply[0]["type"] == "error"
+    assert "bad frame magic" in reply[0]["message"]
+    agent.close()
+    assert connect(server, tenant) is not None
+
+
+# -- durability and backpressure ------------------------------------------------------------
+
+
+def test_acked_batches_survive_sigkill_while_storage_is_down(
+    servers, connect, azurite, storage, tenant
+):
+    server = servers(storage=dead_storage())
+    agent = connect(server, tenant)
+    batches = {(1, s): make_batch(tenant, s, tag=s == 5) for s in range(1, 6)}
+    for batch in batches.values():
+        agent.send_batch(batch)
+    assert collect_acks(agent, len(batches)) == set(batches)
+    assert server.signal(signal.SIGKILL) == -signal.SIGKILL
+    assert len(server.spooled(tenant)) == len(batches)
+    # A write the crash interrupted (never acknowledged) must not be uploaded.
+    leftover = server.state_dir / "spool" / tenant / DISK / ".00000001-000000000099.batch.tmp7"
+    leftover.write_bytes(b"half a batch")
+
+    server.start(storage=azurite.connection_string)
+    notices = collect_notices(storage, tenant, len(batches))
+    assert sorted((n["gen"], n["seq"]) for n in notices) == sorted(batches)
+    verify_uploaded(storage, notices, batches, None)
+    wait_for(lambda: not server.spooled(tenant), 10, lambda: str(server.spooled(tenant)))
+    assert not storage.exists(naming.SEGMENTS_CONTAINER, naming.segment_blob(tenant, DISK, 1, 99))
+
+
+def test_full_spool_stalls_the_agent_instead_of_failing(servers, certs, azurite, storage, tenant):
+    size = 64 << 10
+    server = servers(storage=dead_storage(), spool_limit_bytes=3 * size)
+    agent = Agent(server.port, agent_context(certs))
+    agent.hello(tenant)
+    batches = {(1, s): make_batch(tenant, s, size=size) for s in range(1, 25)}
+
+    def send_all(agent: Agent) -> None:
+        try:
+            for batch in sorted(batches.values(), key=lambda b: b.seq):
+                agent.send_batch(batch)
+        except OSError:
+            pass  # the server was killed under a blocked send
+
+    threading.Thread(target=send_all, args=(agent,), daemon=True).start()
+    acked: set[tuple[int, int]] = set()
+    while True:  # acks come until the spool is over its limit, then stop
+        try:
+            acked |= collect_acks(agent, 1, timeout=2)
+        except TimeoutError:
+            break
+    assert 3 <= len(acked) <= 5, "the server reads one frame past the limit, then waits"
+    assert server.proc.poll() is None
+    wait_for(lambda: server.status()["throttling"], 5)
+    assert "throttling" in server.tail()
+
+    # Storage comes back (a restart with the real one); the agent reconnects and resends.
+    server.signal(signal.SIGKILL)
+    agent.close()
+    server.start(storage=azurite.connection_string)
+    agent = Agent(server.port, agent_context(certs))
+    assert agent.hello(tenant)["type"] == "welcome"
+    missing = [b for k, b in sorted(batches.items()) if k not in acked]
+    threading.Thread(target=lambda: [agent.send_batch(b) for b in missing], daemon=True).start()
+    assert collect_acks(agent, len(missing), timeout=60) == {(b.gen, b.seq) for b in missing}
+    notices = collect_notices(storage, tenant, len(batches))
+    assert sorted((n["gen"], n["seq"]) for n in notices) == sorted(batches)
+    verify_uploaded(storage, notices, batches, None)
+    agent.close()
+
+
+def test_a_damaged_spool_file_is_set_aside_and_the_rest_uploaded(servers, connect, storage, tenant):
+    server = servers(start=False)
+    spool_dir = server.state_dir / "spool" / tenant / DISK
+    spool_dir.mkdir(parents=True)
+    (spool_dir / "00000001-000000000001.batch").write_bytes(b"\0\0\0\x05{bad}")
+    server.start()
+    agent = connect(server, tenant)
+    agent.send_batch(make_batch(tenant, 2))
+    assert collect_acks(agent, 1) == {(1, 2)}
+    assert [n["seq"] for n in collect_notices(storage, tenant, 1)] == [2]
+    assert (
+        server.state_dir / "quarantine" / tenant / DISK / "00000001-000000000001.batch"
+    ).exists()
+    wait_for(lambda: server.status()["batches_quarantined"] == 1, 5)
+    assert "needs a resync" in server.tail()
+
+
+# -- relays -------------------------------------------------------------------------------
+
+
+def test_resync_is_relayed_to_the_master_target_and_answered(servers, connect, storage, tenant):
+    server = servers()
+    agent = connect(server, tenant)
+    agent.send({"type": "resync", "disk": DISK, "request_id": "req-1", "block_size": 65536})
+    (notice,) = collect_notices(storage, tenant, 1)
+    assert notice == {"type": "resync", "tenant": tenant, "disk": DISK,
+                      "request_id": "req-1", "block_size": 65536}  # fmt: skip
+
+    # While the master target thinks, batches keep flowing.
+    agent.send_batch(make_batch(tenant, 1))
+    assert collect_acks(agent, 1) == {(1, 1)}
+
+    # Playing the master target: a digest map and the answer naming it.
+    digests = os.urandom(16 * 40)
+    digest_blob = naming.digest_blob(tenant, DISK, 2)
+    storage.put(naming.CONTROL_CONTAINER, digest_blob, digests)
+    answer = {"request_id": "req-1", "gen": 2, "block_size": 65536, "target_size": 40 * 65536,
+              "digest_blob": digest_blob, "empty": False}  # fmt: skip
+    storage.put_json(
+        naming.CONTROL_CONTAINER, naming.resync_answer_blob(tenant, DISK, "req-1"), answer
+    )
+    header, payload = agent.recv(15)
+    assert header["type"] == "resync-answer", header
+    assert {k: header[k] for k in ("disk", "request_id", "gen", "block_size", "target_size")} == {
+        "disk": DISK, "request_id": "req-1", "gen": 2, "block_size": 65536,
+        "target_size": 40 * 65536,
+    }  # fmt: skip
+    assert header["empty"] is False
+    assert payload == digests
+
+    # An empty target: no map, an empty payload.
+    empty = {**answer, "request_id": "req-2", "gen": 3, "digest_blob": None, "empty": True}
+    storage.put_json(
+        naming.CONTROL_CONTAINER, naming.resync_answer_blob(tenant, DISK, "req-2"), empty
+    )
+    agent.send({"type": "resync", "disk": DISK, "request_id": "req-2", "block_size": 65536})
+    header, payload = agent.recv(15)
+    assert (header["type"], header["request_id"], header["gen"], header["empty"]) == (
+        "resync-answer", "req-2", 3, True,
+    )  # fmt: skip
+    assert payload == b""
+
+
+def test_resync_required_is_relayed_once_per_generation(servers, connect, storage, tenant):
+    server = servers(state_poll_interval=0.2)
+    agent = connect(server, tenant)
+    state_blob = naming.disk_state_blob(tenant, DISK)
+    state = {"tenant": tenant, "disk": DISK, "gen": 3, "applied_seq": 4,
+             "resync_required_gen": 3, "reason": "segment gen 3 seq 5: checksum mismatch"}  # fmt: skip
+    storage.put_json(naming.CONTROL_CONTAINER, state_blob, state)
+    header, _ = agent.recv(10)
+    assert header == {"type": "resync-required", "disk": DISK, "gen": 3,
+                      "reason": "segment gen 3 seq 5: checksum mismatch"}  # fmt: skip
+    with pytest.raises(TimeoutError):
+        agent.recv(1.0)  # polled five times more, said once
+
+    storage.put_json(
+        naming.CONTROL_CONTAINER, state_blob, {**state, "resync_required_gen": 4, "reason": "x"}
+    )
+    header, _ = agent.recv(10)
+    assert (header["type"], header["gen"], header["reason"]) == ("resync-required", 4, "x")
+
+
+# -- operator errors ------------------------------------------------------------------------
+
+
+def run_server(config: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "processserver", "--config", str(config)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "FERRY_STORAGE": dead_storage(), **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"speed": 3}, "unknown key speed"),
+        ({"upload_threads": "four"}, "upload_threads must be an integer"),
+        ({"listen": "nowhere"}, "listen must be host:port"),
+        ({"compression_level": 99}, "compression_level must be 1-22"),
+        ({"storage_env": "FERRY_TEST_NOT_SET"}, "environment variable FERRY_TEST_NOT_SET"),
+        ({"cert": "/nonexistent/ps.pem"}, "cert: cannot read /nonexistent/ps.pem"),
+        ({"segment_key_file": "/nonexistent/key"}, "cannot read the segment key"),
+        ({"segment_key_file": __file__}, "cannot read the segment key"),
+        ({"cert": __file__}, "cannot use ca /"),
+    ],
+)
+def test_bad_settings_give_one_line_and_a_nonzero_exit(servers, change, expected):
+    server = servers(start=False, **change)
+    result = run_server(server.config)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("process-server: error: "), lines[0]
+    assert expected in lines[0]
+
+
+def test_port_in_use_gives_one_line(servers):
+    server = servers(start=False)
+    with socket.create_server(("127.0.0.1", server.port)):
+        result = run_server(server.config)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("process-server: error: cannot listen on 127.0.0.1:"), lines
+
+
+def test_unusable_state_dir_gives_one_line(servers, tmp_path):
+    (tmp_path / "plain-file").write_text("")
+    server = servers(start=False, state_dir=str(tmp_path / "plain-file" / "state"))
+    result = run_server(server.config)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("process-server: error: cannot use the spool"), lines

@@ -1,0 +1,115 @@
+"""The process server's spool and upload budget, in-process on a real filesystem."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from ferry.batch import DATA, Batch
+from processserver.spool import Spool, SpoolKey, decode
+from processserver.uploader import TokenBucket
+
+
+def batch(disk: str, gen: int, seq: int, size: int = 4096) -> Batch:
+    return Batch("acme", disk, gen, seq, 1 << 30, [(seq * 8192, size, DATA)], os.urandom(size))
+
+
+@pytest.fixture
+def spool(tmp_path) -> Spool:
+    s = Spool(tmp_path / "spool", limit=1 << 20, quarantine=tmp_path / "quarantine")
+    s.recover()
+    return s
+
+
+def claim_all(spool: Spool) -> list[tuple[str, int, int]]:
+    out = []
+    while (key := spool.claim(0.05)) is not None:
+        out.append((key.disk, key.gen, key.seq))
+    return out
+
+
+def test_a_stored_batch_reads_back_whole(spool):
+    sent = batch("d1", 2, 9)
+    key = spool.store(sent)
+    assert spool.path(key).name == "00000002-000000000009.batch"
+    assert decode(spool.path(key).read_bytes()) == sent
+
+
+def test_the_longest_waiting_disk_goes_first_in_sequence_order(spool):
+    # a's seq 3 came first (its 1 and 2 were resent later); b waited next; then a's gen 2.
+    for disk, gen, seq in [("a", 1, 3), ("b", 1, 1), ("a", 2, 1), ("a", 1, 1), ("a", 1, 2)]:
+        spool.store(batch(disk, gen, seq))
+    assert claim_all(spool) == [("a", 1, 1), ("a", 1, 2), ("a", 1, 3), ("b", 1, 1), ("a", 2, 1)]
+
+
+def test_a_batch_is_never_handed_to_two_uploaders(spool):
+    spool.store(batch("a", 1, 1))
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(spool.claim(0.3))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [key for key in got if key] == [SpoolKey("acme", "a", 1, 1)]
+
+
+def test_a_resend_during_upload_is_uploaded_again_not_deleted(spool):
+    key = spool.store(batch("a", 1, 1))
+    assert spool.claim(0.1) == key
+    spool.store(batch("a", 1, 1))  # the agent reconnected and resent it, and was acked
+    spool.finish(key)
+    assert spool.path(key).exists(), "an acknowledged file was deleted unseen"
+    assert spool.claim(0.1) == key
+    spool.finish(key)
+    assert not spool.path(key).exists()
+    assert spool.usage() == (0, 0)
+
+
+def test_a_released_batch_stays_spooled_and_comes_back(spool):
+    key = spool.store(batch("a", 1, 1))
+    assert spool.claim(0.1) == key
+    spool.release(key)
+    assert spool.path(key).exists()
+    assert spool.claim(0.1) == key
+
+
+def test_a_restart_finds_the_spool_and_drops_unfinished_writes(spool, tmp_path):
+    for seq in (1, 2, 3):
+        spool.store(batch("a", 1, seq))
+    tmp = spool.root / "acme" / "a" / ".00000001-000000000004.batch.tmp99"
+    tmp.write_bytes(b"torn")
+    again = Spool(spool.root, limit=1 << 20, quarantine=tmp_path / "quarantine")
+    assert again.recover() == 3
+    assert not tmp.exists()
+    assert again.usage() == spool.usage()
+    assert claim_all(again) == [("a", 1, 1), ("a", 1, 2), ("a", 1, 3)]
+
+
+def test_room_comes_back_when_uploads_finish(tmp_path):
+    spool = Spool(tmp_path / "spool", limit=6000, quarantine=tmp_path / "q")
+    spool.recover()
+    spool.store(batch("a", 1, 1))
+    assert not spool.over_limit()
+    spool.store(batch("a", 1, 2))
+    assert spool.over_limit()
+    assert not spool.wait_for_room(0.05)
+    key = spool.claim(0.1)
+    threading.Timer(0.1, spool.finish, args=(key,)).start()
+    assert spool.wait_for_room(5)
+
+
+def test_the_bandwidth_limit_holds_however_many_threads_upload():
+    rate = 200_000
+    bucket = TokenBucket(rate)  # one second of burst
+    stop = threading.Event()
+    start = time.monotonic()
+    threads = [threading.Thread(target=bucket.take, args=(100_000, stop)) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # 500 kB at 200 kB/s with a 200 kB burst cannot take less than 1.5 s.
+    assert time.monotonic() - start >= (500_000 - rate) / rate - 0.05
