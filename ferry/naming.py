@@ -58,6 +58,11 @@ def poison_queue(queue: str) -> str:
     return f"{queue}{POISON_SUFFIX}"
 
 
+def command_queue(tenant: str, component: str) -> str:
+    """The queue on which a component receives its commands."""
+    return _bounded(f"fc-{tenant}-{component}")
+
+
 def segment_blob(tenant: str, disk: str, gen: int, seq: int) -> str:
     """Blob name of the segment carrying batch (gen, seq) of a disk."""
     return f"{tenant}/{disk}/{gen:08d}/{seq:012d}.seg"
