@@ -1,21 +1,23 @@
 """``ferry``: the operator's command line.
 
-Until the configuration server exists (see the issues), it talks to the
-local daemons directly: the agent's control socket and the status files the
-daemons write.
+Most commands are thin clients of the configuration server's HTTP API
+(docs/api.md): ``--server`` and ``--token`` (or ``FERRY_SERVER`` and
+``FERRY_TOKEN``).  ``ferry agent ...`` talks to a local agent's control
+socket, and ``ferry pki ...`` makes certificates.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
 
 from ferry import pki
 from ferry.cli_support import run_main
-from ferry.errors import PeerUnavailable, UsageError
+from ferry.errors import FerryError, PeerUnavailable, UsageError
 
 MiB = 1 << 20
 
@@ -98,11 +100,395 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the configuration server's API ------------------------------------------------------
+
+
+class ApiError(FerryError):
+    """{detail}"""
+
+    exit_code = 8
+
+
+def _server(args: argparse.Namespace) -> tuple[str, str | None, str | bool]:
+    server = args.server or os.environ.get("FERRY_SERVER")
+    if not server:
+        raise UsageError(detail="no configuration server: pass --server URL or set FERRY_SERVER")
+    token = args.token or os.environ.get("FERRY_TOKEN")
+    verify: str | bool = args.ca or os.environ.get("FERRY_CA") or True
+    return server.rstrip("/"), token, verify
+
+
+def api(
+    args: argparse.Namespace, method: str, path: str, body: dict | None = None, **params
+) -> Any:
+    """Call the configuration server; one clear error line when it cannot be reached or refuses."""
+    import requests
+
+    server, token, verify = _server(args)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        answer = requests.request(
+            method,
+            f"{server}{path}",
+            json=body,
+            params={k: v for k, v in params.items() if v is not None},
+            headers=headers,
+            timeout=30,
+            verify=verify,
+        )
+    except requests.RequestException as exc:
+        raise PeerUnavailable(peer=f"configuration server {server}", problem=type(exc).__name__)
+    if answer.status_code >= 400:
+        try:
+            message = answer.json().get("error") or answer.text
+        except ValueError:
+            message = answer.text.strip()[:200]
+        raise ApiError(detail=f"configuration server refused ({answer.status_code}): {message}")
+    if answer.status_code == 204 or not answer.content:
+        return {}
+    return answer.json()
+
+
+def _tenant(args: argparse.Namespace) -> str:
+    tenant = args.tenant or os.environ.get("FERRY_TENANT")
+    if not tenant and args.token and args.token.startswith("op."):
+        tenant = args.token.split(".")[1]
+    if not tenant and os.environ.get("FERRY_TOKEN", "").startswith("op."):
+        tenant = os.environ["FERRY_TOKEN"].split(".")[1]
+    if not tenant:
+        raise UsageError(detail="no tenant: pass --tenant or use an operator token")
+    return tenant
+
+
+def _bar(fraction: float | None, width: int = 20) -> str:
+    if fraction is None:
+        return " " * (width + 2)
+    fraction = min(max(fraction, 0.0), 1.0)
+    full = int(fraction * width)
+    return "[" + "#" * full + "." * (width - full) + "]"
+
+
+def status_table(status: dict[str, Any], bars: bool = False) -> str:
+    """Machines and disks as a table a person can read."""
+    head = [
+        "MACHINE",
+        "DISK",
+        "PHASE",
+        "GEN",
+        "TO GO",
+        "BACKLOG",
+        "THROUGHPUT",
+        "RPO",
+        "LAST TAG",
+        "HEALTH",
+    ]
+    if bars:
+        head.insert(3, "PROGRESS")
+    rows = [head]
+    for m in status.get("machines", []):
+        disks = m.get("disks") or [{}]
+        for d in disks:
+            rpo = d.get("rpo_s")
+            tput = d.get("throughput")
+            row = [
+                m.get("machine", "-"),
+                d.get("disk", "-"),
+                d.get("phase") or m.get("state") or "-",
+                str(d.get("gen") or "-"),
+                _fmt_bytes(d.get("bytes_to_go")),
+                str(d.get("backlog", "-")),
+                "-" if tput is None else f"{tput / MiB:.1f} MiB/s",
+                "-" if rpo is None else f"{rpo:.1f} s",
+                ((d.get("last_tag") or {}).get("id") or "-")
+                if isinstance(d.get("last_tag"), dict)
+                else str(d.get("last_tag") or "-"),
+                d.get("health") or m.get("health") or "-",
+            ]
+            if bars:
+                size, togo = d.get("size"), d.get("bytes_to_go")
+                row.insert(3, _bar(1 - togo / size if size and togo is not None else None))
+            rows.append(row)
+    comps = [("COMPONENT", "KIND", "STATE", "LAST HEARTBEAT")]
+    now = time.time()
+    for c in status.get("components", []):
+        beat = c.get("last_heartbeat")
+        comps.append(
+            (c.get("component_id", "-"), c.get("kind", "-"), c.get("state", "-"),
+             f"{now - beat:.0f} s ago" if isinstance(beat, int | float) else str(beat or "-"))
+        )  # fmt: skip
+    return _table(rows) + "\n\n" + _table(comps)
+
+
+def _tag_id(tag: Any) -> str:
+    if isinstance(tag, dict):
+        return tag.get("id") or "-"
+    return str(tag or "-")
+
+
+def _table(rows: list) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _server(args)
+    path = f"/tenants/{_tenant(args)}/status"
+    if not args.watch:
+        status = api(args, "GET", path)
+        print(json.dumps(status, indent=1) if args.json else status_table(status))
+        return 0
+    try:
+        while True:
+            status = api(args, "GET", path)
+            text = json.dumps(status) if args.json else status_table(status, bars=True)
+            if not args.json:
+                print(
+                    "\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + "ferry status (Ctrl-C to stop)\n"
+                )
+            print(text, flush=True)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _print(args: argparse.Namespace, value: Any, text: str) -> None:
+    print(json.dumps(value, indent=1) if args.json else text)
+
+
+def cmd_tenant_create(args: argparse.Namespace) -> int:
+    answer = api(args, "POST", "/tenants", {"tenant": args.name, "display_name": args.display_name})
+    _print(
+        args,
+        answer,
+        f"tenant {answer['tenant']} created\noperator token (shown once): {answer['operator_token']}",
+    )
+    return 0
+
+
+def cmd_passphrase(args: argparse.Namespace) -> int:
+    answer = api(args, "POST", f"/tenants/{_tenant(args)}/passphrases", {"ttl_seconds": args.ttl})
+    _print(
+        args,
+        answer,
+        f"passphrase (single use, expires {answer['expires_at']}): {answer['passphrase']}",
+    )
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from ferry.control import register_and_save
+
+    server, _, verify = _server(args)
+    passphrase = args.passphrase or os.environ.get("FERRY_PASSPHRASE")
+    if not passphrase:
+        raise UsageError(detail="no passphrase: pass --passphrase or set FERRY_PASSPHRASE")
+    extra: dict[str, Any] = {}
+    if args.disk:
+        extra["disks"] = [_disk_arg(d) for d in args.disk]
+    for key in ("listen", "target_dir", "host"):
+        if getattr(args, key):
+            extra[key] = getattr(args, key)
+    creds = register_and_save(
+        server, _tenant(args), passphrase, args.kind, args.name, args.out,
+        ca=verify if isinstance(verify, str) else None, **extra,
+    )  # fmt: skip
+    print(f"registered {creds.component_id}; credentials written to {args.out}")
+    return 0
+
+
+def _disk_arg(text: str) -> dict[str, Any]:
+    disk_id, _, device = text.partition("=")
+    if not disk_id or not device:
+        raise UsageError(detail=f"--disk must be ID=DEVICE, not {text!r}")
+    from ferry.blockio import DirectReader
+
+    try:
+        reader = DirectReader(device, 4096)
+        size = reader.size
+        reader.close()
+    except FerryError:
+        raise
+    return {"id": disk_id, "device": device, "size": size}
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    body = {"idempotency_key": args.idempotency_key or f"protect-{args.machine}"}
+    if args.rpo_threshold:
+        body["rpo_threshold_s"] = args.rpo_threshold
+    answer = api(args, "POST", f"/tenants/{_tenant(args)}/machines/{args.machine}/protect", body)
+    job = answer.get("job", answer)
+    _print(
+        args,
+        answer,
+        f"protect job {job.get('id', job.get('job_id', '?'))}: {job.get('state', '?')}",
+    )
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    body = {"command": "tag", "args": {"kind": args.kind}}
+    answer = api(args, "POST", f"/tenants/{_tenant(args)}/machines/{args.machine}/commands", body)
+    _print(
+        args, answer, f"{args.kind}-consistent tag requested (command {answer.get('command_id')})"
+    )
+    return 0
+
+
+def cmd_recovery_points(args: argparse.Namespace) -> int:
+    answer = api(
+        args,
+        "GET",
+        f"/tenants/{_tenant(args)}/recovery-points",
+        machine=args.machine,
+        disk=args.disk,
+        limit=args.limit,
+    )
+    rows = [("DISK", "TAG", "KIND", "TAKEN", "GEN", "SEQ")]
+    for rp in answer.get("recovery_points", []):
+        tag = rp.get("tag") or {}
+        when = tag.get("t0_wall")
+        rows.append((rp.get("disk", "-"), tag.get("id", "-"), tag.get("kind", "-"),
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "-",
+                     str(rp.get("gen", "-")), str(rp.get("seq", "-"))))  # fmt: skip
+    _print(args, answer, _table(rows))
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    answer = api(
+        args, "GET", f"/tenants/{_tenant(args)}/alerts", open="true" if args.open else None
+    )
+    rows = [("SEVERITY", "KIND", "SUBJECT", "RAISED", "CLEARED", "MESSAGE")]
+    for a in answer.get("alerts", []):
+        rows.append((a.get("severity", "-"), a.get("kind", "-"), a.get("subject", "-"),
+                     str(a.get("raised_at", "-")), str(a.get("cleared_at") or "-"), a.get("message", "")))  # fmt: skip
+    _print(args, answer, _table(rows))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.job:
+        answer = api(args, "GET", f"/tenants/{_tenant(args)}/jobs/{args.job}")
+        job = answer.get("job", answer)
+        lines = [
+            f"job {job.get('id')} ({job.get('kind')}, {job.get('machine')}): {job.get('state')}"
+        ]
+        lines += [
+            f"  {h.get('at')}  {h.get('state'):<18} {h.get('detail') or ''}"
+            for h in job.get("history", [])
+        ]
+        _print(args, answer, "\n".join(lines))
+        return 0
+    answer = api(args, "GET", f"/tenants/{_tenant(args)}/jobs")
+    rows = [("JOB", "KIND", "MACHINE", "STATE", "UPDATED")]
+    for j in answer.get("jobs", []):
+        rows.append(
+            (
+                j.get("id", "-"),
+                j.get("kind", "-"),
+                j.get("machine", "-"),
+                j.get("state", "-"),
+                str(j.get("updated_at", "-")),
+            )
+        )
+    _print(args, answer, _table(rows))
+    return 0
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="configuration server URL (or FERRY_SERVER)")
+    p.add_argument("--token", help="operator or admin token (or FERRY_TOKEN)")
+    p.add_argument("--ca", help="CA file to trust for the server (or FERRY_CA)")
+    p.add_argument("--tenant", help="tenant id (or FERRY_TENANT; implied by an operator token)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_api_commands(sub) -> None:
+    status = sub.add_parser(
+        "status", help="machines and disks: phase, progress, RPO, backlog, health"
+    )
+    _server_args(status)
+    status.add_argument("--watch", action="store_true", help="redraw live with progress bars")
+    status.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between redraws (default 2)"
+    )
+    status.set_defaults(func=cmd_status)
+
+    tenant = sub.add_parser("tenant", help="tenants (admin token)").add_subparsers(
+        dest="sub", required=True
+    )
+    create = tenant.add_parser("create", help="create a tenant; prints its operator token once")
+    _server_args(create)
+    create.add_argument("name")
+    create.add_argument("--display-name")
+    create.set_defaults(func=cmd_tenant_create)
+
+    pp = sub.add_parser("passphrase", help="a one-time registration passphrase for components")
+    _server_args(pp)
+    pp.add_argument(
+        "--ttl", type=int, default=86400, help="seconds until it expires (default 86400)"
+    )
+    pp.set_defaults(func=cmd_passphrase)
+
+    reg = sub.add_parser("register", help="register this host's component and save its credentials")
+    _server_args(reg)
+    reg.add_argument("--kind", required=True, choices=["agent", "process-server", "master-target"])
+    reg.add_argument("--name", required=True, help="machine id (agent) or server name")
+    reg.add_argument("--passphrase", help="one-time passphrase (or FERRY_PASSPHRASE)")
+    reg.add_argument("--out", required=True, help="credentials file to write (mode 0600)")
+    reg.add_argument(
+        "--disk", action="append", default=[], help="agent disk as ID=DEVICE (repeatable)"
+    )
+    reg.add_argument("--listen", help="process server: host:port agents connect to")
+    reg.add_argument(
+        "--target-dir", dest="target_dir", help="master target: where target disks live"
+    )
+    reg.add_argument("--host", help="this host's name")
+    reg.set_defaults(func=cmd_register)
+
+    protect = sub.add_parser(
+        "protect", help="protect a machine (all its disks, one consistency group)"
+    )
+    _server_args(protect)
+    protect.add_argument("machine")
+    protect.add_argument("--idempotency-key", help="the same key asks for the same job")
+    protect.add_argument(
+        "--rpo-threshold", type=float, help="alert when RPO exceeds this (seconds)"
+    )
+    protect.set_defaults(func=cmd_protect)
+
+    tag = sub.add_parser("tag", help="ask a machine's agent for a crash- or app-consistent tag")
+    _server_args(tag)
+    tag.add_argument("machine")
+    tag.add_argument("--kind", choices=["crash", "app"], default="crash")
+    tag.set_defaults(func=cmd_tag)
+
+    rp = sub.add_parser("recovery-points", help="recovery points the master target reached")
+    _server_args(rp)
+    rp.add_argument("--machine")
+    rp.add_argument("--disk")
+    rp.add_argument("--limit", type=int, default=20)
+    rp.set_defaults(func=cmd_recovery_points)
+
+    alerts = sub.add_parser("alerts", help="alerts raised by the monitoring timer")
+    _server_args(alerts)
+    alerts.add_argument("--open", action="store_true", help="only alerts not cleared")
+    alerts.set_defaults(func=cmd_alerts)
+
+    jobs = sub.add_parser("jobs", help="protect, cutover and test-failover jobs and their history")
+    _server_args(jobs)
+    jobs.add_argument("job", nargs="?", help="show one job with its history")
+    jobs.set_defaults(func=cmd_jobs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferry", description="Ferry: replicate running Linux servers to Azure"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_api_commands(sub)
 
     agent = sub.add_parser("agent", help="talk to a local mobility agent").add_subparsers(
         dest="sub", required=True
