@@ -238,3 +238,93 @@ def test_sigkill_mid_stream_converges(deployment, loopdisk, tmp_path, victim):
     resyncs = deployment.agent_status()["disks"][0]["resyncs"]
     if victim != "agent":
         assert resyncs == 1, "killing a server must not lose an acknowledged batch (no resync)"
+
+
+def test_app_consistent_tag_runs_hooks_and_freezes(deployment, loopdisk, tmp_path):
+    size = 128 * MiB
+    disk = loopdisk(size, fs=True)
+    target = tmp_path / "target.img"
+    marks = tmp_path / "hooks.log"
+    configure(
+        deployment,
+        disk.device,
+        target,
+        pre_hook=f"echo pre $(date +%s.%N) >> {marks}",
+        post_hook=f"echo post $(date +%s.%N) >> {marks}",
+    )
+    writer = FileWriter(disk.mountpoint, MiB)
+    writer.start()
+    deployment.start_all()
+    wait_first_tag(deployment)
+    tag = deployment.tag("app")
+    writer.stop.set()
+    writer.join()
+    assert tag["kind"] == "app" and tag["frozen"] is True
+    lines = marks.read_text().split()
+    assert lines[0] == "pre" and lines[2] == "post", lines
+    assert float(lines[1]) <= tag["t0_wall"] <= float(lines[3]), "the tag lies between the hooks"
+    deployment.wait_applied(tag["id"])
+    # A frozen tag has a clean journal: the target passes e2fsck -fn as it is.
+    deployment.stop("master-target")
+    result = subprocess.run(["e2fsck", "-fn", str(target)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert deployment.agent_status()["frozen_passes"] >= 1
+
+
+def test_lost_trace_events_lead_to_resync(deployment, loopdisk, tmp_path):
+    size = 64 * MiB
+    disk = loopdisk(size, fs=False)
+    target = tmp_path / "target.img"
+    configure(deployment, disk.device, target, trace_buffer_kb=4)
+    deployment.start_all()
+    wait_first_tag(deployment)
+    # Stall the agent: its trace reader stops, the tiny ring buffer overflows.
+    agent = deployment.procs["agent"]
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        fd = os.open(disk.device, os.O_WRONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        for i in range(4000):
+            buf[:8] = i.to_bytes(8, "little")
+            os.pwritev(fd, [buf], (i * 7919 % (size // 4096)) * 4096)
+        os.close(fd)
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        d = deployment.agent_status()["disks"][0]
+        if d["resyncs"] >= 2 and d["phase"] == "replicating":
+            break
+        time.sleep(0.2)
+    assert d["resyncs"] >= 2 and d["gen"] >= 2, d
+    final_tag_and_compare(deployment, disk.device, target, size)
+
+
+def test_agent_memory_stays_bounded_while_the_process_server_is_down(
+    deployment, loopdisk, tmp_path
+):
+    size = 512 * MiB
+    disk = loopdisk(size, fs=False)
+    target = tmp_path / "target.img"
+    configure(deployment, disk.device, target)
+    deployment.start_all()
+    wait_first_tag(deployment)
+    deployment.kill("process-server")
+    writer = RawWriter(disk.device, size, 40 * MiB)
+    writer.start()
+    peak = 0
+    end = time.monotonic() + 12
+    while time.monotonic() < end:
+        status = Path(f"/proc/{deployment.procs['agent'].pid}/status").read_text()
+        rss = int(
+            next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+        )
+        peak = max(peak, rss * 1024)
+        time.sleep(0.2)
+    writer.stop.set()
+    writer.join()
+    d = deployment.agent_status()["disks"][0]
+    assert d["bytes_to_go"] > 64 * MiB, "the dirty map absorbed the writes"
+    assert peak < 200 * MiB, f"agent resident memory peaked at {peak / MiB:.0f} MiB"
+    deployment.start("process-server")
+    final_tag_and_compare(deployment, disk.device, target, size)
