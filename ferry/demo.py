@@ -286,7 +286,7 @@ class Demo:
         print(
             f"  initial sync throughput   {sync_rate / MiB:.1f} MiB/s of disk (end to end, verified)"
         )
-        if rpo:
+        if rpo and self.writer:
             q = sorted(rpo)
             print(
                 f"  RPO under writes          p50 {statistics.median(q):.2f} s, "
