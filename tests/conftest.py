@@ -14,6 +14,8 @@ from ferry import pki
 from ferry.azurite import Azurite
 from ferry.storage import Storage
 
+pytest_plugins = ["functions_support"]
+
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
 

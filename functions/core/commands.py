@@ -1,0 +1,108 @@
+"""Commands to components: one queue per component, ids, at-most-once effect.
+
+A command message is ``{"id", "type", "args", "created_at"}`` (docs/api.md,
+"Commands").  The server records each command in the ``commands`` table
+with the state each target reported; a command is sent once (the record
+says so) and components skip ids they have already run, so a retried
+request never runs a command twice.  ``rotate-credentials`` carries the new
+token in its message (the queue is readable only by its component and the
+server); the table keeps only the token's digest, and the old token works
+until the new one is first used.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from ferry import naming
+from functions.core import validate
+from functions.core.auth import Caller, component_token, digest, require_component
+from functions.core.context import Context
+from functions.core.errors import NotFound
+
+TYPES = ("protect", "pause", "resume", "resync", "tag", "drain", "stop", "rotate-credentials")
+"""Every command type."""
+
+PENDING_TOKENS = 4
+"""Rotated tokens waiting for their first use, kept per component, a count."""
+
+
+def new_id() -> str:
+    """A fresh command id."""
+    return f"cmd-{uuid.uuid4().hex[:24]}"
+
+
+def issue(
+    ctx: Context,
+    tenant: str,
+    command_id: str,
+    kind: str,
+    args: dict[str, Any],
+    targets: list[str],
+    machine: str | None = None,
+    job_id: str | None = None,
+) -> dict[str, Any]:
+    """Record command ``command_id`` and send it to each target's queue, once."""
+    now = ctx.now()
+    record = {
+        "command_id": command_id, "type": kind, "args": args, "machine": machine,
+        "job_id": job_id, "created_at": now, "sent": [],
+        "targets": {t: {"state": "queued", "detail": None, "at": now} for t in targets},
+    }  # fmt: skip
+    ctx.store.create("commands", tenant, command_id, record)
+    record = ctx.store.get("commands", tenant, command_id) or record
+    for target in targets:
+        if target in record.get("sent", []):
+            continue
+        message_args = dict(args)
+        if kind == "rotate-credentials":
+            message_args["token"] = _rotate(ctx, tenant, target)
+        message = {"id": command_id, "type": kind, "args": message_args, "created_at": now}
+        ctx.account.send(naming.command_queue(tenant, target), message)
+        record = ctx.store.mutate(
+            "commands", tenant, command_id,
+            lambda r, target=target: {**r, "sent": sorted({*r.get("sent", []), target})},
+        )  # fmt: skip
+    return record
+
+
+def _rotate(ctx: Context, tenant: str, component_id: str) -> str:
+    """A new token for ``component_id``, valid beside the current one until first used."""
+    token = component_token(tenant, component_id)
+
+    def change(record: dict[str, Any]) -> dict[str, Any]:
+        pending = [*record.get("next_tokens_sha256", []), digest(token)]
+        record["next_tokens_sha256"] = pending[-PENDING_TOKENS:]
+        return record
+
+    ctx.store.mutate("components", tenant, component_id, change, what=f"component {component_id}")
+    return token
+
+
+def public(record: dict[str, Any]) -> dict[str, Any]:
+    """A command record as operators see it."""
+    return {k: v for k, v in record.items() if k != "sent"}
+
+
+def report(ctx: Context, caller: Caller, command_id: str, body: Any) -> dict[str, Any] | None:
+    """A component reports the outcome of one of its commands; returns the updated record."""
+    require_component(caller)
+    if not validate.COMMAND_ID_RE.match(command_id or ""):
+        raise NotFound(f"command {command_id[:80]!r} was not sent to {caller.component_id}")
+    body = validate.body_object(body, {"state", "detail"})
+    state = validate.choice(body, "state", ["done", "failed"])
+    detail = validate.text(body, "detail")
+    record = ctx.store.get("commands", caller.tenant, command_id)
+    if record is None or caller.component_id not in record.get("targets", {}):
+        raise NotFound(f"command {command_id} was not sent to {caller.component_id}")
+    now = ctx.now()
+
+    def change(r: dict[str, Any]) -> dict[str, Any] | None:
+        mine = r["targets"][caller.component_id]
+        if mine["state"] == state and mine.get("detail") == detail:
+            return None
+        r["targets"][caller.component_id] = {"state": state, "detail": detail, "at": now}
+        return r
+
+    return ctx.store.mutate("commands", caller.tenant, command_id, change)

@@ -1,0 +1,119 @@
+"""How healthy a disk, machine or process server is: the rules shared by status and alerts.
+
+A disk record keeps the latest report of each reporter (``agent_report``,
+``master_target_report``); the agent knows the phase, bytes to go, backlog,
+throughput and RPO, the master target knows what it applied.  Health, worst
+first: ``lost`` (the machine's agent sent no heartbeat for HEARTBEAT_TTL),
+``resync`` (a disk waits for or needs a resync), ``lagging`` (a disk's RPO
+is over its machine's threshold), ``ok``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from functions.core import defaults
+
+RANK = {"ok": 0, "lagging": 1, "resync": 2, "lost": 3}
+"""Health values, worst last."""
+
+VIEW_FIELDS = (
+    "phase", "gen", "bytes_to_go", "backlog", "throughput", "rpo_s", "last_tag", "applied_seq",
+)  # fmt: skip
+
+
+def disk_view(record: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """A disk as the status shows it: the reports merged, and its health."""
+    agent = record.get("agent_report") or {}
+    target = record.get("master_target_report") or {}
+    view: dict[str, Any] = {"disk": record["disk"]}
+    for field in VIEW_FIELDS:
+        first, second = (
+            (target, agent)
+            if field in ("gen", "applied_seq", "last_tag")
+            else (
+                agent,
+                target,
+            )
+        )
+        view[field] = first.get(field, second.get(field))
+    if view["phase"] is None:
+        view["phase"] = record.get("state")
+    view["resync_required_gen"] = target.get("resync_required_gen")
+    view["health"] = disk_health(view, threshold)
+    return view
+
+
+def needs_resync(view: dict[str, Any]) -> bool:
+    """True when the disk waits for a resync or the master target asked for one."""
+    return view.get("phase") == "resync-wait" or view.get("resync_required_gen") is not None
+
+
+def over_rpo(view: dict[str, Any], threshold: float) -> bool:
+    """True when the disk's reported RPO is over ``threshold`` seconds."""
+    rpo = view.get("rpo_s")
+    return isinstance(rpo, int | float) and rpo > threshold
+
+
+def disk_health(view: dict[str, Any], threshold: float) -> str:
+    """``resync``, ``lagging`` or ``ok``."""
+    if needs_resync(view):
+        return "resync"
+    if over_rpo(view, threshold):
+        return "lagging"
+    return "ok"
+
+
+def machine_health(agent_state: str | None, disk_views: list[dict[str, Any]]) -> str:
+    """The worst of the machine's disks, or ``lost`` when its agent is lost."""
+    if agent_state == "lost":
+        return "lost"
+    worst = "ok"
+    for view in disk_views:
+        if RANK[view["health"]] > RANK[worst]:
+            worst = view["health"]
+    return worst
+
+
+def is_lost(component: dict[str, Any], now: float) -> bool:
+    """True when a component that has sent heartbeats sent none for HEARTBEAT_TTL seconds."""
+    last = component.get("last_heartbeat")
+    return last is not None and now - last > defaults.HEARTBEAT_TTL
+
+
+def spool_free(status: dict[str, Any] | None) -> float | None:
+    """Free fraction of a process server's spool from its heartbeat status, or None.
+
+    Read from ``status.spool``: ``free_fraction``; or ``free_bytes`` and
+    ``total_bytes`` (the spool's filesystem); or ``bytes`` and
+    ``limit_bytes`` (the spool against its configured limit).
+    """
+    spool = (status or {}).get("spool")
+    if not isinstance(spool, dict):
+        return None
+    number = (int, float)
+    value = spool.get("free_fraction")
+    if isinstance(value, number) and not isinstance(value, bool):
+        return max(0.0, min(1.0, float(value)))
+    for free_key, total_key, inverted in (
+        ("free_bytes", "total_bytes", False), ("bytes", "limit_bytes", True),
+    ):  # fmt: skip
+        part, total = spool.get(free_key), spool.get(total_key)
+        if (
+            isinstance(part, number) and isinstance(total, number)
+            and not isinstance(part, bool) and not isinstance(total, bool) and total > 0
+        ):  # fmt: skip
+            fraction = part / total
+            return max(0.0, min(1.0, 1 - fraction if inverted else fraction))
+    return None
+
+
+def spool_severity(free: float | None) -> str | None:
+    """``critical`` under 25% free, ``warning`` under 30%, else None."""
+    if free is None:
+        return None
+    if free < defaults.SPOOL_CRITICAL_FREE:
+        return "critical"
+    if free < defaults.SPOOL_WARNING_FREE:
+        return "warning"
+    return None

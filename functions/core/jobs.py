@@ -1,0 +1,332 @@
+"""Jobs: protect a machine, cut it over, test a failover; each with states and a history.
+
+| kind | states |
+|---|---|
+| protect | running → protected (when the master target reached a recovery point on every disk); failed |
+| cutover | requested → draining → applied → cutover-complete; failed from any but the last |
+| test-failover | requested → ready → cleaned; failed from any but the last |
+
+Every job is created under an idempotency key, and its id is derived from
+the key: the same request asked twice answers the same job and makes one.
+A job keeps its ``history`` as ``[{state, at, detail}]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ferry import naming
+from functions.core import commands, components, defaults, idempotency, validate
+from functions.core.auth import Caller, require_operator
+from functions.core.context import Context
+from functions.core.errors import BadRequest, Conflict, NotFound
+
+TRANSITIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "protect": {"running": ("protected", "failed")},
+    "cutover": {
+        "requested": ("draining", "failed"),
+        "draining": ("applied", "failed"),
+        "applied": ("cutover-complete", "failed"),
+    },
+    "test-failover": {"requested": ("ready", "failed"), "ready": ("cleaned", "failed")},
+}
+"""kind → state → the states it may move to (a state not listed is final)."""
+
+ACTIVE = {"protect": ("running", "protected"), "cutover": ("requested", "draining", "applied"),
+          "test-failover": ("requested", "ready")}  # fmt: skip
+"""States in which a job blocks another job of its kind on the same machine."""
+
+POINTER = {"protect": "protect_job", "cutover": "cutover_job", "test-failover": "test_failover_job"}
+"""Field of the machine record naming its current job of each kind."""
+
+KEY_WHAT = "1-128 letters, digits and . _ : -"
+
+
+HISTORY_CHARS = 100_000
+"""Largest history kept per job, in characters of JSON (oldest entries go first)."""
+
+
+def _history(job: dict[str, Any], state: str, at: float, detail: str | None) -> None:
+    history = [*job.get("history", []), {"state": state, "at": at, "detail": detail}]
+    history = history[-defaults.HISTORY_KEPT :]
+    while len(history) > 1 and validate.json_size(history) > HISTORY_CHARS:
+        history.pop(0)
+    job["history"] = history
+
+
+def _new_job(kind: str, job_id: str, machine: str, key: str, state: str, now: float, detail: str):
+    job = {
+        "job_id": job_id, "kind": kind, "machine": machine, "state": state,
+        "idempotency_key": key, "created_at": now, "updated_at": now, "history": [],
+    }  # fmt: skip
+    _history(job, state, now, detail)
+    return job
+
+
+def _machine(ctx: Context, tenant: str, machine_id: str) -> dict[str, Any]:
+    validate.check_route_id("machine", machine_id)
+    machine = ctx.store.get("machines", tenant, machine_id)
+    if machine is None:
+        raise NotFound(f"machine {machine_id} does not exist")
+    return machine
+
+
+def _blocking_job(ctx: Context, tenant: str, machine: dict[str, Any], kind: str, job_id: str):
+    current = machine.get(POINTER[kind])
+    if not current or current == job_id:
+        return None
+    job = ctx.store.get("jobs", tenant, current)
+    if job and job["state"] in ACTIVE[kind]:
+        return job
+    return None
+
+
+# -- protect ------------------------------------------------------------------------------
+
+
+def protect(ctx: Context, caller: Caller, tenant: str, machine_id: str, body: Any):
+    """Protect every disk of a machine as one consistency group; answers 202 ``{job}``."""
+    require_operator(caller, tenant)
+    body = validate.body_object(
+        body, {"idempotency_key", "process_server", "master_target", "rpo_threshold_s"}
+    )
+    key = validate.pattern(body, "idempotency_key", validate.KEY_RE, KEY_WHAT)
+    wanted_ps = validate.ident(body, "process_server", required=False)
+    wanted_mt = validate.ident(body, "master_target", required=False)
+    threshold = validate.integer(body, "rpo_threshold_s", 1, 86400, default=defaults.RPO_THRESHOLD)
+    machine = _machine(ctx, tenant, machine_id)
+    job_id = idempotency.derived_id("job", tenant, key)
+    idempotency.claim(ctx, tenant, key, f"protect {machine_id}", {"job_id": job_id})
+    job = ctx.store.get("jobs", tenant, job_id)
+    if job is None:
+        job = _start_protect(ctx, tenant, machine, job_id, key, wanted_ps, wanted_mt, threshold)
+    _dispatch_protect(ctx, tenant, job)
+    return 202, {"job": ctx.store.get("jobs", tenant, job_id) or job}
+
+
+def _start_protect(ctx, tenant, machine, job_id, key, wanted_ps, wanted_mt, threshold):
+    machine_id = machine["machine"]
+    if not machine.get("disks"):
+        raise Conflict(f"machine {machine_id} registered no disks; nothing to protect")
+    blocking = _blocking_job(ctx, tenant, machine, "protect", job_id)
+    if blocking:
+        raise Conflict(
+            f"machine {machine_id} is already protected by job {blocking['job_id']} "
+            f"({blocking['state']})"
+        )
+    everyone = ctx.store.partition("components", tenant)
+    disks = ctx.store.partition("disks", tenant)
+    ps = _choose(everyone, disks, "process-server", "process_server", wanted_ps)
+    mt = _choose(everyone, disks, "master-target", "master_target", wanted_mt)
+    address = components.process_server_address(ps)
+    if not address:
+        raise Conflict(
+            f"process server {ps['component_id']} registered no reachable listen address "
+            "(register it with listen=host:port)"
+        )
+    now = ctx.now()
+    job = _new_job("protect", job_id, machine_id, key, "running", now,
+                   f"protecting {len(machine['disks'])} disk(s) through {ps['component_id']} "
+                   f"to {mt['component_id']}")  # fmt: skip
+    job.update(
+        process_server=ps["component_id"], master_target=mt["component_id"],
+        process_server_address=address, disks=list(machine["disks"]),
+        command_id=idempotency.derived_id("cmd", tenant, job_id), rpo_threshold_s=threshold,
+    )  # fmt: skip
+    if not ctx.store.create("jobs", tenant, job_id, job):
+        return ctx.store.get("jobs", tenant, job_id) or job
+    return job
+
+
+def _choose(everyone, disks, kind: str, field: str, wanted: str | None) -> dict[str, Any]:
+    """The named component of ``kind``, or the one carrying the fewest disks."""
+    candidates = [c for c in everyone if c.get("kind") == kind]
+    if wanted is not None:
+        for c in candidates:
+            if wanted in (c["component_id"], c.get("name")):
+                return c
+        raise NotFound(f"{kind} {wanted} is not registered in this tenant")
+    if not candidates:
+        raise Conflict(f"no {kind} is registered in this tenant; register one first")
+    load = {c["component_id"]: 0 for c in candidates}
+    for disk in disks:
+        if disk.get(field) in load:
+            load[disk[field]] += 1
+    return min(candidates, key=lambda c: (load[c["component_id"]], c["component_id"]))
+
+
+def _dispatch_protect(ctx: Context, tenant: str, job: dict[str, Any]) -> None:
+    """Record the assignment and send ``protect`` to the three components (idempotent)."""
+    if job["state"] != "running" or job.get("dispatched"):
+        return
+    machine_id = job["machine"]
+
+    def change_machine(m: dict[str, Any]) -> dict[str, Any]:
+        m.update(
+            state="protecting", process_server=job["process_server"],
+            master_target=job["master_target"], process_server_address=job["process_server_address"],
+            rpo_threshold_s=job["rpo_threshold_s"], protect_job=job["job_id"],
+            protected_disks=job["disks"],
+        )  # fmt: skip
+        return m
+
+    machine = ctx.store.mutate("machines", tenant, machine_id, change_machine, what=machine_id)
+    disks = []
+    for disk_id in job["disks"]:
+
+        def change_disk(d: dict[str, Any]) -> dict[str, Any]:
+            d.update(process_server=job["process_server"], master_target=job["master_target"])
+            d["state"] = "protecting"
+            return d
+
+        disk = ctx.store.mutate("disks", tenant, disk_id, change_disk, what=f"disk {disk_id}")
+        disks.append({"id": disk_id, "device": disk.get("device"), "size": disk.get("size")})
+        queue = naming.disk_queue(tenant, disk_id)
+        ctx.account.ensure_queue(queue)
+        ctx.account.ensure_queue(naming.poison_queue(queue))
+    args = {
+        "machine": machine_id, "consistency_group": machine_id, "disks": disks,
+        "process_server": job["process_server_address"],
+        "process_server_id": job["process_server"], "master_target": job["master_target"],
+    }  # fmt: skip
+    targets = [machine["agent"], job["process_server"], job["master_target"]]
+    commands.issue(
+        ctx, tenant, job["command_id"], "protect", args, targets, machine=machine_id,
+        job_id=job["job_id"],
+    )  # fmt: skip
+    ctx.store.mutate("jobs", tenant, job["job_id"], lambda j: {**j, "dispatched": True})
+
+
+def check_protected(ctx: Context, tenant: str, machine_id: str) -> None:
+    """Mark a machine's running protect job ``protected`` once every disk has a recovery point."""
+    machine = ctx.store.get("machines", tenant, machine_id)
+    if not machine or not machine.get("protect_job"):
+        return
+    job = ctx.store.get("jobs", tenant, machine["protect_job"])
+    if not job or job["state"] != "running":
+        return
+    for disk_id in job["disks"]:
+        disk = ctx.store.get("disks", tenant, disk_id) or {}
+        if not disk.get("last_recovery_point"):
+            return
+    _advance(ctx, tenant, job["job_id"], "protected", "every disk reached a recovery point")
+    for disk_id in job["disks"]:
+        ctx.store.mutate("disks", tenant, disk_id, lambda d: {**d, "state": "protected"})
+    ctx.store.mutate("machines", tenant, machine_id, lambda m: {**m, "state": "protected"})
+
+
+# -- cutover and test failover ------------------------------------------------------------
+
+
+def failover(ctx: Context, caller: Caller, tenant: str, machine_id: str, body: Any, kind: str):
+    """Open a cutover or test-failover job (state ``requested``); answers 202 ``{job}``."""
+    require_operator(caller, tenant)
+    body = validate.body_object(body, {"idempotency_key"})
+    key = validate.pattern(body, "idempotency_key", validate.KEY_RE, KEY_WHAT)
+    machine = _machine(ctx, tenant, machine_id)
+    job_id = idempotency.derived_id("job", tenant, key)
+    idempotency.claim(ctx, tenant, key, f"{kind} {machine_id}", {"job_id": job_id})
+    job = ctx.store.get("jobs", tenant, job_id)
+    if job is None:
+        if machine.get("state") != "protected":
+            raise Conflict(
+                f"machine {machine_id} is {machine.get('state')}, not protected; "
+                f"a {kind} needs every disk at a recovery point"
+            )
+        blocking = _blocking_job(ctx, tenant, machine, kind, job_id)
+        if blocking:
+            raise Conflict(f"{kind} job {blocking['job_id']} is already {blocking['state']} "
+                           f"for machine {machine_id}")  # fmt: skip
+        job = _new_job(kind, job_id, machine_id, key, "requested", ctx.now(), f"{kind} requested")
+        if not ctx.store.create("jobs", tenant, job_id, job):
+            job = ctx.store.get("jobs", tenant, job_id) or job
+        ctx.store.mutate("machines", tenant, machine_id, lambda m: {**m, POINTER[kind]: job_id})
+    return 202, {"job": job}
+
+
+# -- progress, listing --------------------------------------------------------------------
+
+
+def _advance(ctx: Context, tenant: str, job_id: str, state: str, detail: str | None):
+    now = ctx.now()
+
+    def change(job: dict[str, Any]) -> dict[str, Any] | None:
+        if job["state"] == state:
+            return None
+        allowed = TRANSITIONS[job["kind"]].get(job["state"], ())
+        if state not in allowed:
+            raise Conflict(
+                f"job {job_id} is {job['state']}; it can go to "
+                f"{', '.join(allowed) or 'no other state'}, not {state}"
+            )
+        job["state"] = state
+        job["updated_at"] = now
+        _history(job, state, now, detail)
+        return job
+
+    return ctx.store.mutate("jobs", tenant, job_id, change, what=f"job {job_id}")
+
+
+def fail(ctx: Context, tenant: str, job_id: str, detail: str) -> None:
+    """Mark a job failed unless it is already final."""
+    job = ctx.store.get("jobs", tenant, job_id)
+    if job and "failed" in TRANSITIONS[job["kind"]].get(job["state"], ()):
+        try:
+            _advance(ctx, tenant, job_id, "failed", detail[: defaults.MAX_TEXT])
+        except Conflict:
+            pass  # it moved on meanwhile
+
+
+def progress(ctx: Context, caller: Caller, tenant: str, job_id: str, body: Any):
+    """Record a step of a job (used by the playbooks); answers 200 ``{job}``."""
+    require_operator(caller, tenant)
+    job = _job(ctx, tenant, job_id)
+    body = validate.body_object(body, {"state", "detail"})
+    states = sorted({s for steps in TRANSITIONS[job["kind"]].values() for s in steps})
+    state = validate.choice(body, "state", states)
+    detail = validate.text(body, "detail")
+    if job["kind"] == "protect" and state == "protected":
+        raise BadRequest("a protect job becomes protected by itself, from recovery points")
+    job = _advance(ctx, tenant, job_id, state, detail)
+    if job["kind"] == "cutover" and state == "draining":
+        _send_drain(ctx, tenant, job)
+    if job["kind"] == "cutover" and state == "cutover-complete":
+        ctx.store.mutate("machines", tenant, job["machine"], lambda m: {**m, "state": "cut-over"})
+    return {"job": job}
+
+
+def _send_drain(ctx: Context, tenant: str, job: dict[str, Any]) -> None:
+    machine = ctx.store.get("machines", tenant, job["machine"]) or {}
+    targets = [c for c in (machine.get("agent"), machine.get("process_server"),
+                           machine.get("master_target")) if c]  # fmt: skip
+    command_id = idempotency.derived_id("cmd", tenant, f"{job['job_id']}|drain")
+    args = {"machine": job["machine"], "disks": list(machine.get("disks", []))}
+    commands.issue(ctx, tenant, command_id, "drain", args, targets, machine=job["machine"],
+                   job_id=job["job_id"])  # fmt: skip
+
+
+def _job(ctx: Context, tenant: str, job_id: str) -> dict[str, Any]:
+    if not validate.JOB_ID_RE.match(job_id or ""):
+        raise NotFound(f"job {job_id[:80]!r} does not exist")
+    job = ctx.store.get("jobs", tenant, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} does not exist")
+    return job
+
+
+def get_job(ctx: Context, caller: Caller, tenant: str, job_id: str) -> dict[str, Any]:
+    """One job with its history."""
+    require_operator(caller, tenant)
+    return _job(ctx, tenant, job_id)
+
+
+def list_jobs(ctx: Context, caller: Caller, tenant: str, params: Mapping[str, str]):
+    """Every job of the tenant, newest first, without their histories."""
+    require_operator(caller, tenant)
+    machine = validate.query_param(params, "machine")
+    jobs = ctx.store.partition("jobs", tenant)
+    if machine is not None:
+        jobs = [j for j in jobs if j["machine"] == machine]
+    jobs.sort(key=lambda j: j["created_at"], reverse=True)
+    return {"jobs": [{k: v for k, v in j.items() if k != "history"} for j in jobs]}

@@ -1,0 +1,194 @@
+"""The monitoring sweep (the timer's work) and the alert records operators list.
+
+Each sweep, per tenant: components that sent heartbeats but none for
+HEARTBEAT_TTL become ``lost``; then the set of alert conditions is computed
+(``heartbeat-lost``, ``spool``, ``rpo``, ``resync``; docs/api.md, "Alerts")
+and reconciled with the open alerts: a new condition raises an alert, a
+condition that ended clears its alert (``cleared_at``), and the record stays
+for operators.  Alert ids are ``<kind>.<subject>.<n>``, created with
+create-only semantics, so two sweeps running at once raise one alert.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from functions.core import defaults, health, validate
+from functions.core.auth import Caller, require_operator
+from functions.core.context import Context
+from functions.core.store import TENANTS_PARTITION
+from functions.core.tenants import iso
+
+log = logging.getLogger("ferry.functions.monitoring")
+
+Conditions = dict[tuple[str, str], dict[str, Any]]
+
+
+def sweep(ctx: Context, tenants: Iterable[str] | None = None) -> dict[str, int]:
+    """Run the monitoring rules over ``tenants`` (all by default); counts of what changed."""
+    if tenants is None:
+        tenants = [t["tenant"] for t in ctx.store.partition("tenants", TENANTS_PARTITION)]
+    totals = {"lost": 0, "raised": 0, "cleared": 0}
+    for tenant in tenants:
+        try:
+            for key, value in sweep_tenant(ctx, tenant).items():
+                totals[key] += value
+        except Exception as exc:  # one tenant's trouble must not stop the others
+            log.error("monitoring tenant %s failed: %s", tenant, type(exc).__name__)
+    return totals
+
+
+def sweep_tenant(ctx: Context, tenant: str) -> dict[str, int]:
+    """One tenant: mark lost components, then raise and clear its alerts."""
+    now = ctx.now()
+    components = ctx.store.partition("components", tenant)
+    lost = 0
+    for component in components:
+        if component.get("state") != "lost" and health.is_lost(component, now):
+            _mark_lost(ctx, tenant, component["component_id"], now)
+            component["state"] = "lost"
+            lost += 1
+    conditions = _conditions(ctx, tenant, components, now)
+    raised, cleared = _reconcile(ctx, tenant, conditions, now)
+    _prune(ctx, tenant, now)
+    return {"lost": lost, "raised": raised, "cleared": cleared}
+
+
+def _mark_lost(ctx: Context, tenant: str, component_id: str, now: float) -> None:
+    def change(record: dict[str, Any]) -> dict[str, Any] | None:
+        if record.get("state") == "lost" or not health.is_lost(record, now):
+            return None
+        record["state"] = "lost"
+        return record
+
+    ctx.store.mutate("components", tenant, component_id, change)
+
+
+def _conditions(ctx: Context, tenant: str, components: list[dict], now: float) -> Conditions:
+    found: Conditions = {}
+    for c in components:
+        cid = c["component_id"]
+        if c.get("state") == "lost":
+            found[("heartbeat-lost", cid)] = {
+                "severity": "critical",
+                "message": f"{c['kind']} {cid} sent no heartbeat since {iso(c['last_heartbeat'])}",
+            }
+        elif c.get("kind") == "process-server":
+            free = health.spool_free(c.get("status"))
+            severity = health.spool_severity(free)
+            if severity:
+                found[("spool", cid)] = {
+                    "severity": severity,
+                    "message": f"process server {cid} spool has {free:.0%} free",
+                }
+    disks = {d["disk"]: d for d in ctx.store.partition("disks", tenant)}
+    for machine in ctx.store.partition("machines", tenant):
+        if not machine.get("protect_job") or machine.get("state") in ("cut-over", "stopped"):
+            continue
+        threshold = machine.get("rpo_threshold_s", defaults.RPO_THRESHOLD)
+        for disk_id in machine.get("protected_disks") or machine.get("disks", []):
+            if disk_id not in disks:
+                continue
+            view = health.disk_view(disks[disk_id], threshold)
+            where = f"disk {disk_id} of machine {machine['machine']}"
+            if health.over_rpo(view, threshold):
+                found[("rpo", disk_id)] = {
+                    "severity": "warning",
+                    "message": f"{where}: RPO {view['rpo_s']:.0f} s is over {threshold} s",
+                }
+            if health.needs_resync(view):
+                found[("resync", disk_id)] = {
+                    "severity": "warning",
+                    "message": f"{where} needs a resync",
+                }
+    return found
+
+
+def _alert_id(kind: str, subject: str, n: int) -> str:
+    return f"{kind}.{subject}.{n:06d}"
+
+
+def _reconcile(ctx: Context, tenant: str, conditions: Conditions, now: float) -> tuple[int, int]:
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for alert in ctx.store.partition("alerts", tenant):
+        key = (alert["kind"], alert["subject"])
+        if key not in latest or alert["n"] > latest[key]["n"]:
+            latest[key] = alert
+    raised = cleared = 0
+    for key, condition in conditions.items():
+        alert = latest.get(key)
+        if alert and alert["cleared_at"] is None:
+            if (alert["severity"], alert["message"]) != (
+                condition["severity"],
+                condition["message"],
+            ):
+                _update(ctx, tenant, alert["id"], condition, now)
+            continue
+        n = alert["n"] + 1 if alert else 1
+        record = {
+            "id": _alert_id(*key, n), "kind": key[0], "subject": key[1], "n": n,
+            "severity": condition["severity"], "message": condition["message"],
+            "raised_at": now, "updated_at": now, "cleared_at": None,
+        }  # fmt: skip
+        if ctx.store.create("alerts", tenant, record["id"], record):
+            raised += 1
+    for key, alert in latest.items():
+        if alert["cleared_at"] is None and key not in conditions:
+            _clear(ctx, tenant, alert["id"], now)
+            cleared += 1
+    return raised, cleared
+
+
+def _update(ctx: Context, tenant: str, alert_id: str, condition: dict[str, Any], now: float):
+    def change(alert: dict[str, Any]) -> dict[str, Any] | None:
+        if alert["cleared_at"] is not None:
+            return None
+        alert.update(condition, updated_at=now)
+        return alert
+
+    ctx.store.mutate("alerts", tenant, alert_id, change)
+
+
+def _clear(ctx: Context, tenant: str, alert_id: str, now: float) -> None:
+    def change(alert: dict[str, Any]) -> dict[str, Any] | None:
+        if alert["cleared_at"] is not None:
+            return None
+        alert["cleared_at"] = now
+        alert["updated_at"] = now
+        return alert
+
+    ctx.store.mutate("alerts", tenant, alert_id, change)
+
+
+def _prune(ctx: Context, tenant: str, now: float) -> None:
+    """Drop cleared alerts past ALERTS_KEPT_SECONDS and recovery points past RECOVERY_POINTS_KEPT."""
+    for alert in ctx.store.partition("alerts", tenant):
+        cleared = alert.get("cleared_at")
+        if cleared is not None and now - cleared > defaults.ALERTS_KEPT_SECONDS:
+            ctx.store.delete("alerts", tenant, alert["id"])
+    keep = defaults.RECOVERY_POINTS_KEPT
+    for disk in ctx.store.partition("disks", tenant):
+        if disk.get("recovery_points", 0) <= keep + keep // 10:
+            continue
+        rows = ctx.store.range_keys("recoverypoints", tenant, f"{disk['disk']}|")
+        rows = sorted(rows, key=lambda kv: (kv[1]["gen"], kv[1]["seq"]), reverse=True)
+        for row_key, _ in rows[keep:]:
+            ctx.store.delete("recoverypoints", tenant, row_key)
+        count = min(len(rows), keep)
+        ctx.store.mutate(
+            "disks", tenant, disk["disk"], lambda d, n=count: {**d, "recovery_points": n}
+        )
+
+
+def list_alerts(ctx: Context, caller: Caller, tenant: str, params: Mapping[str, str]):
+    """The tenant's alerts, newest first (``open=true``: only those not cleared)."""
+    require_operator(caller, tenant)
+    only_open = validate.query_bool(params, "open")
+    alerts = ctx.store.partition("alerts", tenant)
+    if only_open:
+        alerts = [a for a in alerts if a["cleared_at"] is None]
+    alerts.sort(key=lambda a: (a["raised_at"], a["id"]), reverse=True)
+    fields = ("id", "kind", "severity", "subject", "message", "raised_at", "cleared_at")
+    return {"alerts": [{k: a.get(k) for k in fields} for a in alerts]}

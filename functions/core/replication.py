@@ -1,0 +1,280 @@
+"""Replication state: disk reports, recovery points, status, machines, machine commands."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from functions.core import commands, defaults, health, idempotency, jobs, validate
+from functions.core.auth import Caller, require_component, require_operator
+from functions.core.context import Context
+from functions.core.errors import BadRequest, NotFound
+
+BIG = 1 << 62
+"""Upper bound of counters in reports."""
+
+REPORT_INTS = ("gen", "applied_seq", "bytes_to_go", "backlog", "staged", "staged_bytes",
+               "bytes_applied")  # fmt: skip
+REPORT_NUMBERS = ("throughput", "rpo_s", "applied_at")
+
+
+def _own_disk(ctx: Context, caller: Caller, disk_id: str) -> dict[str, Any]:
+    """The caller's disk record; NotFound if the disk is not one of the caller's."""
+    validate.check_route_id("disk", disk_id)
+    record = ctx.store.get("disks", caller.tenant, disk_id)
+    if record is not None:
+        if caller.component_kind == "agent" and record.get("machine") == caller.record.get("name"):
+            return record
+        if caller.component_kind == "master-target" and (
+            record.get("master_target") == caller.component_id
+        ):
+            return record
+    raise NotFound(f"disk {disk_id} is not one of {caller.component_id}'s disks")
+
+
+def _report(body: Any) -> dict[str, Any]:
+    """The known fields of a disk report, checked; other fields are ignored."""
+    body = validate.body_object(body)
+    report: dict[str, Any] = {}
+    phase = validate.text(body, "phase", limit=40)
+    if phase is not None:
+        report["phase"] = phase
+    for key in REPORT_INTS:
+        value = validate.integer(body, key, 0, BIG, default=None)
+        if value is not None:
+            report[key] = value
+    for key in REPORT_NUMBERS:
+        value = validate.number(body, key, 0, 1e12)
+        if value is not None:
+            report[key] = value
+    if "resync_required_gen" in body:
+        report["resync_required_gen"] = validate.integer(
+            body, "resync_required_gen", 0, BIG, default=None
+        )
+    reason = validate.text(body, "reason", limit=200)
+    if reason is not None:
+        report["reason"] = reason
+    if "last_tag" in body:
+        tag = body["last_tag"]
+        if tag is not None and not isinstance(tag, dict | str):
+            raise BadRequest("last_tag must be an object, a string or null")
+        if validate.json_size(tag) > 2000:
+            raise BadRequest("last_tag is larger than 2000 characters of JSON")
+        report["last_tag"] = tag
+    return report
+
+
+def disk_report(ctx: Context, caller: Caller, disk_id: str, body: Any) -> None:
+    """An agent or master target reports one of its disks."""
+    require_component(caller, "agent", "master-target")
+    _own_disk(ctx, caller, disk_id)
+    report = _report(body)
+    report["reported_at"] = ctx.now()
+    field = "agent_report" if caller.component_kind == "agent" else "master_target_report"
+
+    def change(record: dict[str, Any]) -> dict[str, Any]:
+        record[field] = report
+        return record
+
+    ctx.store.mutate("disks", caller.tenant, disk_id, change, what=f"disk {disk_id}")
+
+
+# -- recovery points -----------------------------------------------------------------------
+
+
+def record_recovery_point(ctx: Context, caller: Caller, body: Any) -> None:
+    """A master target reached a recovery point (idempotent per disk and tag id)."""
+    require_component(caller, "master-target")
+    body = validate.body_object(body, {"disk", "tag", "gen", "seq"})
+    disk_id = validate.ident(body, "disk")
+    tag = body.get("tag")
+    if not isinstance(tag, dict):
+        raise BadRequest("tag must be an object {id, kind, t0_wall, ...}")
+    tag_id = validate.pattern(tag, "id", validate.TAG_ID_RE, "a tag id (letters, digits, . _ -)")
+    if validate.json_size(tag) > 2000:
+        raise BadRequest("tag is larger than 2000 characters of JSON")
+    t0 = validate.number(tag, "t0_wall", 0, 1e11)
+    kind = validate.text(tag, "kind", limit=20)
+    gen = validate.integer(body, "gen", 0, BIG)
+    seq = validate.integer(body, "seq", 0, BIG)
+    disk = _own_disk(ctx, caller, disk_id)
+    now = ctx.now()
+    point = {
+        "disk": disk_id, "machine": disk.get("machine"), "tag": tag, "tag_id": tag_id,
+        "kind": kind, "t0_wall": t0, "gen": gen, "seq": seq, "reported_at": now,
+        "master_target": caller.component_id,
+    }  # fmt: skip
+    created = ctx.store.create("recoverypoints", caller.tenant, f"{disk_id}|{tag_id}", point)
+    latest = {"tag_id": tag_id, "kind": kind, "t0_wall": t0, "gen": gen, "seq": seq, "at": now}
+
+    def change(record: dict[str, Any]) -> dict[str, Any] | None:
+        last = record.get("last_recovery_point")
+        if created:
+            record["recovery_points"] = record.get("recovery_points", 0) + 1
+        elif last and (last["gen"], last["seq"]) >= (gen, seq):
+            return None
+        if not last or (last["gen"], last["seq"]) < (gen, seq):
+            record["last_recovery_point"] = latest
+        return record
+
+    ctx.store.mutate("disks", caller.tenant, disk_id, change, what=f"disk {disk_id}")
+    if disk.get("machine"):
+        jobs.check_protected(ctx, caller.tenant, disk["machine"])
+
+
+def _point_key(point: dict[str, Any]) -> tuple:
+    return (point.get("t0_wall") or point.get("reported_at") or 0, point["gen"], point["seq"])
+
+
+def list_recovery_points(
+    ctx: Context, caller: Caller, tenant: str, params: Mapping[str, str]
+) -> dict[str, Any]:
+    """Recovery points of a tenant (of one machine or disk), newest first."""
+    require_operator(caller, tenant)
+    machine = validate.query_param(params, "machine")
+    disk = validate.query_param(params, "disk")
+    limit = validate.query_int(
+        params, "limit", 1, defaults.RECOVERY_POINTS_MAX, defaults.RECOVERY_POINTS_LIMIT
+    )
+    if machine is not None:
+        validate.check_route_id("machine", machine)
+    if disk is not None:
+        validate.check_route_id("disk", disk)
+        points = ctx.store.range("recoverypoints", tenant, f"{disk}|")
+    else:
+        points = ctx.store.partition("recoverypoints", tenant)
+    if machine is not None:
+        points = [p for p in points if p.get("machine") == machine]
+    points.sort(key=_point_key, reverse=True)
+    return {"recovery_points": points[:limit]}
+
+
+# -- status and machines ------------------------------------------------------------------
+
+
+def _component_summary(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "component_id": record["component_id"],
+        "kind": record["kind"],
+        "state": record.get("state"),
+        "last_heartbeat": record.get("last_heartbeat"),
+    }
+
+
+def status(ctx: Context, caller: Caller, tenant: str) -> dict[str, Any]:
+    """Machines with their disks' latest reports and health, and every component."""
+    require_operator(caller, tenant)
+    machines = ctx.store.partition("machines", tenant)
+    disks = {d["disk"]: d for d in ctx.store.partition("disks", tenant)}
+    components = {c["component_id"]: c for c in ctx.store.partition("components", tenant)}
+    out = []
+    for machine in sorted(machines, key=lambda m: m["machine"]):
+        threshold = machine.get("rpo_threshold_s", defaults.RPO_THRESHOLD)
+        views = [disk_view for d in machine.get("disks", []) if d in disks
+                 for disk_view in [health.disk_view(disks[d], threshold)]]  # fmt: skip
+        agent = components.get(machine.get("agent")) or {}
+        out.append({
+            "machine": machine["machine"],
+            "state": machine.get("state"),
+            "health": health.machine_health(agent.get("state"), views),
+            "disks": views,
+        })  # fmt: skip
+    return {
+        "machines": out,
+        "components": [_component_summary(c) for _, c in sorted(components.items())],
+    }
+
+
+def machine_view(record: dict[str, Any], disks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A machine record as operators see it, with its disks."""
+    view = {k: v for k, v in record.items() if k != "disks"}
+    view["disks"] = [
+        {k: disks[d].get(k) for k in ("device", "size", "state", "process_server", "master_target")}
+        | {"id": d}
+        for d in record.get("disks", [])
+        if d in disks
+    ]
+    return view
+
+
+def machines(ctx: Context, caller: Caller, tenant: str) -> dict[str, Any]:
+    """Every machine of the tenant."""
+    require_operator(caller, tenant)
+    disks = {d["disk"]: d for d in ctx.store.partition("disks", tenant)}
+    records = sorted(ctx.store.partition("machines", tenant), key=lambda m: m["machine"])
+    return {"machines": [machine_view(m, disks) for m in records]}
+
+
+# -- machine commands ---------------------------------------------------------------------
+
+MACHINE_COMMANDS = ("pause", "resume", "resync", "tag", "drain", "stop", "rotate-credentials")
+FAN_OUT = ("drain", "stop")
+"""Commands sent to the machine's process server and master target too."""
+
+
+def _command_args(command: str, args: Any, machine: dict[str, Any]) -> dict[str, Any]:
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise BadRequest("args must be an object")
+    if command == "tag":
+        validate.body_object(args, {"kind"})
+        return {"kind": validate.choice(args, "kind", ["crash", "app"], required=False) or "crash"}
+    if command == "resync":
+        validate.body_object(args, {"disks"})
+        wanted = args.get("disks")
+        if wanted is None:
+            return {"disks": list(machine.get("disks", []))}
+        if not isinstance(wanted, list) or not all(isinstance(d, str) for d in wanted):
+            raise BadRequest("args.disks must be an array of disk ids")
+        unknown = sorted(set(wanted) - set(machine.get("disks", [])))
+        if unknown:
+            raise BadRequest(f"args.disks: {unknown[0][:60]!r} is not a disk of this machine")
+        return {"disks": wanted}
+    validate.body_object(args, set())
+    return {}
+
+
+def machine_command(
+    ctx: Context, caller: Caller, tenant: str, machine_id: str, body: Any
+) -> tuple[int, dict[str, Any]]:
+    """Send a command to a machine's agent (and, to drain or stop, its PS and MT too)."""
+    require_operator(caller, tenant)
+    validate.check_route_id("machine", machine_id)
+    body = validate.body_object(body, {"command", "args", "idempotency_key"})
+    command = validate.choice(body, "command", MACHINE_COMMANDS)
+    key = validate.pattern(
+        body, "idempotency_key", validate.KEY_RE, "1-128 letters, digits and . _ : -",
+        required=False,
+    )  # fmt: skip
+    machine = ctx.store.get("machines", tenant, machine_id)
+    if machine is None:
+        raise NotFound(f"machine {machine_id} does not exist")
+    args = _command_args(command, body.get("args"), machine)
+    if key:
+        command_id = idempotency.derived_id("cmd", tenant, key)
+        idempotency.claim(
+            ctx, tenant, key, f"command {command} {machine_id}", {"command_id": command_id}
+        )
+    else:
+        command_id = commands.new_id()
+    targets = [machine["agent"]]
+    if command in FAN_OUT:
+        targets += [c for c in (machine.get("process_server"), machine.get("master_target")) if c]
+    args = {"machine": machine_id, **args}
+    commands.issue(ctx, tenant, command_id, command, args, targets, machine=machine_id)
+    return 202, {"command_id": command_id}
+
+
+def command_report(ctx: Context, caller: Caller, command_id: str, body: Any) -> None:
+    """A component reports a command's outcome; a failed protect fails its job."""
+    record = commands.report(ctx, caller, command_id, body)
+    if record and record.get("job_id"):
+        mine = record["targets"][caller.component_id]
+        if mine["state"] == "failed":
+            jobs.fail(
+                ctx,
+                caller.tenant,
+                record["job_id"],
+                f"{caller.component_id}: {mine['detail'] or 'failed'}",
+            )

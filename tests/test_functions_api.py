@@ -1,0 +1,433 @@
+"""The configuration server's API end to end: ASGI app, real Azurite, no mocks."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from functions_support import take_commands
+
+from agent.settings import Settings as AgentSettings
+from ferry import naming
+from ferry.settings import from_mapping
+from functions.core import monitoring
+from mastertarget.settings import Settings as MasterTargetSettings
+from processserver.settings import Settings as ProcessServerSettings
+
+
+def test_a_component_registers_and_sees_only_its_own_record(api):
+    tenant, operator = api.tenant()
+    passphrase = api.passphrase(tenant, operator)
+    disks = [{"id": "web01-disk0", "device": "/dev/sdb", "size": 1 << 30}]
+    answer = api.post(
+        "/register",
+        body={
+            "tenant": tenant,
+            "passphrase": passphrase,
+            "kind": "agent",
+            "name": "web01",
+            "disks": disks,
+        },
+    )
+    assert answer.status_code == 201, answer
+    registered = answer.json()
+    assert registered["component_id"] == "ag-web01"
+    assert registered["command_queue"] == naming.command_queue(tenant, "ag-web01")
+    assert registered["token"].startswith(f"c.{tenant}.ag-web01.")
+    me = api.get("/components/self", registered["token"]).json()
+    assert me["kind"] == "agent" and me["disks"] == ["web01-disk0"]
+    assert not any("token" in key for key in me)
+    machines = api.get(f"/tenants/{tenant}/machines", operator).json()["machines"]
+    assert [m["machine"] for m in machines] == ["web01"]
+    assert machines[0]["disks"][0] == {
+        "id": "web01-disk0",
+        "device": "/dev/sdb",
+        "size": 1 << 30,
+        "state": "registered",
+        "process_server": None,
+        "master_target": None,
+    }
+
+
+def test_protect_makes_one_job_and_one_protect_command_per_component(api):
+    estate = api.estate()
+    first = api.protect(estate, key="k1")
+    again = api.protect(estate, key="k1")
+    assert again["job_id"] == first["job_id"] and again["state"] == "running"
+    other = api.post(
+        f"/tenants/{estate.tenant}/machines/{estate.machine}/protect",
+        estate.operator,
+        {"idempotency_key": "k2"},
+    )
+    assert other.status_code == 409 and first["job_id"] in other.json()["error"]
+    seen = {}
+    for component in ("ag-web01", "ps-ps1", "mt-mt1"):
+        messages = take_commands(api, estate.tenant, component)
+        assert [m["type"] for m in messages] == ["protect"], component
+        seen[component] = messages[0]
+    assert len({m["id"] for m in seen.values()}) == 1
+    args = seen["ag-web01"]["args"]
+    assert args["process_server"] == "10.0.0.5:7443" and args["master_target"] == "mt-mt1"
+    assert [d["id"] for d in args["disks"]] == estate.disks
+    assert args["consistency_group"] == estate.machine
+
+
+def test_a_machine_is_protected_once_every_disk_reached_a_recovery_point(api):
+    estate = api.estate()
+    job = api.protect(estate)
+    tag = {"id": "1-4", "kind": "crash", "t0_wall": api.clock() - 5}
+    point = {"disk": estate.disks[0], "tag": tag, "gen": 1, "seq": 4}
+    assert api.post("/components/self/recovery-points", estate.mt, point).status_code == 204
+    assert api.post("/components/self/recovery-points", estate.mt, point).status_code == 204
+    job_path = f"/tenants/{estate.tenant}/jobs/{job['job_id']}"
+    assert api.get(job_path, estate.operator).json()["state"] == "running"
+    api.reach_recovery_points(estate, gen=1, seq=9)
+    done = api.get(job_path, estate.operator).json()
+    assert done["state"] == "protected"
+    assert [h["state"] for h in done["history"]] == ["running", "protected"]
+    listing = api.get(
+        f"/tenants/{estate.tenant}/recovery-points",
+        estate.operator,
+        query={"disk": estate.disks[0]},
+    ).json()["recovery_points"]
+    assert [(p["gen"], p["seq"]) for p in listing] == [(1, 9), (1, 4)]
+    limited = api.get(
+        f"/tenants/{estate.tenant}/recovery-points",
+        estate.operator,
+        query={"machine": estate.machine, "limit": "1"},
+    ).json()["recovery_points"]
+    assert len(limited) == 1
+    status = api.get(f"/tenants/{estate.tenant}/status", estate.operator).json()
+    assert status["machines"][0]["state"] == "protected"
+
+
+def test_settings_fit_each_daemons_settings_schema(api):
+    estate = api.estate()
+    refused = api.get("/components/self/settings", estate.agent)
+    assert refused.status_code == 409 and "not protected" in refused.json()["error"]
+    api.protect(estate)
+    local_paths = {
+        "ca": "/etc/ferry/ca.pem",
+        "cert": "/etc/ferry/c.pem",
+        "key": "/etc/ferry/c.key",
+        "state_dir": "/var/lib/ferry",
+    }
+    agent = api.get("/components/self/settings", estate.agent).json()
+    agent.pop("storage")
+    parsed = from_mapping({**agent, **local_paths}, AgentSettings)
+    assert parsed.process_server == "10.0.0.5:7443"
+    assert [d.id for d in parsed.disks] == estate.disks
+    target = api.get("/components/self/settings", estate.mt).json()
+    assert set(target.pop("storage")["containers"]) == {"ferry-segments", "ferry-control"}
+    parsed = from_mapping({**target, "state_dir": "/var/lib/ferry"}, MasterTargetSettings)
+    assert str(parsed.disks[0].target) == f"/srv/targets/{estate.disks[0]}.img"
+    server = api.get("/components/self/settings", estate.ps).json()
+    server.pop("storage")
+    paths = {k: v for k, v in local_paths.items()}
+    assert from_mapping({**server, **paths}, ProcessServerSettings).listen == "10.0.0.5:7443"
+
+
+def test_status_joins_reports_heartbeats_and_health(api):
+    estate = api.estate()
+    api.protect(estate)
+    assert (
+        api.post("/components/self/heartbeat", estate.agent, {"status": {"x": 1}}).status_code
+        == 204
+    )
+    report = {
+        "phase": "streaming",
+        "gen": 1,
+        "bytes_to_go": 10,
+        "backlog": 2,
+        "throughput": 1e6,
+        "rpo_s": 90.5,
+        "last_tag": {"id": "1-3"},
+        "extra": "ignored",
+    }
+    disk = estate.disks[0]
+    assert (
+        api.post(f"/components/self/disks/{disk}/report", estate.agent, report).status_code == 204
+    )
+    applied = {
+        "gen": 1,
+        "applied_seq": 3,
+        "last_tag": {"id": "1-3", "kind": "crash"},
+        "resync_required_gen": None,
+    }
+    assert api.post(f"/components/self/disks/{disk}/report", estate.mt, applied).status_code == 204
+    status = api.get(f"/tenants/{estate.tenant}/status", estate.operator).json()
+    machine = status["machines"][0]
+    view = machine["disks"][0]
+    assert (view["phase"], view["rpo_s"], view["applied_seq"], view["health"]) == (
+        "streaming",
+        90.5,
+        3,
+        "lagging",
+    )
+    assert machine["health"] == "lagging"
+    assert {c["component_id"]: c["state"] for c in status["components"]}["ag-web01"] == "ok"
+    api.post(f"/components/self/disks/{disk}/report", estate.agent, {"phase": "resync-wait"})
+    status = api.get(f"/tenants/{estate.tenant}/status", estate.operator).json()
+    assert status["machines"][0]["disks"][0]["health"] == "resync"
+    bad = api.post(f"/components/self/disks/{disk}/report", estate.agent, {"gen": -1})
+    assert bad.status_code == 400 and "gen" in bad.json()["error"]
+
+
+def test_commands_are_queued_once_per_key_and_reported(api):
+    estate = api.estate()
+    api.protect(estate)
+    for component in ("ag-web01", "ps-ps1", "mt-mt1"):
+        take_commands(api, estate.tenant, component)
+    path = f"/tenants/{estate.tenant}/machines/{estate.machine}/commands"
+    body = {"command": "tag", "args": {"kind": "app"}, "idempotency_key": "tag-1"}
+    first = api.post(path, estate.operator, body)
+    assert first.status_code == 202
+    assert api.post(path, estate.operator, body).json() == first.json()
+    messages = take_commands(api, estate.tenant, "ag-web01")
+    assert [(m["id"], m["type"], m["args"]["kind"]) for m in messages] == [
+        (first.json()["command_id"], "tag", "app")
+    ]
+    drain = api.post(path, estate.operator, {"command": "drain"}).json()["command_id"]
+    for component in ("ag-web01", "ps-ps1", "mt-mt1"):
+        assert [m["id"] for m in take_commands(api, estate.tenant, component)] == [drain]
+    done = api.post(f"/components/self/commands/{drain}", estate.ps, {"state": "done"})
+    assert done.status_code == 204
+    tag_id = first.json()["command_id"]
+    assert (
+        api.post(f"/components/self/commands/{tag_id}", estate.ps, {"state": "done"}).status_code
+        == 404
+    )
+    reused = api.post(path, estate.operator, {"command": "pause", "idempotency_key": "tag-1"})
+    assert reused.status_code == 409
+    bad = api.post(path, estate.operator, {"command": "tag", "args": {"kind": "warm"}})
+    assert bad.status_code == 400 and "kind" in bad.json()["error"]
+
+
+def test_credentials_rotate_through_the_command_queue(api):
+    estate = api.estate()
+    path = f"/tenants/{estate.tenant}/machines/{estate.machine}/commands"
+    assert api.post(path, estate.operator, {"command": "rotate-credentials"}).status_code == 202
+    (message,) = take_commands(api, estate.tenant, "ag-web01")
+    new = message["args"]["token"]
+    assert new != estate.agent and new.startswith(f"c.{estate.tenant}.ag-web01.")
+    assert api.get("/components/self", estate.agent).status_code == 200  # old works until...
+    assert api.get("/components/self", new).status_code == 200  # ...the new one is used
+    assert api.get("/components/self", estate.agent).status_code == 401
+    record = api.ctx.store.get("commands", estate.tenant, message["id"])
+    assert "token" not in record["args"]
+
+
+def _protected(api):
+    estate = api.estate()
+    api.protect(estate)
+    api.reach_recovery_points(estate)
+    return estate
+
+
+def test_cutover_is_one_job_per_key_and_follows_its_states(api):
+    estate = api.estate()
+    path = f"/tenants/{estate.tenant}/machines/{estate.machine}/cutover"
+    early = api.post(path, estate.operator, {"idempotency_key": "cut-0"})
+    assert early.status_code == 409 and "not protected" in early.json()["error"]
+    api.protect(estate)
+    api.reach_recovery_points(estate)
+    first = api.post(path, estate.operator, {"idempotency_key": "cut-1"})
+    assert first.status_code == 202 and first.json()["job"]["state"] == "requested"
+    assert api.post(path, estate.operator, {"idempotency_key": "cut-1"}).json() == first.json()
+    second = api.post(path, estate.operator, {"idempotency_key": "cut-2"})
+    assert second.status_code == 409 and "already requested" in second.json()["error"]
+    wrong = api.post(
+        f"/tenants/{estate.tenant}/machines/{estate.machine}/test-failover",
+        estate.operator,
+        {"idempotency_key": "cut-1"},
+    )
+    assert wrong.status_code == 409 and "idempotency key" in wrong.json()["error"]
+    job_id = first.json()["job"]["job_id"]
+    progress = f"/tenants/{estate.tenant}/jobs/{job_id}/progress"
+    for component in ("ag-web01", "ps-ps1", "mt-mt1"):
+        take_commands(api, estate.tenant, component)
+    skip = api.post(progress, estate.operator, {"state": "applied"})
+    assert skip.status_code == 409 and "can go to draining, failed" in skip.json()["error"]
+    for state in ("draining", "draining", "applied", "cutover-complete"):
+        answer = api.post(progress, estate.operator, {"state": state, "detail": f"step {state}"})
+        assert answer.status_code == 200, answer
+    for component in ("ag-web01", "ps-ps1", "mt-mt1"):
+        assert [m["type"] for m in take_commands(api, estate.tenant, component)] == ["drain"]
+    job = api.get(f"/tenants/{estate.tenant}/jobs/{job_id}", estate.operator).json()
+    assert [h["state"] for h in job["history"]] == [
+        "requested",
+        "draining",
+        "applied",
+        "cutover-complete",
+    ]
+    after = api.post(progress, estate.operator, {"state": "failed"})
+    assert after.status_code == 409
+    jobs = api.get(f"/tenants/{estate.tenant}/jobs", estate.operator).json()["jobs"]
+    assert [j["kind"] for j in jobs] == ["cutover", "protect"] and "history" not in jobs[0]
+
+
+def test_test_failover_goes_ready_then_cleaned(api):
+    estate = _protected(api)
+    answer = api.post(
+        f"/tenants/{estate.tenant}/machines/{estate.machine}/test-failover",
+        estate.operator,
+        {"idempotency_key": "tf-1"},
+    )
+    assert answer.status_code == 202
+    job_id = answer.json()["job"]["job_id"]
+    progress = f"/tenants/{estate.tenant}/jobs/{job_id}/progress"
+    assert api.post(progress, estate.operator, {"state": "ready"}).json()["job"]["state"] == "ready"
+    assert api.post(progress, estate.operator, {"state": "cleaned"}).status_code == 200
+    bad = api.post(progress, estate.operator, {"state": "draining"})
+    assert bad.status_code == 400 and "must be one of" in bad.json()["error"]
+
+
+def test_a_failed_protect_command_fails_its_job(api):
+    estate = api.estate()
+    job = api.protect(estate)
+    answer = api.post(
+        f"/components/self/commands/{job['command_id']}",
+        estate.mt,
+        {"state": "failed", "detail": "cannot open /srv/targets"},
+    )
+    assert answer.status_code == 204
+    failed = api.get(f"/tenants/{estate.tenant}/jobs/{job['job_id']}", estate.operator).json()
+    assert failed["state"] == "failed"
+    assert failed["history"][-1]["detail"] == "mt-mt1: cannot open /srv/targets"
+
+
+# -- alerts --------------------------------------------------------------------------------
+
+
+def _alerts(api, estate, only_open=True):
+    query = {"open": "true"} if only_open else {}
+    answer = api.get(f"/tenants/{estate.tenant}/alerts", estate.operator, query=query)
+    return {(a["kind"], a["subject"]): a for a in answer.json()["alerts"]}
+
+
+def test_alerts_are_raised_and_cleared_by_the_timer(api):
+    estate = _protected(api)
+    for token in (estate.agent, estate.ps, estate.mt):
+        api.post("/components/self/heartbeat", token, {})
+    disk = estate.disks[0]
+    api.post(f"/components/self/disks/{disk}/report", estate.agent, {"rpo_s": 75})
+    api.post(
+        f"/components/self/disks/{estate.disks[1]}/report",
+        estate.mt,
+        {"resync_required_gen": 2, "reason": "gap"},
+    )
+    spool = {"spool": {"bytes": 72, "limit_bytes": 100}}
+    api.post("/components/self/heartbeat", estate.ps, {"status": spool})
+    monitoring.sweep(api.ctx, [estate.tenant])
+    raised = _alerts(api, estate)
+    assert set(raised) == {("rpo", disk), ("resync", estate.disks[1]), ("spool", "ps-ps1")}
+    assert raised[("spool", "ps-ps1")]["severity"] == "warning"
+    spool["spool"]["bytes"] = 80
+    api.post("/components/self/heartbeat", estate.ps, {"status": spool})
+    monitoring.sweep(api.ctx, [estate.tenant])
+    monitoring.sweep(api.ctx, [estate.tenant])
+    again = _alerts(api, estate)
+    assert again[("spool", "ps-ps1")]["severity"] == "critical"
+    assert again[("spool", "ps-ps1")]["id"] == raised[("spool", "ps-ps1")]["id"]
+    # Conditions end: everything clears; the records stay.
+    api.post(f"/components/self/disks/{disk}/report", estate.agent, {"rpo_s": 3})
+    api.post(
+        f"/components/self/disks/{estate.disks[1]}/report", estate.mt, {"resync_required_gen": None}
+    )
+    api.post(
+        "/components/self/heartbeat",
+        estate.ps,
+        {"status": {"spool": {"bytes": 1, "limit_bytes": 100}}},
+    )
+    monitoring.sweep(api.ctx, [estate.tenant])
+    assert _alerts(api, estate) == {}
+    kept = _alerts(api, estate, only_open=False)
+    assert len(kept) == 3 and all(a["cleared_at"] for a in kept.values())
+
+
+def test_a_silent_component_is_lost_then_found(api):
+    estate = _protected(api)
+    api.post("/components/self/heartbeat", estate.agent, {})
+    api.clock.advance(61)
+    totals = monitoring.sweep(api.ctx, [estate.tenant])
+    assert totals["lost"] == 1
+    lost = _alerts(api, estate)[("heartbeat-lost", "ag-web01")]
+    assert lost["severity"] == "critical"
+    status = api.get(f"/tenants/{estate.tenant}/status", estate.operator).json()
+    assert status["machines"][0]["health"] == "lost"
+    api.post("/components/self/heartbeat", estate.agent, {})
+    monitoring.sweep(api.ctx, [estate.tenant])
+    assert ("heartbeat-lost", "ag-web01") not in _alerts(api, estate)
+    api.clock.advance(61)
+    monitoring.sweep(api.ctx, [estate.tenant])
+    second = _alerts(api, estate)[("heartbeat-lost", "ag-web01")]
+    assert second["id"] != lost["id"]  # a new episode, a new record
+
+
+# -- optimistic concurrency -------------------------------------------------------------
+
+
+def test_concurrent_changes_to_one_record_are_never_lost(api):
+    tenant = api.tenant()[0]
+    api.ctx.store.create("jobs", tenant, "job-counter", {"n": 0})
+    errors = []
+
+    def bump():
+        try:
+            for _ in range(15):
+                api.ctx.store.mutate(
+                    "jobs", tenant, "job-counter", lambda r: {**r, "n": r["n"] + 1}
+                )
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert api.ctx.store.get("jobs", tenant, "job-counter")["n"] == 60
+
+
+def test_a_record_larger_than_one_table_property_round_trips(api):
+    tenant = api.tenant()[0]
+    record = {"history": [{"detail": "x" * 1000, "n": i} for i in range(150)]}
+    assert api.ctx.store.create("jobs", tenant, "job-big", record)
+    assert api.ctx.store.get("jobs", tenant, "job-big") == record
+    grown = api.ctx.store.mutate("jobs", tenant, "job-big", lambda r: {**r, "more": "y" * 70000})
+    assert api.ctx.store.partition("jobs", tenant) == [grown]
+
+
+def test_concurrent_reports_by_agent_and_master_target_both_land(api):
+    estate = api.estate(disks=1)
+    api.protect(estate)
+    disk = estate.disks[0]
+    results = []
+
+    def report(token, body):
+        for i in range(8):
+            results.append(
+                api.post(
+                    f"/components/self/disks/{disk}/report", token, {**body, "gen": i}
+                ).status_code
+            )
+
+    threads = [
+        threading.Thread(target=report, args=(estate.agent, {"rpo_s": 1})),
+        threading.Thread(target=report, args=(estate.mt, {"applied_seq": 7})),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results) == {204}
+    record = api.ctx.store.get("disks", estate.tenant, disk)
+    assert record["agent_report"]["gen"] == 7 and record["master_target_report"]["gen"] == 7
+
+
+@pytest.mark.parametrize("ttl", [59, 604801, "60", True])
+def test_passphrase_lifetimes_out_of_range_are_refused(api, ttl):
+    tenant, operator = api.tenant()
+    answer = api.post(f"/tenants/{tenant}/passphrases", operator, {"ttl_seconds": ttl})
+    assert answer.status_code == 400 and "ttl_seconds" in answer.json()["error"]
