@@ -17,7 +17,7 @@ import socketserver
 import threading
 from typing import Any
 
-from agent.replicator import Replicator, TagRequest
+from agent.replicator import Replicator, TagFailed
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -68,22 +68,18 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     def _tag(self, kind: str, timeout: float) -> dict[str, Any]:
-        if kind not in ("crash", "app"):
-            return {"ok": False, "error": f"tag kind must be crash or app, not {kind!r}"}
-        request = TagRequest(kind)
-        self.replicator.tag_requests.put(request)
-        if not request.done.wait(timeout):
-            return {"ok": False, "error": f"no tag within {timeout:.0f} s"}
-        if request.error:
-            return {"ok": False, "error": request.error}
-        tag = request.result
-        for disk in tag["disks"]:
-            state = self.replicator.disks[disk]
-            seq = state.last_tag["seq"] if state.last_tag else 0
-            left = max(1.0, timeout)
-            if not self.replicator.shipper.wait_acked(disk, state.gen, seq, left):
-                return {"ok": False, "error": f"tag {tag['id']} not acknowledged for {disk}"}
-        return {"ok": True, "tag": tag}
+        try:
+            return {"ok": True, "tag": self.replicator.tag(kind, timeout)}
+        except TagFailed as exc:
+            return {"ok": False, "error": _legacy_message(exc)}
+
+
+def _legacy_message(exc: TagFailed) -> str:
+    """The error texts this socket has always answered (scripts may match them)."""
+    problem = str(exc.fields.get("problem", exc))
+    if problem.startswith("none within"):
+        return f"no tag within {problem.removeprefix('none within ')}"
+    return problem
 
 
 def call(path: str, request: dict[str, Any], timeout: float = 180.0) -> dict[str, Any]:

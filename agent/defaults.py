@@ -15,6 +15,10 @@ WINDOW = 8
 PASS_INTERVAL = 0.25
 """Pause between read passes when there is nothing urgent, in seconds."""
 
+IDLE_TAG_INTERVAL = 10.0
+"""Longest time without a tag while nothing changes, in seconds: the target's latest
+recovery point stays fresh, so its age measures RPO."""
+
 SCAN_PASS_INTERVAL = 2.0
 """Pause between passes of the scan tracker (each pass reads the whole disk), in seconds."""
 
@@ -41,3 +45,18 @@ STATUS_INTERVAL = 1.0
 
 TRACEFS = "/sys/kernel/tracing"
 """Where tracefs is mounted (mounted there by the agent if absent)."""
+
+STATE_DIR = "/var/lib/ferry/agent"
+"""State directory in server mode when ``--state-dir`` is not given, a path."""
+
+PKI_CA = "/etc/ferry/pki/ca.pem"
+"""CA certificate the process server's certificate must chain to (server mode default), a path."""
+
+PKI_CERT = "/etc/ferry/pki/agent.pem"
+"""The agent's client certificate (server mode default), a path."""
+
+PKI_KEY = "/etc/ferry/pki/agent.key"
+"""The agent's private key (server mode default), a path."""
+
+TAG_TIMEOUT = 300.0
+"""Longest a ``tag`` or ``drain`` command waits for its tag to be durable, in seconds."""

@@ -1,115 +1,91 @@
-"""``ferry-agent``: the mobility agent daemon."""
+"""``ferry-agent``: the mobility agent daemon.
+
+Two ways to run it::
+
+    ferry-agent --config agent.toml                 # settings from a TOML file (tests, tools)
+    ferry-agent --server-credentials /etc/ferry/agent.json [--state-dir DIR]
+                [--ca CA --cert CERT --key KEY]     # settings and work from the configuration server
+
+In server mode the certificate paths and the state directory are the only
+local settings (see :mod:`agent.managed`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import threading
-from pathlib import Path
 
 from agent import defaults
-from agent.control import ControlServer
-from agent.replicator import DiskState, Replicator
+from agent.session import Session
 from agent.settings import Settings
-from agent.shipper import Shipper
-from agent.tracker import DiskTrack, choose
 from ferry import settings as ferry_settings
-from ferry.blockio import DirectReader, is_block_device
 from ferry.cli_support import StopFlag, run_main, setup_logging
-from ferry.durable import write_json
-from ferry.errors import ConfigError, DeviceError
+from ferry.errors import ConfigError
 
 log = logging.getLogger("ferry.agent")
 
 
-def find_mountpoint(device: str) -> str | None:
-    """The mount point of the filesystem on ``device`` (per /proc/self/mountinfo), if any."""
-    if not is_block_device(device):
-        return None
-    rdev = os.stat(device).st_rdev
-    wanted = f"{os.major(rdev)}:{os.minor(rdev)}"
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4 and fields[2] == wanted:
-            return fields[4].replace("\\040", " ")
-    return None
-
-
-def open_disks(settings: Settings) -> list[DiskState]:
-    """Check every disk and build its state; DeviceError names the first bad one."""
-    states = []
-    for disk in settings.disks:
-        if not os.path.exists(disk.device):
-            raise DeviceError(device=disk.device, problem="no such device or file")
-        reader = DirectReader(disk.device, settings.block_size)
-        size = reader.size
-        reader.close()
-        if size == 0:
-            raise DeviceError(device=disk.device, problem="it is empty (0 bytes)")
-        track = DiskTrack(disk.id, disk.device, size, settings.block_size)
-        states.append(DiskState(track, disk.mountpoint or find_mountpoint(disk.device)))
-    return states
-
-
 def serve(settings: Settings, stop: StopFlag) -> int:
     """Run the agent until ``stop`` is set."""
-    state_dir = Path(settings.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    disks = open_disks(settings)
-    tracker = choose(
-        settings.tracker,
-        [d.track for d in disks],
-        defaults.TRACEFS,
-        f"ferry-{settings.machine}-{os.getpid()}",
-        settings.trace_buffer_kb,
-    )
-    log.info("tracking %s with %s", ", ".join(d.id for d in disks), tracker.description)
-    shipper = Shipper(
-        settings.address,
-        settings.server_name or settings.address[0],
-        settings.ca,
-        settings.cert,
-        settings.key,
-        {"tenant": settings.tenant, "machine": settings.machine, "disks": [d.id for d in disks]},
-        settings.window,
-    )
-    replicator = Replicator(settings, tracker, shipper, disks)
-    control = ControlServer(settings.control_socket or str(state_dir / "agent.sock"), replicator)
-    worker = threading.Thread(target=replicator.run, name="replicator", daemon=True)
+    session = Session(settings)
     try:
-        shipper.start()
-        control.start()
-        worker.start()
-        while not stop.wait(defaults.STATUS_INTERVAL) and worker.is_alive():
-            write_json(state_dir / "status.json", replicator.status(), durable=False)
+        session.start()
+        while not stop.wait(defaults.STATUS_INTERVAL) and session.alive:
+            session.write_status()
     finally:
-        replicator.stop.set()
-        worker.join(timeout=30)
-        control.close()
-        shipper.close()
-        tracker.close()
-        write_json(state_dir / "status.json", replicator.status(), durable=False)
+        session.close()
     return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The agent's command line."""
+    parser = argparse.ArgumentParser(prog="ferry-agent", description="Ferry mobility agent")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="settings file (TOML)")
+    source.add_argument(
+        "--server-credentials",
+        metavar="FILE",
+        help="credentials from `ferry register`: settings and commands come from the "
+        "configuration server",
+    )
+    parser.add_argument("--state-dir", help=f"server mode: state directory ({defaults.STATE_DIR})")
+    parser.add_argument("--ca", help=f"server mode: CA of the process server ({defaults.PKI_CA})")
+    parser.add_argument("--cert", help=f"server mode: client certificate ({defaults.PKI_CERT})")
+    parser.add_argument("--key", help=f"server mode: private key ({defaults.PKI_KEY})")
+    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    return parser.parse_args(argv)
+
+
+def local_settings(args: argparse.Namespace) -> dict[str, str]:
+    """What server mode takes from this host; ConfigError if a file cannot be read."""
+    local = {
+        "state_dir": args.state_dir or defaults.STATE_DIR,
+        "ca": args.ca or defaults.PKI_CA,
+        "cert": args.cert or defaults.PKI_CERT,
+        "key": args.key or defaults.PKI_KEY,
+    }
+    for key in ("ca", "cert", "key"):
+        if not os.access(local[key], os.R_OK):
+            raise ConfigError(path="the command line", problem=f"--{key}: cannot read {local[key]}")
+    return local
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ferry-agent``."""
-    parser = argparse.ArgumentParser(prog="ferry-agent", description="Ferry mobility agent")
-    parser.add_argument("--config", required=True, help="settings file (TOML)")
-    parser.add_argument("--verbose", action="store_true", help="log debug messages")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     setup_logging("agent", args.verbose)
 
-    def body() -> int:
+    def from_file() -> int:
         settings = ferry_settings.load(args.config, Settings)
         for path in (settings.ca, settings.cert, settings.key):
             if not os.path.exists(path):
                 raise ConfigError(path=args.config, problem=f"file {path} does not exist")
         return serve(settings, StopFlag().install())
 
-    return run_main("agent", body)
+    def from_server() -> int:
+        from agent import managed
+
+        return managed.run(args.server_credentials, local_settings(args), StopFlag().install())
+
+    return run_main("agent", from_server if args.server_credentials else from_file)

@@ -25,6 +25,7 @@ from agent.shipper import Shipper
 from agent.tracker import DiskTrack, Tracker, mono
 from ferry import blockio
 from ferry.batch import DATA, ZERO, Batch
+from ferry.errors import FerryError
 
 log = logging.getLogger("ferry.agent")
 
@@ -57,12 +58,23 @@ class DiskState:
 
 @dataclass
 class TagRequest:
-    """An operator's request for a tag; ``done`` is set with ``result``."""
+    """An operator's request for a tag; ``done`` is set with ``result``.
+
+    With ``pause_after`` the replicator pauses right after a successful tag,
+    before any further pass (a drain: nothing is shipped after the tag).
+    """
 
     kind: str
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
     error: str | None = None
+    pause_after: bool = False
+
+
+class TagFailed(FerryError):
+    """no tag: {problem}"""
+
+    exit_code = 9
 
 
 class Replicator:
@@ -76,12 +88,16 @@ class Replicator:
         self.shipper = shipper
         self.disks = {d.id: d for d in disks}
         self.stop = threading.Event()
+        self.paused = threading.Event()
+        """Set: no passes run (tracking goes on, so nothing is lost); tags are refused."""
         self.tag_requests: queue.Queue[TagRequest] = queue.Queue()
+        self._resync_wanted: tuple[str, set[str] | None] | None = None
         self.passes = 0
         self.clean_passes = 0
         self.frozen_passes = 0
         self.longest_freeze = 0.0
         self.last_clean = mono()
+        self.last_tag_sent = mono()
         self.started = time.time()
         self._reader = blockio.DirectReader
         self._buffers: dict[str, blockio.DirectReader] = {}
@@ -95,13 +111,22 @@ class Replicator:
         try:
             while not self.stop.is_set():
                 self._handle_inbox()
+                self._resync_if_wanted()
                 request = self._next_tag_request()
                 if request is not None:
                     self._serve_tag(request)
-                elif self._work_waiting():
-                    self._run_pass(freeze=self._freeze_due())
                     continue
-                self.stop.wait(self._interval())
+                if self.paused.is_set() or not self._work_waiting():
+                    self.stop.wait(self._interval())
+                    continue
+                started = mono()
+                clean = (
+                    self._run_pass(freeze=self._freeze_due(), force=self._idle_tag_due())
+                    is not None
+                )
+                if clean or self.tracker.kind == "scan":
+                    # Space passes out; after a collision, try again at once.
+                    self.stop.wait(max(0.0, self._interval() - (mono() - started)))
         finally:
             for reader in self._buffers.values():
                 reader.close()
@@ -114,10 +139,15 @@ class Replicator:
     def _replicating(self) -> list[DiskState]:
         return [d for d in self.disks.values() if d.gen is not None]
 
+    def _idle_tag_due(self) -> bool:
+        return mono() - self.last_tag_sent > self.settings.idle_tag_interval
+
     def _work_waiting(self) -> bool:
         disks = self._replicating()
         if not disks:
             return False
+        if self._idle_tag_due():
+            return True
         if self.tracker.kind == "scan":
             return True  # only a scan can tell whether anything changed
         return any(self.tracker.dirty_count(d.id) for d in disks)
@@ -128,12 +158,55 @@ class Replicator:
         )
 
     def _next_tag_request(self) -> TagRequest | None:
-        if not self._replicating():
+        if not self._replicating() and not self.paused.is_set():
             return None
         try:
             return self.tag_requests.get_nowait()
         except queue.Empty:
             return None
+
+    # -- requests from other threads ------------------------------------------------
+
+    def request_resync(
+        self, reason: str = "requested by the operator", disks: list[str] | None = None
+    ) -> None:
+        """Start a new generation of ``disks`` (all if None), done by the replicator thread."""
+        self._resync_wanted = (reason, None if disks is None else set(disks))
+
+    def _resync_if_wanted(self) -> None:
+        wanted, self._resync_wanted = self._resync_wanted, None
+        if wanted is not None:
+            reason, disks = wanted
+            for disk in self.disks.values():
+                if disks is None or disk.id in disks:
+                    self._request_resync(disk, reason)
+
+    def tag(self, kind: str, timeout: float, pause_after: bool = False) -> dict[str, Any]:
+        """Take a tag and wait until it is durable at the process server; TagFailed if not.
+
+        With ``pause_after`` passes stop right after the tag (see TagRequest).
+        """
+        if kind not in ("crash", "app"):
+            raise TagFailed(problem=f"tag kind must be crash or app, not {kind!r}")
+        request = TagRequest(kind, pause_after=pause_after)
+        self.tag_requests.put(request)
+        deadline = time.monotonic() + timeout
+        while not request.done.wait(0.2):
+            if self.stop.is_set():
+                raise TagFailed(problem="the agent is stopping")
+            if time.monotonic() > deadline:
+                raise TagFailed(problem=f"none within {timeout:.0f} s")
+        if request.error:
+            raise TagFailed(problem=request.error)
+        tag = request.result
+        deadline = time.monotonic() + max(1.0, timeout)  # the acks get a timeout of their own
+        for disk in tag["disks"]:
+            state = self.disks[disk]
+            seq = state.last_tag["seq"] if state.last_tag else 0
+            left = max(1.0, deadline - time.monotonic())
+            if not self.shipper.wait_acked(disk, state.gen, seq, left):
+                raise TagFailed(problem=f"tag {tag['id']} not acknowledged for {disk}")
+        return tag
 
     # -- resync -----------------------------------------------------------------------
 
@@ -203,8 +276,14 @@ class Replicator:
 
     # -- passes -------------------------------------------------------------------------
 
-    def _run_pass(self, freeze: bool = False, kind: str = "crash") -> dict[str, Any] | None:
-        """One read pass over every replicating disk; returns the tag if it was clean."""
+    def _run_pass(
+        self, freeze: bool = False, kind: str = "crash", force: bool = False
+    ) -> dict[str, Any] | None:
+        """One read pass over every replicating disk; returns the tag if it was clean.
+
+        A clean pass that found nothing to ship sends no tag unless ``force``:
+        the target already sits on the latest state.
+        """
         disks = self._replicating()
         if not disks:
             return None
@@ -229,8 +308,9 @@ class Replicator:
                 "frozen": bool(frozen),
                 "disks": sorted(d.id for d in disks),
             }
+        changed = force or any(len(taken[d.id]) for d in disks)
         for disk in disks:
-            self._close_pass(disk, held[disk.id], tag)
+            self._close_pass(disk, held[disk.id], tag if changed else None)
         if clean:
             self.clean_passes += 1
             self.last_clean = mono()
@@ -244,6 +324,7 @@ class Replicator:
         batch.tag = tag
         self._send(disk, batch)
         if tag is not None:
+            self.last_tag_sent = mono()
             disk.last_tag = {**tag, "seq": batch.seq, "gen": batch.gen}
             if disk.phase in ("initial-sync", "resync"):
                 log.info("disk %s: generation %d reached its first tag", disk.id, disk.gen)
@@ -330,6 +411,10 @@ class Replicator:
     # -- tags and freezes ---------------------------------------------------------------
 
     def _serve_tag(self, request: TagRequest) -> None:
+        if self.paused.is_set():
+            request.error = "replication is paused (resume it first)"
+            request.done.set()
+            return
         try:
             tag = self._tag_now(request.kind)
         except Exception as exc:  # reported to the operator who asked
@@ -341,20 +426,22 @@ class Replicator:
             request.error = "no clean pass could be made (see the agent log)"
         else:
             request.result = tag
+            if request.pause_after:
+                self.paused.set()
         request.done.set()
 
     def _tag_now(self, kind: str) -> dict[str, Any] | None:
         if kind == "app":
             self._hook(self.settings.pre_hook, "pre")
             try:
-                return self._run_pass(freeze=True, kind="app")
+                return self._run_pass(freeze=True, kind="app", force=True)
             finally:
                 self._hook(self.settings.post_hook, "post")
         for _ in range(3):
-            tag = self._run_pass()
+            tag = self._run_pass(force=True)
             if tag is not None:
                 return tag
-        return self._run_pass(freeze=True)
+        return self._run_pass(freeze=True, force=True)
 
     def _hook(self, command: str | None, which: str) -> None:
         if not command:
@@ -420,6 +507,7 @@ class Replicator:
                 }
             )
         return {
+            "paused": self.paused.is_set(),
             "tracker": self.tracker.kind,
             "tracker_description": self.tracker.description,
             "connected": self.shipper.connected,

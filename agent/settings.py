@@ -39,6 +39,7 @@ class Settings:
     batch_bytes: int = defaults.BATCH_BYTES
     window: int = defaults.WINDOW
     pass_interval: float = defaults.PASS_INTERVAL
+    idle_tag_interval: float = defaults.IDLE_TAG_INTERVAL
     freeze_after: float = defaults.FREEZE_AFTER
     freeze_timeout: float = defaults.FREEZE_TIMEOUT
     trace_buffer_kb: int = defaults.TRACE_BUFFER_KB
@@ -72,6 +73,7 @@ class Settings:
         return positive(
             window=self.window,
             pass_interval=self.pass_interval,
+            idle_tag_interval=self.idle_tag_interval,
             freeze_after=self.freeze_after,
             freeze_timeout=self.freeze_timeout,
             trace_buffer_kb=self.trace_buffer_kb,

@@ -73,3 +73,9 @@ RESYNC_MAX_BLOCK = 16 << 20
 
 STOP_JOIN_TIMEOUT = 600.0
 """How long a first SIGTERM waits for the disks to finish the group in hand, in seconds."""
+
+STATE_DIR = "/var/lib/ferry/master-target"
+"""State directory in server mode when ``--state-dir`` is not given, a path."""
+
+TARGETS_SUBDIR = "targets"
+"""Server mode: a disk the settings give no target is applied to ``<state_dir>/targets/<disk>.img``."""

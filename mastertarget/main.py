@@ -3,6 +3,11 @@
 Usage::
 
     FERRY_STORAGE='<connection string>' python -m mastertarget --config mt.toml [--wait]
+    python -m mastertarget --server-credentials /etc/ferry/master-target.json \
+        [--state-dir DIR] [--targets-dir DIR] [--segment-key-file FILE]
+
+With ``--server-credentials`` the disks, the storage access and the
+commands come from the configuration server (see :mod:`mastertarget.managed`).
 
 Exit status: 0 after a stop request (SIGTERM/SIGINT: the group in hand is
 finished first; a second signal exits at once), 2 for bad settings, 6 when a
@@ -13,11 +18,13 @@ lost, other non-zero codes for the errors in :mod:`ferry.errors`.
 from __future__ import annotations
 
 import argparse
+import os
 
 from ferry import segment
 from ferry import settings as ferry_settings
 from ferry.cli_support import StopFlag, run_main, setup_logging
-from mastertarget import service
+from ferry.errors import ConfigError
+from mastertarget import defaults, service
 from mastertarget.settings import Settings
 
 COMPONENT = "master-target"
@@ -29,9 +36,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="ferry-master-target",
         description="Apply replicated disks to their targets, whole consistency groups only.",
     )
-    parser.add_argument("--config", required=True, help="settings file (TOML)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="settings file (TOML)")
+    source.add_argument(
+        "--server-credentials",
+        metavar="FILE",
+        help="credentials from `ferry register`: disks, storage access and commands come "
+        "from the configuration server",
+    )
     parser.add_argument(
         "--wait", action="store_true", help="wait for disks owned by another master target"
+    )
+    parser.add_argument("--state-dir", help=f"server mode: state directory ({defaults.STATE_DIR})")
+    parser.add_argument(
+        "--targets-dir",
+        help="server mode: image files of disks given no target (STATE_DIR/targets)",
+    )
+    parser.add_argument(
+        "--segment-key-file", help="server mode: open sealed segments with this key"
     )
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
     return parser.parse_args(argv)
@@ -46,8 +68,26 @@ def run(args: argparse.Namespace) -> int:
     return service.serve(config, connection_string, key, stop.event, wait=args.wait)
 
 
+def run_from_server(args: argparse.Namespace) -> int:
+    """Server mode: everything but local paths from the configuration server."""
+    from mastertarget import managed
+
+    local = {"state_dir": args.state_dir or defaults.STATE_DIR}
+    if args.segment_key_file:
+        if not os.access(args.segment_key_file, os.R_OK):
+            raise ConfigError(
+                path="the command line",
+                problem=f"--segment-key-file: cannot read {args.segment_key_file}",
+            )
+        local["segment_key_file"] = args.segment_key_file
+    stop = StopFlag().install()
+    return managed.run(args.server_credentials, local, args.targets_dir, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = parse_args(argv)
     setup_logging(COMPONENT, verbose=args.verbose)
+    if args.server_credentials:
+        return run_main(COMPONENT, lambda: run_from_server(args))
     return run_main(COMPONENT, lambda: run(args))

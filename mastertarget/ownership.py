@@ -24,9 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-from azure.core.exceptions import HttpResponseError
-from azure.storage.blob import BlobLeaseClient
-
 from ferry import durable, naming
 from ferry.errors import LeaseHeld, RetryableError
 from ferry.storage import Storage
@@ -108,10 +105,7 @@ class Ownership:
         saved = durable.read_json(self._lease_file()) if self.state_dir else None
         if not isinstance(saved, dict) or not isinstance(saved.get("lease_id"), str):
             return False
-        client = self.storage.blobs.get_blob_client(naming.CONTROL_CONTAINER, self.blob)
-        try:
-            BlobLeaseClient(client, lease_id=saved["lease_id"]).release()
-        except HttpResponseError:
+        if not self.storage.release_lease(naming.CONTROL_CONTAINER, self.blob, saved["lease_id"]):
             return False  # the lease carries another id: a live owner elsewhere
         log.info("disk %s: released the owner lease left by a previous run", self.disk)
         return True

@@ -6,12 +6,17 @@ Storage outages are waited out with a growing back-off; any other error ends
 the whole process (the first error is reported), because a master target
 that silently drops one of its disks would look healthy while replication
 had stopped.
+
+:class:`Service` lets disks be added while it serves (server mode: a
+``protect`` command); :func:`serve` is the fixed set of a settings file.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from ferry.errors import RetryableError
 from ferry.storage import Storage
@@ -31,17 +36,19 @@ class DiskRunner(threading.Thread):
         self,
         settings: Settings,
         disk: DiskSettings,
-        connection_string: str,
+        storage: Callable[[], Storage],
         key: bytes | None,
         board: StatusBoard,
         stop: threading.Event,
         failed: threading.Event,
         wait: bool = False,
+        on_applied: Callable[[str, dict[str, Any], int, int], None] | None = None,
     ) -> None:
         super().__init__(name=f"disk-{disk.id}")
         self.settings = settings
         self.disk = disk
-        self.connection_string = connection_string
+        self.storage = storage
+        self.on_applied = on_applied
         self.key = key
         self.board = board
         self.stop = stop
@@ -58,7 +65,7 @@ class DiskRunner(threading.Thread):
 
     def _serve(self) -> None:
         ownership = Ownership(
-            Storage(self.connection_string),
+            self.storage(),
             self.settings.tenant,
             self.disk.id,
             seconds=self.settings.lease_seconds,
@@ -70,11 +77,12 @@ class DiskRunner(threading.Thread):
             worker = DiskWorker(
                 self.settings,
                 self.disk,
-                Storage(self.connection_string),
+                self.storage(),
                 key=self.key,
                 ownership=ownership,
                 board=self.board,
                 stop=self.stop,
+                on_applied=self.on_applied,
             ).open()
             try:
                 self._loop(worker)
@@ -93,6 +101,8 @@ class DiskRunner(threading.Thread):
             c.applied_seq,
             len(worker.staging),
         )
+        if self.on_applied is not None and c.last_tag and c.applied_seq > 0:
+            self.on_applied(self.disk.id, c.last_tag, c.gen, c.applied_seq)  # idempotent
         idle = defaults.IDLE_POLL_MIN
         while not self.stop.is_set():
             done = self._retrying(worker.step)
@@ -126,6 +136,76 @@ class DiskRunner(threading.Thread):
         return None
 
 
+class Service:
+    """Serves disks, one :class:`DiskRunner` each; :meth:`add` more while it runs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Callable[[], Storage],
+        key: bytes | None,
+        stop: threading.Event,
+        wait: bool = False,
+        on_applied: Callable[[str, dict[str, Any], int, int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.key = key
+        self.stop = stop
+        self.wait = wait
+        self.on_applied = on_applied
+        self.board = StatusBoard(settings.state_dir / "status.json")
+        self.failed = threading.Event()
+        self.runners: dict[str, DiskRunner] = {}
+        self._lock = threading.Lock()
+
+    def add(self, settings: Settings, disk: DiskSettings) -> bool:
+        """Start serving ``disk`` (of ``settings``); False if it is served already."""
+        with self._lock:
+            if disk.id in self.runners or self.stop.is_set():
+                return False
+            runner = DiskRunner(
+                settings,
+                disk,
+                self.storage,
+                self.key,
+                self.board,
+                self.stop,
+                self.failed,
+                self.wait,
+                self.on_applied,
+            )
+            self.runners[disk.id] = runner
+            runner.start()
+            return True
+
+    def serving(self) -> list[str]:
+        """Ids of the disks served."""
+        with self._lock:
+            return sorted(self.runners)
+
+    def run(self, until_idle: bool = True) -> int:
+        """Serve until ``stop`` (or a disk fails, or with ``until_idle`` no disk is left).
+
+        Raises the first disk's error, if any.
+        """
+        while not self.stop.is_set() and not self.failed.is_set():
+            if until_idle and not any(r.is_alive() for r in self._runners()):
+                break
+            self.stop.wait(0.2)
+        self.stop.set()  # a failed disk stops the others after their group in hand
+        for runner in self._runners():
+            runner.join(defaults.STOP_JOIN_TIMEOUT)
+        errors = [r.error for r in self._runners() if r.error is not None]
+        if errors:
+            raise errors[0]
+        return 0
+
+    def _runners(self) -> list[DiskRunner]:
+        with self._lock:
+            return list(self.runners.values())
+
+
 def serve(
     settings: Settings,
     connection_string: str,
@@ -134,20 +214,7 @@ def serve(
     wait: bool = False,
 ) -> int:
     """Serve every disk until ``stop`` is set; raise the first disk's error, if any."""
-    board = StatusBoard(settings.state_dir / "status.json")
-    failed = threading.Event()
-    runners = [
-        DiskRunner(settings, disk, connection_string, key, board, stop, failed, wait)
-        for disk in settings.disks
-    ]
-    for runner in runners:
-        runner.start()
-    while not stop.is_set() and not failed.is_set() and any(r.is_alive() for r in runners):
-        stop.wait(0.2)
-    stop.set()  # a failed disk stops the others after their group in hand
-    for runner in runners:
-        runner.join(defaults.STOP_JOIN_TIMEOUT)
-    errors = [r.error for r in runners if r.error is not None]
-    if errors:
-        raise errors[0]
-    return 0
+    service = Service(settings, lambda: Storage(connection_string), key, stop, wait)
+    for disk in settings.disks:
+        service.add(settings, disk)
+    return service.run()

@@ -34,6 +34,11 @@ class StatusBoard:
             self._disks[disk] = state
             self._write()
 
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """A copy of every disk's last recorded state."""
+        with self._lock:
+            return {disk: dict(state) for disk, state in self._disks.items()}
+
     def _write(self) -> None:
         if self.path is None:
             return

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from azure.core.exceptions import AzureError
 
 from ferry import naming, segment
 from ferry.batch import Batch
-from ferry.errors import NotFound, SegmentCorrupt
+from ferry.errors import FerryError, NotFound, SegmentCorrupt
 from ferry.storage import Message, Storage
 from mastertarget import cursor as cursors
 from mastertarget import defaults, notices
@@ -52,6 +53,8 @@ class DiskWorker:
     from the queue and between extents; without it the caller guarantees
     that nothing else serves the disk (tests, tools).  ``stop`` is checked
     between groups, so a stop request finishes the group in hand.
+    ``on_applied(disk, tag, gen, seq)`` is called after each group's cursor
+    is durable (a new recovery point); it must not block.
     """
 
     def __init__(
@@ -65,8 +68,10 @@ class DiskWorker:
         stop: threading.Event | None = None,
         visibility: int = defaults.VISIBILITY_TIMEOUT,
         missing_retry: int = defaults.MISSING_BLOB_RETRY,
+        on_applied: Callable[[str, dict[str, Any], int, int], None] | None = None,
     ) -> None:
         self.tenant = settings.tenant
+        self.on_applied = on_applied
         self.disk = disk.id
         self.storage = storage
         self.key = key
@@ -182,13 +187,10 @@ class DiskWorker:
         self._defer(message)
 
     def _defer(self, message: Message) -> None:
-        # ferry.storage.Storage has no call to shorten a message's invisibility;
-        # without this the notice would wait out the whole visibility timeout.
+        # Without this the notice would wait out the whole visibility timeout.
         try:
-            self.storage.queues.get_queue_client(self.queue).update_message(
-                message.id, message.receipt, visibility_timeout=self.missing_retry
-            )
-        except AzureError as exc:
+            self.storage.defer(self.queue, message, self.missing_retry)
+        except (AzureError, FerryError) as exc:
             log.debug("disk %s: cannot defer notice %s: %s", self.disk, message.id, exc)
 
     def _poison_segment(self, message: Message, notice: notices.SegmentNotice, why: str) -> None:
@@ -315,6 +317,8 @@ class DiskWorker:
             )
         )
         self._discard_stale()
+        if tag is not None and self.on_applied is not None:
+            self.on_applied(self.disk, tag, gen, last)
         log.info(
             "disk %s: applied gen %d seq %d-%d (%d bytes), now at tag %s",
             self.disk,

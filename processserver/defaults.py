@@ -47,3 +47,15 @@ ACCEPT_POLL = 0.5
 
 BUCKET_BURST = 1.0
 """Burst a bandwidth limit allows, in seconds' worth of the limit."""
+
+STATE_DIR = "/var/lib/ferry/process-server"
+"""State directory in server mode when ``--state-dir`` is not given, a path."""
+
+PKI_CA = "/etc/ferry/pki/ca.pem"
+"""CA certificate that agents' certificates must chain to (server mode default), a path."""
+
+PKI_CERT = "/etc/ferry/pki/process-server.pem"
+"""The process server's certificate (server mode default), a path."""
+
+PKI_KEY = "/etc/ferry/pki/process-server.key"
+"""The process server's private key (server mode default), a path."""

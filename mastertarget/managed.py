@@ -1,0 +1,225 @@
+"""The master target in server mode: disks, storage grant and commands from the configuration server.
+
+``python -m mastertarget --server-credentials FILE`` loads the credentials
+written at registration, fetches its settings (``tenant``, ``disks``,
+``lease_seconds``; the state directory and segment key are local) and its
+storage grant, and serves every listed disk.  A disk listed without a
+``target`` is applied to ``<targets-dir>/<disk>.img`` (a sparse image;
+``--targets-dir`` defaults to ``<state_dir>/targets``).  A lease held by
+another master target is waited for (the server moved the disk here).
+
+Reports: every applied tag as a recovery point, and each disk's applied
+state (``gen``, ``applied_seq``, ``last_tag``, ``resync_required_gen`` …)
+every few seconds.  Commands (a master target serves many machines, so a
+machine's command never stops it):
+
+| command | effect |
+|---|---|
+| ``protect`` | renew the grant, fetch the settings again, serve newly listed disks |
+| ``drain`` | done at once: every whole group that arrives is applied anyway |
+| ``stop`` | exit cleanly after the group in hand, unless it names a machine |
+| ``rotate-credentials`` | switch to the new token and save it in the credentials file |
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from ferry import __version__, segment
+from ferry.cli_support import StopFlag
+from ferry.control import (
+    Client,
+    CommandPoller,
+    Credentials,
+    Heartbeat,
+    Reporter,
+    SettingsSource,
+    patiently,
+    rotate_handler,
+    running,
+)
+from ferry.errors import ConfigError
+from ferry.storage import Storage
+from mastertarget import defaults
+from mastertarget.service import Service
+from mastertarget.settings import Settings
+
+log = logging.getLogger("ferry.mastertarget")
+
+SERVER_ONLY = ("storage_env",)
+"""Settings keys that mean nothing with a grant (storage comes from the server)."""
+
+REPORTED = (
+    "gen",
+    "applied_seq",
+    "last_tag",
+    "applied_at",
+    "staged",
+    "staged_bytes",
+    "resync_required_gen",
+    "reason",
+    "bytes_applied",
+)
+"""The fields of a disk's state (see mastertarget.worker) sent in its report."""
+
+
+class ManagedMasterTarget:
+    """One master target run as the configuration server directs."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        local: dict[str, Any],
+        targets: Path,
+        stop: StopFlag,
+        credentials_path: str | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.credentials_path = credentials_path
+        self.client = Client(credentials)
+        self.stop = stop
+        self.targets = targets
+        self.source = SettingsSource(self.client, Settings, local=local, adapt=self._adapt)
+        self.state_dir = Path(local["state_dir"])
+        self.service: Service | None = None
+        self.reporter = Reporter(self.client, self.metrics)
+        self._lock = threading.Lock()
+        self._storage: Storage | None = None
+        self._key: bytes | None = None
+
+    def _adapt(self, raw: dict[str, Any]) -> dict[str, Any]:
+        raw = {k: v for k, v in raw.items() if k not in SERVER_ONLY}
+        raw.setdefault("tenant", self.credentials.tenant)
+        disks = raw.get("disks")
+        if isinstance(disks, list):
+            raw["disks"] = [self._with_target(d) for d in disks]
+        return raw
+
+    def _with_target(self, disk: Any) -> Any:
+        if isinstance(disk, dict) and isinstance(disk.get("id"), str) and not disk.get("target"):
+            return {**disk, "target": str(self.targets / f"{disk['id']}.img")}
+        return disk
+
+    # -- life ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until a stop (signal or ``stop`` command) or a disk fails; the exit status."""
+        event: threading.Event = self.stop.event
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._storage = patiently(self.client.open_storage, event, "fetching the storage grant")
+        if self._storage is None:
+            return 0
+        fetched = patiently(lambda: [self.source.fetch_raw()], event, "fetching the settings")
+        if fetched is None:
+            return 0
+        self._serve_listed(fetched[0])
+        poller = CommandPoller(self.client, self._storage, self.state_dir, self.handlers())
+        with running(Heartbeat(self.client, self.heartbeat), poller, self.reporter):
+            while not event.wait(0.5):
+                service = self.service
+                if service is not None and service.failed.is_set():
+                    break
+            service = self.service
+            if service is not None:
+                return service.run(until_idle=False)  # stops the disks, raises a disk's error
+        return 0
+
+    def _serve_listed(self, raw: dict[str, Any] | None) -> list[str]:
+        """Start serving the disks ``raw`` lists that are not served yet; their ids."""
+        if not raw or not raw.get("disks"):
+            log.info("no disks are assigned to this master target yet; waiting for protect")
+            return []
+        settings = self.source.build(raw)
+        with self._lock:
+            if self.service is None:
+                if self._key is None and settings.segment_key_file:
+                    self._key = segment.load_key(settings.segment_key_file)
+                storage = self._storage
+                self.service = Service(
+                    settings,
+                    lambda: storage,
+                    self._key,
+                    self.stop.event,
+                    wait=True,
+                    on_applied=self.reporter.recovery_point,
+                )
+            for disk in settings.disks:
+                # An image file the server placed in a directory not made yet.
+                if not os.path.exists(disk.target):
+                    Path(disk.target).parent.mkdir(parents=True, exist_ok=True)
+            added = [d.id for d in settings.disks if self.service.add(settings, d)]
+        if added:
+            log.info("serving %s", ", ".join(added))
+        return added
+
+    # -- commands -----------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, Any]:
+        """The command handlers of ``CommandPoller``, by command type."""
+        return {
+            "protect": self.cmd_protect,
+            "drain": self.cmd_drain,
+            "stop": self.cmd_stop,
+            "rotate-credentials": rotate_handler(self.client, self.credentials_path),
+        }
+
+    def cmd_protect(self, _args: dict[str, Any]) -> str:
+        """Fetch the settings again and serve newly listed disks (the grant is renewed first)."""
+        self._storage.renew_grant()
+        added = self._serve_listed(self.source.fetch_raw())
+        served = self.service.serving() if self.service else []
+        if added:
+            return f"now serving {', '.join(added)}"
+        return f"already serving {', '.join(served)}" if served else "no disks assigned"
+
+    def cmd_drain(self, args: dict[str, Any]) -> str:
+        """Nothing to hold back: whole groups are applied as they arrive."""
+        return f"applying every whole group of {args.get('machine') or 'every disk'} as it arrives"
+
+    def cmd_stop(self, args: dict[str, Any]) -> str:
+        """Exit cleanly (after the group in hand) once reported; a machine's stop is not ours."""
+        if args.get("machine"):
+            return f"still serving other machines' disks; the agent of {args['machine']} stops"
+        self.stop.event.set()
+        return "stopping"
+
+    # -- reports ------------------------------------------------------------------------
+
+    def heartbeat(self) -> dict[str, Any]:
+        """The status sent with each heartbeat."""
+        service = self.service
+        disks = service.board.snapshot() if service else {}
+        return {
+            "version": __version__,
+            "state": "serving" if service else "waiting-for-protect",
+            "disks": sorted(service.serving()) if service else [],
+            "resync_required": sorted(
+                d for d, s in disks.items() if s.get("resync_required_gen") is not None
+            ),
+        }
+
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """Each served disk's applied state, as its report."""
+        service = self.service
+        if service is None:
+            return {}
+        return {
+            disk: {k: state.get(k) for k in REPORTED}
+            for disk, state in service.board.snapshot().items()
+        }
+
+
+def run(credentials_path: str, local: dict[str, Any], targets: str | None, stop: StopFlag) -> int:
+    """Server mode's entry: load the credentials and serve."""
+    credentials = Credentials.load(credentials_path)
+    if credentials.kind not in (None, "master-target"):
+        raise ConfigError(
+            path=credentials_path,
+            problem=f"these are the credentials of {credentials.component_id}, not a master target",
+        )
+    where = Path(targets) if targets else Path(local["state_dir"]) / defaults.TARGETS_SUBDIR
+    return ManagedMasterTarget(credentials, local, where, stop, credentials_path).run()

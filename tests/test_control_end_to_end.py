@@ -1,0 +1,253 @@
+"""The three daemons in server mode, driven only by the real configuration server.
+
+Azurite, ``python -m functions.local`` (HTTPS with its own CA), and the
+agent, process server and master target started with
+``--server-credentials``: registration with passphrases, protection and
+every later step go through the API; the daemons get their settings,
+storage grants (SAS) and commands from the server.  The source is a loop
+device with ext4 tracked through tracefs, so this needs root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_control_server import ROOT, Operator, serve_config
+
+from ferry import control
+from ferry.azurite import free_port
+from ferry.blockio import DirectReader
+
+pytestmark = [pytest.mark.root, pytest.mark.tracefs, pytest.mark.slow]
+
+MiB = 1 << 20
+MODULES = {"agent": "agent", "process-server": "processserver", "master-target": "mastertarget"}
+
+
+def sha256_of(path: str, size: int) -> str:
+    reader = DirectReader(path, 4 * MiB)
+    digest = hashlib.sha256()
+    try:
+        for offset in range(0, size, 4 * MiB):
+            digest.update(reader.read(offset, min(4 * MiB, size - offset)))
+    finally:
+        reader.close()
+    return digest.hexdigest()
+
+
+def write_files(root: Path, count: int, size: int, seed: int) -> None:
+    rng = __import__("random").Random(seed)
+    (root / "data").mkdir(exist_ok=True)
+    for i in range(count):
+        (root / "data" / f"f{seed}-{i:03d}").write_bytes(rng.randbytes(size))
+    os.sync()
+
+
+class Fleet:
+    """The three daemons of one machine, in server mode, as processes."""
+
+    def __init__(self, base: Path, operator: Operator, certs: Path, machine: str) -> None:
+        self.base = base
+        self.operator = operator
+        self.certs = certs
+        self.machine = machine
+        self.ps_port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.creds: dict[str, Path] = {}
+
+    def register(self, device: str, size: int) -> None:
+        server, op = self.operator.server, self.operator
+        for kind, name, extra in (
+            ("process-server", "ps1", {"listen": f"127.0.0.1:{self.ps_port}"}),
+            ("master-target", "mt1", {"target_dir": str(self.base / "targets")}),
+            (
+                "agent",
+                self.machine,
+                {"disks": [{"id": f"{self.machine}-disk0", "device": device, "size": size}]},
+            ),
+        ):
+            path = self.base / f"{kind}.json"
+            control.register_and_save(
+                server.url, op.tenant, op.passphrase(), kind, name, path, ca=server.ca, **extra
+            )
+            self.creds[kind] = path
+
+    def args(self, kind: str) -> list[str]:
+        state = ["--state-dir", str(self.base / kind)]
+        pki = self.certs
+        if kind == "agent":
+            tls = ["--cert", str(pki / "agent.pem"), "--key", str(pki / "agent.key")]
+        elif kind == "process-server":
+            tls = [
+                "--cert",
+                str(pki / "process-server.pem"),
+                "--key",
+                str(pki / "process-server.key"),
+            ]
+        else:
+            return state
+        return [*state, "--ca", str(pki / "ca" / "ca.pem"), *tls]
+
+    def start(self, kind: str) -> None:
+        cmd = [sys.executable, "-m", MODULES[kind], "--server-credentials", str(self.creds[kind])]
+        with open(self.base / f"{kind}.log", "ab") as log:
+            self.procs[kind] = subprocess.Popen(
+                [*cmd, *self.args(kind)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+            )
+
+    def alive(self, *kinds: str) -> None:
+        for kind in kinds or list(self.procs):
+            proc = self.procs[kind]
+            if proc.poll() is not None:
+                raise AssertionError(f"{kind} exited ({proc.returncode}): {self.tail(kind)}")
+
+    def tail(self, kind: str, lines: int = 15) -> str:
+        text = (self.base / f"{kind}.log").read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def agent_status(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.base / "agent" / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def wait(self, what: str, check, timeout: float = 180) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.alive(*[k for k in self.procs if k != "agent" or what != "agent exit"])
+            found = check()
+            if found:
+                return found
+            time.sleep(0.3)
+        logs = "\n".join(f"--- {k}\n{self.tail(k)}" for k in self.procs)
+        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        instances = Path("/sys/kernel/tracing/instances")
+        for inst in instances.glob(f"ferry-{self.machine}-*"):
+            with contextlib.suppress(OSError):
+                inst.rmdir()
+
+
+@pytest.fixture(scope="module")
+def config_server(tmp_path_factory):
+    yield from serve_config(tmp_path_factory, tls=True)
+
+
+@pytest.fixture
+def fleet(config_server, tenant, tmp_path, certs):
+    machine = "e2e" + uuid.uuid4().hex[:6]  # trace instances of other runs are never touched
+    made = Fleet(tmp_path, config_server.tenant(tenant), certs, machine)
+    yield made
+    made.close()
+
+
+def component_states(operator: Operator) -> dict[str, str]:
+    return {c["component_id"]: c["state"] for c in operator.status()["components"]}
+
+
+def recovery_point_ids(operator: Operator, disk: str) -> list[str]:
+    points = operator.call("GET", f"/recovery-points?disk={disk}&limit=1000")["recovery_points"]
+    return [p["tag_id"] for p in points]
+
+
+def recovery_point_gens(operator: Operator, disk: str) -> set[int]:
+    points = operator.call("GET", f"/recovery-points?disk={disk}&limit=1000")["recovery_points"]
+    return {p["gen"] for p in points}
+
+
+def test_replication_under_the_configuration_servers_commands(fleet, loopdisk):
+    size = 256 * MiB
+    source = loopdisk(size, fs=True)
+    write_files(source.mountpoint, 40, 512 * 1024, seed=1)
+    fleet.register(source.device, size)
+    op, machine = fleet.operator, fleet.machine
+    disk = f"{machine}-disk0"
+    for kind in ("process-server", "master-target", "agent"):
+        fleet.start(kind)
+
+    # Everyone is alive and waiting: the machine is not protected yet.
+    fleet.wait(
+        "heartbeats",
+        lambda: set(component_states(op).values()) == {"ok"} and len(component_states(op)) == 3,
+    )
+    assert fleet.wait("agent status", lambda: fleet.agent_status().get("state")) == (
+        "waiting-for-protect"
+    )
+
+    # Protect through the API: the job is done once the target sits on a recovery point.
+    job = op.protect(machine)
+    fleet.wait("protected", lambda: op.job(job["job_id"])["state"] == "protected", timeout=300)
+    assert recovery_point_ids(op, disk)
+
+    # Changes while replicating, then a tag on command.
+    write_files(source.mountpoint, 20, 256 * 1024, seed=2)
+    op.command(machine, "tag", kind="crash")
+    before = len(recovery_point_ids(op, disk))
+    fleet.wait("a new recovery point", lambda: len(recovery_point_ids(op, disk)) > before)
+
+    # Pause: passes stop, tracking goes on; resume catches up.
+    op.command(machine, "pause")
+    fleet.wait("paused", lambda: fleet.agent_status().get("state") == "paused")
+    write_files(source.mountpoint, 10, 256 * 1024, seed=3)
+    op.command(machine, "resume")
+    fleet.wait("replicating", lambda: fleet.agent_status().get("state") == "replicating")
+
+    # Resync on command: a new generation compares source and target, and converges.
+    op.command(machine, "resync")
+    fleet.wait("a recovery point of generation 2", lambda: 2 in recovery_point_gens(op, disk))
+
+    # Cutover's first half: quiet source, drain, the final tag applied, identical bytes.
+    source.unmount()
+    op.command(machine, "drain")
+    status = fleet.wait(
+        "drained", lambda: (s := fleet.agent_status()).get("state") == "drained" and s
+    )
+    final = status["disks"][0]["last_tag"]["id"]
+    fleet.wait("the final tag applied", lambda: final in recovery_point_ids(op, disk))
+    target = fleet.base / "targets" / f"{disk}.img"
+    assert sha256_of(str(target), size) == sha256_of(source.device, size)
+
+    # What operators see: reports from the agent and the master target, healthy.
+    fleet.wait(
+        "the drain reported", lambda: op.status()["machines"][0]["disks"][0]["phase"] == "drained"
+    )
+    view = op.status()["machines"][0]
+    assert view["health"] == "ok"
+    assert view["disks"][0]["applied_seq"] >= 1
+    assert view["disks"][0]["last_tag"]["id"] == final  # the master target's applied tag
+
+    # A machine's stop ends its agent only; the process server and master target serve on.
+    op.command(machine, "stop")
+    fleet.wait("agent exit", lambda: fleet.procs["agent"].poll() is not None, timeout=60)
+    assert fleet.procs["agent"].returncode == 0, fleet.tail("agent")
+    time.sleep(2)
+    fleet.alive("process-server", "master-target")
+    for kind in ("process-server", "master-target"):
+        fleet.procs[kind].send_signal(signal.SIGTERM)
+        assert fleet.procs[kind].wait(60) == 0, fleet.tail(kind)
+    assert "Traceback" not in "".join(fleet.tail(k, 400) for k in fleet.procs)
