@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -287,9 +288,10 @@ def cmd_register(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if args.disk:
         extra["disks"] = [_disk_arg(d) for d in args.disk]
-    for key in ("listen", "target_dir", "host"):
+    for key in ("listen", "target_dir"):
         if getattr(args, key):
             extra[key] = getattr(args, key)
+    extra["host"] = args.host or socket.getfqdn()
     creds = register_and_save(
         server, _tenant(args), passphrase, args.kind, args.name, args.out,
         ca=verify if isinstance(verify, str) else None, **extra,
