@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo bench bench-replication clean system-deps
+.PHONY: setup test lint demo bench bench-quick bench-deps bench-replication clean system-deps
 
 setup: $(VENV)/.stamp node_modules/.stamp system-deps
 
@@ -46,6 +46,31 @@ demo: setup
 clean:
 	rm -rf $(VENV) node_modules run .pytest_cache
 
-# Replication figures (initial sync vs cp, delta, RPO); needs root. Writes bench/results/.
-bench-replication: setup
-	$(PY) -m bench.replication
+# Benchmarks against cp, rsync, casync and rdiff (docs/performance.md); needs root, about
+# 20 minutes. Writes bench/results/<date>-<host>.{json,md} and charts, and refreshes the
+# figures in docs/performance.md. `make bench-quick` is a 3-minute run to iterate with;
+# BENCH_ARGS passes options (see `.venv/bin/python -m bench.replication --help`).
+BENCH_ARGS ?=
+BENCH_TOOLS := fio:fio rsync:rsync casync:casync rdiff:rdiff
+bench: setup bench-deps
+	$(PY) -m bench.replication $(BENCH_ARGS)
+
+bench-quick: setup bench-deps
+	$(PY) -m bench.replication --quick $(BENCH_ARGS)
+
+bench-replication: bench
+
+bench-deps: $(VENV)/.bench-stamp
+	@missing=""; for pair in $(BENCH_TOOLS); do \
+	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (run make bench as root)"; exit 1; fi; \
+	fi
+
+$(VENV)/.bench-stamp: bench/requirements.txt $(VENV)/.stamp
+	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
+	touch $@

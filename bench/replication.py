@@ -1,407 +1,477 @@
-"""Replication figures on the embedded default, side by side with `cp` in the same run.
+"""``make bench``: Ferry side by side with the tools a user would otherwise run.
 
-    .venv/bin/python -m bench.replication [--size-gib 2] [--runs 3] [--rates 5,10,20]
+    .venv/bin/python -m bench.replication            # full: 2 GiB, 3 runs, 3 x 60 s per rate
+    .venv/bin/python -m bench.replication --quick    # 512 MiB, 1 run, 15 s per rate
 
-Measures, each as the median of ``--runs`` runs (RPO runs once per rate):
+Everything runs on the embedded default (Azurite, the three daemons as
+subprocesses, mutual TLS) on this machine, and needs root (loop devices,
+tracefs, fsfreeze, drop_caches).  Scenarios:
 
-1. initial sync: Ferry end to end (agent -> process server -> Azurite ->
-   master target, target verified by digest) of an ext4 image about half full
-   of real files, against ``cp --sparse=always`` of the same image;
-2. delta: time until Ferry's target has converged after about 1% of the
-   disk's blocks changed across many files;
-3. RPO under steady random O_DIRECT writes at each rate: from a write's
-   completion on the source to the target applying a tag that includes it.
+1. initial sync of an ext4 image about half full of real files: Ferry end to
+   end (target verified) against ``cp --sparse=always``, ``rsync`` and
+   ``casync``, each run timing every tool on a cold cache;
+2. delta after about 1% of the disk changed: Ferry's convergence against
+   ``rsync --inplace --no-whole-file``, ``rdiff`` and a digest-compare scan;
+3. RPO under fio random writes at each rate, with pass and freeze counts;
+4. cost: CPU seconds and peak memory of each daemon and of Azurite;
+5. cutover: final tag on a frozen source to a verified target;
 
-Writes ``bench/results/<date>-<host>-replication.json`` and a markdown table
-next to it.  Needs root (loop devices, tracefs).  Nothing here is asserted.
+plus a py-spy profile of the daemons during an extra, untimed initial sync
+and under the highest write rate.  Writes ``bench/results/<date>-<host>.json``,
+``.md`` and PNG charts; a full run also refreshes the generated block of
+``docs/performance.md``.  Nothing here asserts a time.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import mmap
 import os
 import platform
-import random
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from ferry.azurite import Azurite
-from ferry.blockio import DirectReader
-from ferry.embedded import Embedded, copy_tree_sample
+from bench import peers, report
+from bench.data import (
+    CACHE,
+    HERE,
+    Dataset,
+    GiB,
+    MiB,
+    dataset,
+    digest,
+    drop_caches,
+    replay_diff,
+    say,
+)
+from bench.ferryrun import DAEMONS, FerryRun
+from bench.live import Live, aggregate, fio_size_for, say_rpo
+from bench.profiling import PySpy, summarize
 
-MiB = 1 << 20
-HERE = Path(__file__).resolve().parent
-CACHE = HERE / "cache"
 RESULTS = HERE / "results"
-DISK = "src01-disk0"
+DOC = HERE.parent / "docs" / "performance.md"
+TOOLS = ("fio", "rsync", "casync", "rdiff", "mkfs.ext4", "e2fsck", "fsfreeze", "losetup")
 
 
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+# -- one run of scenarios 1 and 2 ----------------------------------------------------------
 
 
-def sh(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def digest(path: str, size: int) -> str:
-    reader = DirectReader(path, 8 * MiB)
-    h = hashlib.sha256()
-    try:
-        for off in range(0, size, 8 * MiB):
-            h.update(reader.read(off, min(8 * MiB, size - off)))
-    finally:
-        reader.close()
-    return h.hexdigest()
-
-
-# -- data -------------------------------------------------------------------------------
-
-
-def base_image(size: int) -> Path:
-    """An ext4 image about half full of real files (made once, cached)."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    image = CACHE / f"ext4-{size // MiB}m.img"
-    if image.exists():
-        return image
-    say(f"making {image.name}: ext4, about half full of files from /usr")
-    tmp = image.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.truncate(size)
-    sh(
-        "mkfs.ext4",
-        "-q",
-        "-F",
-        "-b",
-        "4096",
-        "-E",
-        "lazy_itable_init=0,lazy_journal_init=0",
-        str(tmp),
+def copy_run(data: Dataset, i: int, verify: bool, tunables: dict[str, Any]) -> dict[str, Any]:
+    """Peers then Ferry on the same images: initial copy and delta, timed in this run."""
+    with tempfile.TemporaryDirectory(prefix="run-", dir=CACHE) as tmp:
+        work = Path(tmp)
+        out: dict[str, Any] = {"initial_peers": peers.initial_peers(data, work, verify)}
+        out["delta_peers"] = peers.delta_peers(data, work, verify)
+        run = FerryRun(Path(data.base), work / "ferry", **tunables)
+        try:
+            run.start_servers()
+            out["ferry_initial"] = run.initial_sync()
+            if digest(run.target, data.size) != data.base_digest:
+                raise RuntimeError("Ferry's target differs from the source after the initial sync")
+            out["ferry_delta"] = ferry_delta(run, data)
+        finally:
+            run.close()
+    p, f = out["initial_peers"], out["ferry_initial"]
+    say(
+        f"run {i + 1}: initial cp {p['cp']['total']:.1f} s, rsync {p['rsync']['total']:.1f} s, "
+        f"casync {p['casync']['total']:.1f} s, Ferry {f['seconds']:.1f} s (verified) | delta "
+        f"rsync {out['delta_peers']['rsync']['total']:.1f} s, rdiff "
+        f"{out['delta_peers']['rdiff']['total']:.1f} s, scan {out['delta_peers']['scan']['total']:.1f}"
+        f" s, Ferry {out['ferry_delta']['seconds']:.2f} s (verified)"
     )
-    with mounted(tmp) as mnt:
-        copy_tree_sample(mnt, size // 2, ("/usr/lib", "/usr/share", "/usr/local"))
-    os.replace(tmp, image)
-    return image
+    return out
 
 
-class mounted:
-    """Mount an image (through a loop device) for the duration of a with-block."""
-
-    def __init__(self, image: Path) -> None:
-        self.image = image
-        self.mnt = Path(tempfile.mkdtemp(prefix="ferry-bench-mnt-"))
-
-    def __enter__(self) -> Path:
-        self.loop = sh("losetup", "--find", "--show", str(self.image))
-        sh("mount", self.loop, str(self.mnt))
-        return self.mnt
-
-    def __exit__(self, *exc: object) -> None:
-        sh("umount", str(self.mnt))
-        sh("losetup", "-d", self.loop)
-        self.mnt.rmdir()
-
-
-def change_one_percent(mnt: Path, size: int, seed: int = 5) -> int:
-    """Overwrite 4 KiB pieces inside many existing files until ~1% of the disk changed."""
-    rng = random.Random(seed)
-    files = [p for p in mnt.rglob("*") if p.is_file() and p.stat().st_size >= 8192]
-    rng.shuffle(files)
-    budget, changed = size // 100, 0
-    for path in files:
-        if changed >= budget:
-            break
-        with open(path, "r+b") as f:
-            length = path.stat().st_size
-            for _ in range(rng.randint(1, 4)):
-                offset = rng.randrange(0, length - 4096) // 4096 * 4096
-                f.seek(offset)
-                f.write(rng.randbytes(4096))
-                changed += 4096
-    os.sync()
-    return changed
-
-
-# -- Ferry runs -----------------------------------------------------------------------
-
-
-class FerryRun:
-    """A loop device over a copy of the image, replicated by the embedded deployment."""
-
-    def __init__(
-        self, azurite: Azurite, image: Path, work: Path, agent: dict | None = None
-    ) -> None:
-        self.work = work
-        self.size = image.stat().st_size
-        self.source = work / "source.img"
-        shutil.copyfile(image, self.source)
-        self.loop = sh("losetup", "--find", "--show", "--direct-io=on", str(self.source))
-        self.target = work / "target.img"
-        self.emb = Embedded(work / "ferry", tenant="bench", machine="src01", azurite=azurite)
-        self.emb.start_storage()
-        self.emb.configure(
-            [{"id": DISK, "device": self.loop}],
-            {DISK: str(self.target)},
-            agent={"freeze_after": 30.0, **(agent or {})},
-        )
-
-    def initial_sync(self) -> float:
-        self.emb.start("process-server")
-        self.emb.wait_port()
-        self.emb.start("master-target")
-        drop_caches()
-        t0 = time.monotonic()
-        self.emb.start("agent")
-        while True:
-            self.emb.check_alive()
-            status = self.emb.agent_status() or {}
-            d = (status.get("disks") or [{}])[0]
-            if d.get("phase") == "replicating" and d.get("last_tag"):
-                self.emb.wait_applied(d["last_tag"]["id"], timeout=1800)
-                return time.monotonic() - t0
-            time.sleep(0.05)
-
-    def converge(self) -> float:
-        """Tag now and wait until the target applied it; seconds taken."""
-        t0 = time.monotonic()
-        tag = self.emb.tag("crash")
-        self.emb.wait_applied(tag["id"], timeout=1800)
-        return time.monotonic() - t0
-
-    def verify(self) -> bool:
-        return digest(str(self.target), self.size) == digest(self.loop, self.size)
-
-    def close(self) -> None:
-        self.emb.close()
-        subprocess.run(["umount", str(self.work / "mnt")], capture_output=True)
-        subprocess.run(["losetup", "-d", self.loop], capture_output=True)
-
-
-def bench_initial(azurite: Azurite, image: Path, runs: int) -> dict:
-    size = image.stat().st_size
-    ferry, cp = [], []
-    for i in range(runs):
-        with tempfile.TemporaryDirectory(prefix="ferry-bench-", dir=CACHE) as tmp:
-            dest = Path(tmp) / "copy.img"
-            drop_caches()
-            t0 = time.monotonic()
-            sh("cp", "--sparse=always", str(image), str(dest))
-            os.sync()
-            cp.append(time.monotonic() - t0)
-            dest.unlink()
-            run = FerryRun(azurite, image, Path(tmp))
-            try:
-                ferry.append(run.initial_sync())
-                ok = run.verify()
-            finally:
-                run.close()
-            say(
-                f"initial sync run {i + 1}: ferry {ferry[-1]:.1f} s (verified: {ok}), cp {cp[-1]:.1f} s"
-            )
-            if not ok:
-                raise SystemExit("target differs from source: this is a bug")
-    f, c = statistics.median(ferry), statistics.median(cp)
+def ferry_delta(run: FerryRun, data: Dataset) -> dict[str, Any]:
+    """Write A→B's differing blocks onto the live source; time until the target has them."""
+    before = run.agent_counters()
+    drop_caches()
+    first = time.time()
+    written = replay_diff(data, run.loop)
+    done = time.time()
+    applied = run.converge_after(done)
+    after = run.agent_counters()
+    if digest(run.target, data.size) != data.changed_digest:
+        raise RuntimeError("Ferry's target differs from state B after the delta")
     return {
-        "disk_bytes": size,
-        "ferry_s": f,
-        "cp_sparse_s": c,
-        "ferry_mb_s": size / f / 1e6,
-        "cp_mb_s": size / c / 1e6,
-        "ratio_to_cp": f / c,
-        "runs": {"ferry": ferry, "cp": cp},
+        "seconds": applied.applied_at - done,
+        "from_first_write_s": applied.applied_at - first,
+        "change_s": done - first,
+        "bytes_written": written,
+        "bytes_shipped": after["bytes_shipped"] - before["bytes_shipped"],
+        "passes": after["passes"] - before["passes"],
     }
 
 
-def bench_delta(azurite: Azurite, image: Path, runs: int) -> dict:
-    times, changed = [], 0
-    for i in range(runs):
-        with tempfile.TemporaryDirectory(prefix="ferry-bench-", dir=CACHE) as tmp:
-            run = FerryRun(azurite, image, Path(tmp))
-            try:
-                run.initial_sync()
-                mnt = Path(tmp) / "mnt"
-                mnt.mkdir()
-                sh("mount", run.loop, str(mnt))
-                changed = change_one_percent(mnt, run.size, seed=i)
-                sh("umount", str(mnt))
-                times.append(run.converge())
-                ok = run.verify()
-            finally:
-                run.close()
-            say(
-                f"delta run {i + 1}: {changed / MiB:.0f} MiB changed, converged in {times[-1]:.2f} s (verified: {ok})"
-            )
-    return {"changed_bytes": changed, "ferry_converge_s": statistics.median(times), "runs": times}
+# -- scenarios 3 and 5, and the profile ----------------------------------------------------------
 
 
-class RateWriter(threading.Thread):
-    """Random O_DIRECT writes of 4-64 KiB at ``rate`` bytes/s; records completion times."""
-
-    def __init__(self, device: str, size: int, rate: int) -> None:
-        super().__init__(daemon=True)
-        self.device, self.size, self.rate = device, size, rate
-        self.stop = threading.Event()
-        self.done: list[float] = []
-
-    def run(self) -> None:
-        rng = random.Random(3)
-        fd = os.open(self.device, os.O_WRONLY | os.O_DIRECT)
-        buf = mmap.mmap(-1, 64 * 1024)
-        buf.write(os.urandom(64 * 1024))
-        start, written = time.monotonic(), 0
+def live_run(data: Dataset, args: argparse.Namespace, tunables: dict[str, Any]) -> dict[str, Any]:
+    """RPO at each rate, then cutovers, on one mounted source; optionally profiled at the end."""
+    with tempfile.TemporaryDirectory(prefix="live-", dir=CACHE) as tmp:
+        run = FerryRun(Path(data.base), Path(tmp) / "ferry", mount=True, **tunables)
         try:
-            while not self.stop.is_set():
-                n = rng.choice([4096, 8192, 16384, 32768, 65536])
-                off = rng.randrange(0, self.size - n) // 4096 * 4096
-                buf[0:8] = os.urandom(8)
-                os.pwritev(fd, [memoryview(buf)[:n]], off)
-                self.done.append(time.time())
-                written += n
-                ahead = written / self.rate - (time.monotonic() - start)
-                if ahead > 0:
-                    self.stop.wait(ahead)
-        finally:
-            os.close(fd)
-
-
-def bench_rpo(azurite: Azurite, image: Path, rates: list[int], seconds: float) -> dict:
-    out = {}
-    with tempfile.TemporaryDirectory(prefix="ferry-bench-", dir=CACHE) as tmp:
-        run = FerryRun(azurite, image, Path(tmp))
-        try:
-            run.initial_sync()
-            for rate in rates:
-                out[str(rate)] = rpo_at(run, rate * MiB, seconds)
-                r = out[str(rate)]
+            live = Live(run, fio_size_for(data.size))
+            prepared = live.prepare()
+            say(f"live source replicated ({prepared['seconds']:.1f} s); measuring RPO")
+            rounds: dict[str, list[dict[str, Any]]] = {f"{rate:g}": [] for rate in args.rates}
+            for k in range(args.rpo_rounds):
+                for n, rate in enumerate(args.rates):
+                    rounds[f"{rate:g}"].append(live.rpo(rate, args.rpo_seconds, 100 + 10 * k + n))
+                    say_rpo(rounds[f"{rate:g}"][-1])
+            rpo = {rate: aggregate(xs, live.lags[rate]) for rate, xs in rounds.items()}
+            cutovers = []
+            for n in range(args.cutovers):
+                cutovers.append(live.cutover(args.load_mb, args.load_seconds, seed=200 + n))
+                c = cutovers[-1]
                 say(
-                    f"RPO at {rate} MiB/s: p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, max {r['max_s']:.2f} s"
+                    f"cutover {n + 1}: {c['seconds']:.2f} s (tag durable {c['tag_durable_s']:.2f}"
+                    f" s, applied {c['applied_s']:.2f} s, verified: digest "
+                    f"{c['digest_equal']}, e2fsck clean {c['fsck_clean']})"
                 )
+            profile = None
+            if args.profile:
+                profile = profile_load(live, max(args.rates), args.profile_seconds)
+        finally:
+            run.close()
+    return {"rpo": rpo, "cutovers": cutovers, "lags": live.lags, "profile": profile}
+
+
+def profile_load(live: Live, rate: float, seconds: float) -> dict[str, Any]:
+    """py-spy on every daemon while fio writes at ``rate`` MB/s."""
+    say(f"profiling the daemons under {rate:g} MB/s of writes for {seconds:g} s")
+    spies = _spy(live.run, Path(live.run.work), "load")
+    kept = {rate: list(lags) for rate, lags in live.lags.items()}
+    live.rpo(rate, seconds, seed=300)
+    live.lags = kept  # a profiled window is perturbed: keep it out of the RPO figures
+    return _unspy(spies)
+
+
+def profile_initial(data: Dataset, tunables: dict[str, Any]) -> dict[str, Any]:
+    """An extra, untimed initial sync with py-spy on every daemon."""
+    say("profiling an extra initial sync (not timed)")
+    with tempfile.TemporaryDirectory(prefix="prof-", dir=CACHE) as tmp:
+        run = FerryRun(Path(data.base), Path(tmp) / "ferry", **tunables)
+        try:
+            run.start_servers()
+            spies = _spy(run, Path(tmp), "initial", skip=("agent",))
+            drop_caches()
+            started = time.time()
+            run.emb.start("agent")
+            spies.update(_spy(run, Path(tmp), "initial", only=("agent",)))
+            first = run.tags.wait_for(lambda a: True, 1800, run.emb.check_alive)
+            out = _unspy(spies)
+            out["seconds_profiled_run"] = first.applied_at - started
         finally:
             run.close()
     return out
 
 
-def rpo_at(run: FerryRun, rate: int, seconds: float) -> dict:
-    writer = RateWriter(run.loop, run.size, rate)
-    seen: list[tuple[float, float]] = []  # (tag t0_wall, applied_at)
-    status0 = run.emb.agent_status()
-    writer.start()
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        state = run.emb.target_state(DISK) or {}
-        tag = state.get("last_tag") or {}
-        if tag.get("t0_wall") and (not seen or tag["t0_wall"] > seen[-1][0]):
-            seen.append((tag["t0_wall"], state.get("applied_at") or time.time()))
-        time.sleep(0.05)
-    writer.stop.set()
-    writer.join()
-    tail = time.monotonic() + 60
-    last = writer.done[-1] if writer.done else time.time()
-    while (not seen or seen[-1][0] < last) and time.monotonic() < tail:
-        state = run.emb.target_state(DISK) or {}
-        tag = state.get("last_tag") or {}
-        if tag.get("t0_wall") and (not seen or tag["t0_wall"] > seen[-1][0]):
-            seen.append((tag["t0_wall"], state.get("applied_at") or time.time()))
-        time.sleep(0.05)
-    lags = []
-    j = 0
-    for w in writer.done:
-        while j < len(seen) and seen[j][0] < w:
-            j += 1
-        if j == len(seen):
-            break
-        lags.append(seen[j][1] - w)
-    lags.sort()
-    status1 = run.emb.agent_status()
-    passes = status1["passes"] - status0["passes"]
-    frozen = status1["frozen_passes"] - status0["frozen_passes"]
+def _spy(run: FerryRun, where: Path, label: str, skip=(), only=None) -> dict[str, PySpy]:
+    spies = {}
+    for name in DAEMONS:
+        if name in skip or (only and name not in only) or name not in run.emb.procs:
+            continue
+        spies[name] = PySpy(run.emb.procs[name].pid, where / f"{label}-{name}.txt")
+    return spies
+
+
+def _unspy(spies: dict[str, PySpy]) -> dict[str, Any]:
+    out = {}
+    for name, spy in spies.items():
+        raw = spy.stop()
+        out[name] = summarize(raw) if raw else {"samples": 0, "error": "py-spy wrote nothing"}
+    return out
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+
+def median_of(values: list[float]) -> float:
+    """Median; the figure every table shows."""
+    return statistics.median(values)
+
+
+def assemble(
+    data: Dataset, runs: list[dict[str, Any]], live: dict[str, Any], args, started: float
+) -> dict[str, Any]:
+    """The results dict: medians, ratios, goals, and every run's raw figures."""
+    cp = [r["initial_peers"]["cp"]["total"] for r in runs]
+    initial_peers = {}
+    for name in ("cp", "rsync", "casync"):
+        xs = [r["initial_peers"][name]["total"] for r in runs]
+        initial_peers[name] = {
+            "seconds": median_of(xs),
+            "runs": xs,
+            "ratio_to_cp": median_of([x / c for x, c in zip(xs, cp, strict=True)]),
+            "parts": [r["initial_peers"][name] for r in runs],
+        }
+    ferry_runs = [r["ferry_initial"] for r in runs]
+    fs = [f["seconds"] for f in ferry_runs]
+    mid = ferry_runs[fs.index(sorted(fs)[len(fs) // 2])]
+    cost = mid["cost"]
+    cost["per_gib_disk"] = {k: v / (data.size / GiB) for k, v in cost["cpu_s"].items()}
+    cost["per_gib_shipped"] = {
+        k: v / (mid["bytes_shipped"] / GiB) for k, v in cost["cpu_s"].items()
+    }
+    ferry = {
+        "seconds": median_of(fs),
+        "runs": fs,
+        "ratio_to_cp": median_of([f / c for f, c in zip(fs, cp, strict=True)]),
+        "mb_s": data.size / median_of(fs) / 1e6,
+        "bytes_read": mid["bytes_read"],
+        "bytes_shipped": mid["bytes_shipped"],
+        "cost": cost,
+        "timeline": mid["timeline"],
+        "stages": stages(mid["timeline"]),
+    }
+    delta_peers, speedup = {}, {}
+    ds = [r["ferry_delta"]["seconds"] for r in runs]
+    for name in ("rsync", "rdiff", "scan"):
+        xs = [r["delta_peers"][name]["total"] for r in runs]
+        delta_peers[name] = {
+            "seconds": median_of(xs),
+            "runs": xs,
+            "parts": [r["delta_peers"][name] for r in runs],
+        }
+        speedup[name] = median_of([x / d for x, d in zip(xs, ds, strict=True)])
+    fastest_scan = min(delta_peers, key=lambda n: delta_peers[n]["seconds"])
+    cut = live["cutovers"]
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+        "duration_s": time.time() - started,
+        "machine": machine(),
+        "code": code_state(),
+        "tools": peers.versions(),
+        "settings": {
+            "quick": args.quick,
+            "runs": args.runs,
+            "rates_mb_s": args.rates,
+            "rpo_seconds": args.rpo_seconds,
+            "rpo_rounds": args.rpo_rounds,
+            "fio_size": fio_size_for(data.size),
+            "cutovers": args.cutovers,
+            "load_mb_s": args.load_mb,
+            "load_seconds": args.load_seconds,
+            "agent": _parse_kv(args.agent),
+            "process_server": _parse_kv(args.process_server),
+        },
+        "data": data.describe(),
+        "initial": {"peers": initial_peers, "ferry": ferry},
+        "delta": {
+            "ferry": {
+                "seconds": median_of(ds),
+                "runs": ds,
+                **{
+                    k: median_of([r["ferry_delta"][k] for r in runs])
+                    for k in ("from_first_write_s", "change_s", "bytes_shipped", "passes")
+                },
+            },
+            "peers": delta_peers,
+            "speedup": speedup,
+            "fastest_scanning_peer": fastest_scan,
+            "speedup_fastest": speedup[fastest_scan],
+        },
+        "rpo": live["rpo"],
+        "cutover": {
+            **{
+                k: median_of([c[k] for c in cut])
+                for k in ("seconds", "tag_durable_s", "applied_s", "digest_s", "fsck_s")
+            },
+            "runs": cut,
+        },
+        "profile": live.get("profile_all") or {},
+    }
+    result["goals"] = report.goals(result)
+    return result
+
+
+def stages(line: list[dict[str, Any]]) -> dict[str, float | None]:
+    """When each stage of the initial sync finished (seconds since the agent started)."""
+
+    def done(key: str) -> float | None:
+        if not line or not line[-1][key]:
+            return None
+        final = line[-1][key]
+        return next(s["t"] for s in line if s[key] >= final)
+
     return {
-        "writes": len(writer.done),
-        "measured": len(lags),
-        "p50_s": lags[len(lags) // 2] if lags else None,
-        "p99_s": lags[int(len(lags) * 0.99)] if lags else None,
-        "max_s": lags[-1] if lags else None,
-        "passes": passes,
-        "frozen_passes": frozen,
-        "longest_freeze_s": status1["longest_freeze_s"],
+        "agent_read_done_s": done("agent_read"),
+        "ps_uploaded_done_s": done("ps_uploaded_raw"),
+        "mt_applied_done_s": done("mt_applied"),
+        "first_read_s": next((s["t"] for s in line if s["agent_read"]), None),
     }
 
 
-def machine() -> dict:
+def machine() -> dict[str, Any]:
+    """The machine's description."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
     return {
         "host": socket.gethostname(),
         "cpus": os.cpu_count(),
+        "cpu_model": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "memory_gib": round(
-            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1
-        ),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
+        "load_average_at_end": os.getloadavg(),
     }
 
 
-def markdown(r: dict) -> str:
-    i, d = r["initial"], r["delta"]
-    lines = [
-        f"Replication on the embedded default, {r['date']} ({r['machine']['cpus']} cores)",
-        "",
-        "| scenario | Ferry | peer | ratio |",
-        "|---|---|---|---|",
-        f"| initial sync of {i['disk_bytes'] / (1 << 30):.0f} GiB ext4, half full | {i['ferry_s']:.1f} s "
-        f"({i['ferry_mb_s']:.0f} MB/s) | cp --sparse=always {i['cp_sparse_s']:.1f} s "
-        f"({i['cp_mb_s']:.0f} MB/s) | {i['ratio_to_cp']:.2f}x cp |",
-        f"| converge after {d['changed_bytes'] / MiB:.0f} MiB (1%) changed | {d['ferry_converge_s']:.2f} s | | |",
-    ]
-    for rate, x in r["rpo"].items():
-        lines.append(
-            f"| RPO at {rate} MiB/s random writes | p50 {x['p50_s']:.2f} s, p99 {x['p99_s']:.2f} s, "
-            f"max {x['max_s']:.2f} s | | {x['frozen_passes']} of {x['passes']} passes frozen |"
-        )
-    return "\n".join(lines) + "\n"
+def code_state() -> dict[str, Any]:
+    """The commit measured, and whether the daemons' code had uncommitted changes."""
+    root = HERE.parent
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "agent", "processserver", "mastertarget", "ferry")
+    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(dirty),
+            "dirty_paths": dirty.splitlines()[:20]}  # fmt: skip
+
+
+def _parse_kv(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Command line; ``--quick`` changes the defaults of the sizing options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="512 MiB image, 1 run, 15 s per rate, 1 cutover (for iterating)",
+    )
+    p.add_argument("--size-mib", type=int, help="disk size (default 2048; quick 512)")
+    p.add_argument("--runs", type=int, help="runs of scenarios 1-2 (default 3; quick 1)")
+    p.add_argument("--rates", help="MB/s of writes, comma separated (default 5,10,20)")
+    p.add_argument("--rpo-seconds", type=float, help="seconds per rate (default 60; quick 15)")
+    p.add_argument("--rpo-rounds", type=int, help="rounds over all rates (default 3; quick 1)")
+    p.add_argument("--cutovers", type=int, help="cutovers measured (default 3; quick 1)")
+    p.add_argument("--load-mb", type=float, default=10.0, help="MB/s of writes before a cutover")
+    p.add_argument("--load-seconds", type=float, help="seconds of load before a cutover (15; 5)")
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip py-spy")
+    p.add_argument("--profile-seconds", type=float, help="seconds profiled under load (20; 10)")
+    p.add_argument(
+        "--agent",
+        action="append",
+        metavar="KEY=VALUE",
+        help="agent setting for every Ferry run (see agent/settings.py)",
+    )
+    p.add_argument(
+        "--process-server",
+        action="append",
+        metavar="KEY=VALUE",
+        help="process server setting (see processserver/settings.py)",
+    )
+    p.add_argument("--label", default="", help="suffix for the results files")
+    p.add_argument(
+        "--no-docs",
+        dest="docs",
+        action="store_false",
+        help="do not refresh docs/performance.md (quick runs never do)",
+    )
+    args = p.parse_args(argv)  # fmt: skip
+    q = args.quick
+    args.size_mib = args.size_mib or (512 if q else 2048)
+    args.runs = args.runs or (1 if q else 3)
+    args.rates = [float(x) for x in (args.rates or "5,10,20").split(",")]
+    args.rpo_seconds = args.rpo_seconds or (15.0 if q else 60.0)
+    args.rpo_rounds = args.rpo_rounds or (1 if q else 3)
+    args.cutovers = args.cutovers or (1 if q else 3)
+    args.load_seconds = args.load_seconds or (5.0 if q else 15.0)
+    args.profile_seconds = args.profile_seconds or (10.0 if q else 20.0)
+    return args
+
+
+def preflight() -> str | None:
+    """Why the benchmark cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (loop devices, tracefs, fsfreeze, drop_caches)"
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    missing = [t for t in TOOLS if not shutil.which(t, path=path)]
+    if missing:
+        return f"missing tools: {', '.join(missing)} (make bench installs them)"
+    if not Path(sys.executable).with_name("py-spy").exists():
+        return "py-spy is not installed in the virtualenv (make bench installs it)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gib", type=float, default=2.0)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--rates", default="5,10,20", help="MiB/s, comma separated")
-    parser.add_argument("--rpo-seconds", type=float, default=60.0)
-    args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.replication: error: needs root (loop devices, tracefs)", file=sys.stderr)
+    """Entry point of ``python -m bench.replication``."""
+    args = parse(argv)
+    problem = preflight()
+    if problem:
+        print(f"bench.replication: error: {problem}", file=sys.stderr)
         return 2
-    size = int(args.size_gib * (1 << 30))
-    image = base_image(size)
-    with Azurite() as azurite:
-        result = {
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": machine(),
-            "initial": bench_initial(azurite, image, args.runs),
-            "delta": bench_delta(azurite, image, args.runs),
-            "rpo": bench_rpo(
-                azurite, image, [int(x) for x in args.rates.split(",")], args.rpo_seconds
-            ),
+    os.environ["PATH"] = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    started = time.time()
+    tunables = {
+        "agent": _parse_kv(args.agent) or None,
+        "process_server": _parse_kv(args.process_server) or None,
+    }
+    data = dataset(args.size_mib * MiB)
+    say(
+        f"data: {data.size // MiB} MiB image, {data.files_bytes / MiB:.0f} MiB of files; "
+        f"{data.diff_blocks} blocks differ in state B"
+    )
+    runs = []
+    for i in range(args.runs):
+        runs.append(copy_run(data, i, verify=(i == 0), tunables=tunables))
+    live = live_run(data, args, tunables)
+    if args.profile:
+        live["profile_all"] = {
+            "initial_sync": profile_initial(data, tunables),
+            f"load_{max(args.rates):g}_mb_s": live["profile"],
         }
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}-replication"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    result = assemble(data, runs, live, args, started)
+    write(result, live["lags"], args)
     return 0
+
+
+def write(result: dict[str, Any], lags: dict[str, list[float]], args) -> None:
+    """The JSON, markdown and charts; the docs' generated block after a full run."""
+    RESULTS.mkdir(exist_ok=True)
+    name = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}"
+    if args.quick:
+        name += "-quick"
+    if args.label:
+        name += f"-{args.label}"
+    stem = RESULTS / name
+    charts = report.charts(result, lags, stem)
+    result["charts"] = charts
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    table = report.markdown(result, charts)
+    stem.with_suffix(".md").write_text(table)
+    print()
+    print(table)
+    full = args.docs and not args.quick and not args.label
+    if full and report.update_doc(DOC, table, "../bench/results"):
+        say(f"refreshed the figures in {DOC.relative_to(HERE.parent)}")
+    say(f"wrote {stem.with_suffix('.json').relative_to(HERE.parent)} and its .md and charts")
 
 
 if __name__ == "__main__":
