@@ -202,6 +202,10 @@ class TraceInstance:
             pending = lines.pop()
             for line in lines:
                 self._dispatch(line)
+            if len(chunk) < 4096:
+                # A short read means the stream is nearly idle: let events
+                # gather instead of waking for each one (the agent's CPU).
+                time.sleep(0.005)
 
     def _dispatch(self, line: bytes) -> None:
         m = _LINE.match(line)

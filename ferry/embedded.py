@@ -79,6 +79,7 @@ class Embedded:
         self._own_azurite = azurite is None
         self.azurite = azurite
         self.procs: dict[str, subprocess.Popen] = {}
+        self.agent_pids: list[int] = []
         self.configs: dict[str, Path] = {}
         self.port = free_port()
         self.pki = self.base / "pki"
@@ -172,6 +173,8 @@ class Embedded:
         )
         log.close()
         self.procs[name] = proc
+        if name == "agent":
+            self.agent_pids.append(proc.pid)
         return proc
 
     def start_all(self) -> None:
@@ -235,7 +238,8 @@ class Embedded:
         """Stop everything this deployment started."""
         for name in ("agent", "process-server", "master-target"):
             self.stop(name)
-        _remove_trace_instances(f"ferry-{self.machine}-")
+        for pid in self.agent_pids:  # only ours: other deployments may share the machine name
+            _remove_trace_instances(f"ferry-{self.machine}-{pid}")
         if self._own_azurite and self.azurite is not None:
             self.azurite.stop()
 
@@ -299,10 +303,10 @@ class Embedded:
         raise EmbeddedError(detail=f"the target did not reach tag {tag_id} within {timeout:.0f} s")
 
 
-def _remove_trace_instances(prefix: str) -> None:
+def _remove_trace_instances(name: str) -> None:
     base = Path("/sys/kernel/tracing/instances")
     try:
-        leftovers = list(base.glob(f"{prefix}*")) if base.is_dir() else []
+        leftovers = [base / name] if (base / name).is_dir() else []
     except OSError:
         return  # not root: there is no tracefs instance of ours to remove
     for inst in leftovers:

@@ -41,11 +41,16 @@ MISSING_BLOB_SIGHTINGS = 3
 MISSING_BLOB_RETRY = 10
 """How long a notice whose blob is missing stays hidden before the next look, in seconds."""
 
-IDLE_POLL_MIN = 0.2
+IDLE_POLL_MIN = 0.1
 """Wait after the first empty round, in seconds."""
 
-IDLE_POLL_MAX = 2.0
-"""Longest wait between empty rounds (the wait doubles up to it), in seconds."""
+IDLE_POLL_MAX = 0.25
+"""Longest wait between empty rounds (the wait doubles up to it), in seconds.
+
+It bounds how late an idle master target notices new segments, which adds
+straight to RPO and delta convergence (bench: 2 s here made the last group of
+a delta wait 1.3 s); polling an empty queue four times a second costs about
+350,000 queue transactions a day per disk in Azure."""
 
 ERROR_BACKOFF_MAX = 30.0
 """Longest wait after storage was unavailable (the wait doubles up to it), in seconds."""

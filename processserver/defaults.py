@@ -21,7 +21,7 @@ STATE_POLL_INTERVAL = 2.0
 STORAGE_ENV = "FERRY_STORAGE"
 """Environment variable holding the storage connection string, a name."""
 
-RESYNC_POLL_INTERVAL = 1.0
+RESYNC_POLL_INTERVAL = 0.2
 """How often a pending resync answer blob is looked for, in seconds."""
 
 STATUS_INTERVAL = 1.0

@@ -54,8 +54,8 @@ class Settings:
             return f"listen must be host:port with a port of 1-65535, not {self.listen!r}"
         if not _ENV_NAME_RE.match(self.storage_env):
             return f"storage_env must be an environment variable name, not {self.storage_env!r}"
-        if not 1 <= self.compression_level <= 22:
-            return f"compression_level must be 1-22, not {self.compression_level}"
+        if not -7 <= self.compression_level <= 22 or self.compression_level == 0:
+            return f"compression_level must be -7 to -1 (fast) or 1 to 22, not {self.compression_level}"
         if not 1 <= self.upload_threads <= 64:
             return f"upload_threads must be 1-64, not {self.upload_threads}"
         if self.bandwidth_limit < 0:

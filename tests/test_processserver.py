@@ -554,7 +554,7 @@ def run_server(config: Path, env: dict | None = None) -> subprocess.CompletedPro
         ({"speed": 3}, "unknown key speed"),
         ({"upload_threads": "four"}, "upload_threads must be an integer"),
         ({"listen": "nowhere"}, "listen must be host:port"),
-        ({"compression_level": 99}, "compression_level must be 1-22"),
+        ({"compression_level": 99}, "compression_level must be -7 to -1 (fast) or 1 to 22"),
         ({"storage_env": "FERRY_TEST_NOT_SET"}, "environment variable FERRY_TEST_NOT_SET"),
         ({"cert": "/nonexistent/ps.pem"}, "cert: cannot read /nonexistent/ps.pem"),
         ({"segment_key_file": "/nonexistent/key"}, "cannot read the segment key"),
