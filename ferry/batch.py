@@ -43,7 +43,9 @@ class Batch:
         }
 
     @classmethod
-    def from_header(cls, header: dict[str, Any], payload: bytes) -> Batch:
+    def from_header(
+        cls, header: dict[str, Any], payload: bytes, payload_len: int | None = None
+    ) -> Batch:
         """Rebuild a batch from :meth:`header` output and its payload; ValueError if inconsistent."""
         try:
             extents = [(int(o), int(n), str(k)) for o, n, k in header["extents"]]
@@ -59,7 +61,7 @@ class Batch:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed batch header: {exc!r}")
-        problem = batch.problem()
+        problem = batch.problem(payload_len)
         if problem:
             raise ValueError(problem)
         return batch
@@ -68,8 +70,12 @@ class Batch:
         """Bytes of payload the extents call for."""
         return sum(n for _, n, k in self.extents if k == DATA)
 
-    def problem(self) -> str | None:
-        """Describe what is inconsistent in this batch, or None."""
+    def problem(self, payload_len: int | None = None) -> str | None:
+        """Describe what is inconsistent in this batch, or None.
+
+        ``payload_len`` stands in for the payload's length when the payload
+        is not at hand (a segment verified without decompressing it).
+        """
         if self.gen < 1 or self.seq < 1:
             return f"generation and sequence must be >= 1 (got {self.gen}, {self.seq})"
         for offset, length, kind in self.extents:
@@ -77,8 +83,9 @@ class Batch:
                 return f"unknown extent kind {kind!r}"
             if offset < 0 or length <= 0 or offset + length > self.disk_size:
                 return f"extent {offset}+{length} outside disk of {self.disk_size} bytes"
-        if self.data_length() != len(self.payload):
-            return f"payload is {len(self.payload)} bytes, extents call for {self.data_length()}"
+        have = len(self.payload) if payload_len is None else payload_len
+        if self.data_length() != have:
+            return f"payload is {have} bytes, extents call for {self.data_length()}"
         return None
 
     def pieces(self):

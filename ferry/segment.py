@@ -73,6 +73,45 @@ def unpack(
     notice promised; ``checksum`` is the notice's checksum hex.  With ``key``
     the segment MUST be sealed, without it it MUST NOT be.
     """
+    header, body, flags = _open_segment(data, name, expect, key, checksum)
+    payload = _decompress(body, flags, header, name)
+    try:
+        return Batch.from_header(header, payload)
+    except ValueError as exc:
+        raise SegmentCorrupt(name=name, why=str(exc))
+
+
+def verify(
+    data: bytes,
+    name: str,
+    expect: dict[str, object] | None = None,
+    key: bytes | None = None,
+    checksum: str | None = None,
+) -> dict:
+    """Check a segment as :func:`unpack` does, short of decompressing it; return its header.
+
+    Checksum, identity and authentication are all checked, and the extents
+    must add up to the header's ``raw_len``: what is left for the reader who
+    later unpacks it is only zstd's own framing.
+    """
+    header, _, _ = _open_segment(data, name, expect, key, checksum)
+    raw_len = header.get("raw_len")
+    if not isinstance(raw_len, int) or raw_len < 0:
+        raise SegmentCorrupt(name=name, why="header lacks raw_len")
+    try:
+        Batch.from_header(header, b"", payload_len=raw_len)
+    except ValueError as exc:
+        raise SegmentCorrupt(name=name, why=str(exc))
+    return header
+
+
+def _open_segment(
+    data: bytes,
+    name: str,
+    expect: dict[str, object] | None,
+    key: bytes | None,
+    checksum: str | None,
+) -> tuple[dict, bytes, int]:
     view = memoryview(data)
     if len(view) < _HEAD.size + _BODY.size + _SUM:
         raise SegmentCorrupt(name=name, why=f"truncated ({len(view)} bytes)")
@@ -96,18 +135,15 @@ def unpack(
         header = json.loads(hbytes)
     except ValueError:
         raise SegmentCorrupt(name=name, why="header is not JSON")
+    if not isinstance(header, dict):
+        raise SegmentCorrupt(name=name, why="header is not an object")
     for field, value in (expect or {}).items():
         if header.get(field) != value:
             raise SegmentCorrupt(
                 name=name, why=f"{field} is {header.get(field)!r}, expected {value!r}"
             )
     body = bytes(view[bstart : bstart + blen])
-    body = _open(body, flags, hbytes, key, name)
-    payload = _decompress(body, flags, header, name)
-    try:
-        return Batch.from_header(header, payload)
-    except ValueError as exc:
-        raise SegmentCorrupt(name=name, why=str(exc))
+    return header, _open(body, flags, hbytes, key, name), flags
 
 
 def _open(body: bytes, flags: int, hbytes: bytes, key: bytes | None, name: str) -> bytes:

@@ -8,7 +8,7 @@ import pytest
 
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import SegmentCorrupt
-from ferry.segment import pack, unpack
+from ferry.segment import pack, unpack, verify
 
 KEY = bytes(range(32))
 
@@ -106,3 +106,17 @@ def test_inconsistent_batches_are_refused():
     header["extents"] = [[(1 << 30) - 10, 8192, "d"]]
     with pytest.raises(ValueError, match="outside"):
         Batch.from_header(header, os.urandom(8192))
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "sealed"])
+def test_verify_checks_all_but_decompression(key):
+    data, checksum = pack(sample(), key)
+    header = verify(data, "s", EXPECT, key=key, checksum=checksum)
+    assert header["tag"] == {"id": "web01-1", "kind": "crash"} and header["raw_len"] == 12288
+    for pos in range(0, len(data), max(1, len(data) // 61)):
+        bad = bytearray(data)
+        bad[pos] ^= 0x04
+        with pytest.raises(SegmentCorrupt):
+            verify(bytes(bad), "s", EXPECT, key=key)
+    with pytest.raises(SegmentCorrupt, match="seq"):
+        verify(data, "s", {**EXPECT, "seq": 9}, key=key)
