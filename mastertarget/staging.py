@@ -111,6 +111,13 @@ class Staging:
             seq += 1
         return None
 
+    def run_end(self, gen: int, after: int) -> int | None:
+        """The last seq of the unbroken run of staged batches after ``after``, or None."""
+        seq = after
+        while (gen, seq + 1) in self._index:
+            seq += 1
+        return seq if seq > after else None
+
     def read(self, gen: int, seq: int) -> bytes:
         """The staged segment of (gen, seq); KeyError if it is not staged."""
         return self._index[(gen, seq)].path.read_bytes()

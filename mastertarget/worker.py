@@ -288,12 +288,21 @@ class DiskWorker:
     def apply_ready(self) -> int:
         """Apply every whole group of the cursor's generation, in order; return how many.
 
+        The one exception to whole groups: a disk whose target never reached
+        a tag applies its batches as they arrive (it has no recovery point
+        to keep).
+
         Stops between groups when a stop was asked.
         """
         groups = 0
         while not self.stop.is_set():
             gen, after = self.cursor.gen, self.cursor.applied_seq
             end = self.staging.group_end(gen, after)
+            if end is None and self.cursor.last_tag is None:
+                # Before its first tag ever the target is no recovery point
+                # yet: apply the initial sync as it arrives, so staging never
+                # has to hold the whole disk.
+                end = self.staging.run_end(gen, after)
             if end is None or not self._apply_group(gen, after + 1, end):
                 break
             groups += 1

@@ -199,31 +199,58 @@ def test_group_is_applied_only_when_its_tag_arrives(make_worker, storage, tenant
     answer = new_generation(ps, worker)
     assert answer["gen"] == 1 and answer["empty"] is True and answer["digest_blob"] is None
 
-    b1 = ps.batch(1, 1, [(0, os.urandom(8 * KiB))])
-    b2 = ps.batch(1, 2, [(64 * KiB, os.urandom(4 * KiB)), (0, 4 * KiB)])
-    b3 = ps.batch(1, 3, [(1 * MiB - 12 * KiB, os.urandom(12 * KiB))], tag=True)
+    b0 = ps.batch(1, 1, [(512 * KiB, os.urandom(4 * KiB))], tag=True)
+    ps.ship(b0)
+    drain(worker)
+    first_point = apply_to(bytearray(1 * MiB), b0)
+    assert read_target(worker) == first_point
+
+    b1 = ps.batch(1, 2, [(0, os.urandom(8 * KiB))])
+    b2 = ps.batch(1, 3, [(64 * KiB, os.urandom(4 * KiB)), (0, 4 * KiB)])
+    b3 = ps.batch(1, 4, [(1 * MiB - 12 * KiB, os.urandom(12 * KiB))], tag=True)
     ps.ship(b1)
     ps.ship(b2)
     drain(worker)
-    assert read_target(worker) == b"", "batches without their closing tag were applied"
-    assert worker.cursor.applied_seq == 0
-    assert staged_names(worker) == ["00000001-000000000001.seg", "00000001-000000000002.seg"]
+    assert read_target(worker) == first_point, "batches without their closing tag were applied"
+    assert worker.cursor.applied_seq == 1
+    assert staged_names(worker) == ["00000001-000000000002.seg", "00000001-000000000003.seg"]
 
     ps.ship(b3)
     drain(worker)
-    expected = apply_to(bytearray(1 * MiB), b1, b2, b3)
+    expected = apply_to(bytearray(first_point), b1, b2, b3)
     assert read_target(worker) == expected
     cursor = json.loads(worker.cursor_path.read_text())
-    assert (cursor["gen"], cursor["applied_seq"], cursor["last_tag"]) == (1, 3, b3.tag)
+    assert (cursor["gen"], cursor["applied_seq"], cursor["last_tag"]) == (1, 4, b3.tag)
     assert staged_names(worker) == []
     assert ps.segment_blobs() == []
     assert storage.peek_count(ps.queue) == 0
     state = ps.state()
-    assert (state["gen"], state["applied_seq"], state["staged"]) == (1, 3, 0)
+    assert (state["gen"], state["applied_seq"], state["staged"]) == (1, 4, 0)
     assert state["last_tag"]["t0_wall"] == b3.tag["t0_wall"]
     assert state["resync_required_gen"] is None
     status = json.loads((worker.cursor_path.parent.parent / "status.json").read_text())
-    assert status["disks"][DISK]["applied_seq"] == 3
+    assert status["disks"][DISK]["applied_seq"] == 4
+
+
+def test_before_its_first_tag_a_target_applies_batches_as_they_arrive(make_worker, storage, tenant):
+    ps = ProcessServer(storage, tenant, disk_size=1 * MiB)
+    worker = make_worker()
+    new_generation(ps, worker)
+    b1 = ps.batch(1, 1, [(0, os.urandom(8 * KiB))])
+    b2 = ps.batch(1, 2, [(64 * KiB, os.urandom(4 * KiB))])
+    b3 = ps.batch(1, 3, [(128 * KiB, os.urandom(4 * KiB))])
+    ps.ship(b1)
+    ps.ship(b3)  # early: held until b2 fills the gap
+    drain(worker)
+    assert read_target(worker)[: 8 * KiB] == b1.payload, (
+        "an initial sync needs no tag to be applied"
+    )
+    assert worker.cursor.applied_seq == 1 and worker.cursor.last_tag is None
+    assert staged_names(worker) == ["00000001-000000000003.seg"]
+    ps.ship(b2)
+    drain(worker)
+    assert worker.cursor.applied_seq == 3 and staged_names(worker) == []
+    assert read_target(worker) == apply_to(bytearray(1 * MiB), b1, b2, b3)
 
 
 def test_duplicates_and_out_of_order_notices_apply_once_in_order(make_worker, storage, tenant):
@@ -239,7 +266,10 @@ def test_duplicates_and_out_of_order_notices_apply_once_in_order(make_worker, st
     drain(worker)
     ps.ship(b1)
     drain(worker)
-    assert read_target(worker) == b"" and worker.cursor.applied_seq == 0
+    # Before the first tag batches apply as they come, but never out of order.
+    assert worker.cursor.applied_seq == 1 and read_target(worker)[8 * KiB : 16 * KiB] == bytes(
+        8 * KiB
+    )
     n2 = ps.ship(b2)
     ps.announce(n2)
     drain(worker)
@@ -395,11 +425,14 @@ def test_damaged_staged_file_is_fetched_again_or_never_applied(
     ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
     new_generation(ps, worker)
-    b1 = ps.batch(1, 1, [(0, os.urandom(16 * KiB))])
-    b2 = ps.batch(1, 2, [(32 * KiB, os.urandom(4 * KiB))], tag=True)
+    b0 = ps.batch(1, 1, [(128 * KiB, os.urandom(4 * KiB))], tag=True)  # a first recovery point
+    ps.ship(b0)
+    drain(worker)
+    b1 = ps.batch(1, 2, [(0, os.urandom(16 * KiB))])
+    b2 = ps.batch(1, 3, [(32 * KiB, os.urandom(4 * KiB))], tag=True)
     n1 = ps.ship(b1)
     drain(worker)
-    staged = worker.staging.directory / "00000001-000000000001.seg"
+    staged = worker.staging.directory / "00000001-000000000002.seg"
     damaged = bytearray(staged.read_bytes())
     damaged[100] ^= 1
     staged.write_bytes(damaged)  # the local disk flipped a bit
@@ -408,11 +441,11 @@ def test_damaged_staged_file_is_fetched_again_or_never_applied(
     ps.ship(b2)
     drain(worker)
     if blob_left:
-        assert read_target(worker) == apply_to(bytearray(256 * KiB), b1, b2)
-        assert worker.cursor.applied_seq == 2
+        assert read_target(worker) == apply_to(bytearray(256 * KiB), b0, b1, b2)
+        assert worker.cursor.applied_seq == 3
     else:
-        assert read_target(worker) == b"", "half a group was applied"
-        assert worker.cursor.applied_seq == 0
+        assert read_target(worker) == apply_to(bytearray(256 * KiB), b0), "half a group was applied"
+        assert worker.cursor.applied_seq == 1
         assert ps.state()["resync_required_gen"] == 1
 
 
@@ -489,8 +522,11 @@ def test_lost_lease_stops_applying_at_once(make_worker, storage, tenant):
     try:
         worker = make_worker(ownership=ownership)
         new_generation(ps, worker)
-        ps.ship(ps.batch(1, 1, [(0, b"a" * 4096)]))
+        first = ps.batch(1, 1, [(8192, b"z" * 4096)], tag=True)  # a first recovery point
+        ps.ship(first)
+        ps.ship(ps.batch(1, 2, [(0, b"a" * 4096)]))
         drain(worker)
+        at_first = apply_to(bytearray(256 * KiB), first)
 
         blob = storage.blobs.get_blob_client(CONTROL, naming.lease_blob(tenant, DISK))
         BlobLeaseClient(blob).break_lease(lease_break_period=0)
@@ -498,10 +534,10 @@ def test_lost_lease_stops_applying_at_once(make_worker, storage, tenant):
             deadline = time.monotonic() + 10
             while not ownership.lost and time.monotonic() < deadline:
                 time.sleep(0.05)
-            ps.ship(ps.batch(1, 2, [(0, b"b" * 4096)], tag=True))
+            ps.ship(ps.batch(1, 3, [(0, b"b" * 4096)], tag=True))
             with pytest.raises(LeaseLost, match=f"lost the owner lease of disk {DISK}"):
                 worker.step()
-        assert read_target(worker) == b"" and worker.cursor.applied_seq == 0
+        assert read_target(worker) == at_first and worker.cursor.applied_seq == 1
         assert storage.peek_count(ps.queue) == 1, "a notice was taken without the lease"
     finally:
         ownership.release()
@@ -668,15 +704,18 @@ def test_sigterm_finishes_the_group_in_hand(azurite, storage, tenant, tmp_path):
         request = ps.ask_resync()
         answer = naming.resync_answer_blob(tenant, DISK, request)
         wait_until(lambda: storage.exists(CONTROL, answer), 30, "the resync answer")
+        first = ps.batch(1, 1, [(0, pattern(1, 0, piece))], tag=True)  # a first recovery point
+        ps.ship(first)
+        wait_until(lambda: _cursor(state_dir).get("applied_seq") == 1, 30, "group 1")
         group = [
             ps.batch(1, seq, [(seq * piece, pattern(seq, seq * piece, piece))], tag=seq == 15)
-            for seq in range(1, 16)
+            for seq in range(2, 16)
         ]
         notices = [ps.upload(b) for b in group]
         for notice in notices[:-1]:
             ps.announce(notice)
         staging = state_dir / DISK / "staging"
-        wait_until(lambda: len(list(staging.glob("*.seg"))) == 14, 30, "staging")
+        wait_until(lambda: len(list(staging.glob("*.seg"))) == 13, 30, "staging")
         before = target.stat().st_mtime_ns
         ps.announce(notices[-1])
         deadline = time.monotonic() + 30
@@ -684,7 +723,10 @@ def test_sigterm_finishes_the_group_in_hand(azurite, storage, tenant, tmp_path):
             pass
         assert daemon.stop(signal.SIGTERM) == 0
         assert _cursor(state_dir)["applied_seq"] == 15
-        assert _digest(target) == hashlib.sha256(apply_to(bytearray(disk_size), *group)).hexdigest()
+        assert (
+            _digest(target)
+            == hashlib.sha256(apply_to(bytearray(disk_size), first, *group)).hexdigest()
+        )
         assert "stopped serving disk" in daemon.output()
     finally:
         daemon.kill()
