@@ -97,6 +97,9 @@ _CLIENT_OPTS = {
     "increment_base": 2,
     "random_jitter_range": 1,
     "connection_timeout": 10,
+    # A socket read that waits longer than this fails (and is retried): a
+    # stalled call once held a master target's lease renewal for 126 s.
+    "read_timeout": 20,
 }
 
 
@@ -586,7 +589,9 @@ class Lease:
     def renew(self) -> None:
         """Extend the lease; raises if it was lost."""
         with self._guard("lease"):
-            self._lease.renew()
+            # Short timeouts: a renewal must fail fast enough to be retried
+            # well within the lease's duration.
+            self._lease.renew(connection_timeout=5, read_timeout=10)
 
     def release(self) -> None:
         """Give the lease up; safe to call twice."""
