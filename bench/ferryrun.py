@@ -347,7 +347,7 @@ class FerryRun:
             self.mnt.mkdir()
             sh("mount", self.loop, str(self.mnt))
         self.target = work / "target.img"
-        self.emb = Embedded(work / "ferry", tenant="bench", machine=MACHINE)
+        self.emb = Embedded(work / "ferry", tenant="bench", machine=MACHINE, azurite_on_disk=True)
         self.emb.start_storage()
         self.emb.configure(
             [{"id": DISK, "device": self.loop}],
