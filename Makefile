@@ -5,10 +5,22 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+CONTROLLER := .venv-controller
+ANSIBLE := ANSIBLE_CONFIG=$(CURDIR)/ansible.cfg PATH=$(CURDIR)/$(CONTROLLER)/bin:$$PATH
 
-.PHONY: setup test lint demo bench bench-quick bench-deps bench-replication clean system-deps
+.PHONY: setup controller-azure demo-direct test lint demo bench bench-quick bench-deps bench-replication clean system-deps
 
-setup: $(VENV)/.stamp node_modules/.stamp system-deps
+setup: $(VENV)/.stamp $(CONTROLLER)/.stamp node_modules/.stamp system-deps
+
+# The Ansible controller has its own virtualenv: azure.azcollection pins old Azure SDKs.
+$(CONTROLLER)/.stamp: requirements-controller.txt
+	test -x $(CONTROLLER)/bin/python || $(PYTHON) -m venv $(CONTROLLER)
+	$(CONTROLLER)/bin/pip install -q --disable-pip-version-check -r requirements-controller.txt
+	touch $@
+
+# The azure provider's extras (the deploy job only).
+controller-azure: $(CONTROLLER)/.stamp
+	$(CONTROLLER)/bin/pip install -q --disable-pip-version-check -r requirements-controller-azure.txt
 
 $(VENV)/.stamp: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +33,7 @@ node_modules/.stamp: package.json package-lock.json
 	touch $@
 
 # Debian tools the tests and demo use (installed only when missing, and only as root).
-SYSTEM_TOOLS := mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fsfreeze:util-linux losetup:mount
+SYSTEM_TOOLS := mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fsfreeze:util-linux losetup:mount qemu-img:qemu-utils
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
@@ -36,15 +48,21 @@ system-deps:
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(ANSIBLE) $(CONTROLLER)/bin/yamllint -s roles playbooks inventory .github .yamllint .ansible-lint
+	$(ANSIBLE) $(CONTROLLER)/bin/ansible-lint --offline
 
 test: setup lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: setup
+	$(ANSIBLE) $(CONTROLLER)/bin/ansible-playbook playbooks/demo.yml
+
+# The same main job without Ansible: the daemons straight from ferry/embedded.py.
+demo-direct: setup
 	$(PY) -m ferry.demo
 
 clean:
-	rm -rf $(VENV) node_modules run .pytest_cache
+	rm -rf $(VENV) $(CONTROLLER) node_modules run .pytest_cache
 
 # Benchmarks against cp, rsync, casync and rdiff (docs/performance.md); needs root, about
 # 20 minutes. Writes bench/results/<date>-<host>.{json,md} and charts, and refreshes the

@@ -1,0 +1,346 @@
+"""The playbooks for real on the local inventory: deploy, protect, test failover, cut over.
+
+One deployment per module (its own base directory, ports and machine id, so
+nothing collides with other tests): ``site.yml``, then a loop device with
+ext4 is protected while a writer changes files, a test failover is made and
+cleaned up, the machine is cut over and the VHD checked, and everything is
+torn down.  The tests run in file order and build on each other, as an
+operator's session does.
+
+The daemons register with the configuration server and run in server mode,
+as the local inventory has them; ``FERRY_TEST_SETTINGS_MODE=1`` runs the
+same tests with the daemons on settings files instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ferry import cutover, naming
+from ferry.azurite import free_port
+from ferry.embedded import copy_tree_sample
+from ferry.storage import Storage
+
+pytestmark = [pytest.mark.root]
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTROLLER = ROOT / ".venv-controller" / "bin"
+MiB = 1 << 20
+SERVER_MODE = os.environ.get("FERRY_TEST_SETTINGS_MODE") != "1"
+RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+class Deployment:
+    """The local inventory, pointed at a base directory of its own."""
+
+    def __init__(self, base: Path, device: str, mountpoint: Path) -> None:
+        self.base = base
+        self.machine = "t" + uuid.uuid4().hex[:8]
+        self.disk = f"{self.machine}-disk0"
+        self.device = device
+        self.mountpoint = mountpoint
+        self.extra = base / "extra.yml"
+        self.hook_mark = base / "pre-cutover-hook-ran"
+        self.extra.write_text(yaml.safe_dump(self.variables()))
+
+    def variables(self) -> dict:
+        return {
+            "ferry_local_base": str(self.base / "ferry"),
+            # The development virtualenv, as it is: installing a new one is
+            # what a real host does (and slow); the role then only uses it.
+            "ferry_venv": str(ROOT / ".venv"),
+            "ferry_venv_managed": False,
+            "mobility_agent_machine": self.machine,
+            "mobility_agent_disks": [{"id": self.disk, "device": self.device}],
+            "storage_azurite_blob_port": free_port(),
+            "storage_azurite_queue_port": free_port(),
+            "storage_azurite_table_port": free_port(),
+            "config_server_port": free_port(),
+            "process_server_port": free_port(),
+            "cutover_pre_hooks": [f"touch {self.hook_mark}"],
+            "cutover_progress_interval": 2,
+        } | ({} if SERVER_MODE else {"ferry_config_server_url": ""})
+
+    @property
+    def state(self) -> Path:
+        return self.base / "ferry" / "lib"
+
+    def playbook(self, name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+               "ANSIBLE_FORCE_COLOR": "0", "PATH": f"{CONTROLLER}:{os.environ.get('PATH', '')}",
+               # Every inventory host is this machine: gather its facts once per module.
+               "ANSIBLE_GATHERING": "smart", "ANSIBLE_CACHE_PLUGIN": "ansible.builtin.jsonfile",
+               "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(self.base / "facts")}  # fmt: skip
+        cmd = [str(CONTROLLER / "ansible-playbook"), f"playbooks/{name}", "-e", f"@{self.extra}"]
+        result = subprocess.run(
+            [*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        (self.base / f"{name}.{time.monotonic_ns()}.log").write_text(result.stdout + result.stderr)
+        return result
+
+    def ok(self, name: str, *args: str) -> subprocess.CompletedProcess:
+        result = self.playbook(name, *args)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        return result
+
+    def running(self) -> set[str]:
+        """The components whose supervisor is alive."""
+        names = set()
+        for pidfile in (self.base / "ferry" / "run").glob("*.pid"):
+            state = json.loads(pidfile.read_text())
+            if Path(f"/proc/{state['pid']}").exists():
+                names.add(pidfile.stem)
+        return names
+
+    def agent_status(self) -> dict:
+        out = run(str(ROOT / ".venv" / "bin" / "ferry"), "agent", "status", "--json",
+                  "--socket", str(self.state / "agent" / "agent.sock"))  # fmt: skip
+        return json.loads(out)
+
+    def cursor(self) -> dict:
+        return cutover.read_cursor(self.state / "master-target", self.disk)
+
+    def api(self, path: str) -> dict:
+        """GET from the configuration server as the tenant's operator."""
+        import requests
+
+        token = (self.base / "ferry" / "controller" / "secrets" / "operator-token").read_text()
+        port = yaml.safe_load(self.extra.read_text())["config_server_port"]
+        answer = requests.get(f"http://127.0.0.1:{port}{path}", timeout=10,
+                              headers={"Authorization": f"Bearer {token.strip()}"})  # fmt: skip
+        answer.raise_for_status()
+        return answer.json()
+
+    def storage(self) -> Storage:
+        return Storage((self.base / "ferry" / "etc" / "storage.connection").read_text().strip())
+
+
+def changes(result: subprocess.CompletedProcess) -> dict[str, int]:
+    return {m[1]: int(m[3]) for m in RECAP.finditer(result.stdout)}
+
+
+class Writer(threading.Thread):
+    """Rewrites and appends files on the source filesystem until stopped."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = root / "live"
+        self.root.mkdir(exist_ok=True)
+        self.halt = threading.Event()
+        self.writes = 0
+        self.rng = random.Random(3)
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            with open(self.root / f"f{self.rng.randrange(50):02d}.bin", "wb") as f:
+                f.write(self.rng.randbytes(self.rng.choice([4096, 65536, 262144])))
+            with open(self.root / "journal.log", "a") as f:
+                f.write(f"{time.time():.6f} write {self.writes}\n")
+            self.writes += 1
+            self.halt.wait(0.02)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(30)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ansible-local")
+    image = base / "source.img"
+    with open(image, "wb") as f:
+        f.truncate(256 * MiB)
+    run("mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+        str(image))  # fmt: skip
+    device = run("losetup", "--find", "--show", "--direct-io=on", str(image))
+    mountpoint = base / "mnt"
+    mountpoint.mkdir()
+    run("mount", device, str(mountpoint))
+    copy_tree_sample(mountpoint, 40 * MiB)
+    os.sync()
+    deployment = Deployment(base, device, mountpoint)
+    try:
+        yield deployment
+    finally:
+        if deployment.running():  # a test failed before test_teardown_stops_everything
+            deployment.playbook("teardown.yml")
+        subprocess.run(["fsfreeze", "-u", str(mountpoint)], capture_output=True)
+        subprocess.run(["umount", str(mountpoint)], capture_output=True)
+        subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+def test_site_deploys_every_role(deployment):
+    deployment.ok("site.yml")
+    assert {"azurite", "config-server", "process-server"} <= deployment.running()
+    etc = deployment.base / "ferry" / "etc"
+    if SERVER_MODE:
+        # Registered, and waiting for the configuration server to protect something.
+        assert {"agent", "master-target"} <= deployment.running()
+        for name in ("agent", "process-server", "master-target"):
+            assert (etc / f"{name}.credentials.json").stat().st_mode & 0o777 == 0o600
+        kinds = {c["kind"] for c in deployment.api("/tenants/demo/status")["components"]}
+        assert kinds == {"agent", "process-server", "master-target"}
+    else:
+        # Nothing is protected yet: the agent and the master target wait for protect.yml.
+        assert not {"agent", "master-target"} & deployment.running()
+    assert (deployment.base / "ferry" / "controller" / "pki" / "ca.pem").exists()
+    connection = deployment.base / "ferry" / "etc" / "storage.connection"
+    assert connection.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_second_site_run_changes_nothing(deployment):
+    result = deployment.ok("site.yml")
+    assert changes(result) and not any(changes(result).values()), changes(result)
+
+
+def test_check_mode_says_what_it_would_change_and_touches_nothing(deployment):
+    cert = deployment.base / "ferry" / "etc" / "pki" / "process-server.pem"
+    before = cert.read_bytes()
+    pidfile = deployment.base / "ferry" / "run" / "process-server.pid"
+    pid = json.loads(pidfile.read_text())["pid"]
+    result = deployment.ok(
+        "site.yml", "--check", "--diff", "-l", "ps01",
+        "-e", '{"process_server_cert_hosts": ["localhost", "127.0.0.1", "ps01.example.net"]}',
+    )  # fmt: skip
+    said = " ".join(result.stdout.split())
+    assert changes(result)["ps01"] > 0
+    assert "changed: [ps01]" in result.stdout
+    assert "process-server: running (settings changed since start)" in said
+    assert cert.read_bytes() == before
+    assert json.loads(pidfile.read_text())["pid"] == pid
+
+
+def test_protect_replicates_the_loop_device(deployment):
+    deployment.ok("protect.yml")
+    assert {"agent", "master-target"} <= deployment.running()
+    status = deployment.agent_status()
+    assert [d["phase"] for d in status["disks"]] == ["replicating"]
+    assert deployment.cursor()["last_tag"]
+
+
+def test_test_failover_clones_while_replication_goes_on(deployment):
+    writer = Writer(deployment.mountpoint)
+    writer.start()
+    try:
+        time.sleep(2)
+        out_dir = deployment.base / "ferry" / "cutover" / "test-failover" / deployment.machine
+        result = deployment.ok("test_failover.yml", "-e", "machine=web01")
+        record = json.loads((out_dir / "test-failover.json").read_text())
+        vhd = Path(record["made"][0])
+        assert cutover.qemu_info(vhd)["virtual-size"] == 256 * MiB
+        assert record["disks"][0]["fsck"]["clean"] is True
+        assert "at tag" in result.stdout and "applying held" in " ".join(result.stdout.split())
+        # Replication never paused: the target moves past the clone's tag.
+        cloned = record["disks"][0]["tag"]["t0_mono_ns"]
+        deadline = time.monotonic() + 60
+        while deployment.cursor()["last_tag"]["t0_mono_ns"] <= cloned:
+            assert time.monotonic() < deadline, "the target did not move after the test failover"
+            time.sleep(0.5)
+        assert [d["phase"] for d in deployment.agent_status()["disks"]] == ["replicating"]
+        (out_dir / "operator-notes.txt").write_text("not made by the test failover")
+        deployment.ok("test_failover_cleanup.yml", "-e", "machine=web01")
+        assert sorted(p.name for p in out_dir.iterdir()) == ["operator-notes.txt"]
+        again = deployment.ok("test_failover_cleanup.yml", "-e", "machine=web01")
+        assert not any(changes(again).values())
+        if SERVER_MODE:
+            jobs = deployment.api("/tenants/demo/jobs")["jobs"]
+            assert [j["state"] for j in jobs if j["kind"] == "test-failover"] == ["cleaned"]
+    finally:
+        writer.stop()
+
+
+def test_cutover_migrates_the_machine_to_a_verified_vhd(deployment):
+    writer = Writer(deployment.mountpoint)
+    writer.start()
+    try:
+        time.sleep(3)
+        result = deployment.ok("cutover.yml", "-e", "machine=web01")
+    finally:
+        writer.stop()
+    assert writer.writes > 10
+    assert deployment.hook_mark.exists(), "the pre-cutover hook did not run"
+    said = " ".join(result.stdout.split())  # the callback folds long messages
+    assert re.search(r"\d+ s\] \S+-disk0: gen \d+ seq \d+, \d+ staged, at the final tag", said)
+    assert re.search(r"disks ready [\d.]+ s after the cutover started", said)
+    out = deployment.base / "ferry" / "cutover" / deployment.machine
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verified"] and manifest["machine"] == deployment.machine
+    (disk,) = manifest["disks"]
+    assert disk["expected_sha256"] == disk["data_sha256"]
+    vhd = Path(disk["vhd"])
+    assert vhd.stat().st_size == 256 * MiB + 512
+    info = cutover.qemu_info(vhd)
+    assert info["format"] == "vpc" and info["virtual-size"] == 256 * MiB
+    fsck = subprocess.run(["e2fsck", "-fn", str(vhd)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout
+    # Fenced: the agent is gone for good, the master target let go of the disk,
+    # and storage records that nothing after the final tag may be applied.
+    assert "agent" not in deployment.running()
+    assert json.loads((deployment.state / "agent" / "protected.json").read_text())["fenced"]
+    if SERVER_MODE:
+        machines = deployment.api("/tenants/demo/machines")["machines"]
+        assert [m["state"] for m in machines if m["machine"] == deployment.machine] == ["cut-over"]
+        jobs = deployment.api("/tenants/demo/jobs")["jobs"]
+        assert {j["kind"]: j["state"] for j in jobs}["cutover"] == "cutover-complete"
+    else:
+        served = json.loads((deployment.state / "master-target" / "protected.json").read_text())
+        assert deployment.disk not in served["disks"]
+    fence = deployment.storage().get_json(
+        naming.CONTROL_CONTAINER, f"demo/{deployment.disk}/fence.json"
+    )
+    assert fence["tag"]["id"] == manifest["final_tag"]["id"]
+
+
+def test_cutover_asked_twice_cuts_over_once(deployment):
+    vhd = deployment.base / "ferry" / "cutover" / deployment.machine / f"{deployment.disk}.vhd"
+    stamp = vhd.stat().st_mtime_ns
+    result = deployment.ok("cutover.yml", "-e", "machine=web01")
+    assert not any(changes(result).values()), changes(result)
+    assert "was cut over at tag" in " ".join(result.stdout.split())
+    assert vhd.stat().st_mtime_ns == stamp
+    # site.yml keeps the fenced agent down.
+    deployment.ok("site.yml", "-l", "web01")
+    assert "agent" not in deployment.running()
+
+
+def test_secrets_never_appear_in_the_output_even_at_vvv(deployment):
+    canary = "canary-" + uuid.uuid4().hex
+    result = deployment.ok(
+        "site.yml", "-vvv", "-l", "config01,ps01", "-e", f"ferry_admin_key={canary}"
+    )
+    output = result.stdout + result.stderr
+    assert canary not in output
+    secrets = deployment.base / "ferry" / "controller" / "secrets"
+    for name in ("ca-passphrase", "operator-token", "admin-key"):
+        assert secrets.joinpath(name).read_text().strip() not in output
+    if SERVER_MODE:
+        credentials = deployment.base / "ferry" / "etc" / "process-server.credentials.json"
+        assert json.loads(credentials.read_text())["token"] not in output
+    account_key = re.search(
+        r"AccountKey=([^;]+)",
+        (deployment.base / "ferry" / "etc" / "storage.connection").read_text(),
+    )[1]
+    assert account_key not in output
+
+
+def test_teardown_stops_everything(deployment):
+    deployment.ok("teardown.yml")
+    assert not deployment.running()
+    assert not shutil.which("ferry-supervise")  # nothing was installed outside the base
+    assert not list((deployment.base / "ferry" / "systemd").iterdir())
