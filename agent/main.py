@@ -35,6 +35,11 @@ def serve(settings: Settings, stop: StopFlag) -> int:
             session.write_status()
     finally:
         session.close()
+    if not stop.stopping:
+        # The replicator died (its traceback is above): exit non-zero so a
+        # supervisor restarts the agent, which then resyncs.
+        log.error("replication stopped unexpectedly; exiting")
+        return 1
     return 0
 
 
