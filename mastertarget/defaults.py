@@ -29,11 +29,16 @@ LEASE_RETRY_EVERY = 2.0
 LEASE_RETRY_AFTER_ERROR = 2.0
 """Delay before renewing again after a transient storage failure, in seconds."""
 
-RECEIVE_BATCH = 32
+RECEIVE_BATCH = 16
 """Notices received per round, in messages (32 is the queue service's maximum)."""
 
-VISIBILITY_TIMEOUT = 300
-"""How long received notices stay hidden while one round handles them, in seconds."""
+VISIBILITY_TIMEOUT = 30
+"""How long received notices stay hidden from other readers, in seconds.
+
+A master target killed between receiving notices and staging them leaves
+them hidden this long; 300 s stalled a restarted master target for five
+minutes. A round's notices are staged well within 30 s; one that is not
+reappears and is handled again, harmlessly (staging is idempotent)."""
 
 MISSING_BLOB_SIGHTINGS = 3
 """A segment notice whose blob is missing is poisoned on this sighting, in deliveries."""
