@@ -4,8 +4,11 @@ Requests and answers, one JSON object per line::
 
     {"cmd": "status"}                       -> {"ok": true, "status": {...}}
     {"cmd": "tag", "kind": "crash"|"app",
-     "timeout": 120}                        -> {"ok": true, "tag": {...}} once the tagged
+     "timeout": 120, "final": false}        -> {"ok": true, "tag": {...}} once the tagged
                                                batches are durable at the process server
+
+``"final": true`` makes it a cutover's last tag: the agent ships nothing
+more, and the master target fences each disk once it has applied it.
 """
 
 from __future__ import annotations
@@ -64,12 +67,16 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         if cmd == "status":
             return {"ok": True, "status": self.replicator.status()}
         if cmd == "tag":
-            return self._tag(request.get("kind", "crash"), float(request.get("timeout", 120)))
+            return self._tag(
+                request.get("kind", "crash"),
+                float(request.get("timeout", 120)),
+                bool(request.get("final", False)),
+            )
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
-    def _tag(self, kind: str, timeout: float) -> dict[str, Any]:
+    def _tag(self, kind: str, timeout: float, final: bool = False) -> dict[str, Any]:
         try:
-            return {"ok": True, "tag": self.replicator.tag(kind, timeout)}
+            return {"ok": True, "tag": self.replicator.tag(kind, timeout, final=final)}
         except TagFailed as exc:
             return {"ok": False, "error": _legacy_message(exc)}
 

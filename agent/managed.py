@@ -12,10 +12,12 @@ process server) only waits for ``protect``.  Commands:
 | ``tag`` | a tag (``args.kind``: crash or app), done once durable at the process server |
 | ``pause`` / ``resume`` | stop / restart read passes; tracking goes on, so nothing is lost |
 | ``resync`` | a new generation of ``args.disks`` (default: all; compares source and target) |
-| ``drain`` | a final tag, durable at the process server, then no more shipping |
+| ``drain`` | a last tag, durable at the process server, then no more shipping (see below) |
 | ``stop`` | exit cleanly (status 0) |
 | ``rotate-credentials`` | switch to the new token in ``args.token`` and save it in the credentials file |
 
+A drain with ``args.final`` (a cutover) marks its tag final: the master
+target fences the disks once it has applied it, and ``resume`` is refused.
 Pause and drain survive a ``protect`` (which restarts replication) but not
 a restart of the agent.
 """
@@ -221,7 +223,13 @@ class ManagedAgent:
         return "paused"
 
     def cmd_resume(self, _args: dict[str, Any]) -> str:
-        """Run read passes again (after a pause or a drain)."""
+        """Run read passes again (after a pause or a drain that was not final)."""
+        drained = self.drained or {}
+        if drained.get("final"):
+            raise CommandFailed(
+                detail=f"drained for cutover at final tag {drained.get('id')}: the master target "
+                "has fenced the disks; protect the machine afresh to replicate it again"
+            )
         with self._lock:
             self.paused = False
             self.drained = None
@@ -246,13 +254,18 @@ class ManagedAgent:
         return "resync of " + ", ".join(disks) + " requested"
 
     def cmd_drain(self, args: dict[str, Any]) -> dict[str, Any]:
-        """A final tag, durable at the process server; then nothing more is shipped."""
+        """A last tag, durable at the process server; then nothing more is shipped.
+
+        ``args.final`` (a cutover) marks the tag final: the master target fences
+        the disks once it has applied it, and a ``resume`` cannot undo that.
+        """
         if self.drained is not None:
             return {"tag": self.drained, "already": True}
         session = self._current()
         kind = str(args.get("kind") or "crash")
         timeout = float(args.get("timeout") or defaults.TAG_TIMEOUT)
-        tag = session.replicator.tag(kind, timeout, pause_after=True)
+        final = bool(args.get("final"))
+        tag = session.replicator.tag(kind, timeout, pause_after=True, final=final)
         with self._lock:
             self.paused = True
             self.drained = tag

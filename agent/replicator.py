@@ -62,6 +62,9 @@ class TagRequest:
 
     With ``pause_after`` the replicator pauses right after a successful tag,
     before any further pass (a drain: nothing is shipped after the tag).
+    With ``final`` too the tag is marked ``"final": true``: the master target
+    fences the disk once it has applied it (a cutover), so even a batch sent
+    by mistake afterwards is never applied.
     """
 
     kind: str
@@ -69,6 +72,7 @@ class TagRequest:
     result: dict[str, Any] | None = None
     error: str | None = None
     pause_after: bool = False
+    final: bool = False
 
 
 class TagFailed(FerryError):
@@ -181,14 +185,17 @@ class Replicator:
                 if disks is None or disk.id in disks:
                     self._request_resync(disk, reason)
 
-    def tag(self, kind: str, timeout: float, pause_after: bool = False) -> dict[str, Any]:
+    def tag(
+        self, kind: str, timeout: float, pause_after: bool = False, final: bool = False
+    ) -> dict[str, Any]:
         """Take a tag and wait until it is durable at the process server; TagFailed if not.
 
-        With ``pause_after`` passes stop right after the tag (see TagRequest).
+        With ``pause_after`` passes stop right after the tag; ``final`` marks
+        it the disks' last (a cutover; implies ``pause_after``; see TagRequest).
         """
         if kind not in ("crash", "app"):
             raise TagFailed(problem=f"tag kind must be crash or app, not {kind!r}")
-        request = TagRequest(kind, pause_after=pause_after)
+        request = TagRequest(kind, pause_after=pause_after or final, final=final)
         self.tag_requests.put(request)
         deadline = time.monotonic() + timeout
         while not request.done.wait(0.2):
@@ -277,12 +284,13 @@ class Replicator:
     # -- passes -------------------------------------------------------------------------
 
     def _run_pass(
-        self, freeze: bool = False, kind: str = "crash", force: bool = False
+        self, freeze: bool = False, kind: str = "crash", force: bool = False, final: bool = False
     ) -> dict[str, Any] | None:
         """One read pass over every replicating disk; returns the tag if it was clean.
 
         A clean pass that found nothing to ship sends no tag unless ``force``:
-        the target already sits on the latest state.
+        the target already sits on the latest state.  ``final`` marks the tag
+        the disks' last (see TagRequest).
         """
         disks = self._replicating()
         if not disks:
@@ -308,6 +316,8 @@ class Replicator:
                 "frozen": bool(frozen),
                 "disks": sorted(d.id for d in disks),
             }
+            if final:
+                tag["final"] = True
         changed = force or any(len(taken[d.id]) for d in disks)
         for disk in disks:
             self._close_pass(disk, held[disk.id], tag if changed else None)
@@ -416,7 +426,7 @@ class Replicator:
             request.done.set()
             return
         try:
-            tag = self._tag_now(request.kind)
+            tag = self._tag_now(request.kind, request.final)
         except Exception as exc:  # reported to the operator who asked
             log.error("tag request failed: %s", exc)
             request.error = str(exc)
@@ -430,18 +440,18 @@ class Replicator:
                 self.paused.set()
         request.done.set()
 
-    def _tag_now(self, kind: str) -> dict[str, Any] | None:
+    def _tag_now(self, kind: str, final: bool = False) -> dict[str, Any] | None:
         if kind == "app":
             self._hook(self.settings.pre_hook, "pre")
             try:
-                return self._run_pass(freeze=True, kind="app", force=True)
+                return self._run_pass(freeze=True, kind="app", force=True, final=final)
             finally:
                 self._hook(self.settings.post_hook, "post")
         for _ in range(3):
-            tag = self._run_pass(force=True)
+            tag = self._run_pass(force=True, final=final)
             if tag is not None:
                 return tag
-        return self._run_pass(freeze=True, force=True)
+        return self._run_pass(freeze=True, force=True, final=final)
 
     def _hook(self, command: str | None, which: str) -> None:
         if not command:

@@ -77,14 +77,13 @@ def cmd_agent_status(args: argparse.Namespace) -> int:
 
 
 def cmd_agent_tag(args: argparse.Namespace) -> int:
-    answer = _agent_call(
-        args.socket, {"cmd": "tag", "kind": args.kind, "timeout": args.timeout}, args.timeout + 30
-    )
-    tag = answer["tag"]
+    request = {"cmd": "tag", "kind": args.kind, "timeout": args.timeout, "final": args.final}
+    tag = _agent_call(args.socket, request, args.timeout + 30)["tag"]
+    final = "; final: the agent ships nothing more" if tag.get("final") else ""
     print(
         json.dumps(tag)
         if args.json
-        else f"tag {tag['id']} ({tag['kind']}) durable at the process server"
+        else f"tag {tag['id']} ({tag['kind']}) durable at the process server{final}"
     )
     return 0
 
@@ -503,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     tag.add_argument("--socket", required=True, help="the agent's control socket")
     tag.add_argument("--kind", choices=["crash", "app"], default="crash")
     tag.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    tag.add_argument(
+        "--final",
+        action="store_true",
+        help="a cutover's last tag: shipping stops after it and the master target fences the disks",
+    )
     tag.add_argument("--json", action="store_true", help="machine-readable output")
     tag.set_defaults(func=cmd_agent_tag)
 

@@ -26,17 +26,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-import signal
 import stat
 import struct
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +67,8 @@ assert _FOOTER.size == FOOTER_SIZE
 
 COPY_CHUNK = 8 * MiB
 """Bytes read per copy or digest step."""
-CLONE_ATTEMPTS = 5
-"""Copies tried while the target may move, before the master target's applying is held."""
-HOLD_ATTEMPTS = 100
-"""Tries to hold the master target between two groups (each a SIGSTOP of about a copy's length)."""
+HOLD_WAIT = 300.0
+"""Seconds a test failover waits for the master target to finish the group it is applying."""
 
 
 class CutoverError(FerryError):
@@ -400,16 +399,6 @@ def staged(state_dir: str | Path, disk: str) -> list[tuple[int, int, bool]]:
     return found
 
 
-def group_ready(cursor: dict[str, Any], segments: list[tuple[int, int, bool]]) -> bool:
-    """True when a whole group after the cursor is staged: the master target may be applying it."""
-    gen, seq = cursor.get("gen", 0), cursor.get("applied_seq", 0)
-    have = {s for g, s, _ in segments if g == gen}
-    for g, s, tagged in segments:
-        if g == gen and s > seq and tagged and all(n in have for n in range(seq + 1, s + 1)):
-            return True
-    return False
-
-
 def applied(state_dir: str | Path, disk: str, t0_mono_ns: int | None) -> dict[str, Any]:
     """Where ``disk``'s target stands, and whether it sits on the tag taken at ``t0_mono_ns``."""
     cursor = read_cursor(state_dir, disk)
@@ -417,7 +406,7 @@ def applied(state_dir: str | Path, disk: str, t0_mono_ns: int | None) -> dict[st
     segments = staged(state_dir, disk)
     return {
         "disk": disk, "gen": cursor.get("gen"), "applied_seq": cursor.get("applied_seq"),
-        "last_tag": tag or None, "staged": len(segments),
+        "last_tag": tag or None, "staged": len(segments), "fenced": cursor.get("fenced"),
         "applied": t0_mono_ns is not None and tag.get("t0_mono_ns", -1) >= t0_mono_ns,
     }  # fmt: skip
 
@@ -444,65 +433,76 @@ def applied_all(
     return {"disks": states, "applied": all(s["applied"] for s in states)}
 
 
+@contextlib.contextmanager
+def hold_applying(
+    state_dir: str | Path, disk: str, note: str, wait: float | None = None
+) -> Iterator[float]:
+    """Hold the master target's applying of ``disk`` (its ``apply.lock``); yields the seconds waited.
+
+    The master target applies each group holding an exclusive ``flock`` on
+    ``<state_dir>/<disk>/apply.lock`` and skips applying while someone else
+    holds it (mastertarget/worker.py), so under this hold the target sits
+    exactly on the cursor's tag.  It waits for the group in hand to finish
+    (up to ``wait`` seconds).  Notices are still received and staged
+    meanwhile; the lock goes with this process, even if it is killed.
+    """
+    wait = HOLD_WAIT if wait is None else wait
+    directory = Path(state_dir) / disk
+    if not directory.is_dir():
+        raise CutoverError(
+            detail=f"the master target keeps no state for disk {disk} in {state_dir}"
+        )
+    fd = os.open(directory / "apply.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    began = time.monotonic()
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - began > wait:
+                    raise CutoverError(detail=f"disk {disk}: the master target has been applying "
+                                       f"one group for over {wait:.0f} s; try again later")  # fmt: skip
+                time.sleep(0.02)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{note} (pid {os.getpid()})\n".encode(), 0)
+        try:
+            yield time.monotonic() - began
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # drops the lock
+
+
 def clone_at_tag(
-    state_dir: str | Path,
-    disk: str,
-    target: str | Path,
-    out: str | Path,
-    size: int,
-    hold_pid: int | None = None,
+    state_dir: str | Path, disk: str, target: str | Path, out: str | Path, size: int
 ) -> dict[str, Any]:
     """Copy ``disk``'s target to ``out`` as it stands on its latest tag; replication goes on.
 
-    The master target writes its target only while it applies a whole group,
-    and it deletes a group's staged files only after the cursor moved past it
-    (docs/design.md, invariant 8).  So a copy is exactly the target at the
-    cursor's tag when, before and after it, the cursor is the same and no
-    whole group is staged: no apply was running or could have started and
-    finished.  Otherwise the copy is thrown away and tried again.
-
-    Under steady writes a new group may land during every copy.  Then, given
-    the master target's process id, its applying is held (SIGSTOP) between two
-    groups for the length of one copy and released at once; the agent and the
-    process server go on replicating meanwhile, and the notices wait in their
-    queue.  ``apply_held_s`` in the result says how long that took.
+    The copy is made under :func:`hold_applying`: the target is exactly the
+    one at the cursor's tag, and the agent, the process server and the
+    master target's receiving go on meanwhile; only applying waits for the
+    length of one copy, then catches up.  ``apply_held_s`` says how long.
     """
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        for _ in range(CLONE_ATTEMPTS):
-            cursor = _quiet_cursor(state_dir, disk)
-            if cursor and _copy(target, tmp, size) and _still(state_dir, disk, cursor):
-                return _cloned(disk, tmp, out, size, cursor, 0.0)
-        if not hold_pid:
-            raise CutoverError(detail=f"disk {disk}: the target kept moving; no clean copy in "
-                               f"{CLONE_ATTEMPTS} attempts")  # fmt: skip
-        for _ in range(HOLD_ATTEMPTS):
-            result = _clone_held(state_dir, disk, target, tmp, out, size, hold_pid)
-            if result:
-                return result
-            time.sleep(0.05)
-        raise CutoverError(detail=f"disk {disk}: the master target was always mid-apply")
+        with hold_applying(state_dir, disk, f"test failover copying to {out}"):
+            began = time.monotonic()
+            cursor = read_cursor(state_dir, disk)
+            if not cursor.get("last_tag"):
+                raise CutoverError(detail=f"disk {disk} has no recovery point yet")
+            _copy(target, tmp, size)
+            held = time.monotonic() - began
+        os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    return {"disk": disk, "clone": str(out), "size": size, "tag": cursor["last_tag"],
+            "gen": cursor.get("gen"), "applied_seq": cursor.get("applied_seq"),
+            "apply_held_s": round(held, 3)}  # fmt: skip
 
 
-def _quiet_cursor(state_dir: str | Path, disk: str) -> dict[str, Any] | None:
-    cursor = read_cursor(state_dir, disk)
-    if not cursor.get("last_tag"):
-        raise CutoverError(detail=f"disk {disk} has no recovery point yet")
-    if group_ready(cursor, staged(state_dir, disk)):
-        time.sleep(0.2)
-        return None
-    return cursor
-
-
-def _still(state_dir: str | Path, disk: str, cursor: dict[str, Any]) -> bool:
-    now = read_cursor(state_dir, disk)
-    return now == cursor and not group_ready(now, staged(state_dir, disk))
-
-
-def _copy(target: str | Path, tmp: Path, size: int) -> bool:
+def _copy(target: str | Path, tmp: Path, size: int) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         copy_sparse(target, fd, size)
@@ -510,45 +510,6 @@ def _copy(target: str | Path, tmp: Path, size: int) -> bool:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return True
-
-
-def _clone_held(
-    state_dir: str | Path, disk: str, target: str | Path, tmp: Path, out: Path, size: int,
-    pid: int,
-) -> dict[str, Any] | None:  # fmt: skip
-    began = time.monotonic()
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        _wait_stopped(pid)
-        cursor = read_cursor(state_dir, disk)
-        if group_ready(cursor, staged(state_dir, disk)):
-            return None  # stopped mid-apply: let it finish the group
-        _copy(target, tmp, size)
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    return _cloned(disk, tmp, out, size, cursor, time.monotonic() - began)
-
-
-def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
-    """Return once ``pid`` is stopped: SIGSTOP takes effect asynchronously."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        if state in ("T", "t"):
-            return
-        time.sleep(0.001)
-    raise CutoverError(detail=f"the master target (pid {pid}) did not stop within {timeout:.0f} s")
-
-
-def _cloned(
-    disk: str, tmp: Path, out: Path, size: int, cursor: dict[str, Any], held: float
-) -> dict[str, Any]:
-    os.replace(tmp, out)
-    return {"disk": disk, "clone": str(out), "size": size, "tag": cursor["last_tag"],
-            "gen": cursor.get("gen"), "applied_seq": cursor.get("applied_seq"),
-            "apply_held_s": round(held, 3)}  # fmt: skip
 
 
 # -- the whole local cutover of one machine ----------------------------------------------
@@ -623,7 +584,6 @@ def test_failover(
     machine: str,
     targets: dict[str, str],
     out_dir: str | Path,
-    hold_pid: int | None = None,
 ) -> dict[str, Any]:
     """Clone every target of ``machine`` at its latest tag into fixed VHDs under ``out_dir``.
 
@@ -645,7 +605,7 @@ def test_failover(
     }
     try:
         for disk, target in targets.items():
-            _test_failover_disk(state_dir, disk, target, out_dir, record, hold_pid)
+            _test_failover_disk(state_dir, disk, target, out_dir, record)
     except BaseException:
         for name in record["made"]:  # a failed test failover leaves nothing behind
             Path(name).unlink(missing_ok=True)
@@ -662,11 +622,10 @@ def _test_failover_disk(
     target: str,
     out_dir: Path,
     record: dict[str, Any],
-    hold_pid: int | None,
 ) -> None:
     raw, vhd = out_dir / f"{disk}.img", out_dir / f"{disk}.vhd"
     size = device_size(target)
-    clone = clone_at_tag(state_dir, disk, target, raw, size, hold_pid)
+    clone = clone_at_tag(state_dir, disk, target, raw, size)
     try:
         footer = image_to_vhd(raw, vhd, size)
     finally:
@@ -713,7 +672,7 @@ def fence(tenant: str, disk: str, tag: dict[str, Any], storage_env: str) -> dict
     storage = Storage(secret)
     record = {"tenant": tenant, "disk": disk, "tag": tag, "reason": "cutover",
               "fenced_at": time.time()}  # fmt: skip
-    name = f"{tenant}/{disk}/fence.json"
+    name = naming.fence_blob(tenant, disk)
     storage.put(naming.CONTROL_CONTAINER, name, json.dumps(record).encode())
     return {"fence_blob": f"{naming.CONTROL_CONTAINER}/{name}", **record}
 
@@ -748,13 +707,11 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("--state-dir", "--disk", "--target", "--out"):
         p.add_argument(name, required=True)
     p.add_argument("--size", type=int, required=True)
-    p.add_argument("--hold-pid", type=int, help="the master target's pid, to hold its applying")
     p = sub.add_parser("test-failover", help="clone a machine's targets at their latest tag")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--machine", required=True)
     p.add_argument("--targets-json", required=True, help='{"disk id": "target path", ...}')
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--hold-pid", type=int, help="the master target's pid, to hold its applying")
     p = sub.add_parser("test-failover-cleanup", help="remove what test-failover made")
     p.add_argument("--out-dir", required=True)
     p = sub.add_parser("fence", help="record that nothing after the final tag is applied")
@@ -779,12 +736,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "verify":
         return verify_vhd(args.vhd, args.size, args.sha256)
     if args.command == "clone":
-        return clone_at_tag(
-            args.state_dir, args.disk, args.target, args.out, args.size, args.hold_pid
-        )
+        return clone_at_tag(args.state_dir, args.disk, args.target, args.out, args.size)
     if args.command == "test-failover":
         targets = json.loads(args.targets_json)
-        return test_failover(args.state_dir, args.machine, targets, args.out_dir, args.hold_pid)
+        return test_failover(args.state_dir, args.machine, targets, args.out_dir)
     if args.command == "test-failover-cleanup":
         return test_failover_cleanup(args.out_dir)
     return fence(args.tenant, args.disk, json.loads(args.tag_json), args.storage_env)

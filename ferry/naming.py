@@ -83,6 +83,11 @@ def resync_answer_blob(tenant: str, disk: str, request_id: str) -> str:
     return f"{tenant}/{disk}/resync/{request_id}.json"
 
 
+def fence_blob(tenant: str, disk: str) -> str:
+    """Blob recording a disk's fence (a cutover): nothing after its tag is ever applied."""
+    return f"{tenant}/{disk}/fence.json"
+
+
 def disk_state_blob(tenant: str, disk: str) -> str:
     """Blob in which the master target publishes a disk's applied state (JSON)."""
     return f"{tenant}/{disk}/state.json"

@@ -11,7 +11,9 @@ The cursor is written with :func:`ferry.durable.write_json` (temporary file,
 fsync, rename, fsync of the directory): a crash leaves the old or the new
 cursor, never a torn one.  ``resync_request`` names the request that started
 ``gen``, so a crash between the cursor and the answer blob reuses the
-generation instead of starting another one.
+generation instead of starting another one.  ``fenced`` is set, in the same
+write as the cursor that reached it, when the disk's final tag (a cutover) is
+applied: from then on the disk is never served again.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Cursor:
     resync_request: str | None = None
     resync_required_gen: int | None = None
     reason: str | None = None
+    fenced: dict[str, Any] | None = None
+    """Set once the disk is fenced (a cutover): ``{"tag", "reason", "at"}``; nothing is applied after."""
 
     def is_stale(self, gen: int, seq: int) -> bool:
         """True when batch (gen, seq) is already applied or belongs to a finished generation."""

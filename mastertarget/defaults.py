@@ -60,6 +60,9 @@ a delta wait 1.3 s); polling an empty queue four times a second costs about
 ERROR_BACKOFF_MAX = 30.0
 """Longest wait after storage was unavailable (the wait doubles up to it), in seconds."""
 
+FENCE_CHECK_EVERY = 5.0
+"""Seconds between reads of a disk's fence record (``fence.json``) while it is served."""
+
 STATUS_INTERVAL = 1.0
 """Interval between refreshes of ``<state_dir>/status.json``, in seconds."""
 

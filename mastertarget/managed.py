@@ -63,6 +63,8 @@ REPORTED = (
     "resync_required_gen",
     "reason",
     "bytes_applied",
+    "fenced",
+    "held",
 )
 """The fields of a disk's state (see mastertarget.worker) sent in its report."""
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from ferry.errors import RetryableError
 from ferry.storage import Storage
+from mastertarget import cursor as cursors
 from mastertarget import defaults
 from mastertarget.ownership import Ownership
 from mastertarget.settings import DiskSettings, Settings
@@ -64,6 +65,8 @@ class DiskRunner(threading.Thread):
             self.failed.set()
 
     def _serve(self) -> None:
+        if self._fenced():
+            return
         ownership = Ownership(
             self.storage(),
             self.settings.tenant,
@@ -74,22 +77,48 @@ class DiskRunner(threading.Thread):
         if not self._retrying(lambda: ownership.acquire(self.wait, self.stop)):
             return
         try:
-            worker = DiskWorker(
-                self.settings,
-                self.disk,
-                self.storage(),
-                key=self.key,
-                ownership=ownership,
-                board=self.board,
-                stop=self.stop,
-                on_applied=self.on_applied,
-            ).open()
+            worker = self._worker(ownership).open()
             try:
                 self._loop(worker)
             finally:
                 worker.close()
         finally:
             ownership.release()
+        if worker.fenced:
+            log.info(
+                "disk %s is fenced: no longer served; its owner lease is released", self.disk.id
+            )
+
+    def _worker(self, ownership: Ownership | None) -> DiskWorker:
+        return DiskWorker(
+            self.settings,
+            self.disk,
+            self.storage(),
+            key=self.key,
+            ownership=ownership,
+            board=self.board,
+            stop=self.stop,
+            on_applied=self.on_applied,
+        )
+
+    def _fenced(self) -> bool:
+        """True if the disk was fenced before this run: publish its state, never serve it."""
+        path = self.settings.state_dir / self.disk.id / "cursor.json"
+        if cursors.load(path, self.settings.tenant, self.disk.id).fenced is None:
+            return False
+        worker = self._worker(None).open()
+        try:
+            self._retrying(lambda: worker.publish(force=True), attempts=3)
+            fenced = worker.cursor.fenced or {}
+            log.info(
+                "disk %s was fenced at tag %s (%s): not serving it",
+                self.disk.id,
+                (fenced.get("tag") or {}).get("id"),
+                fenced.get("reason"),
+            )
+        finally:
+            worker.close()
+        return True
 
     def _loop(self, worker: DiskWorker) -> None:
         c = worker.cursor
@@ -104,7 +133,7 @@ class DiskRunner(threading.Thread):
         if self.on_applied is not None and c.last_tag and c.applied_seq > 0:
             self.on_applied(self.disk.id, c.last_tag, c.gen, c.applied_seq)  # idempotent
         idle = defaults.IDLE_POLL_MIN
-        while not self.stop.is_set():
+        while not self.stop.is_set() and not worker.fenced:
             done = self._retrying(worker.step)
             if done:
                 idle = defaults.IDLE_POLL_MIN

@@ -118,6 +118,11 @@ class Staging:
             seq += 1
         return seq if seq > after else None
 
+    def tag(self, gen: int, seq: int) -> dict | None:
+        """The tag in the staged segment's header (unverified: a hint, checked when applied)."""
+        tag = (_peek_header(self._index[(gen, seq)].path) or {}).get("tag")
+        return tag if isinstance(tag, dict) else None
+
     def read(self, gen: int, seq: int) -> bytes:
         """The staged segment of (gen, seq); KeyError if it is not staged."""
         return self._index[(gen, seq)].path.read_bytes()
@@ -147,6 +152,12 @@ def _peek_tagged(path: Path) -> bool | None:
 
     Only a hint for grouping: every staged file is fully verified before it is applied.
     """
+    header = _peek_header(path)
+    return None if header is None else header.get("tag") is not None
+
+
+def _peek_header(path: Path) -> dict | None:
+    """The unverified header of the staged segment at ``path``; None if unreadable."""
     try:
         with open(path, "rb") as f:
             prefix = f.read(_PREFIX.size)
@@ -158,9 +169,7 @@ def _peek_tagged(path: Path) -> bool | None:
             header = json.loads(f.read(hlen))
     except (OSError, ValueError):
         return None
-    if not isinstance(header, dict):
-        return None
-    return header.get("tag") is not None
+    return header if isinstance(header, dict) else None
 
 
 def _checksum_holds(path: Path) -> bool:

@@ -13,15 +13,30 @@ Write and delete ordering (docs/design.md, "Master target"; invariants 7-8):
 A crash between any two steps leaves work that the next start redoes
 harmlessly: notices come back, staged files replay (extents are absolute),
 and stale leftovers are recognised against the cursor and removed.
+
+Fence (a cutover): the group closing with a tag marked ``final``, or with
+the tag named in ``ferry-control/<tenant>/<disk>/fence.json``, is the last
+one applied; the cursor that reaches it records ``fenced`` in the same
+write, and the disk is never served again.  A group newer than the fence's
+tag is refused.
+
+Hold (a test failover): each group is applied holding an exclusive
+``flock`` on ``<state_dir>/<disk>/apply.lock``.  Whoever else holds that lock
+(``ferry.cutover.clone_at_tag``) sees the target sitting exactly on the
+cursor's tag; meanwhile notices are still received and staged, so
+replication goes on and only applying waits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +102,11 @@ class DiskWorker:
         self.staging = Staging(self.directory / "staging")
         self.target = Target(disk.target)
         self.cursor = cursors.Cursor(self.tenant, self.disk)
+        self.apply_lock_path = self.directory / "apply.lock"
+        self.fence: dict[str, Any] | None = None
+        self.held = False
+        self._apply_lock: int | None = None
+        self._fence_at = float("-inf")
         self._changed = False
         self._stale_possible = True
         self._status_at = self._state_at = float("-inf")
@@ -98,13 +118,25 @@ class DiskWorker:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.cursor = cursors.load(self.cursor_path, self.tenant, self.disk)
         self.target.open()
+        self._apply_lock = os.open(
+            self.apply_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
         for path in self.staging.scan():
             self._forget_unreadable(path)
+        self._check_fence(force=True)
         return self
 
     def close(self) -> None:
         """Release the target; the queue, staging and cursor stay as they are."""
         self.target.close()
+        if self._apply_lock is not None:
+            os.close(self._apply_lock)
+            self._apply_lock = None
+
+    @property
+    def fenced(self) -> bool:
+        """True once the disk is fenced: nothing more is received or applied."""
+        return self.cursor.fenced is not None
 
     def _forget_unreadable(self, path: Path) -> None:
         # The file's name still says which batch it was; its blob may still
@@ -120,7 +152,11 @@ class DiskWorker:
         """Handle one round of notices and apply every whole group; return the work done.
 
         The result counts notices handled plus groups applied: 0 means idle.
+        A fenced disk does nothing.
         """
+        self._check_fence()
+        if self.fenced:
+            return 0
         self._check_owner()
         self._discard_stale()
         messages = self.storage.receive(
@@ -292,10 +328,11 @@ class DiskWorker:
         a tag applies its batches as they arrive (it has no recovery point
         to keep).
 
-        Stops between groups when a stop was asked.
+        Stops between groups when a stop was asked, when the disk is fenced
+        and while someone else holds ``apply.lock``.
         """
         groups = 0
-        while not self.stop.is_set():
+        while not self.stop.is_set() and not self.fenced:
             gen, after = self.cursor.gen, self.cursor.applied_seq
             end = self.staging.group_end(gen, after)
             if end is None and self.cursor.last_tag is None:
@@ -303,10 +340,43 @@ class DiskWorker:
                 # yet: apply the initial sync as it arrives, so staging never
                 # has to hold the whole disk.
                 end = self.staging.run_end(gen, after)
-            if end is None or not self._apply_group(gen, after + 1, end):
+            if end is None or self._past_fence(gen, end):
                 break
+            with self._applying() as allowed:
+                if not allowed or not self._apply_group(gen, after + 1, end):
+                    break
             groups += 1
         return groups
+
+    @contextlib.contextmanager
+    def _applying(self) -> Iterator[bool]:
+        """Hold ``apply.lock`` for one group; yields False while someone else holds it."""
+        if self._apply_lock is None:
+            yield True
+            return
+        try:
+            fcntl.flock(self._apply_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not self.held:
+                self.held = True
+                self._changed = True
+                log.info("disk %s: applying held (%s)", self.disk, self._holder())
+            yield False
+            return
+        if self.held:
+            self.held = False
+            self._changed = True
+            log.info("disk %s: applying resumed", self.disk)
+        try:
+            yield True
+        finally:
+            fcntl.flock(self._apply_lock, fcntl.LOCK_UN)
+
+    def _holder(self) -> str:
+        try:
+            return self.apply_lock_path.read_text().strip() or "no note"
+        except OSError:
+            return "no note"
 
     def _apply_group(self, gen: int, first: int, last: int) -> bool:
         """Apply batches ``first..last`` of ``gen`` and advance the cursor; False if it cannot."""
@@ -333,9 +403,12 @@ class DiskWorker:
                 last_tag=tag,
                 applied_at=time.time(),
                 bytes_applied=self.cursor.bytes_applied + written,
+                fenced=self._fence_reached(tag),
             )
         )
         self._discard_stale()
+        if self.fenced:
+            self._fenced_now()
         if tag is not None and self.on_applied is not None:
             self.on_applied(self.disk, tag, gen, last)
         log.info(
@@ -399,6 +472,79 @@ class DiskWorker:
             self._changed = True
         self._stale_possible = False
 
+    # -- fence ---------------------------------------------------------------------------
+
+    def _check_fence(self, force: bool = False) -> None:
+        """Read the disk's fence record now and then; fence at once if the cursor is on its tag."""
+        now = time.monotonic()
+        if self.fenced or (not force and now - self._fence_at < defaults.FENCE_CHECK_EVERY):
+            return
+        self._fence_at = now
+        name = naming.fence_blob(self.tenant, self.disk)
+        try:
+            record = self.storage.get_json(CONTROL, name)
+        except NotFound:
+            record = None
+        except ValueError as exc:
+            record = f"not JSON ({exc})"
+        if record is not None and not (
+            isinstance(record, dict) and isinstance(record.get("tag"), dict)
+        ):
+            log.error("disk %s: ignoring fence record %s/%s without a tag: %.200s",
+                      self.disk, CONTROL, name, record)  # fmt: skip
+            record = None
+        if record is not None and self.fence is None:
+            log.info("disk %s: will be fenced at tag %s", self.disk, record["tag"].get("id"))
+        self.fence = record
+        fenced = self._fence_reached(self.cursor.last_tag)
+        if fenced is not None:
+            self._save(dataclasses.replace(self.cursor, fenced=fenced))
+            self._fenced_now()
+
+    def _fence_reached(self, tag: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The ``fenced`` record if ``tag`` is the disk's last tag (final, or the fence's)."""
+        if not tag:
+            return None
+        if tag.get("final"):
+            return {"tag": tag, "reason": "final tag (cutover)", "at": time.time()}
+        wanted = (self.fence or {}).get("tag") or {}
+        if wanted.get("id") is not None and tag.get("id") == wanted.get("id"):
+            reason = (self.fence or {}).get("reason") or "fence record"
+            return {"tag": tag, "reason": reason, "at": time.time()}
+        return None
+
+    def _past_fence(self, gen: int, end: int) -> bool:
+        """True (and the disk fenced where it stands) if the group closing at ``end`` is newer
+        than the fence's tag: the fence's own tag can no longer arrive in order."""
+        wanted = (self.fence or {}).get("tag") or {}
+        tag = self.staging.tag(gen, end)
+        if not tag or not isinstance(wanted.get("t0_mono_ns"), int):
+            return False
+        newer = (
+            tag.get("id") != wanted.get("id") and tag.get("t0_mono_ns", 0) > wanted["t0_mono_ns"]
+        )
+        if not newer:
+            return False
+        reason = (
+            f"group gen {gen} up to seq {end} closes with tag {tag.get('id')}, newer than the "
+            f"fence's tag {wanted.get('id')}, which never arrived; refused it"
+        )
+        self._save(dataclasses.replace(
+            self.cursor, fenced={"tag": self.cursor.last_tag, "reason": reason, "at": time.time()}
+        ))  # fmt: skip
+        log.error("disk %s: %s", self.disk, reason)
+        self._fenced_now()
+        return True
+
+    def _fenced_now(self) -> None:
+        f = self.cursor.fenced or {}
+        log.info(
+            "disk %s: fenced at tag %s (%s); nothing after it is applied",
+            self.disk,
+            (f.get("tag") or {}).get("id"),
+            f.get("reason"),
+        )
+
     # -- state ---------------------------------------------------------------------------
 
     def _save(self, cursor: cursors.Cursor) -> None:
@@ -422,6 +568,8 @@ class DiskWorker:
             "resync_required_gen": c.resync_required_gen,
             "reason": c.reason,
             "bytes_applied": c.bytes_applied,
+            "fenced": c.fenced,
+            "held": self.held,
             "updated_at": time.time(),
         }
 

@@ -305,6 +305,13 @@ def test_cutover_migrates_the_machine_to_a_verified_vhd(deployment):
         naming.CONTROL_CONTAINER, f"demo/{deployment.disk}/fence.json"
     )
     assert fence["tag"]["id"] == manifest["final_tag"]["id"]
+    # The master target stopped at the final tag, for good, and let go of the disk.
+    cursor = deployment.cursor()
+    assert cursor["last_tag"]["id"] == cursor["fenced"]["tag"]["id"] == manifest["final_tag"]["id"]
+    assert cursor["last_tag"]["final"] is True
+    lease = naming.lease_blob("demo", deployment.disk)
+    with deployment.storage().lease(naming.CONTROL_CONTAINER, lease, deployment.disk, 15):
+        pass  # free: nothing serves the disk any more
 
 
 def test_cutover_asked_twice_cuts_over_once(deployment):

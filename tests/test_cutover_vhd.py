@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -216,14 +218,6 @@ def fake_master_target(base: Path, disk: str, applied_seq: int, staged: dict[int
     return state
 
 
-def test_a_whole_staged_group_means_an_apply_may_be_running(tmp_path):
-    state = fake_master_target(tmp_path, "d0", 4, {5: False, 6: True})
-    cursor = cutover.read_cursor(state, "d0")
-    assert cutover.group_ready(cursor, cutover.staged(state, "d0"))
-    assert not cutover.group_ready(cursor, [(1, 5, False), (1, 7, True)])  # seq 6 missing
-    assert not cutover.group_ready(cursor, [(1, 5, False)])  # no closing tag yet
-
-
 def test_clone_copies_the_target_at_its_tag(tmp_path):
     state = fake_master_target(tmp_path, "d0", 9, {10: False})
     target = write_image(tmp_path / "target.img", 2 * MiB, {0: b"t" * 512})
@@ -232,49 +226,68 @@ def test_clone_copies_the_target_at_its_tag(tmp_path):
     assert sha256(tmp_path / "clone.img", 2 * MiB) == sha256(target, 2 * MiB)
 
 
-def test_clone_gives_up_while_a_group_is_being_applied(tmp_path, monkeypatch):
-    state = fake_master_target(tmp_path, "d0", 1, {2: True})
+def _applying_group(state: Path, target: Path, release: threading.Event) -> threading.Thread:
+    """Play a master target in the middle of a group: it holds apply.lock, and when released it
+    writes the group's data and moves the cursor on, then lets go of the lock."""
+    fd = os.open(state / "d0" / "apply.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def finish() -> None:
+        release.wait(10)
+        with open(target, "r+b") as f:
+            f.write(b"G" * 512)  # the rest of the group
+        cursor = state / "d0" / "cursor.json"
+        doc = json.loads(cursor.read_text())
+        doc.update(applied_seq=doc["applied_seq"] + 1, last_tag={"id": "web01-next"})
+        cursor.write_text(json.dumps(doc))
+        os.close(fd)
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    return thread
+
+
+def test_clone_waits_for_the_group_in_hand_and_copies_the_tag_after_it(tmp_path):
+    state = fake_master_target(tmp_path, "d0", 1, {})
+    target = write_image(tmp_path / "target.img", MiB, {0: b"x" * 512})
+    release = threading.Event()
+    group = _applying_group(state, target, release)
+    threading.Timer(0.3, release.set).start()
+    result = cutover.clone_at_tag(state, "d0", target, tmp_path / "clone.img", MiB)
+    group.join()
+    assert result["tag"]["id"] == "web01-next" and result["applied_seq"] == 2
+    assert (tmp_path / "clone.img").read_bytes()[:512] == b"G" * 512
+    assert sha256(tmp_path / "clone.img", MiB) == sha256(target, MiB)
+    assert (state / "d0" / "apply.lock").read_bytes() == b""  # the hold's note is gone
+
+
+def test_clone_gives_up_when_one_group_takes_too_long(tmp_path):
+    state = fake_master_target(tmp_path, "d0", 1, {})
     target = write_image(tmp_path / "target.img", MiB, {})
-    monkeypatch.setattr(cutover, "CLONE_ATTEMPTS", 2)
-    monkeypatch.setattr(cutover.time, "sleep", lambda _s: None)
-    with pytest.raises(cutover.CutoverError, match="kept moving"):
-        cutover.clone_at_tag(state, "d0", target, tmp_path / "clone.img", MiB)
+    release = threading.Event()
+    group = _applying_group(state, target, release)
+    try:
+        with (
+            pytest.raises(cutover.CutoverError, match="applying one group for over 0 s"),
+            cutover.hold_applying(state, "d0", "test", wait=0.2),
+        ):
+            pass
+    finally:
+        release.set()
+        group.join()
     assert not (tmp_path / "clone.img").exists()
 
 
-def test_clone_holds_a_busy_master_target_between_groups(tmp_path, monkeypatch):
-    # The cursor moves during every copy: only holding the master target's
-    # applying (a real process here, stopped and continued) gives a clean copy.
-    state = fake_master_target(tmp_path, "d0", 1, {})
-    target = write_image(tmp_path / "target.img", MiB, {0: b"x" * 512})
+def test_clone_refuses_a_disk_without_a_recovery_point_or_state(tmp_path):
+    state = fake_master_target(tmp_path, "d0", 0, {})
     cursor = state / "d0" / "cursor.json"
-    busy = subprocess.Popen(["sleep", "60"])
-    real_copy = cutover._copy
-    held = []
-
-    def moving_copy(src, tmp, size):
-        stopped = Path(f"/proc/{busy.pid}/stat").read_text().split()[2] == "T"
-        held.append(stopped)
-        if not stopped:  # a group lands while we copy
-            doc = json.loads(cursor.read_text())
-            doc["applied_seq"] += 1
-            cursor.write_text(json.dumps(doc))
-        return real_copy(src, tmp, size)
-
-    monkeypatch.setattr(cutover, "_copy", moving_copy)
-    monkeypatch.setattr(cutover.time, "sleep", lambda _s: None)
-    try:
-        with pytest.raises(cutover.CutoverError, match="kept moving"):
-            cutover.clone_at_tag(state, "d0", target, tmp_path / "a.img", MiB)
-        result = cutover.clone_at_tag(state, "d0", target, tmp_path / "b.img", MiB, busy.pid)
-        assert Path(f"/proc/{busy.pid}/stat").read_text().split()[2] != "T"  # continued
-    finally:
-        busy.kill()
-        busy.wait()
-    assert (
-        held[-1] is True and result["applied_seq"] == json.loads(cursor.read_text())["applied_seq"]
-    )
-    assert sha256(tmp_path / "b.img", MiB) == sha256(target, MiB)
+    cursor.write_text(json.dumps({**json.loads(cursor.read_text()), "last_tag": None}))
+    target = write_image(tmp_path / "target.img", MiB, {})
+    with pytest.raises(cutover.CutoverError, match="no recovery point yet"):
+        cutover.clone_at_tag(state, "d0", target, tmp_path / "clone.img", MiB)
+    with pytest.raises(cutover.CutoverError, match="keeps no state for disk d9"):
+        cutover.clone_at_tag(state, "d9", target, tmp_path / "clone.img", MiB)
+    assert not (tmp_path / "clone.img").exists()
 
 
 def test_test_failover_cleanup_removes_exactly_what_it_made(tmp_path):

@@ -171,6 +171,14 @@ def test_status_joins_reports_heartbeats_and_health(api):
     assert status["machines"][0]["disks"][0]["health"] == "resync"
     bad = api.post(f"/components/self/disks/{disk}/report", estate.agent, {"gen": -1})
     assert bad.status_code == 400 and "gen" in bad.json()["error"]
+    # Cut over: the master target reports the disk fenced at its final tag.
+    fenced = {"tag": {"id": "1-9", "final": True}, "reason": "final tag (cutover)", "at": 1.0}
+    report = {"applied_seq": 9, "fenced": fenced, "held": False}
+    assert api.post(f"/components/self/disks/{disk}/report", estate.mt, report).status_code == 204
+    view = api.get(f"/tenants/{estate.tenant}/status", estate.operator).json()["machines"][0]
+    assert (view["disks"][0]["phase"], view["disks"][0]["fenced"]) == ("fenced", fenced)
+    bad = api.post(f"/components/self/disks/{disk}/report", estate.mt, {"fenced": "yes"})
+    assert bad.status_code == 400 and "fenced" in bad.json()["error"]
 
 
 def test_commands_are_queued_once_per_key_and_reported(api):

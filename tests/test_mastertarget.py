@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,13 +22,14 @@ import pytest
 import xxhash
 from azure.storage.blob import BlobLeaseClient
 
-from ferry import blockio, naming, segment
+from ferry import blockio, cutover, naming, segment
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import DeviceError
 from ferry.storage import Storage
 from mastertarget.errors import LeaseLost, StateInUse
 from mastertarget.main import main
 from mastertarget.ownership import Ownership
+from mastertarget.service import serve
 from mastertarget.settings import DiskSettings, Settings
 from mastertarget.status import StatusBoard
 from mastertarget.worker import DiskWorker
@@ -553,6 +555,127 @@ def test_state_directory_serves_one_process_at_a_time(storage, tenant, tmp_path)
     finally:
         mine.release()
         other.release()
+
+
+# -- fence (cutover) and hold (test failover) ------------------------------------------------------
+
+
+def _fence_record(storage: Storage, tenant: str, tag: dict) -> None:
+    record = {"tenant": tenant, "disk": DISK, "tag": tag, "reason": "cutover", "fenced_at": 1.0}
+    storage.put_json(CONTROL, naming.fence_blob(tenant, DISK), record)
+
+
+def test_final_tag_fences_the_disk_and_nothing_after_it_is_applied(make_worker, storage, tenant):
+    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    worker = make_worker()
+    new_generation(ps, worker)
+    b1 = ps.batch(1, 1, [(0, b"a" * 4096)], tag=True)
+    b2 = ps.batch(1, 2, [(4096, b"b" * 4096)], tag=True)
+    b2.tag["final"] = True
+    after = [ps.batch(1, 3, [(0, b"X" * 4096)]), ps.batch(1, 4, [(8192, b"Y" * 4096)], tag=True)]
+    for batch in (b1, b2, *after):
+        ps.ship(batch)
+    drain(worker)
+
+    at_final = apply_to(bytearray(256 * KiB), b1, b2)
+    assert read_target(worker) == at_final, "a batch sent after the final tag was applied"
+    cursor = json.loads(worker.cursor_path.read_text())
+    assert (cursor["applied_seq"], cursor["fenced"]["tag"]["id"]) == (2, b2.tag["id"])
+    assert ps.state()["fenced"]["reason"] == "final tag (cutover)"
+    assert worker.step() == 0  # no longer served
+    assert staged_names(worker) == ["00000001-000000000003.seg", "00000001-000000000004.seg"]
+
+    worker.close()
+    again = make_worker()  # a restart remembers the fence
+    assert again.fenced and again.step() == 0
+    assert read_target(again) == at_final
+
+
+def test_fence_record_stops_the_disk_at_its_tag(make_worker, storage, tenant):
+    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    worker = make_worker()
+    new_generation(ps, worker)
+    b1 = ps.batch(1, 1, [(0, b"a" * 4096)], tag=True)
+    b2 = ps.batch(1, 2, [(0, b"b" * 4096)], tag=True)
+    _fence_record(storage, tenant, b1.tag)
+    worker._check_fence(force=True)
+    assert worker.fence["tag"]["id"] == b1.tag["id"] and not worker.fenced
+    ps.ship(b1)
+    ps.ship(b2)
+    drain(worker)
+    assert read_target(worker) == apply_to(bytearray(256 * KiB), b1)
+    assert worker.cursor.fenced["reason"] == "cutover"
+
+
+def test_a_group_newer_than_the_fence_tag_is_refused(make_worker, storage, tenant):
+    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    worker = make_worker()
+    new_generation(ps, worker)
+    b1 = ps.batch(1, 1, [(0, b"a" * 4096)], tag=True)
+    ps.ship(b1)
+    drain(worker)
+    lost = ps.batch(1, 2, [(0, b"L" * 4096)], tag=True)  # the fence's tag, never shipped
+    lost.tag["id"] = "web01-final"
+    newer = ps.batch(1, 2, [(0, b"N" * 4096)], tag=True)
+    _fence_record(storage, tenant, lost.tag)
+    worker._check_fence(force=True)
+    ps.ship(newer)
+    drain(worker)
+    assert read_target(worker) == apply_to(bytearray(256 * KiB), b1)
+    assert worker.cursor.applied_seq == 1
+    assert "never arrived" in worker.cursor.fenced["reason"]
+
+
+def test_a_held_master_target_stages_but_applies_only_after_the_hold(make_worker, storage, tenant):
+    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    worker = make_worker()
+    new_generation(ps, worker)
+    b1 = ps.batch(1, 1, [(0, b"a" * 4096)], tag=True)
+    ps.ship(b1)
+    drain(worker)
+    b2 = ps.batch(1, 2, [(0, b"b" * 4096)], tag=True)
+    state_dir = worker.directory.parent
+    with cutover.hold_applying(state_dir, DISK, "a test"):
+        ps.ship(b2)
+        drain(worker)
+        assert read_target(worker) == apply_to(bytearray(256 * KiB), b1)
+        assert staged_names(worker) == ["00000001-000000000002.seg"]
+        assert storage.peek_count(ps.queue) == 0, "receiving stopped during the hold"
+        assert worker.state()["held"] is True
+    drain(worker)
+    assert read_target(worker) == apply_to(bytearray(256 * KiB), b1, b2)
+    assert worker.state()["held"] is False
+
+
+def test_a_fenced_disk_is_not_served_and_its_lease_is_free(azurite, storage, tenant, tmp_path):
+    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    settings = Settings(
+        tenant=tenant,
+        state_dir=tmp_path / "state",
+        disks=[DiskSettings(DISK, tmp_path / "target.img")],
+        lease_seconds=15,
+    )
+    final = ps.batch(1, 1, [(0, b"f" * 4096)], tag=True)
+    final.tag["final"] = True
+    ps.ask_resync()
+    ps.ship(final)
+    ps.ship(ps.batch(1, 2, [(0, b"X" * 4096)], tag=True))
+
+    def serve_until_fenced() -> None:
+        stop = threading.Event()
+        timer = threading.Timer(60, stop.set)  # a hung service fails the test, not the suite
+        timer.start()
+        try:
+            assert serve(settings, azurite.connection_string, None, stop) == 0
+            assert not timer.finished.is_set(), "the fenced disk was still served after 60 s"
+        finally:
+            timer.cancel()
+
+    serve_until_fenced()
+    assert (tmp_path / "target.img").read_bytes()[:8192] == b"f" * 4096 + bytes(4096)
+    with storage.lease(CONTROL, naming.lease_blob(tenant, DISK), DISK, 15):
+        pass  # released: another master target, or the cutover, may take the disk
+    serve_until_fenced()  # a restart does not serve it either
 
 
 # -- the real process -------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ def disk_view(record: dict[str, Any], threshold: float) -> dict[str, Any]:
     if view["phase"] is None:
         view["phase"] = record.get("state")
     view["resync_required_gen"] = target.get("resync_required_gen")
+    view["fenced"] = target.get("fenced")
+    if view["fenced"]:
+        view["phase"] = "fenced"  # cut over: the master target applies nothing more
     view["health"] = disk_health(view, threshold)
     return view
 

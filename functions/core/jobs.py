@@ -301,7 +301,8 @@ def _send_drain(ctx: Context, tenant: str, job: dict[str, Any]) -> None:
     targets = [c for c in (machine.get("agent"), machine.get("process_server"),
                            machine.get("master_target")) if c]  # fmt: skip
     command_id = idempotency.derived_id("cmd", tenant, f"{job['job_id']}|drain")
-    args = {"machine": job["machine"], "disks": list(machine.get("disks", []))}
+    # final: the agent's last tag, after which the master target fences the disks.
+    args = {"machine": job["machine"], "disks": list(machine.get("disks", [])), "final": True}
     commands.issue(ctx, tenant, command_id, "drain", args, targets, machine=job["machine"],
                    job_id=job["job_id"])  # fmt: skip
 

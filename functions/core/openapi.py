@@ -91,6 +91,8 @@ SCHEMAS: dict[str, Any] = {
         "last_tag": {"nullable": True, "oneOf": [ANY_OBJECT, {"type": "string"}]},
         "resync_required_gen": NULLABLE_COUNT,
         "reason": {"type": "string", "maxLength": 200, "nullable": True},
+        "held": {"type": "boolean"},
+        "fenced": {"nullable": True, **ANY_OBJECT},
     }, extra=True),
     "Tag": _obj({"id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
                  "kind": {"type": "string", "maxLength": 20}, "t0_wall": TIME},

@@ -54,6 +54,17 @@ def _report(body: Any) -> dict[str, Any]:
     reason = validate.text(body, "reason", limit=200)
     if reason is not None:
         report["reason"] = reason
+    if "held" in body:
+        if not isinstance(body["held"], bool):
+            raise BadRequest("held must be true or false")
+        report["held"] = body["held"]
+    if "fenced" in body:
+        fenced = body["fenced"]
+        if fenced is not None and not isinstance(fenced, dict):
+            raise BadRequest("fenced must be an object or null")
+        if validate.json_size(fenced) > 2000:
+            raise BadRequest("fenced is larger than 2000 characters of JSON")
+        report["fenced"] = fenced
     if "last_tag" in body:
         tag = body["last_tag"]
         if tag is not None and not isinstance(tag, dict | str):
