@@ -44,9 +44,10 @@ from ferry.control import (
     Heartbeat,
     Reporter,
     SettingsSource,
-    patiently,
+    load_credentials,
     rotate_handler,
     running,
+    start_up,
 )
 from ferry.durable import write_json
 from ferry.errors import FerryError
@@ -100,14 +101,12 @@ class ManagedAgent:
         """Serve until a stop (signal or ``stop`` command); returns the exit status."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         event = self.stop.event
-        storage = patiently(self.client.open_storage, event, "fetching the storage grant")
-        if storage is None:
+        started = start_up(self.client, self.source, event)
+        if started is None:
             return 0
-        fetched = patiently(lambda: [self.source.fetch_raw()], event, "fetching the settings")
-        if fetched is None:
-            return 0
+        storage, raw = started
         try:
-            self._apply(fetched[0])
+            self._apply(raw)
         except FerryError:
             pass  # logged; reported in heartbeats; a protect may fix it
         poller = CommandPoller(self.client, storage, self.state_dir, self.handlers())
@@ -333,7 +332,7 @@ class ManagedAgent:
 
 def run(credentials_path: str, local: dict[str, Any], stop: StopFlag) -> int:
     """Server mode's entry: load the credentials and serve (see the module docstring)."""
-    credentials = Credentials.load(credentials_path)
+    credentials = load_credentials(credentials_path, "agent")
     try:
         return ManagedAgent(credentials, local, stop, credentials_path).run()
     except ControlRefused as exc:

@@ -42,7 +42,7 @@ import requests
 from ferry import __version__, naming
 from ferry import settings as ferry_settings
 from ferry.durable import fsync_dir, read_json, write_json
-from ferry.errors import FerryError, RetryableError, UsageError
+from ferry.errors import ConfigError, FerryError, RetryableError, UsageError
 from ferry.storage import Message, Storage
 
 log = logging.getLogger("ferry.control")
@@ -1040,6 +1040,38 @@ def patiently(call: Callable[[], T], stop: threading.Event, what: str) -> T | No
         stop.wait(delay)
         delay = min(delay * 2, STARTUP_RETRY_MAX)
     return None
+
+
+COMPONENT_NAMES = {"agent": "an agent", "process-server": "a process server",
+                   "master-target": "a master target"}  # fmt: skip
+
+
+def load_credentials(path: str, kind: str) -> Credentials:
+    """The credentials at ``path``; ConfigError if they are another kind of component's."""
+    credentials = Credentials.load(path)
+    if credentials.kind not in (None, kind):
+        raise ConfigError(
+            path=path,
+            problem=f"these are the credentials of {credentials.component_id}, "
+            f"not {COMPONENT_NAMES.get(kind, kind)}",
+        )
+    return credentials
+
+
+def start_up(
+    client: Client, source: SettingsSource, stop: threading.Event
+) -> tuple[Storage, dict[str, Any] | None] | None:
+    """A daemon's first contact: its storage grant and raw settings, each fetched patiently.
+
+    None if ``stop`` was set first (the daemon then exits 0).
+    """
+    storage = patiently(client.open_storage, stop, "fetching the storage grant")
+    if storage is None:
+        return None
+    fetched = patiently(lambda: [source.fetch_raw()], stop, "fetching the settings")
+    if fetched is None:
+        return None
+    return storage, fetched[0]
 
 
 @contextlib.contextmanager

@@ -38,11 +38,11 @@ from ferry.control import (
     Heartbeat,
     Reporter,
     SettingsSource,
-    patiently,
+    load_credentials,
     rotate_handler,
     running,
+    start_up,
 )
-from ferry.errors import ConfigError
 from ferry.storage import Storage
 from mastertarget import defaults
 from mastertarget.service import Service
@@ -112,13 +112,11 @@ class ManagedMasterTarget:
         """Serve until a stop (signal or ``stop`` command) or a disk fails; the exit status."""
         event: threading.Event = self.stop.event
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._storage = patiently(self.client.open_storage, event, "fetching the storage grant")
-        if self._storage is None:
+        started = start_up(self.client, self.source, event)
+        if started is None:
             return 0
-        fetched = patiently(lambda: [self.source.fetch_raw()], event, "fetching the settings")
-        if fetched is None:
-            return 0
-        self._serve_listed(fetched[0])
+        self._storage, raw = started
+        self._serve_listed(raw)
         poller = CommandPoller(self.client, self._storage, self.state_dir, self.handlers())
         with running(Heartbeat(self.client, self.heartbeat), poller, self.reporter):
             while not event.wait(0.5):
@@ -217,11 +215,6 @@ class ManagedMasterTarget:
 
 def run(credentials_path: str, local: dict[str, Any], targets: str | None, stop: StopFlag) -> int:
     """Server mode's entry: load the credentials and serve."""
-    credentials = Credentials.load(credentials_path)
-    if credentials.kind not in (None, "master-target"):
-        raise ConfigError(
-            path=credentials_path,
-            problem=f"these are the credentials of {credentials.component_id}, not a master target",
-        )
+    credentials = load_credentials(credentials_path, "master-target")
     where = Path(targets) if targets else Path(local["state_dir"]) / defaults.TARGETS_SUBDIR
     return ManagedMasterTarget(credentials, local, where, stop, credentials_path).run()

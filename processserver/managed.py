@@ -37,11 +37,11 @@ from ferry.control import (
     Credentials,
     Heartbeat,
     SettingsSource,
-    patiently,
+    load_credentials,
     rotate_handler,
     running,
+    start_up,
 )
-from ferry.errors import ConfigError
 from processserver import defaults
 from processserver.server import Server, tls_context
 from processserver.settings import Settings
@@ -81,13 +81,11 @@ class ManagedProcessServer:
     def run(self) -> int:
         """Serve until a stop (signal or ``stop`` command); returns the exit status."""
         event: threading.Event = self.stop.event
-        storage = patiently(self.client.open_storage, event, "fetching the storage grant")
-        if storage is None:
+        started = start_up(self.client, self.source, event)
+        if started is None:
             return 0
-        fetched = patiently(lambda: [self.source.fetch_raw()], event, "fetching the settings")
-        if fetched is None:
-            return 0
-        settings = self.source.build(fetched[0] or dict(self.local))
+        storage, raw = started
+        settings = self.source.build(raw or dict(self.local))
         key = segment.load_key(settings.segment_key_file)
         self.server = Server(settings, storage, tls_context(settings, self.source.source), key)
         self.server.start()
@@ -199,10 +197,5 @@ def _adapt(raw: dict[str, Any]) -> dict[str, Any]:
 
 def run(credentials_path: str, local: dict[str, Any], stop: StopFlag) -> int:
     """Server mode's entry: load the credentials and serve."""
-    credentials = Credentials.load(credentials_path)
-    if credentials.kind not in (None, "process-server"):
-        raise ConfigError(
-            path=credentials_path,
-            problem=f"these are the credentials of {credentials.component_id}, not a process server",
-        )
+    credentials = load_credentials(credentials_path, "process-server")
     return ManagedProcessServer(credentials, local, stop, credentials_path).run()
