@@ -398,6 +398,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_command(args: argparse.Namespace) -> int:
+    answer = api(args, "GET", f"/tenants/{_tenant(args)}/commands/{args.command_id}")
+    command = answer.get("command", {})
+    rows = [("TARGET", "STATE", "AT", "DETAIL")]
+    for target, outcome in sorted(command.get("targets", {}).items()):
+        rows.append((target, outcome.get("state", "-"), str(outcome.get("at", "-")),
+                     (outcome.get("detail") or "")[:200]))  # fmt: skip
+    head = f"command {command.get('command_id')} ({command.get('type')}, {command.get('machine')})"
+    _print(args, answer, head + "\n" + _table(rows))
+    return 0
+
+
 def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="configuration server URL (or FERRY_SERVER)")
     p.add_argument("--token", help="operator or admin token (or FERRY_TOKEN)")
@@ -482,6 +494,11 @@ def _add_api_commands(sub) -> None:
     _server_args(jobs)
     jobs.add_argument("job", nargs="?", help="show one job with its history")
     jobs.set_defaults(func=cmd_jobs)
+
+    command = sub.add_parser("command", help="one command and each component's outcome")
+    _server_args(command)
+    command.add_argument("command_id", help="the id a command request answered (cmd-...)")
+    command.set_defaults(func=cmd_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

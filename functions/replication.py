@@ -35,6 +35,15 @@ def command_result(req: func.HttpRequest) -> func.HttpResponse:
     )  # fmt: skip
 
 
+@bp.route(route="tenants/{tenant}/commands/{command_id}", methods=["GET"])
+def get_command(req: func.HttpRequest) -> func.HttpResponse:
+    """Operator: one command and each target's outcome."""
+    tenant, command_id = web.route_param(req, "tenant"), web.route_param(req, "command_id")
+    return web.handle(
+        req, lambda ctx, caller, _: replication.get_command(ctx, caller, tenant, command_id)
+    )
+
+
 @bp.route(route="tenants/{tenant}/status", methods=["GET"])
 def tenant_status(req: func.HttpRequest) -> func.HttpResponse:
     """Operator: machines, disks and components with their health."""

@@ -85,3 +85,14 @@ def test_protect_of_an_unknown_machine_is_refused_clearly(server, tenant):
     assert result.stderr.startswith("ferry: error: configuration server refused (404)"), (
         result.stderr
     )
+
+
+def test_an_unknown_command_id_is_refused_clearly(server, tenant):
+    token = json.loads(
+        ferry("tenant", "create", tenant, "--server", server, "--token", ADMIN, "--json").stdout
+    )["operator_token"]
+    result = ferry("command", "cmd-0000", env={"FERRY_SERVER": server, "FERRY_TOKEN": token})
+    assert result.returncode == 8
+    assert result.stderr.strip() == (
+        "ferry: error: configuration server refused (404): command cmd-0000 does not exist"
+    ), result.stderr

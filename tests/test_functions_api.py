@@ -209,6 +209,22 @@ def test_commands_are_queued_once_per_key_and_reported(api):
     assert reused.status_code == 409
     bad = api.post(path, estate.operator, {"command": "tag", "args": {"kind": "warm"}})
     assert bad.status_code == 400 and "kind" in bad.json()["error"]
+    # Operators read a command's outcome per target.
+    outcome = api.get(f"/tenants/{estate.tenant}/commands/{drain}", estate.operator).json()
+    states = {t: o["state"] for t, o in outcome["command"]["targets"].items()}
+    assert states == {"ag-web01": "queued", "ps-ps1": "done", "mt-mt1": "queued"}
+    assert (
+        api.get(f"/tenants/{estate.tenant}/commands/cmd-nope", estate.operator).status_code == 404
+    )
+    assert api.get(f"/tenants/{estate.tenant}/commands/{drain}", estate.agent).status_code in (
+        401,
+        403,
+    )
+    final = api.post(path, estate.operator, {"command": "drain", "args": {"final": True}}).json()
+    (message,) = take_commands(api, estate.tenant, "ag-web01")
+    assert (message["id"], message["args"]["final"]) == (final["command_id"], True)
+    bad = api.post(path, estate.operator, {"command": "drain", "args": {"final": "yes"}})
+    assert bad.status_code == 400 and "final" in bad.json()["error"]
 
 
 def test_credentials_rotate_through_the_command_queue(api):

@@ -109,10 +109,18 @@ SCHEMAS: dict[str, Any] = {
     "MachineCommand": _obj({
         "command": {"type": "string", "enum": list(MACHINE_COMMANDS)},
         "args": _obj({"kind": {"type": "string", "enum": ["crash", "app"]},
-                      "disks": {"type": "array", "items": ID}}),
+                      "disks": {"type": "array", "items": ID}, "final": {"type": "boolean"}}),
         "idempotency_key": KEY,
     }, ["command"]),
     "CommandAccepted": _obj({"command_id": {"type": "string"}}, ["command_id"]),
+    "Command": _obj({"command": _obj({
+        "command_id": {"type": "string"}, "type": {"type": "string"}, "args": ANY_OBJECT,
+        "machine": {"type": "string", "nullable": True},
+        "job_id": {"type": "string", "nullable": True}, "created_at": TIME,
+        "targets": {"type": "object", "additionalProperties": _obj({
+            "state": {"type": "string", "enum": ["queued", "done", "failed"]},
+            "detail": {"type": "string", "nullable": True}, "at": TIME})}},
+        ["command_id", "type", "targets"], extra=True)}, ["command"]),
     "Failover": _obj({"idempotency_key": KEY}, ["idempotency_key"]),
     "Progress": _obj({"state": {"type": "string", "enum": STATES},
                       "detail": {"type": "string", "maxLength": defaults.MAX_TEXT}}, ["state"]),
@@ -185,6 +193,9 @@ PATHS: dict[str, Any] = {
     "/components/self/commands/{command_id}": {"post": _op(
         "the outcome of a command", (204, None), "CommandResult",
         [_param("command_id", {"type": "string", "pattern": "^cmd-[a-z0-9]{1,60}$"})])},
+    "/tenants/{tenant}/commands/{command_id}": {"get": _op(
+        "one command and each target's outcome", (200, "Command"),
+        params=[TENANT, _param("command_id", {"type": "string", "pattern": "^cmd-[a-z0-9]{1,60}$"})])},
     "/tenants/{tenant}/status": {"get": _op("machines, disks, components, health",
                                             (200, "Status"), params=[TENANT])},
     "/tenants/{tenant}/machines": {"get": _op("machines", (200, "Machines"), params=[TENANT])},

@@ -242,6 +242,12 @@ def _command_args(command: str, args: Any, machine: dict[str, Any]) -> dict[str,
         if unknown:
             raise BadRequest(f"args.disks: {unknown[0][:60]!r} is not a disk of this machine")
         return {"disks": wanted}
+    if command == "drain":
+        validate.body_object(args, {"final"})
+        final = args.get("final", False)
+        if not isinstance(final, bool):
+            raise BadRequest("args.final must be true or false")
+        return {"final": True} if final else {}
     validate.body_object(args, set())
     return {}
 
@@ -275,6 +281,17 @@ def machine_command(
     args = {"machine": machine_id, **args}
     commands.issue(ctx, tenant, command_id, command, args, targets, machine=machine_id)
     return 202, {"command_id": command_id}
+
+
+def get_command(ctx: Context, caller: Caller, tenant: str, command_id: str) -> dict[str, Any]:
+    """Operator: one command with each target's outcome (``queued``, ``done`` or ``failed``)."""
+    require_operator(caller, tenant)
+    if not validate.COMMAND_ID_RE.match(command_id or ""):
+        raise NotFound(f"command {command_id[:80]!r} does not exist")
+    record = ctx.store.get("commands", tenant, command_id)
+    if record is None:
+        raise NotFound(f"command {command_id} does not exist")
+    return {"command": commands.public(record)}
 
 
 def command_report(ctx: Context, caller: Caller, command_id: str, body: Any) -> None:
