@@ -19,8 +19,9 @@ import os
 from agent import defaults
 from agent.session import Session
 from agent.settings import Settings
+from ferry import cli_support
 from ferry import settings as ferry_settings
-from ferry.cli_support import StopFlag, run_main, setup_logging
+from ferry.cli_support import StopFlag
 from ferry.errors import ConfigError
 
 log = logging.getLogger("ferry.agent")
@@ -45,41 +46,27 @@ def serve(settings: Settings, stop: StopFlag) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The agent's command line."""
-    parser = argparse.ArgumentParser(prog="ferry-agent", description="Ferry mobility agent")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="settings file (TOML)")
-    source.add_argument(
-        "--server-credentials",
-        metavar="FILE",
-        help="credentials from `ferry register`: settings and commands come from the "
-        "configuration server",
+    parser = cli_support.daemon_parser(
+        "ferry-agent", "Ferry mobility agent", from_server="settings and commands"
     )
-    parser.add_argument("--state-dir", help=f"server mode: state directory ({defaults.STATE_DIR})")
-    parser.add_argument("--ca", help=f"server mode: CA of the process server ({defaults.PKI_CA})")
-    parser.add_argument("--cert", help=f"server mode: client certificate ({defaults.PKI_CERT})")
-    parser.add_argument("--key", help=f"server mode: private key ({defaults.PKI_KEY})")
-    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    cli_support.add_state_dir(parser, defaults.STATE_DIR)
+    cli_support.add_tls_files(
+        parser, defaults, ca="CA of the process server", cert="client certificate"
+    )
+    cli_support.add_verbose(parser)
     return parser.parse_args(argv)
 
 
 def local_settings(args: argparse.Namespace) -> dict[str, str]:
     """What server mode takes from this host; ConfigError if a file cannot be read."""
-    local = {
-        "state_dir": args.state_dir or defaults.STATE_DIR,
-        "ca": args.ca or defaults.PKI_CA,
-        "cert": args.cert or defaults.PKI_CERT,
-        "key": args.key or defaults.PKI_KEY,
-    }
-    for key in ("ca", "cert", "key"):
-        if not os.access(local[key], os.R_OK):
-            raise ConfigError(path="the command line", problem=f"--{key}: cannot read {local[key]}")
-    return local
+    return cli_support.local_paths(
+        args.state_dir or defaults.STATE_DIR, **cli_support.tls_files(args, defaults)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ferry-agent``."""
     args = parse_args(argv)
-    setup_logging("agent", args.verbose)
 
     def from_file() -> int:
         settings = ferry_settings.load(args.config, Settings)
@@ -93,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
         return managed.run(args.server_credentials, local_settings(args), StopFlag().install())
 
-    return run_main("agent", from_server if args.server_credentials else from_file)
+    return cli_support.run_daemon("agent", args, from_file, from_server)

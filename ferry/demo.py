@@ -15,21 +15,16 @@ Everything it made is removed at the end, also on Ctrl-C or failure.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import os
-import random
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from ferry.blockio import DirectReader
-from ferry.embedded import Embedded, copy_tree_sample
+from ferry.embedded import Embedded, FileWriter, copy_tree_sample, digest
 
 MiB = 1 << 20
 
@@ -47,50 +42,6 @@ def run(*cmd: str) -> str:
     return result.stdout.strip()
 
 
-def digest(path: str, size: int) -> str:
-    """sha256 of the first ``size`` bytes of a device or file, read with O_DIRECT."""
-    reader = DirectReader(path, 8 * MiB)
-    h = hashlib.sha256()
-    try:
-        for offset in range(0, size, 8 * MiB):
-            h.update(reader.read(offset, min(8 * MiB, size - offset)))
-    finally:
-        reader.close()
-    return h.hexdigest()
-
-
-class Writer(threading.Thread):
-    """Keeps changing files on the source filesystem at about ``rate`` bytes/s."""
-
-    def __init__(self, root: Path, rate: int) -> None:
-        super().__init__(name="writer", daemon=True)
-        self.root = root / "live"
-        self.root.mkdir(exist_ok=True)
-        self.rate = rate
-        self.stop = threading.Event()
-        self.written = 0
-        self.rng = random.Random(7)
-
-    def run(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            n += 1
-            size = self.rng.choice([4096, 16384, 65536, 262144])
-            path = self.root / f"f{self.rng.randrange(200):03d}.bin"
-            with open(path, "wb") as f:
-                f.write(self.rng.randbytes(size))
-                if n % 4 == 0:
-                    os.fsync(f.fileno())
-            with open(self.root / "journal.log", "a") as log:
-                log.write(f"{time.time():.6f} wrote {path.name} {size}\n")
-            if n % 25 == 0:
-                victim = self.root / f"f{self.rng.randrange(200):03d}.bin"
-                with contextlib.suppress(FileNotFoundError):
-                    victim.unlink()
-            self.written += size
-            self.stop.wait(size / self.rate)
-
-
 class Demo:
     """One run of the demo; ``close`` undoes everything."""
 
@@ -101,7 +52,7 @@ class Demo:
         self.loop: str | None = None
         self.mnt = self.base / "source-mnt"
         self.embedded: Embedded | None = None
-        self.writer: Writer | None = None
+        self.writer: FileWriter | None = None
         self.phases: dict[str, float] = {}
 
     # -- source -----------------------------------------------------------------------
@@ -151,7 +102,7 @@ class Demo:
         self.embedded.start_all()
         say("process server, master target and agent started; logs in " + str(self.embedded.base))
         if self.root:
-            self.writer = Writer(self.mnt, self.rate)
+            self.writer = FileWriter(self.mnt, self.rate)
             self.writer.start()
             say(f"writer started on the source (~{self.rate / MiB:.1f} MiB/s of file changes)")
         self.phases["setup"] = time.monotonic() - t_start

@@ -3,24 +3,30 @@
 Used by ``make demo``, the end-to-end tests and the benchmarks alike, so all
 three exercise the same deployment: real daemons as subprocesses, real
 mutual TLS, real Azurite over HTTP.  Everything it starts is stopped by
-:meth:`Embedded.close` (also on Ctrl-C through the context manager).
+:meth:`Embedded.close` (also on Ctrl-C through the context manager).  The
+helpers at the end (real files to fill a source with, a writer that keeps
+changing them, the digest that proves a copy) serve the demo and the tests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ferry import naming, pki
 from ferry.azurite import ROOT, Azurite, free_port
+from ferry.blockio import DirectReader
 from ferry.errors import FerryError, NotFound
 from ferry.storage import Storage
 
@@ -347,3 +353,55 @@ def copy_tree_sample(
                 if copied >= budget * 0.98:
                     return copied
     return copied
+
+
+DIGEST_CHUNK = 8 << 20
+"""Bytes :func:`digest` reads at a time."""
+
+
+def digest(path: str, size: int) -> str:
+    """sha256 of the first ``size`` bytes of a device or file, read with O_DIRECT."""
+    reader = DirectReader(path, DIGEST_CHUNK)
+    h = hashlib.sha256()
+    try:
+        for offset in range(0, size, DIGEST_CHUNK):
+            h.update(reader.read(offset, min(DIGEST_CHUNK, size - offset)))
+    finally:
+        reader.close()
+    return h.hexdigest()
+
+
+class FileWriter(threading.Thread):
+    """Keeps changing files under ``root/live`` at about ``rate`` bytes/s until ``stop`` is set.
+
+    It rewrites files (fsyncing some), appends to a journal and now and then
+    deletes one: the mix a filesystem's replica must survive.
+    """
+
+    def __init__(self, root: Path, rate: int) -> None:
+        super().__init__(name="writer", daemon=True)
+        self.root = root / "live"
+        self.root.mkdir(exist_ok=True)
+        self.rate = rate
+        self.stop = threading.Event()
+        self.written = 0
+        self.rng = random.Random(7)
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            size = self.rng.choice([4096, 16384, 65536, 262144])
+            path = self.root / f"f{self.rng.randrange(200):03d}.bin"
+            with open(path, "wb") as f:
+                f.write(self.rng.randbytes(size))
+                if n % 4 == 0:
+                    os.fsync(f.fileno())
+            with open(self.root / "journal.log", "a") as log:
+                log.write(f"{time.time():.6f} wrote {path.name} {size}\n")
+            if n % 25 == 0:
+                victim = self.root / f"f{self.rng.randrange(200):03d}.bin"
+                with contextlib.suppress(FileNotFoundError):
+                    victim.unlink()
+            self.written += size
+            self.stop.wait(size / self.rate)

@@ -18,12 +18,10 @@ lost, other non-zero codes for the errors in :mod:`ferry.errors`.
 from __future__ import annotations
 
 import argparse
-import os
 
-from ferry import segment
+from ferry import cli_support, segment
 from ferry import settings as ferry_settings
-from ferry.cli_support import StopFlag, run_main, setup_logging
-from ferry.errors import ConfigError
+from ferry.cli_support import StopFlag
 from mastertarget import defaults, service
 from mastertarget.settings import Settings
 
@@ -32,22 +30,15 @@ COMPONENT = "master-target"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line of the master target."""
-    parser = argparse.ArgumentParser(
-        prog="ferry-master-target",
-        description="Apply replicated disks to their targets, whole consistency groups only.",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="settings file (TOML)")
-    source.add_argument(
-        "--server-credentials",
-        metavar="FILE",
-        help="credentials from `ferry register`: disks, storage access and commands come "
-        "from the configuration server",
+    parser = cli_support.daemon_parser(
+        "ferry-master-target",
+        "Apply replicated disks to their targets, whole consistency groups only.",
+        from_server="disks, storage access and commands",
     )
     parser.add_argument(
         "--wait", action="store_true", help="wait for disks owned by another master target"
     )
-    parser.add_argument("--state-dir", help=f"server mode: state directory ({defaults.STATE_DIR})")
+    cli_support.add_state_dir(parser, defaults.STATE_DIR)
     parser.add_argument(
         "--targets-dir",
         help="server mode: image files of disks given no target (STATE_DIR/targets)",
@@ -55,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--segment-key-file", help="server mode: open sealed segments with this key"
     )
-    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    cli_support.add_verbose(parser)
     return parser.parse_args(argv)
 
 
@@ -72,14 +63,9 @@ def run_from_server(args: argparse.Namespace) -> int:
     """Server mode: everything but local paths from the configuration server."""
     from mastertarget import managed
 
-    local = {"state_dir": args.state_dir or defaults.STATE_DIR}
-    if args.segment_key_file:
-        if not os.access(args.segment_key_file, os.R_OK):
-            raise ConfigError(
-                path="the command line",
-                problem=f"--segment-key-file: cannot read {args.segment_key_file}",
-            )
-        local["segment_key_file"] = args.segment_key_file
+    local = cli_support.local_paths(
+        args.state_dir or defaults.STATE_DIR, segment_key_file=args.segment_key_file
+    )
     stop = StopFlag().install()
     return managed.run(args.server_credentials, local, args.targets_dir, stop)
 
@@ -87,7 +73,4 @@ def run_from_server(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = parse_args(argv)
-    setup_logging(COMPONENT, verbose=args.verbose)
-    if args.server_credentials:
-        return run_main(COMPONENT, lambda: run_from_server(args))
-    return run_main(COMPONENT, lambda: run(args))
+    return cli_support.run_daemon(COMPONENT, args, lambda: run(args), lambda: run_from_server(args))

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
-from ferry import segment
-from ferry.cli_support import StopFlag, run_main, setup_logging
+from ferry import cli_support, segment
+from ferry.cli_support import StopFlag
 from ferry.errors import ConfigError
 from ferry.storage import Storage
 from processserver import defaults
@@ -62,53 +61,37 @@ def _wait(stop: StopFlag) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The process server's command line."""
-    parser = argparse.ArgumentParser(
-        prog="ferry-process-server", description="Ferry process server"
+    parser = cli_support.daemon_parser(
+        "ferry-process-server",
+        "Ferry process server",
+        from_server="settings, storage access and commands",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="settings file (TOML)")
-    source.add_argument(
-        "--server-credentials",
-        metavar="FILE",
-        help="credentials from `ferry register`: settings, storage access and commands come "
-        "from the configuration server",
-    )
-    parser.add_argument("--state-dir", help=f"server mode: state directory ({defaults.STATE_DIR})")
-    parser.add_argument("--ca", help=f"server mode: CA of the agents ({defaults.PKI_CA})")
-    parser.add_argument("--cert", help=f"server mode: certificate ({defaults.PKI_CERT})")
-    parser.add_argument("--key", help=f"server mode: private key ({defaults.PKI_KEY})")
+    cli_support.add_state_dir(parser, defaults.STATE_DIR)
+    cli_support.add_tls_files(parser, defaults, ca="CA of the agents", cert="certificate")
     parser.add_argument("--segment-key-file", help="server mode: seal segments with this key")
-    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    cli_support.add_verbose(parser)
     return parser.parse_args(argv)
 
 
 def local_settings(args: argparse.Namespace) -> dict[str, str]:
     """What server mode takes from this host; ConfigError if a file cannot be read."""
-    local = {
-        "state_dir": args.state_dir or defaults.STATE_DIR,
-        "ca": args.ca or defaults.PKI_CA,
-        "cert": args.cert or defaults.PKI_CERT,
-        "key": args.key or defaults.PKI_KEY,
-    }
-    if args.segment_key_file:
-        local["segment_key_file"] = args.segment_key_file
-    for key in ("ca", "cert", "key", "segment_key_file"):
-        if key in local and not os.access(local[key], os.R_OK):
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(path="the command line", problem=f"{flag}: cannot read {local[key]}")
-    return local
+    return cli_support.local_paths(
+        args.state_dir or defaults.STATE_DIR,
+        **cli_support.tls_files(args, defaults),
+        segment_key_file=args.segment_key_file,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ferry-process-server``."""
     args = parse_args(argv)
-    setup_logging(COMPONENT, args.verbose)
+
+    def from_file() -> int:
+        return serve(args.config, StopFlag().install())
 
     def from_server() -> int:
         from processserver import managed
 
         return managed.run(args.server_credentials, local_settings(args), StopFlag().install())
 
-    if args.server_credentials:
-        return run_main(COMPONENT, from_server)
-    return run_main(COMPONENT, lambda: serve(args.config, StopFlag().install()))
+    return cli_support.run_daemon(COMPONENT, args, from_file, from_server)

@@ -11,7 +11,6 @@ device with ext4 tracked through tracefs, so this needs root.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -27,23 +26,12 @@ from test_control_server import ROOT, Operator, serve_config
 
 from ferry import control
 from ferry.azurite import free_port
-from ferry.blockio import DirectReader
+from ferry.embedded import digest
 
 pytestmark = [pytest.mark.root, pytest.mark.tracefs, pytest.mark.slow]
 
 MiB = 1 << 20
 MODULES = {"agent": "agent", "process-server": "processserver", "master-target": "mastertarget"}
-
-
-def sha256_of(path: str, size: int) -> str:
-    reader = DirectReader(path, 4 * MiB)
-    digest = hashlib.sha256()
-    try:
-        for offset in range(0, size, 4 * MiB):
-            digest.update(reader.read(offset, min(4 * MiB, size - offset)))
-    finally:
-        reader.close()
-    return digest.hexdigest()
 
 
 def write_files(root: Path, count: int, size: int, seed: int) -> None:
@@ -230,7 +218,7 @@ def test_replication_under_the_configuration_servers_commands(fleet, loopdisk):
     final = status["disks"][0]["last_tag"]["id"]
     fleet.wait("the final tag applied", lambda: final in recovery_point_ids(op, disk))
     target = fleet.base / "targets" / f"{disk}.img"
-    assert sha256_of(str(target), size) == sha256_of(source.device, size)
+    assert digest(str(target), size) == digest(source.device, size)
 
     # What operators see: reports from the agent and the master target, healthy.
     fleet.wait(

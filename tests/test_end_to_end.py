@@ -7,7 +7,6 @@ changing the source.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import random
@@ -20,24 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from ferry.blockio import DirectReader
-from ferry.embedded import Embedded
+from ferry.embedded import Embedded, FileWriter, digest
 
 pytestmark = [pytest.mark.root, pytest.mark.tracefs, pytest.mark.slow]
 
 MiB = 1 << 20
 DISK = "web01-disk0"
-
-
-def sha256_of(path: str, size: int) -> str:
-    reader = DirectReader(path, 4 * MiB)
-    h = hashlib.sha256()
-    try:
-        for offset in range(0, size, 4 * MiB):
-            h.update(reader.read(offset, min(4 * MiB, size - offset)))
-    finally:
-        reader.close()
-    return h.hexdigest()
 
 
 class RawWriter(threading.Thread):
@@ -63,37 +50,6 @@ class RawWriter(threading.Thread):
                 self.stop.wait(n / self.rate)
         finally:
             os.close(fd)
-
-
-class FileWriter(threading.Thread):
-    """Rewrites, appends and deletes files on a mounted filesystem."""
-
-    def __init__(self, root: Path, rate: int) -> None:
-        super().__init__(daemon=True)
-        self.root = root / "live"
-        self.root.mkdir(exist_ok=True)
-        self.rate = rate
-        self.stop = threading.Event()
-        self.rng = random.Random(2)
-
-    def run(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            n += 1
-            size = self.rng.choice([4096, 65536, 262144])
-            path = self.root / f"f{self.rng.randrange(100):02d}"
-            try:
-                with open(path, "wb") as f:
-                    f.write(self.rng.randbytes(size))
-                    if n % 3 == 0:
-                        os.fsync(f.fileno())
-                with open(self.root / "log", "a") as f:
-                    f.write(f"{n} {path.name}\n")
-                if n % 10 == 0:
-                    (self.root / f"f{self.rng.randrange(100):02d}").unlink(missing_ok=True)
-            except OSError:
-                pass
-            self.stop.wait(size / self.rate)
 
 
 def fill_with_files(mnt: Path, budget: int) -> None:
@@ -146,7 +102,7 @@ def final_tag_and_compare(emb: Embedded, device: str, target: Path, size: int) -
     """With the source quiet: tag, wait until applied, compare byte for byte."""
     tag = emb.tag("crash", timeout=120)
     emb.wait_applied(tag["id"], timeout=300)
-    assert sha256_of(str(target), size) == sha256_of(device, size), "target differs from source"
+    assert digest(str(target), size) == digest(device, size), "target differs from source"
 
 
 def test_filesystem_replicates_consistently_under_writes(deployment, loopdisk, tmp_path):
