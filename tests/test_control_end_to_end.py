@@ -158,6 +158,16 @@ def component_states(operator: Operator) -> dict[str, str]:
     return {c["component_id"]: c["state"] for c in operator.status()["components"]}
 
 
+def settled(op: Operator, command_id: str, detail: bool = False) -> Any:
+    """Each target's outcome of a command once none is queued (with its detail), else None."""
+    targets = op.call("GET", f"/commands/{command_id}")["command"]["targets"]
+    if any(t["state"] == "queued" for t in targets.values()):
+        return None
+    if detail:
+        return [(t["state"], t["detail"] or "") for t in targets.values()]
+    return {name: t["state"] for name, t in targets.items()}
+
+
 def recovery_point_ids(operator: Operator, disk: str) -> list[str]:
     points = operator.call("GET", f"/recovery-points?disk={disk}&limit=1000")["recovery_points"]
     return [p["tag_id"] for p in points]
@@ -209,9 +219,10 @@ def test_replication_under_the_configuration_servers_commands(fleet, loopdisk):
     op.command(machine, "resync")
     fleet.wait("a recovery point of generation 2", lambda: 2 in recovery_point_gens(op, disk))
 
-    # Cutover's first half: quiet source, drain, the final tag applied, identical bytes.
+    # Cutover's first half: quiet source, a final drain, the final tag applied and
+    # fenced at the master target, identical bytes.
     source.unmount()
-    op.command(machine, "drain")
+    drain = op.command(machine, "drain", final=True)
     status = fleet.wait(
         "drained", lambda: (s := fleet.agent_status()).get("state") == "drained" and s
     )
@@ -219,15 +230,22 @@ def test_replication_under_the_configuration_servers_commands(fleet, loopdisk):
     fleet.wait("the final tag applied", lambda: final in recovery_point_ids(op, disk))
     target = fleet.base / "targets" / f"{disk}.img"
     assert digest(str(target), size) == digest(source.device, size)
+    outcomes = fleet.wait("the drain's outcome", lambda: settled(op, drain))
+    assert set(outcomes.values()) == {"done"}, outcomes
 
     # What operators see: reports from the agent and the master target, healthy.
     fleet.wait(
-        "the drain reported", lambda: op.status()["machines"][0]["disks"][0]["phase"] == "drained"
+        "the fence reported", lambda: op.status()["machines"][0]["disks"][0]["phase"] == "fenced"
     )
     view = op.status()["machines"][0]
     assert view["health"] == "ok"
     assert view["disks"][0]["applied_seq"] >= 1
     assert view["disks"][0]["last_tag"]["id"] == final  # the master target's applied tag
+    assert view["disks"][0]["fenced"]["tag"]["id"] == final
+    # After a final drain the agent refuses to resume: its disks are fenced.
+    resume = op.command(machine, "resume")
+    (outcome,) = fleet.wait("the resume's outcome", lambda: settled(op, resume, detail=True))
+    assert outcome[0] == "failed" and "fenced" in outcome[1], outcome
 
     # A machine's stop ends its agent only; the process server and master target serve on.
     op.command(machine, "stop")

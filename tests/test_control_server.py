@@ -162,8 +162,6 @@ class Operator:
 
 def serve_config(tmp_path_factory, tls: bool = False):
     """Fixture body: the real server on an Azurite of its own (its tables are nobody else's)."""
-    if not (ROOT / "functions" / "local.py").exists():
-        pytest.skip("the configuration server (functions/local.py) is not there yet")
     base = tmp_path_factory.mktemp("config-server")
     with Azurite(log=str(base / "azurite.log")) as azurite:
         server = ConfigServer(azurite, base, tls=tls).start()
