@@ -123,8 +123,7 @@ class DiskWorker:
         )
         for path in self.staging.scan():
             self._forget_unreadable(path)
-        self._check_fence(force=True)
-        return self
+        return self  # the fence record is read by the first step (storage may be down now)
 
     def close(self) -> None:
         """Release the target; the queue, staging and cursor stay as they are."""
@@ -518,12 +517,10 @@ class DiskWorker:
         than the fence's tag: the fence's own tag can no longer arrive in order."""
         wanted = (self.fence or {}).get("tag") or {}
         tag = self.staging.tag(gen, end)
-        if not tag or not isinstance(wanted.get("t0_mono_ns"), int):
+        t0, fence_t0 = (tag or {}).get("t0_mono_ns"), wanted.get("t0_mono_ns")
+        if not (isinstance(t0, int) and isinstance(fence_t0, int)):
             return False
-        newer = (
-            tag.get("id") != wanted.get("id") and tag.get("t0_mono_ns", 0) > wanted["t0_mono_ns"]
-        )
-        if not newer:
+        if tag.get("id") == wanted.get("id") or t0 <= fence_t0:
             return False
         reason = (
             f"group gen {gen} up to seq {end} closes with tag {tag.get('id')}, newer than the "
