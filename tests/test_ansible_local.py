@@ -204,6 +204,26 @@ def test_site_deploys_every_role(deployment):
     assert connection.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_systemd_units_written_for_real_hosts_are_valid(deployment):
+    # systemd is not PID 1 here, so the units are not run; systemd itself still
+    # parses each one as a host would and names any key or value it rejects.
+    units = sorted((deployment.base / "ferry" / "systemd").glob("*.service"))
+    assert {u.name for u in units} >= {
+        "ferry-process-server.service", "ferry-master-target.service", "ferry-agent.service"
+    }  # fmt: skip
+    for unit in units:
+        result = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+        )
+        complaints = [
+            line for line in (result.stdout + result.stderr).splitlines() if str(unit) in line
+        ]
+        assert result.returncode == 0 and not complaints, (unit.name, result.stderr)
+        text = unit.read_text()
+        assert "NoNewPrivileges=true" in text and "ProtectSystem=strict" in text
+
+
 def test_a_second_site_run_changes_nothing(deployment):
     result = deployment.ok("site.yml")
     assert changes(result) and not any(changes(result).values()), changes(result)
