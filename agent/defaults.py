@@ -4,7 +4,15 @@ BLOCK_SIZE = 4096
 """Tracking granularity, in bytes (a power of two, >= 512)."""
 
 RESYNC_BLOCK_SIZE = 65536
-"""Granularity of the digest comparison during a resync, in bytes (a multiple of BLOCK_SIZE)."""
+"""Granularity of the digest comparison during a resync, in bytes (a multiple of BLOCK_SIZE).
+
+Doubled for large disks until the digest map fits DIGEST_MAP_MAX (see resync_block)."""
+
+DIGEST_MAP_MAX = 64 << 20
+"""Largest digest map a resync asks for, in bytes (16 bytes per resync block)."""
+
+RESYNC_BLOCK_MAX = 16 << 20
+"""Coarsest resync block, in bytes (the master target refuses larger ones)."""
 
 BATCH_BYTES = 4 << 20
 """Largest data payload of one batch, in bytes."""

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from pyroaring import BitMap
 
+from agent import defaults
 from agent.settings import Settings
 from agent.shipper import Shipper
 from agent.tracker import DiskTrack, Tracker, mono
@@ -73,6 +74,22 @@ class TagRequest:
     error: str | None = None
     pause_after: bool = False
     final: bool = False
+
+
+def resync_block(configured: int, disk_size: int) -> int:
+    """The resync block for a disk: ``configured``, doubled until the disk's digest map
+    (16 bytes per block) fits ``DIGEST_MAP_MAX``, at most ``RESYNC_BLOCK_MAX``.
+
+    A 1 TiB disk compares 256 KiB blocks (a 64 MiB map) instead of 64 KiB
+    ones (256 MiB, more than one frame may carry).
+    """
+    block = configured
+    while (
+        -(-disk_size // block) * blockio.DIGEST_BYTES > defaults.DIGEST_MAP_MAX
+        and block * 2 <= defaults.RESYNC_BLOCK_MAX
+    ):
+        block *= 2
+    return block
 
 
 class TagFailed(FerryError):
@@ -225,7 +242,11 @@ class Replicator:
         disk.phase = "resync-wait"
         disk.resyncs += 1
         log.info("disk %s: asking for a new generation (%s)", disk.id, reason)
-        self.shipper.request_resync(disk.id, disk.request_id, self.settings.resync_block_size)
+        block = resync_block(self.settings.resync_block_size, disk.track.size)
+        if block != self.settings.resync_block_size:
+            log.info("disk %s: comparing %d KiB blocks, so its digest map stays within %d MiB",
+                     disk.id, block >> 10, defaults.DIGEST_MAP_MAX >> 20)  # fmt: skip
+        self.shipper.request_resync(disk.id, disk.request_id, block)
 
     def _handle_inbox(self) -> None:
         while True:
