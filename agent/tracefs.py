@@ -12,6 +12,7 @@ the callbacks.  Lost events are read from ``per_cpu/cpuN/stats``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -166,10 +167,23 @@ class TraceInstance:
 
     # -- markers and counters ---------------------------------------------------------
 
-    def write_marker(self, number: int) -> None:
-        """Write marker ``number`` into the event stream."""
+    def write_marker(self, number: int, timeout: float = 10.0) -> None:
+        """Write marker ``number`` into the event stream.
+
+        A full ring buffer (overwrite is off) refuses the marker with EBADF
+        until the reader has drained it; it is tried again meanwhile.  Events
+        were dropped then, and :meth:`lost_events` counts them.
+        """
         assert self._marker_fd is not None
-        os.write(self._marker_fd, b"ferry-mark %d" % number)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                os.write(self._marker_fd, b"ferry-mark %d" % number)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EBADF or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
 
     def lost_events(self) -> int:
         """Events lost so far in this instance (dropped plus overrun, all CPUs)."""
