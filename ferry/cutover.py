@@ -661,7 +661,7 @@ def fence(tenant: str, disk: str, tag: dict[str, Any], storage_env: str) -> dict
     """Record in storage that nothing after ``tag`` may ever be applied to ``disk``.
 
     The record sits beside the disk's state blob (``<tenant>/<disk>/fence.json``
-    in the control container); writing it twice is harmless.
+    in the tenant's control container); writing it twice is harmless.
     """
     from ferry import naming
     from ferry.storage import Storage
@@ -673,8 +673,9 @@ def fence(tenant: str, disk: str, tag: dict[str, Any], storage_env: str) -> dict
     record = {"tenant": tenant, "disk": disk, "tag": tag, "reason": "cutover",
               "fenced_at": time.time()}  # fmt: skip
     name = naming.fence_blob(tenant, disk)
-    storage.put(naming.CONTROL_CONTAINER, name, json.dumps(record).encode())
-    return {"fence_blob": f"{naming.CONTROL_CONTAINER}/{name}", **record}
+    container = naming.control_container(tenant)
+    storage.put(container, name, json.dumps(record).encode())
+    return {"fence_blob": f"{container}/{name}", **record}
 
 
 # -- command line ------------------------------------------------------------------------

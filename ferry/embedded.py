@@ -290,7 +290,7 @@ class Embedded:
         """What the master target published about ``disk`` (None before anything)."""
         try:
             return self.storage.get_json(
-                naming.CONTROL_CONTAINER, naming.disk_state_blob(self.tenant, disk)
+                naming.control_container(self.tenant), naming.disk_state_blob(self.tenant, disk)
             )
         except NotFound:
             return None

@@ -18,17 +18,25 @@ import re
 ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){0,39}$")
 """Tenant, machine and disk ids: 1-40 chars, lowercase letters, digits, single inner dashes."""
 
-SEGMENTS_CONTAINER = "ferry-segments"
-"""Container holding every segment blob (names carry tenant, disk, generation, sequence)."""
-
-CONTROL_CONTAINER = "ferry-control"
-"""Container holding leases, digest maps, resync answers and per-disk state."""
-
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Resync request ids (the agent uses uuid4 hex)."""
 
 POISON_SUFFIX = "-poison"
 """Suffix of the queue that receives notices which failed (the Functions convention)."""
+
+
+def segments_container(tenant: str) -> str:
+    """The container of one tenant's segment blobs (names carry disk, generation, sequence).
+
+    One per tenant: a container SAS cannot be narrowed to a name prefix, so
+    only separate containers keep one tenant's grants away from another's data.
+    """
+    return f"ferry-{tenant}-segments"
+
+
+def control_container(tenant: str) -> str:
+    """The container of one tenant's leases, digest maps, resync answers, state and fences."""
+    return f"ferry-{tenant}-control"
 
 
 def check_id(kind: str, value: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Ownership of a disk through the blob lease ``ferry-control/<tenant>/<disk>/owner.lease``.
+"""Ownership of a disk through the blob lease ``<tenant>/<disk>/owner.lease`` (control container).
 
 Exactly one master target owns a disk (invariant 9).  The lease is renewed
 by a background thread well within its duration; :meth:`Ownership.check`
@@ -48,6 +48,7 @@ class Ownership:
         self.storage = storage
         self.disk = disk
         self.blob = naming.lease_blob(tenant, disk)
+        self.container = naming.control_container(tenant)
         self.seconds = seconds
         self.renew_every = min(renew_every, seconds / 3)
         self.state_dir = Path(state_dir) if state_dir else None
@@ -105,7 +106,7 @@ class Ownership:
         saved = durable.read_json(self._lease_file()) if self.state_dir else None
         if not isinstance(saved, dict) or not isinstance(saved.get("lease_id"), str):
             return False
-        if not self.storage.release_lease(naming.CONTROL_CONTAINER, self.blob, saved["lease_id"]):
+        if not self.storage.release_lease(self.container, self.blob, saved["lease_id"]):
             return False  # the lease carries another id: a live owner elsewhere
         log.info("disk %s: released the owner lease left by a previous run", self.disk)
         return True
@@ -115,7 +116,7 @@ class Ownership:
 
     def _take(self) -> None:
         lease = self._stack.enter_context(
-            self.storage.lease(naming.CONTROL_CONTAINER, self.blob, self.disk, self.seconds)
+            self.storage.lease(self.container, self.blob, self.disk, self.seconds)
         )
         self._lease = lease
         self._renewed = time.monotonic()

@@ -15,7 +15,7 @@ harmlessly: notices come back, staged files replay (extents are absolute),
 and stale leftovers are recognised against the cursor and removed.
 
 Fence (a cutover): the group closing with a tag marked ``final``, or with
-the tag named in ``ferry-control/<tenant>/<disk>/fence.json``, is the last
+the tag named in ``ferry-<tenant>-control/<tenant>/<disk>/fence.json``, is the last
 one applied; the cursor that reaches it records ``fenced`` in the same
 write, and the disk is never served again.  A group newer than the fence's
 tag is refused.
@@ -57,9 +57,6 @@ from mastertarget.target import Target
 
 log = logging.getLogger("ferry.mastertarget")
 
-SEGMENTS = naming.SEGMENTS_CONTAINER
-CONTROL = naming.CONTROL_CONTAINER
-
 
 class DiskWorker:
     """Replicates one disk: call :meth:`open`, then :meth:`step` in a loop, then :meth:`close`.
@@ -95,6 +92,8 @@ class DiskWorker:
         self.stop = stop or threading.Event()
         self.visibility = visibility
         self.missing_retry = missing_retry
+        self.segments = naming.segments_container(self.tenant)
+        self.control = naming.control_container(self.tenant)
         self.queue = naming.disk_queue(self.tenant, self.disk)
         self.poison = naming.poison_queue(self.queue)
         self.directory = Path(settings.state_dir) / self.disk
@@ -186,14 +185,14 @@ class DiskWorker:
         if self.cursor.is_stale(notice.gen, notice.seq):
             # Applied already, or of a finished generation: a re-announce after
             # a process server restart, or a duplicate delivery.
-            self.storage.delete(SEGMENTS, notice.blob)
+            self.storage.delete(self.segments, notice.blob)
             self.storage.delete_message(self.queue, message)
             return
         if (notice.gen, notice.seq) in self.staging:
             self.storage.delete_message(self.queue, message)
             return
         try:
-            data = self.storage.get(SEGMENTS, notice.blob)
+            data = self.storage.get(self.segments, notice.blob)
         except NotFound:
             self._blob_missing(message, notice)
             return
@@ -268,16 +267,16 @@ class DiskWorker:
 
     def _resync(self, message: Message, notice: notices.ResyncNotice) -> None:
         answer_blob = naming.resync_answer_blob(self.tenant, self.disk, notice.request_id)
-        if self.storage.exists(CONTROL, answer_blob):
+        if self.storage.exists(self.control, answer_blob):
             self.storage.delete_message(self.queue, message)  # answered before: idempotent
             return
         gen = self._start_generation(notice.request_id)
         answer = self._answer(notice, gen)
-        self.storage.put_json(CONTROL, answer_blob, answer)
+        self.storage.put_json(self.control, answer_blob, answer)
         self.storage.delete_message(self.queue, message)
         if gen > 1:
             # The previous generation's map served its resync; maps are large.
-            self.storage.delete(CONTROL, naming.digest_blob(self.tenant, self.disk, gen - 1))
+            self.storage.delete(self.control, naming.digest_blob(self.tenant, self.disk, gen - 1))
         log.info(
             "disk %s: started generation %d for resync request %s (target %s)",
             self.disk,
@@ -308,7 +307,7 @@ class DiskWorker:
         digest_blob = None
         if not empty:
             digest_blob = naming.digest_blob(self.tenant, self.disk, gen)
-            self.storage.put(CONTROL, digest_blob, digests)
+            self.storage.put(self.control, digest_blob, digests)
         return {
             "request_id": notice.request_id,
             "gen": gen,
@@ -438,7 +437,7 @@ class DiskWorker:
         blob = naming.segment_blob(self.tenant, self.disk, gen, seq)
         self.staging.remove(gen, seq)
         try:
-            data = self.storage.get(SEGMENTS, blob)
+            data = self.storage.get(self.segments, blob)
             batch = self._verify(data, blob, gen, seq)
         except (NotFound, SegmentCorrupt) as exc:
             self._group_broken(gen, seq, f"staged copy damaged and {exc}")
@@ -465,7 +464,7 @@ class DiskWorker:
             return
         for staged in self.staging.select(self.cursor.is_stale):
             self.storage.delete(
-                SEGMENTS, naming.segment_blob(self.tenant, self.disk, staged.gen, staged.seq)
+                self.segments, naming.segment_blob(self.tenant, self.disk, staged.gen, staged.seq)
             )
             self.staging.remove(staged.gen, staged.seq)
             self._changed = True
@@ -481,7 +480,7 @@ class DiskWorker:
         self._fence_at = now
         name = naming.fence_blob(self.tenant, self.disk)
         try:
-            record = self.storage.get_json(CONTROL, name)
+            record = self.storage.get_json(self.control, name)
         except NotFound:
             record = None
         except ValueError as exc:
@@ -490,7 +489,7 @@ class DiskWorker:
             isinstance(record, dict) and isinstance(record.get("tag"), dict)
         ):
             log.error("disk %s: ignoring fence record %s/%s without a tag: %.200s",
-                      self.disk, CONTROL, name, record)  # fmt: skip
+                      self.disk, self.control, name, record)  # fmt: skip
             record = None
         if record is not None and self.fence is None:
             log.info("disk %s: will be fenced at tag %s", self.disk, record["tag"].get("id"))
@@ -579,7 +578,7 @@ class DiskWorker:
             self._status_at = now
         if force or now - self._state_at >= defaults.STATE_INTERVAL:
             blob = naming.disk_state_blob(self.tenant, self.disk)
-            self.storage.put_json(CONTROL, blob, state)
+            self.storage.put_json(self.control, blob, state)
             self._state_at = now
             self._changed = False
 

@@ -26,7 +26,6 @@ from processserver.health import Backoff
 log = logging.getLogger("ferry.processserver.relay")
 
 T = TypeVar("T")
-CONTROL = naming.CONTROL_CONTAINER
 
 
 class Link(Protocol):
@@ -54,6 +53,7 @@ class ResyncRelay:
         self.request_id = request_id
         self.block_size = block_size
         self.answer_blob = naming.resync_answer_blob(self.tenant, disk, request_id)
+        self.control = naming.control_container(self.tenant)
         self.done = threading.Event()
         self._cancelled = threading.Event()
 
@@ -97,7 +97,7 @@ class ResyncRelay:
         log.info("relayed resync request %s of %s/%s", self.request_id, self.tenant, self.disk)
 
     def _answer_exists(self) -> bool:
-        return self.ctx.storage.exists(CONTROL, self.answer_blob)
+        return self.ctx.storage.exists(self.control, self.answer_blob)
 
     def _await_answer(self) -> Any:
         """Poll for the answer blob until it appears (or the agent leaves); None if not JSON."""
@@ -105,7 +105,7 @@ class ResyncRelay:
             try:
                 return self._patiently(
                     "reading a resync answer",
-                    lambda: self.ctx.storage.get_json(CONTROL, self.answer_blob),
+                    lambda: self.ctx.storage.get_json(self.control, self.answer_blob),
                 )
             except NotFound:
                 self._wait(defaults.RESYNC_POLL_INTERVAL)
@@ -116,20 +116,22 @@ class ResyncRelay:
         """Send ``resync-answer`` with the digest map (empty when the target is empty)."""
         problem = answer_problem(answer, self.tenant, self.disk, self.request_id)
         if problem:
-            log.error("resync answer %s/%s is unusable: %s", CONTROL, self.answer_blob, problem)
+            log.error(
+                "resync answer %s/%s is unusable: %s", self.control, self.answer_blob, problem
+            )
             return
         digests = b""
         if not answer["empty"]:
             name = answer["digest_blob"]
             try:
                 digests = self._patiently(
-                    "reading a digest map", lambda: self.ctx.storage.get(CONTROL, name)
+                    "reading a digest map", lambda: self.ctx.storage.get(self.control, name)
                 )
             except NotFound:
                 log.error(
                     "resync answer %s names %s/%s, which is missing",
                     self.answer_blob,
-                    CONTROL,
+                    self.control,
                     name,
                 )
                 return
@@ -235,15 +237,16 @@ class StateRelay:
     def _read(self, tenant: str, disk: str) -> Any:
         """The disk's state blob as JSON; None if absent, unreadable or storage is down."""
         name = naming.disk_state_blob(tenant, disk)
+        control = naming.control_container(tenant)
         try:
-            state = self.ctx.storage.get_json(CONTROL, name)
+            state = self.ctx.storage.get_json(control, name)
         except NotFound:
             state = None
         except StorageUnavailable as exc:
             self.ctx.health.failed("reading disk states", exc)
             return None
         except ValueError:
-            log.warning("state blob %s/%s is not JSON; ignoring it", CONTROL, name)
+            log.warning("state blob %s/%s is not JSON; ignoring it", control, name)
             state = None
         self.ctx.health.succeeded()
         return state

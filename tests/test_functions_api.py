@@ -118,7 +118,10 @@ def test_settings_fit_each_daemons_settings_schema(api):
     assert parsed.process_server == "10.0.0.5:7443"
     assert [d.id for d in parsed.disks] == estate.disks
     target = api.get("/components/self/settings", estate.mt).json()
-    assert set(target.pop("storage")["containers"]) == {"ferry-segments", "ferry-control"}
+    assert set(target.pop("storage")["containers"]) == {
+        f"ferry-{estate.tenant}-segments",
+        f"ferry-{estate.tenant}-control",
+    }
     parsed = from_mapping({**target, "state_dir": "/var/lib/ferry"}, MasterTargetSettings)
     assert str(parsed.disks[0].target) == f"/srv/targets/{estate.disks[0]}.img"
     server = api.get("/components/self/settings", estate.ps).json()

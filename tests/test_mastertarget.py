@@ -1,7 +1,7 @@
 """The master target against real Azurite, real files and real processes.
 
 The tests play the process server themselves: they build batches, pack them
-into segments, upload them to ``ferry-segments`` and announce them on the
+into segments, upload them to the tenant's segments container and announce them on the
 disk's queue, exactly as docs/design.md describes.
 """
 
@@ -37,7 +37,6 @@ from mastertarget.worker import DiskWorker
 ROOT = Path(__file__).resolve().parent.parent
 DISK = "disk0"
 KiB, MiB = 1 << 10, 1 << 20
-SEGMENTS, CONTROL = naming.SEGMENTS_CONTAINER, naming.CONTROL_CONTAINER
 
 
 # -- playing the process server -------------------------------------------------------------
@@ -79,7 +78,9 @@ class ProcessServer:
         """Put the segment blob (``data`` replaces the packed bytes) and return its notice."""
         packed, checksum = segment.pack(batch, key=key or self.key)
         blob = naming.segment_blob(self.tenant, DISK, batch.gen, batch.seq)
-        self.storage.put(SEGMENTS, blob, packed if data is None else data)
+        self.storage.put(
+            naming.segments_container(self.tenant), blob, packed if data is None else data
+        )
         return {
             "type": "segment",
             "tenant": self.tenant,
@@ -116,14 +117,17 @@ class ProcessServer:
 
     def answer(self, request_id: str) -> dict:
         return self.storage.get_json(
-            CONTROL, naming.resync_answer_blob(self.tenant, DISK, request_id)
+            naming.control_container(self.tenant),
+            naming.resync_answer_blob(self.tenant, DISK, request_id),
         )
 
     def state(self) -> dict:
-        return self.storage.get_json(CONTROL, naming.disk_state_blob(self.tenant, DISK))
+        return self.storage.get_json(
+            naming.control_container(self.tenant), naming.disk_state_blob(self.tenant, DISK)
+        )
 
     def segment_blobs(self) -> list[str]:
-        return self.storage.list(SEGMENTS, f"{self.tenant}/{DISK}/")
+        return self.storage.list(naming.segments_container(self.tenant), f"{self.tenant}/{DISK}/")
 
     def poisoned(self) -> list[dict]:
         poison = naming.poison_queue(self.queue)
@@ -389,7 +393,7 @@ def test_missing_blob_is_poisoned_on_the_third_sighting(make_worker, storage, te
     worker = make_worker(missing_retry=0)
     new_generation(ps, worker)
     notice = ps.upload(ps.batch(1, 1, [(0, b"y" * 4096)], tag=True))
-    storage.delete(SEGMENTS, notice["blob"])
+    storage.delete(naming.segments_container(tenant), notice["blob"])
     ps.announce(notice)
 
     worker.step()
@@ -439,7 +443,7 @@ def test_damaged_staged_file_is_fetched_again_or_never_applied(
     damaged[100] ^= 1
     staged.write_bytes(damaged)  # the local disk flipped a bit
     if not blob_left:
-        storage.delete(SEGMENTS, n1["blob"])
+        storage.delete(naming.segments_container(tenant), n1["blob"])
     ps.ship(b2)
     drain(worker)
     if blob_left:
@@ -478,7 +482,7 @@ def test_resync_answers_with_the_targets_digest_map(make_worker, storage, tenant
     assert (answer["gen"], answer["empty"], answer["target_size"]) == (2, False, 512 * KiB)
     assert answer["digest_blob"] == naming.digest_blob(tenant, DISK, 2)
     expected_map, _ = blockio.digest_map(worker.target.path, 8192)
-    assert storage.get(CONTROL, answer["digest_blob"]) == expected_map
+    assert storage.get(naming.control_container(tenant), answer["digest_blob"]) == expected_map
     assert staged_names(worker) == [] and ps.segment_blobs() == []
     assert worker.cursor.last_tag == g1.tag, "the target still sits on the last tag"
 
@@ -498,7 +502,7 @@ def test_resync_answers_with_the_targets_digest_map(make_worker, storage, tenant
 
     # The next generation's map replaces this one's.
     assert new_generation(ps, worker)["gen"] == 3
-    maps = storage.list(CONTROL, f"{tenant}/{DISK}/digests/")
+    maps = storage.list(naming.control_container(tenant), f"{tenant}/{DISK}/digests/")
     assert maps == [naming.digest_blob(tenant, DISK, 3)]
 
 
@@ -508,7 +512,9 @@ def test_resync_interrupted_before_its_answer_reuses_the_generation(make_worker,
     request = ps.ask_resync()
     drain(worker)
     # As if the master target had crashed after the cursor, before the answer.
-    storage.delete(CONTROL, naming.resync_answer_blob(tenant, DISK, request))
+    storage.delete(
+        naming.control_container(tenant), naming.resync_answer_blob(tenant, DISK, request)
+    )
     ps.ask_resync(request_id=request)
     drain(worker)
     assert ps.answer(request)["gen"] == 1 and worker.cursor.gen == 1
@@ -530,9 +536,13 @@ def test_lost_lease_stops_applying_at_once(make_worker, storage, tenant):
         drain(worker)
         at_first = apply_to(bytearray(256 * KiB), first)
 
-        blob = storage.blobs.get_blob_client(CONTROL, naming.lease_blob(tenant, DISK))
+        blob = storage.blobs.get_blob_client(
+            naming.control_container(tenant), naming.lease_blob(tenant, DISK)
+        )
         BlobLeaseClient(blob).break_lease(lease_break_period=0)
-        with storage.lease(CONTROL, naming.lease_blob(tenant, DISK), DISK, 15):
+        with storage.lease(
+            naming.control_container(tenant), naming.lease_blob(tenant, DISK), DISK, 15
+        ):
             deadline = time.monotonic() + 10
             while not ownership.lost and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -562,7 +572,7 @@ def test_state_directory_serves_one_process_at_a_time(storage, tenant, tmp_path)
 
 def _fence_record(storage: Storage, tenant: str, tag: dict) -> None:
     record = {"tenant": tenant, "disk": DISK, "tag": tag, "reason": "cutover", "fenced_at": 1.0}
-    storage.put_json(CONTROL, naming.fence_blob(tenant, DISK), record)
+    storage.put_json(naming.control_container(tenant), naming.fence_blob(tenant, DISK), record)
 
 
 def test_final_tag_fences_the_disk_and_nothing_after_it_is_applied(make_worker, storage, tenant):
@@ -673,7 +683,7 @@ def test_a_fenced_disk_is_not_served_and_its_lease_is_free(azurite, storage, ten
 
     serve_until_fenced()
     assert (tmp_path / "target.img").read_bytes()[:8192] == b"f" * 4096 + bytes(4096)
-    with storage.lease(CONTROL, naming.lease_blob(tenant, DISK), DISK, 15):
+    with storage.lease(naming.control_container(tenant), naming.lease_blob(tenant, DISK), DISK, 15):
         pass  # released: another master target, or the cutover, may take the disk
     serve_until_fenced()  # a restart does not serve it either
 
@@ -740,7 +750,7 @@ def test_second_master_target_for_a_disk_is_refused(azurite, tenant, tmp_path):
         assert refused.returncode == 6
         assert refused.stderr.splitlines() == [
             f"master-target: error: disk {DISK} is owned by another master target (lease on "
-            f"ferry-control/{naming.lease_blob(tenant, DISK)} is held); stop it first or run "
+            f"ferry-{tenant}-control/{naming.lease_blob(tenant, DISK)} is held); stop it first or run "
             "with --wait"
         ]
         waiter = Daemon(second, conn, tmp_path / "b.log", "--wait")
@@ -770,7 +780,11 @@ def test_killed_master_target_replays_the_group_and_converges(azurite, storage, 
     try:
         request = ps.ask_resync()
         answer = naming.resync_answer_blob(tenant, DISK, request)
-        wait_until(lambda: storage.exists(CONTROL, answer), 30, "the resync answer")
+        wait_until(
+            lambda: storage.exists(naming.control_container(tenant), answer),
+            30,
+            "the resync answer",
+        )
         first = ps.batch(1, 1, [(0, pattern(1, 0, 8 * MiB))], tag=True)
         ps.ship(first)
         apply_to(model, first)
@@ -826,7 +840,11 @@ def test_sigterm_finishes_the_group_in_hand(azurite, storage, tenant, tmp_path):
     try:
         request = ps.ask_resync()
         answer = naming.resync_answer_blob(tenant, DISK, request)
-        wait_until(lambda: storage.exists(CONTROL, answer), 30, "the resync answer")
+        wait_until(
+            lambda: storage.exists(naming.control_container(tenant), answer),
+            30,
+            "the resync answer",
+        )
         first = ps.batch(1, 1, [(0, pattern(1, 0, piece))], tag=True)  # a first recovery point
         ps.ship(first)
         wait_until(lambda: _cursor(state_dir).get("applied_seq") == 1, 30, "group 1")
@@ -930,7 +948,10 @@ def test_block_device_target(make_worker, storage, tenant, loopdisk):
     with open(device, "rb") as f:
         assert f.read() == apply_to(bytearray(4 * MiB), b)
     answer = new_generation(ps, worker)
-    assert storage.get(CONTROL, answer["digest_blob"]) == blockio.digest_map(device, 4096)[0]
+    assert (
+        storage.get(naming.control_container(tenant), answer["digest_blob"])
+        == blockio.digest_map(device, 4096)[0]
+    )
 
     too_big = ProcessServer(storage, tenant, disk_size=8 * MiB)
     too_big.ship(too_big.batch(2, 1, [(5 * MiB, b"q" * 4096)], tag=True))

@@ -263,7 +263,7 @@ def verify_uploaded(storage, notices: list[dict], batches: dict, key: bytes | No
         assert n["type"] == "segment"
         assert (n["tenant"], n["disk"], n["blob"]) == (batch.tenant, DISK, blob)
         assert n["tag"] == (batch.tag["id"] if batch.tag else None)
-        data = storage.get(naming.SEGMENTS_CONTAINER, blob)
+        data = storage.get(naming.segments_container(batch.tenant), blob)
         assert n["bytes"] == len(data)
         expect = {"tenant": batch.tenant, "disk": DISK, "gen": batch.gen, "seq": batch.seq}
         back = unpack(data, blob, expect, key=key, checksum=n["checksum"])
@@ -297,7 +297,7 @@ def test_batches_are_acked_uploaded_and_announced(
     if key:  # sealed: useless without the key
         blob = notices[0]["blob"]
         with pytest.raises(SegmentCorrupt, match="encrypted"):
-            unpack(storage.get(naming.SEGMENTS_CONTAINER, blob), blob)
+            unpack(storage.get(naming.segments_container(tenant), blob), blob)
 
     # Uploaded and announced, so nothing is left to spool; the status says what happened.
     wait_for(lambda: not server.spooled(tenant), 10)
@@ -373,7 +373,9 @@ def test_bad_input_gets_an_error_and_the_server_goes_on(
     assert server.proc.poll() is None
     assert [n["seq"] for n in collect_notices(storage, tenant, 1)] == [2]
     # Nothing of the refused input was uploaded.
-    assert not storage.exists(naming.SEGMENTS_CONTAINER, naming.segment_blob(tenant, DISK, 1, 1))
+    assert not storage.exists(
+        naming.segments_container(tenant), naming.segment_blob(tenant, DISK, 1, 1)
+    )
 
 
 def test_garbage_on_the_wire_is_refused(servers, connect, certs, tenant):
@@ -410,7 +412,9 @@ def test_acked_batches_survive_sigkill_while_storage_is_down(
     assert sorted((n["gen"], n["seq"]) for n in notices) == sorted(batches)
     verify_uploaded(storage, notices, batches, None)
     wait_for(lambda: not server.spooled(tenant), 10, lambda: str(server.spooled(tenant)))
-    assert not storage.exists(naming.SEGMENTS_CONTAINER, naming.segment_blob(tenant, DISK, 1, 99))
+    assert not storage.exists(
+        naming.segments_container(tenant), naming.segment_blob(tenant, DISK, 1, 99)
+    )
 
 
 def test_full_spool_stalls_the_agent_instead_of_failing(servers, certs, azurite, storage, tenant):
@@ -489,11 +493,11 @@ def test_resync_is_relayed_to_the_master_target_and_answered(servers, connect, s
     # Playing the master target: a digest map and the answer naming it.
     digests = os.urandom(16 * 40)
     digest_blob = naming.digest_blob(tenant, DISK, 2)
-    storage.put(naming.CONTROL_CONTAINER, digest_blob, digests)
+    storage.put(naming.control_container(tenant), digest_blob, digests)
     answer = {"request_id": "req-1", "gen": 2, "block_size": 65536, "target_size": 40 * 65536,
               "digest_blob": digest_blob, "empty": False}  # fmt: skip
     storage.put_json(
-        naming.CONTROL_CONTAINER, naming.resync_answer_blob(tenant, DISK, "req-1"), answer
+        naming.control_container(tenant), naming.resync_answer_blob(tenant, DISK, "req-1"), answer
     )
     header, payload = agent.recv(15)
     assert header["type"] == "resync-answer", header
@@ -507,7 +511,7 @@ def test_resync_is_relayed_to_the_master_target_and_answered(servers, connect, s
     # An empty target: no map, an empty payload.
     empty = {**answer, "request_id": "req-2", "gen": 3, "digest_blob": None, "empty": True}
     storage.put_json(
-        naming.CONTROL_CONTAINER, naming.resync_answer_blob(tenant, DISK, "req-2"), empty
+        naming.control_container(tenant), naming.resync_answer_blob(tenant, DISK, "req-2"), empty
     )
     agent.send({"type": "resync", "disk": DISK, "request_id": "req-2", "block_size": 65536})
     header, payload = agent.recv(15)
@@ -523,7 +527,7 @@ def test_resync_required_is_relayed_once_per_generation(servers, connect, storag
     state_blob = naming.disk_state_blob(tenant, DISK)
     state = {"tenant": tenant, "disk": DISK, "gen": 3, "applied_seq": 4,
              "resync_required_gen": 3, "reason": "segment gen 3 seq 5: checksum mismatch"}  # fmt: skip
-    storage.put_json(naming.CONTROL_CONTAINER, state_blob, state)
+    storage.put_json(naming.control_container(tenant), state_blob, state)
     header, _ = agent.recv(10)
     assert header == {"type": "resync-required", "disk": DISK, "gen": 3,
                       "reason": "segment gen 3 seq 5: checksum mismatch"}  # fmt: skip
@@ -531,7 +535,9 @@ def test_resync_required_is_relayed_once_per_generation(servers, connect, storag
         agent.recv(1.0)  # polled five times more, said once
 
     storage.put_json(
-        naming.CONTROL_CONTAINER, state_blob, {**state, "resync_required_gen": 4, "reason": "x"}
+        naming.control_container(tenant),
+        state_blob,
+        {**state, "resync_required_gen": 4, "reason": "x"},
     )
     header, _ = agent.recv(10)
     assert (header["type"], header["gen"], header["reason"]) == ("resync-required", 4, "x")

@@ -43,9 +43,6 @@ _CLIENT_OPTS = {
     "connection_timeout": 10,
 }
 
-CONTAINERS = (naming.SEGMENTS_CONTAINER, naming.CONTROL_CONTAINER)
-"""Containers the server creates, so that components holding only SAS tokens can use them."""
-
 
 class Account:
     """One storage account: service clients, endpoints and SAS signing."""
@@ -99,9 +96,10 @@ class Account:
 
     # -- queues and containers -----------------------------------------------------------
 
-    def ensure_containers(self) -> None:
-        """Create Ferry's containers if absent. Idempotent."""
-        for name in CONTAINERS:
+    def ensure_containers(self, tenant: str) -> None:
+        """Create a tenant's containers if absent, so that components holding only SAS
+        tokens can use them. Idempotent."""
+        for name in (naming.segments_container(tenant), naming.control_container(tenant)):
             if name in self._known:
                 continue
             with contextlib.suppress(ResourceExistsError):

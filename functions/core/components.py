@@ -4,17 +4,16 @@ Storage grants are SAS tokens scoped to exactly what the component needs
 (docs/api.md, ``GET /components/self/storage``):
 
 * every component: its command queue (read, process, update);
-* process server: ``ferry-segments`` (create, write), ``ferry-control``
-  (read); the queues of its disks (add);
-* master target: ``ferry-segments`` (read, delete), ``ferry-control`` (read,
-  add, create, write, delete: it holds leases and writes state and answers);
-  the queues of its disks (read, process, update) and their poison queues (add).
+* process server: its tenant's ``ferry-<tenant>-segments`` (create, write)
+  and ``ferry-<tenant>-control`` (read); the queues of its disks (add);
+* master target: ``ferry-<tenant>-segments`` (read, delete),
+  ``ferry-<tenant>-control`` (read, add, create, write, delete: it holds
+  leases and writes state and answers); the queues of its disks (read,
+  process, update) and their poison queues (add).
 
-The containers are shared by every tenant of the account: a container SAS
-cannot be narrowed to a tenant's prefix on a flat-namespace account, so
-tenant isolation of segment blobs rests on the names components use (and on
-sealed segments), not on the SAS.  Queues are per tenant and disk, so queue
-grants are isolated.
+Containers and queues are per tenant, so no grant reaches another tenant's
+data (a container SAS cannot be narrowed to a name prefix, hence one
+container per tenant).
 """
 
 from __future__ import annotations
@@ -75,12 +74,14 @@ def grants(ctx: Context, caller: Caller) -> tuple[dict[str, str], dict[str, str]
     containers: dict[str, str] = {}
     queues = {naming.command_queue(caller.tenant, caller.component_id): "rup"}
     kind = caller.component_kind
+    segments, control = (naming.segments_container(caller.tenant),
+                         naming.control_container(caller.tenant))  # fmt: skip
     if kind == "process-server":
-        containers = {naming.SEGMENTS_CONTAINER: "cw", naming.CONTROL_CONTAINER: "r"}
+        containers = {segments: "cw", control: "r"}
         for disk in assigned_disks(ctx, caller):
             queues[naming.disk_queue(caller.tenant, disk["disk"])] = "a"
     elif kind == "master-target":
-        containers = {naming.SEGMENTS_CONTAINER: "rd", naming.CONTROL_CONTAINER: "racwd"}
+        containers = {segments: "rd", control: "racwd"}
         for disk in assigned_disks(ctx, caller):
             queue = naming.disk_queue(caller.tenant, disk["disk"])
             queues[queue] = "rup"
@@ -97,6 +98,8 @@ def storage(ctx: Context, caller: Caller, _body: Any = None) -> dict[str, Any]:
     expires = now + defaults.SAS_LIFETIME
     expiry = dt.datetime.fromtimestamp(expires, dt.UTC)
     account = ctx.account
+    if containers:  # made with the tenant; also for tenants made before containers were theirs
+        account.ensure_containers(caller.tenant)
     for queue in queues:
         account.ensure_queue(queue)
     return {

@@ -73,7 +73,6 @@ def from_settings(env: Mapping[str, str], clock: Callable[[], float] = time.time
     ctx = Context(account, Store(account.tables), digest, clock)
     try:
         ctx.store.ensure_tables()
-        account.ensure_containers()
     except AzureError as exc:
         raise Unavailable(f"storage is unavailable ({type(exc).__name__})")
     return ctx
