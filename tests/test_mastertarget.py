@@ -575,6 +575,17 @@ def _fence_record(storage: Storage, tenant: str, tag: dict) -> None:
     storage.put_json(naming.control_container(tenant), naming.fence_blob(tenant, DISK), record)
 
 
+def _at_a_first_tag(make_worker, storage, tenant) -> tuple[ProcessServer, DiskWorker, Batch]:
+    """A worker whose target sits on a first tag (batch ``b1``, returned)."""
+    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    worker = make_worker()
+    new_generation(ps, worker)
+    b1 = ps.batch(1, 1, [(0, b"a" * 4096)], tag=True)
+    ps.ship(b1)
+    drain(worker)
+    return ps, worker, b1
+
+
 def test_final_tag_fences_the_disk_and_nothing_after_it_is_applied(make_worker, storage, tenant):
     ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
@@ -618,12 +629,7 @@ def test_fence_record_stops_the_disk_at_its_tag(make_worker, storage, tenant):
 
 
 def test_a_group_newer_than_the_fence_tag_is_refused(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
-    worker = make_worker()
-    new_generation(ps, worker)
-    b1 = ps.batch(1, 1, [(0, b"a" * 4096)], tag=True)
-    ps.ship(b1)
-    drain(worker)
+    ps, worker, b1 = _at_a_first_tag(make_worker, storage, tenant)
     lost = ps.batch(1, 2, [(0, b"L" * 4096)], tag=True)  # the fence's tag, never shipped
     lost.tag["id"] = "web01-final"
     newer = ps.batch(1, 2, [(0, b"N" * 4096)], tag=True)
@@ -637,12 +643,7 @@ def test_a_group_newer_than_the_fence_tag_is_refused(make_worker, storage, tenan
 
 
 def test_a_held_master_target_stages_but_applies_only_after_the_hold(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
-    worker = make_worker()
-    new_generation(ps, worker)
-    b1 = ps.batch(1, 1, [(0, b"a" * 4096)], tag=True)
-    ps.ship(b1)
-    drain(worker)
+    ps, worker, b1 = _at_a_first_tag(make_worker, storage, tenant)
     b2 = ps.batch(1, 2, [(0, b"b" * 4096)], tag=True)
     state_dir = worker.directory.parent
     with cutover.hold_applying(state_dir, DISK, "a test"):
