@@ -95,7 +95,9 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_issue(args: argparse.Namespace) -> int:
-    cert, key = pki.issue(args.ca_dir, args.out_dir, args.name, args.host or None)
+    cert, key = pki.issue(
+        args.ca_dir, args.out_dir, args.name, args.host or None, args.tenant or None
+    )
     print(f"certificate: {cert}\nkey: {key}")
     return 0
 
@@ -539,6 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--name", required=True)
     issue.add_argument(
         "--host", action="append", default=[], help="subject alternative name (repeatable)"
+    )
+    issue.add_argument(
+        "--tenant",
+        action="append",
+        default=[],
+        help="bind an agent's certificate to this tenant (repeatable; * for any)",
     )
     issue.set_defaults(func=cmd_pki_issue)
     return parser

@@ -107,7 +107,7 @@ class Embedded:
             self.azurite = Azurite(location=location, log=str(self.base / "azurite.log")).start()
         pki.make_ca(self.pki / "ca")
         pki.issue(self.pki / "ca", self.pki, "process-server", ["localhost", "127.0.0.1"])
-        pki.issue(self.pki / "ca", self.pki, f"agent-{self.machine}")
+        pki.issue(self.pki / "ca", self.pki, f"agent-{self.machine}", tenants=[self.tenant])
 
     @property
     def storage(self) -> Storage:

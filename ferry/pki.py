@@ -66,13 +66,23 @@ def make_ca(directory: str | Path, name: str = "Ferry CA") -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+TENANT_URI = "urn:ferry:tenant:"
+"""Prefix of the URI subject alternative names that bind an agent certificate to tenants."""
+
+
 def issue(
-    ca_dir: str | Path, out_dir: str | Path, name: str, hosts: list[str] | None = None
+    ca_dir: str | Path,
+    out_dir: str | Path,
+    name: str,
+    hosts: list[str] | None = None,
+    tenants: list[str] | None = None,
 ) -> tuple[Path, Path]:
     """Issue ``<name>.pem``/``<name>.key`` signed by the CA in ``ca_dir``; return their paths.
 
     ``hosts`` become subject alternative names (DNS names or IP addresses);
-    the certificate is valid for both server and client authentication.
+    each of ``tenants`` a URI ``urn:ferry:tenant:<tenant>`` (``*``: any
+    tenant), which a process server requires of an agent's certificate.
+    The certificate is valid for both server and client authentication.
     """
     ca_dir, out_dir = Path(ca_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +96,7 @@ def issue(
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
+    sans += [x509.UniformResourceIdentifier(TENANT_URI + t) for t in tenants or []]
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -130,6 +141,16 @@ def client_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
     ctx.load_verify_locations(ca)
     ctx.check_hostname = True
     return ctx
+
+
+def peer_tenants(sock: ssl.SSLSocket) -> set[str]:
+    """The tenants the verified peer certificate is bound to (``*``: any); empty if none."""
+    cert = sock.getpeercert() or {}
+    return {
+        value.removeprefix(TENANT_URI)
+        for kind, value in cert.get("subjectAltName", ())
+        if kind == "URI" and value.startswith(TENANT_URI)
+    }
 
 
 def peer_name(sock: ssl.SSLSocket) -> str:

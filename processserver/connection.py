@@ -206,6 +206,14 @@ class Connection:
             problem = problem or check_id("disk", disk)
         if problem:
             raise Rejected(problem)
+        bound = pki.peer_tenants(self.sock)
+        if "*" not in bound and tenant not in bound:
+            raise Rejected(
+                f"certificate {self.peer} is not bound to tenant {tenant}"
+                if bound
+                else f"certificate {self.peer} is bound to no tenant (issue agent certificates "
+                "with their tenant: ferry pki issue --tenant)"
+            )
         self.tenant, self.machine, self.disks = tenant, machine, frozenset(disks)
         self.send({"type": "welcome", "server": SERVER_NAME})
         log.info("agent %s/%s (%s, certificate %s) connected with disks %s",

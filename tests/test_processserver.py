@@ -327,6 +327,32 @@ def test_only_clients_with_a_certificate_from_the_ca_get_in(servers, connect, ce
     wait_for(lambda: server.status()["connections_refused"] == 2, 5)
 
 
+def test_an_agent_certificate_speaks_only_for_its_own_tenants(servers, certs, tenant, tmp_path):
+    server = servers()
+    pki.issue(certs / "ca", tmp_path, "agent-web01", tenants=[tenant])
+    pki.issue(certs / "ca", tmp_path, "agent-unbound")
+    ca = str(certs / "ca" / "ca.pem")
+
+    def hello(name: str, as_tenant: str) -> dict:
+        context = pki.client_context(
+            ca, str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key")
+        )
+        agent = Agent(server.port, context)
+        try:
+            return agent.hello(as_tenant)
+        finally:
+            agent.close()
+
+    assert hello("agent-web01", tenant)["type"] == "welcome"
+    refused = hello("agent-web01", "someone-else")
+    assert refused == {
+        "type": "error",
+        "message": "certificate agent-web01 is not bound to tenant someone-else",
+    }
+    refused = hello("agent-unbound", tenant)
+    assert refused["type"] == "error" and "bound to no tenant" in refused["message"]
+
+
 def _bad_payload(tenant: str) -> list:
     batch = make_batch(tenant, 1)
     return [{"type": "batch", "batch": batch.header()}, batch.payload[:-1]]
