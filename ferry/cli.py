@@ -400,6 +400,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_component(args: argparse.Namespace) -> int:
+    body = {"command": args.command}
+    path = f"/tenants/{_tenant(args)}/components/{args.component}/commands"
+    answer = api(args, "POST", path, body)
+    _print(args, answer, f"{args.command} sent to {args.component} (command {answer.get('command_id')}; "
+                         f"ferry command {answer.get('command_id')} shows its outcome)")  # fmt: skip
+    return 0
+
+
 def cmd_command(args: argparse.Namespace) -> int:
     answer = api(args, "GET", f"/tenants/{_tenant(args)}/commands/{args.command_id}")
     command = answer.get("command", {})
@@ -496,6 +505,14 @@ def _add_api_commands(sub) -> None:
     _server_args(jobs)
     jobs.add_argument("job", nargs="?", help="show one job with its history")
     jobs.set_defaults(func=cmd_jobs)
+
+    component = sub.add_parser(
+        "component", help="stop a process server or master target, or rotate its credentials"
+    )
+    _server_args(component)
+    component.add_argument("component", help="the component's id (ps-..., mt-..., ag-...)")
+    component.add_argument("command", choices=["stop", "rotate-credentials"])
+    component.set_defaults(func=cmd_component)
 
     command = sub.add_parser("command", help="one command and each component's outcome")
     _server_args(command)

@@ -35,6 +35,19 @@ def command_result(req: func.HttpRequest) -> func.HttpResponse:
     )  # fmt: skip
 
 
+@bp.route(route="tenants/{tenant}/components/{component}/commands", methods=["POST"])
+def component_command(req: func.HttpRequest) -> func.HttpResponse:
+    """Operator: stop one component or rotate its credentials."""
+    tenant, component = web.route_param(req, "tenant"), web.route_param(req, "component")
+    return web.handle(
+        req,
+        lambda ctx, caller, body: replication.component_command(
+            ctx, caller, tenant, component, body
+        ),
+        body=True,
+    )
+
+
 @bp.route(route="tenants/{tenant}/commands/{command_id}", methods=["GET"])
 def get_command(req: func.HttpRequest) -> func.HttpResponse:
     """Operator: one command and each target's outcome."""

@@ -96,3 +96,15 @@ def test_an_unknown_command_id_is_refused_clearly(server, tenant):
     assert result.stderr.strip() == (
         "ferry: error: configuration server refused (404): command cmd-0000 does not exist"
     ), result.stderr
+
+
+def test_a_command_to_an_unknown_component_is_refused_clearly(server, tenant):
+    token = json.loads(
+        ferry("tenant", "create", tenant, "--server", server, "--token", ADMIN, "--json").stdout
+    )["operator_token"]
+    env = {"FERRY_SERVER": server, "FERRY_TOKEN": token}
+    result = ferry("component", "ps-nope", "stop", env=env)
+    assert result.returncode == 8
+    assert result.stderr.strip() == (
+        "ferry: error: configuration server refused (404): component ps-nope does not exist"
+    ), result.stderr

@@ -244,6 +244,32 @@ def test_credentials_rotate_through_the_command_queue(api):
     assert "token" not in record["args"]
 
 
+def test_a_process_server_or_master_target_is_stopped_or_rotated_on_its_own(api):
+    estate = api.estate()
+    for component in ("ag-web01", "ps-ps1", "mt-mt1"):
+        take_commands(api, estate.tenant, component)
+    path = f"/tenants/{estate.tenant}/components/mt-mt1/commands"
+    body = {"command": "rotate-credentials", "idempotency_key": "rotate-mt1"}
+    first = api.post(path, estate.operator, body)
+    assert first.status_code == 202
+    assert api.post(path, estate.operator, body).json() == first.json()
+    (message,) = take_commands(api, estate.tenant, "mt-mt1")
+    assert message["args"]["token"].startswith(f"c.{estate.tenant}.mt-mt1.")
+    assert take_commands(api, estate.tenant, "ps-ps1") == []
+    assert take_commands(api, estate.tenant, "ag-web01") == []
+    assert api.get("/components/self", message["args"]["token"]).status_code == 200
+    stop = api.post(f"/tenants/{estate.tenant}/components/ps-ps1/commands", estate.operator,
+                    {"command": "stop"}).json()  # fmt: skip
+    (message,) = take_commands(api, estate.tenant, "ps-ps1")
+    assert (message["id"], message["type"], message["args"]) == (stop["command_id"], "stop", {})
+    missing = api.post(f"/tenants/{estate.tenant}/components/ps-nope/commands", estate.operator,
+                       {"command": "stop"})  # fmt: skip
+    assert missing.status_code == 404 and "ps-nope" in missing.json()["error"]
+    bad = api.post(path, estate.operator, {"command": "tag"})
+    assert bad.status_code == 400 and "command" in bad.json()["error"]
+    assert api.post(path, estate.agent, {"command": "stop"}).status_code in (401, 403)
+
+
 def _protected(api):
     estate = api.estate()
     api.protect(estate)

@@ -10,7 +10,7 @@ from typing import Any
 
 from functions.core import defaults, jobs
 from functions.core.commands import TYPES
-from functions.core.replication import MACHINE_COMMANDS
+from functions.core.replication import COMPONENT_COMMANDS, MACHINE_COMMANDS
 
 ID = {"type": "string", "pattern": "^[a-z0-9]+(-[a-z0-9]+)*$", "minLength": 1, "maxLength": 40}
 KEY = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}
@@ -113,6 +113,10 @@ SCHEMAS: dict[str, Any] = {
         "idempotency_key": KEY,
     }, ["command"]),
     "CommandAccepted": _obj({"command_id": {"type": "string"}}, ["command_id"]),
+    "ComponentCommand": _obj({
+        "command": {"type": "string", "enum": list(COMPONENT_COMMANDS)},
+        "idempotency_key": KEY,
+    }, ["command"]),
     "Command": _obj({"command": _obj({
         "command_id": {"type": "string"}, "type": {"type": "string"}, "args": ANY_OBJECT,
         "machine": {"type": "string", "nullable": True},
@@ -193,6 +197,10 @@ PATHS: dict[str, Any] = {
     "/components/self/commands/{command_id}": {"post": _op(
         "the outcome of a command", (204, None), "CommandResult",
         [_param("command_id", {"type": "string", "pattern": "^cmd-[a-z0-9]{1,60}$"})])},
+    "/tenants/{tenant}/components/{component}/commands": {"post": _op(
+        "stop one component or rotate its credentials", (202, "CommandAccepted"),
+        "ComponentCommand", [TENANT, _param("component", {"type": "string", "pattern":
+                                                        "^(ag|ps|mt)-[a-z0-9-]{1,40}$"})])},
     "/tenants/{tenant}/commands/{command_id}": {"get": _op(
         "one command and each target's outcome", (200, "Command"),
         params=[TENANT, _param("command_id", {"type": "string", "pattern": "^cmd-[a-z0-9]{1,60}$"})])},

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ferry import naming
 from functions.core import commands, defaults, health, idempotency, jobs, validate
-from functions.core.auth import Caller, require_component, require_operator
+from functions.core.auth import KIND_PREFIX, Caller, require_component, require_operator
 from functions.core.context import Context
 from functions.core.errors import BadRequest, NotFound
 
@@ -280,6 +281,38 @@ def machine_command(
         targets += [c for c in (machine.get("process_server"), machine.get("master_target")) if c]
     args = {"machine": machine_id, **args}
     commands.issue(ctx, tenant, command_id, command, args, targets, machine=machine_id)
+    return 202, {"command_id": command_id}
+
+
+COMPONENT_COMMANDS = ("stop", "rotate-credentials")
+"""Commands an operator sends to one component (a process server or master target serves many
+machines, so a machine's command does not reach it)."""
+
+
+def component_command(
+    ctx: Context, caller: Caller, tenant: str, component_id: str, body: Any
+) -> tuple[int, dict[str, Any]]:
+    """Send ``stop`` or ``rotate-credentials`` to one component of the tenant."""
+    require_operator(caller, tenant)
+    prefix, _, name = (component_id or "").partition("-")
+    if prefix not in KIND_PREFIX.values() or naming.check_id("component", name):
+        raise NotFound(f"component {str(component_id)[:80]!r} does not exist")
+    body = validate.body_object(body, {"command", "idempotency_key"})
+    command = validate.choice(body, "command", COMPONENT_COMMANDS)
+    key = validate.pattern(
+        body, "idempotency_key", validate.KEY_RE, "1-128 letters, digits and . _ : -",
+        required=False,
+    )  # fmt: skip
+    if ctx.store.get("components", tenant, component_id) is None:
+        raise NotFound(f"component {component_id} does not exist")
+    if key:
+        command_id = idempotency.derived_id("cmd", tenant, key)
+        idempotency.claim(
+            ctx, tenant, key, f"command {command} {component_id}", {"command_id": command_id}
+        )
+    else:
+        command_id = commands.new_id()
+    commands.issue(ctx, tenant, command_id, command, {}, [component_id])
     return 202, {"command_id": command_id}
 
 
