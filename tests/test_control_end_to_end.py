@@ -253,7 +253,10 @@ def test_replication_under_the_configuration_servers_commands(fleet, loopdisk):
     assert fleet.procs["agent"].returncode == 0, fleet.tail("agent")
     time.sleep(2)
     fleet.alive("process-server", "master-target")
-    for kind in ("process-server", "master-target"):
-        fleet.procs[kind].send_signal(signal.SIGTERM)
+    # The process server and the master target are stopped one by one, by id.
+    for kind, component in (("process-server", "ps-ps1"), ("master-target", "mt-mt1")):
+        stop = op.call("POST", f"/components/{component}/commands", {"command": "stop"})
         assert fleet.procs[kind].wait(60) == 0, fleet.tail(kind)
+        # Reported before it exits.
+        assert settled(op, stop["command_id"]) == {component: "done"}
     assert "Traceback" not in "".join(fleet.tail(k, 400) for k in fleet.procs)
