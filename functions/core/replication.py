@@ -253,6 +253,22 @@ def _command_args(command: str, args: Any, machine: dict[str, Any]) -> dict[str,
     return {}
 
 
+def _idempotency_key(body: dict[str, Any]) -> str | None:
+    return validate.pattern(
+        body, "idempotency_key", validate.KEY_RE, "1-128 letters, digits and . _ : -",
+        required=False,
+    )  # fmt: skip
+
+
+def _command_id(ctx: Context, tenant: str, key: str | None, what: str) -> str:
+    """The command's id: derived from the idempotency key (claimed for ``what``), else new."""
+    if not key:
+        return commands.new_id()
+    command_id = idempotency.derived_id("cmd", tenant, key)
+    idempotency.claim(ctx, tenant, key, what, {"command_id": command_id})
+    return command_id
+
+
 def machine_command(
     ctx: Context, caller: Caller, tenant: str, machine_id: str, body: Any
 ) -> tuple[int, dict[str, Any]]:
@@ -261,21 +277,12 @@ def machine_command(
     validate.check_route_id("machine", machine_id)
     body = validate.body_object(body, {"command", "args", "idempotency_key"})
     command = validate.choice(body, "command", MACHINE_COMMANDS)
-    key = validate.pattern(
-        body, "idempotency_key", validate.KEY_RE, "1-128 letters, digits and . _ : -",
-        required=False,
-    )  # fmt: skip
+    key = _idempotency_key(body)
     machine = ctx.store.get("machines", tenant, machine_id)
     if machine is None:
         raise NotFound(f"machine {machine_id} does not exist")
     args = _command_args(command, body.get("args"), machine)
-    if key:
-        command_id = idempotency.derived_id("cmd", tenant, key)
-        idempotency.claim(
-            ctx, tenant, key, f"command {command} {machine_id}", {"command_id": command_id}
-        )
-    else:
-        command_id = commands.new_id()
+    command_id = _command_id(ctx, tenant, key, f"command {command} {machine_id}")
     targets = [machine["agent"]]
     if command in FAN_OUT:
         targets += [c for c in (machine.get("process_server"), machine.get("master_target")) if c]
@@ -299,19 +306,10 @@ def component_command(
         raise NotFound(f"component {str(component_id)[:80]!r} does not exist")
     body = validate.body_object(body, {"command", "idempotency_key"})
     command = validate.choice(body, "command", COMPONENT_COMMANDS)
-    key = validate.pattern(
-        body, "idempotency_key", validate.KEY_RE, "1-128 letters, digits and . _ : -",
-        required=False,
-    )  # fmt: skip
+    key = _idempotency_key(body)
     if ctx.store.get("components", tenant, component_id) is None:
         raise NotFound(f"component {component_id} does not exist")
-    if key:
-        command_id = idempotency.derived_id("cmd", tenant, key)
-        idempotency.claim(
-            ctx, tenant, key, f"command {command} {component_id}", {"command_id": command_id}
-        )
-    else:
-        command_id = commands.new_id()
+    command_id = _command_id(ctx, tenant, key, f"command {command} {component_id}")
     commands.issue(ctx, tenant, command_id, command, {}, [component_id])
     return 202, {"command_id": command_id}
 
