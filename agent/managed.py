@@ -36,16 +36,14 @@ from agent.settings import Settings
 from ferry import __version__
 from ferry.cli_support import StopFlag
 from ferry.control import (
-    Client,
     CommandFailed,
     CommandPoller,
     ControlRefused,
     Credentials,
     Heartbeat,
+    ManagedDaemon,
     Reporter,
-    SettingsSource,
     load_credentials,
-    rotate_handler,
     running,
     start_up,
 )
@@ -66,8 +64,10 @@ def protected(raw: dict[str, Any] | None) -> bool:
     return bool(raw) and bool(raw.get("disks")) and bool(raw.get("process_server"))
 
 
-class ManagedAgent:
+class ManagedAgent(ManagedDaemon):
     """Runs sessions as the configuration server directs."""
+
+    shared = False  # a machine's stop is the agent's own
 
     def __init__(
         self,
@@ -76,12 +76,8 @@ class ManagedAgent:
         stop: StopFlag,
         credentials_path: str | None = None,
     ) -> None:
-        self.credentials = credentials
-        self.credentials_path = credentials_path
-        self.client = Client(credentials)
-        self.stop = stop
+        super().__init__(credentials, local, stop, credentials_path, Settings, self._adapt)
         self.state_dir = Path(local["state_dir"])
-        self.source = SettingsSource(self.client, Settings, local=local, adapt=self._adapt)
         self.session: Session | None = None
         self.paused = False
         self.drained: dict[str, Any] | None = None
@@ -188,8 +184,8 @@ class ManagedAgent:
 
     # -- commands -------------------------------------------------------------------------
 
-    def handlers(self) -> dict[str, Any]:
-        """The command handlers of ``CommandPoller``, by command type."""
+    def commands(self) -> dict[str, Any]:
+        """The agent's own command handlers (stop and rotate-credentials are ManagedDaemon's)."""
         return {
             "protect": self.cmd_protect,
             "tag": self.cmd_tag,
@@ -197,8 +193,6 @@ class ManagedAgent:
             "resume": self.cmd_resume,
             "resync": self.cmd_resync,
             "drain": self.cmd_drain,
-            "stop": self.cmd_stop,
-            "rotate-credentials": rotate_handler(self.client, self.credentials_path),
         }
 
     def cmd_protect(self, _args: dict[str, Any]) -> str:
@@ -270,11 +264,6 @@ class ManagedAgent:
             self.drained = tag
         log.info("drained: tag %s is durable at the process server; shipping stopped", tag["id"])
         return {"tag": tag}
-
-    def cmd_stop(self, _args: dict[str, Any]) -> str:
-        """Exit cleanly once this command is reported."""
-        self.stop.event.set()
-        return "stopping"
 
     # -- reports --------------------------------------------------------------------------
 

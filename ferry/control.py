@@ -1074,6 +1074,51 @@ def start_up(
     return storage, fetched[0]
 
 
+class ManagedDaemon:
+    """What every daemon run by the configuration server has: its credentials, client,
+    settings source and stop flag, and the commands every component answers (``stop``,
+    ``rotate-credentials``).  Subclasses add theirs in :meth:`commands`.
+    """
+
+    shared = True
+    """A process server or master target serves many machines: a machine's ``stop`` is not its."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        local: dict[str, Any],
+        stop: Any,
+        credentials_path: str | None,
+        schema: type,
+        adapt: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.credentials_path = credentials_path
+        self.client = Client(credentials)
+        self.stop = stop
+        self.source = SettingsSource(self.client, schema, local=local, adapt=adapt)
+
+    def commands(self) -> dict[str, Handler]:
+        """The daemon's own command handlers, by command type."""
+        return {}
+
+    def handlers(self) -> dict[str, Handler]:
+        """Every command handler of ``CommandPoller``, by command type."""
+        return {
+            **self.commands(),
+            "stop": self.cmd_stop,
+            "rotate-credentials": rotate_handler(self.client, self.credentials_path),
+        }
+
+    def cmd_stop(self, args: dict[str, Any]) -> str:
+        """Exit cleanly (after the work in hand) once this command is reported."""
+        machine = args.get("machine")
+        if machine and self.shared:
+            return f"still serving other machines; the agent of {machine} stops itself"
+        self.stop.event.set()
+        return "stopping"
+
+
 @contextlib.contextmanager
 def running(*threads: Any):
     """Start ``threads`` and stop them (in reverse order) on exit."""

@@ -32,14 +32,12 @@ from typing import Any
 from ferry import __version__, segment
 from ferry.cli_support import StopFlag
 from ferry.control import (
-    Client,
     CommandPoller,
     Credentials,
     Heartbeat,
+    ManagedDaemon,
     Reporter,
-    SettingsSource,
     load_credentials,
-    rotate_handler,
     running,
     start_up,
 )
@@ -69,7 +67,7 @@ REPORTED = (
 """The fields of a disk's state (see mastertarget.worker) sent in its report."""
 
 
-class ManagedMasterTarget:
+class ManagedMasterTarget(ManagedDaemon):
     """One master target run as the configuration server directs."""
 
     def __init__(
@@ -80,12 +78,8 @@ class ManagedMasterTarget:
         stop: StopFlag,
         credentials_path: str | None = None,
     ) -> None:
-        self.credentials = credentials
-        self.credentials_path = credentials_path
-        self.client = Client(credentials)
-        self.stop = stop
+        super().__init__(credentials, local, stop, credentials_path, Settings, self._adapt)
         self.targets = targets
-        self.source = SettingsSource(self.client, Settings, local=local, adapt=self._adapt)
         self.state_dir = Path(local["state_dir"])
         self.service: Service | None = None
         self.reporter = Reporter(self.client, self.metrics)
@@ -158,14 +152,9 @@ class ManagedMasterTarget:
 
     # -- commands -----------------------------------------------------------------------
 
-    def handlers(self) -> dict[str, Any]:
-        """The command handlers of ``CommandPoller``, by command type."""
-        return {
-            "protect": self.cmd_protect,
-            "drain": self.cmd_drain,
-            "stop": self.cmd_stop,
-            "rotate-credentials": rotate_handler(self.client, self.credentials_path),
-        }
+    def commands(self) -> dict[str, Any]:
+        """The master target's own command handlers (stop and rotation: ManagedDaemon's)."""
+        return {"protect": self.cmd_protect, "drain": self.cmd_drain}
 
     def cmd_protect(self, _args: dict[str, Any]) -> str:
         """Fetch the settings again and serve newly listed disks (the grant is renewed first)."""
@@ -179,13 +168,6 @@ class ManagedMasterTarget:
     def cmd_drain(self, args: dict[str, Any]) -> str:
         """Nothing to hold back: whole groups are applied as they arrive."""
         return f"applying every whole group of {args.get('machine') or 'every disk'} as it arrives"
-
-    def cmd_stop(self, args: dict[str, Any]) -> str:
-        """Exit cleanly (after the group in hand) once reported; a machine's stop is not ours."""
-        if args.get("machine"):
-            return f"still serving other machines' disks; the agent of {args['machine']} stops"
-        self.stop.event.set()
-        return "stopping"
 
     # -- reports ------------------------------------------------------------------------
 

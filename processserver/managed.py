@@ -31,14 +31,12 @@ from typing import Any
 from ferry import __version__, naming, segment
 from ferry.cli_support import StopFlag
 from ferry.control import (
-    Client,
     CommandFailed,
     CommandPoller,
     Credentials,
     Heartbeat,
-    SettingsSource,
+    ManagedDaemon,
     load_credentials,
-    rotate_handler,
     running,
     start_up,
 )
@@ -58,7 +56,7 @@ DRAIN_POLL = 0.5
 """How often a ``drain`` looks at the spool, in seconds."""
 
 
-class ManagedProcessServer:
+class ManagedProcessServer(ManagedDaemon):
     """One process server run as the configuration server directs."""
 
     def __init__(
@@ -68,12 +66,8 @@ class ManagedProcessServer:
         stop: StopFlag,
         credentials_path: str | None = None,
     ) -> None:
-        self.credentials = credentials
-        self.credentials_path = credentials_path
-        self.client = Client(credentials)
-        self.stop = stop
+        super().__init__(credentials, local, stop, credentials_path, Settings, _adapt)
         self.local = local
-        self.source = SettingsSource(self.client, Settings, local=local, adapt=_adapt)
         self.server: Server | None = None
         self._machines: dict[str, set[str]] = {}
         """Machine id → disk ids, learned from the agents' hellos (for drain)."""
@@ -99,14 +93,9 @@ class ManagedProcessServer:
             self.server.stop(defaults.STOP_GRACE)
         return 0
 
-    def handlers(self) -> dict[str, Any]:
-        """The command handlers of ``CommandPoller``, by command type."""
-        return {
-            "protect": self.cmd_protect,
-            "drain": self.cmd_drain,
-            "stop": self.cmd_stop,
-            "rotate-credentials": rotate_handler(self.client, self.credentials_path),
-        }
+    def commands(self) -> dict[str, Any]:
+        """The process server's own command handlers (stop and rotation: ManagedDaemon's)."""
+        return {"protect": self.cmd_protect, "drain": self.cmd_drain}
 
     # -- commands -----------------------------------------------------------------------
 
@@ -131,13 +120,6 @@ class ManagedProcessServer:
                 raise CommandFailed(detail="the process server is stopping")
             pending = {p for p in pending if p.exists()}
         return f"nothing of {machine} left in the spool ({', '.join(disks) or 'no disks seen'})"
-
-    def cmd_stop(self, args: dict[str, Any]) -> str:
-        """Exit cleanly once this command is reported; a machine's stop stops only its agent."""
-        if args.get("machine"):
-            return f"still serving other machines; the agent of {args['machine']} stops itself"
-        self.stop.event.set()
-        return "stopping"
 
     def _learn_machines(self) -> None:
         if self.server is None:
