@@ -130,31 +130,23 @@ class Account:
         self, container: str, permission: str, start: dt.datetime, expiry: dt.datetime
     ) -> str:
         """A SAS token (no leading ``?``) for ``container`` with ``permission`` letters."""
-        if self._key:
-            return generate_container_sas(
-                self.name, container, account_key=self._key,
-                permission=permission, start=start, expiry=expiry,
-            )  # fmt: skip
-        key = self._delegation_key("blob", expiry)
-        return generate_container_sas(
-            self.name, container, user_delegation_key=key,
-            permission=permission, start=start, expiry=expiry,
-        )  # fmt: skip
+        return self._sas(generate_container_sas, "blob", container, permission, start, expiry)
 
     def queue_sas(
         self, queue: str, permission: str, start: dt.datetime, expiry: dt.datetime
     ) -> str:
         """A SAS token (no leading ``?``) for ``queue`` with ``permission`` letters."""
+        return self._sas(generate_queue_sas, "queue", queue, permission, start, expiry)
+
+    def _sas(self, generate, service: str, name: str, permission: str,
+             start: dt.datetime, expiry: dt.datetime) -> str:  # fmt: skip
+        """A service SAS signed with the account key, else a user delegation SAS."""
         if self._key:
-            return generate_queue_sas(
-                self.name, queue, account_key=self._key,
-                permission=permission, start=start, expiry=expiry,
-            )  # fmt: skip
-        key = self._delegation_key("queue", expiry)
-        return generate_queue_sas(
-            self.name, queue, user_delegation_key=key,
-            permission=permission, start=start, expiry=expiry,
-        )  # fmt: skip
+            signer = {"account_key": self._key}
+        else:
+            signer = {"user_delegation_key": self._delegation_key(service, expiry)}
+        return generate(self.name, name, permission=permission, start=start, expiry=expiry,
+                        **signer)  # fmt: skip
 
     def _delegation_key(self, service: str, expiry: dt.datetime):
         """A user delegation key valid past ``expiry`` (cached; keys live a day here)."""

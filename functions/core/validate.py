@@ -47,8 +47,8 @@ def _kind(value: Any) -> str:
     }.get(type(value), type(value).__name__)  # fmt: skip
 
 
-def ident(body: Mapping[str, Any], key: str, kind: str | None = None, required: bool = True):
-    """An id field (``ferry.naming.ID_RE``); None if absent and not required."""
+def _string(body: Mapping[str, Any], key: str, required: bool) -> str | None:
+    """The string at ``key``; None if absent (BadRequest if required) or null."""
     value = body.get(key, _MISSING)
     if value is _MISSING or value is None:
         if required:
@@ -56,6 +56,14 @@ def ident(body: Mapping[str, Any], key: str, kind: str | None = None, required: 
         return None
     if not isinstance(value, str):
         raise BadRequest(f"{key} must be a string, not {_kind(value)}")
+    return value
+
+
+def ident(body: Mapping[str, Any], key: str, kind: str | None = None, required: bool = True):
+    """An id field (``ferry.naming.ID_RE``); None if absent and not required."""
+    value = _string(body, key, required)
+    if value is None:
+        return None
     problem = naming.check_id(kind or key, value)
     if problem:
         raise BadRequest(problem)
@@ -110,13 +118,9 @@ def number(body: Mapping[str, Any], key: str, low: float, high: float, default: 
 
 def text(body: Mapping[str, Any], key: str, required: bool = False, limit: int = defaults.MAX_TEXT):
     """A free-text field of at most ``limit`` characters; None if absent and not required."""
-    value = body.get(key, _MISSING)
-    if value is _MISSING or value is None:
-        if required:
-            raise BadRequest(f"missing required field {key!r}")
+    value = _string(body, key, required)
+    if value is None:
         return None
-    if not isinstance(value, str):
-        raise BadRequest(f"{key} must be a string, not {_kind(value)}")
     if not value.strip() and required:
         raise BadRequest(f"{key} must not be empty")
     if len(value) > limit:
