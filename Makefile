@@ -59,7 +59,7 @@ demo: setup
 
 # The same main job without Ansible: the daemons straight from ferry/embedded.py.
 demo-direct: setup
-	$(PY) -m ferry.demo
+	$(PY) -m devkit.demo
 
 clean:
 	rm -rf $(VENV) $(CONTROLLER) node_modules run .pytest_cache

@@ -1,4 +1,4 @@
-"""The agent's local control socket: JSON lines over a Unix socket.
+"""The agent's local control socket, served (protocol: ferry/agentsocket.py).
 
 Requests and answers, one JSON object per line::
 
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import socketserver
 import threading
 from typing import Any
 
 from agent.replicator import Replicator, TagFailed
+from ferry import agentsocket
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -31,7 +31,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 answer = self.server.dispatch(request)  # type: ignore[attr-defined]
             except (ValueError, TypeError, KeyError) as exc:
                 answer = {"ok": False, "error": f"bad request: {exc}"}
-            self.wfile.write(json.dumps(answer).encode() + b"\n")
+            self.wfile.write(agentsocket.encode(answer))
             self.wfile.flush()
 
 
@@ -87,18 +87,3 @@ def _legacy_message(exc: TagFailed) -> str:
     if problem.startswith("none within"):
         return f"no tag within {problem.removeprefix('none within ')}"
     return problem
-
-
-def call(path: str, request: dict[str, Any], timeout: float = 180.0) -> dict[str, Any]:
-    """Send one request to an agent's control socket and return its answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)

@@ -68,3 +68,15 @@ PKI_KEY = "/etc/ferry/pki/agent.key"
 
 TAG_TIMEOUT = 300.0
 """Longest a ``tag`` or ``drain`` command waits for its tag to be durable, in seconds."""
+
+UNIT = "ferry-agent.service"
+"""The agent's systemd unit (roles/ferry_daemon names it ``ferry-<component>.service``)."""
+
+PREFIX = "/opt/ferry"
+"""Where the roles install Ferry; ``<PREFIX>/bin/ferry-supervise`` supervises hosts without systemd."""
+
+RUN_DIR = "/run/ferry"
+"""Where the supervisor keeps the agent's state file (``agent.pid``) on hosts without systemd."""
+
+FINAL_TAG_TIMEOUT = 300.0
+"""Seconds the cutover's final tag may take to become durable at the process server."""

@@ -19,10 +19,10 @@ import os
 from agent import defaults
 from agent.session import Session
 from agent.settings import Settings
-from ferry import cli_support
 from ferry import settings as ferry_settings
-from ferry.cli_support import StopFlag
+from ferry.control import frame
 from ferry.errors import ConfigError
+from ferry.process import StopFlag
 
 log = logging.getLogger("ferry.agent")
 
@@ -46,21 +46,19 @@ def serve(settings: Settings, stop: StopFlag) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The agent's command line."""
-    parser = cli_support.daemon_parser(
+    parser = frame.daemon_parser(
         "ferry-agent", "Ferry mobility agent", from_server="settings and commands"
     )
-    cli_support.add_state_dir(parser, defaults.STATE_DIR)
-    cli_support.add_tls_files(
-        parser, defaults, ca="CA of the process server", cert="client certificate"
-    )
-    cli_support.add_verbose(parser)
+    frame.add_state_dir(parser, defaults.STATE_DIR)
+    frame.add_tls_files(parser, defaults, ca="CA of the process server", cert="client certificate")
+    frame.add_verbose(parser)
     return parser.parse_args(argv)
 
 
 def local_settings(args: argparse.Namespace) -> dict[str, str]:
     """What server mode takes from this host; ConfigError if a file cannot be read."""
-    return cli_support.local_paths(
-        args.state_dir or defaults.STATE_DIR, **cli_support.tls_files(args, defaults)
+    return frame.local_paths(
+        args.state_dir or defaults.STATE_DIR, **frame.tls_files(args, defaults)
     )
 
 
@@ -80,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
         return managed.run(args.server_credentials, local_settings(args), StopFlag().install())
 
-    return cli_support.run_daemon("agent", args, from_file, from_server)
+    return frame.run_daemon("agent", args, from_file, from_server)

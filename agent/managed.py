@@ -34,21 +34,16 @@ from agent import defaults
 from agent.session import Session
 from agent.settings import Settings
 from ferry import __version__
-from ferry.cli_support import StopFlag
-from ferry.control import (
-    CommandFailed,
-    CommandPoller,
-    ControlRefused,
-    Credentials,
-    Heartbeat,
-    ManagedDaemon,
-    Reporter,
-    load_credentials,
-    running,
-    start_up,
-)
+from ferry.control.commands import CommandPoller
+from ferry.control.credentials import Credentials
+from ferry.control.daemon import ManagedDaemon, load_credentials, start_up
+from ferry.control.errors import CommandFailed, ControlRefused
+from ferry.control.heartbeat import Heartbeat
+from ferry.control.reporting import Reporter
+from ferry.control.threads import running
 from ferry.durable import write_json
 from ferry.errors import FerryError
+from ferry.process import StopFlag
 
 log = logging.getLogger("ferry.agent")
 

@@ -1,7 +1,7 @@
 """Ferry on the embedded default, instrumented for the benchmark.
 
 :class:`FerryRun` puts a loop device over a copy of a disk image and
-replicates it with :class:`ferry.embedded.Embedded` (its own Azurite, the
+replicates it with :class:`devkit.embedded.Embedded` (its own Azurite, the
 three daemons as subprocesses, mutual TLS).  Around it:
 
 * :class:`Meter` reads CPU time and peak resident memory of each daemon and
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.data import CACHE, attach, copy_image, detach, drop_caches, sh, umount
-from ferry.embedded import Embedded
+from devkit.embedded import Embedded
 
 DISK = "src01-disk0"
 MACHINE = "fbench"

@@ -7,7 +7,7 @@ errors stop the loop at once.
 
 Operator errors (bad settings, a missing device, a refused certificate) print
 one line and exit non-zero; anything that is not a ``FerryError`` is a bug and
-prints a traceback (see :func:`ferry.cli_support.run_main`).
+prints a traceback (see :func:`ferry.process.run_main`).
 """
 
 from __future__ import annotations

@@ -99,3 +99,13 @@ def fence_blob(tenant: str, disk: str) -> str:
 def disk_state_blob(tenant: str, disk: str) -> str:
     """Blob in which the master target publishes a disk's applied state (JSON)."""
     return f"{tenant}/{disk}/state.json"
+
+
+KIND_PREFIX = {"agent": "ag", "process-server": "ps", "master-target": "mt"}
+"""Component kinds and the prefix of their ids (``ag-<machine>``, ``ps-<name>``, ``mt-<name>``)."""
+
+
+def component_kind(component_id: str) -> str | None:
+    """The kind of a component, from its id's prefix (None if the prefix is unknown)."""
+    prefix = component_id.split("-", 1)[0]
+    return next((k for k, p in KIND_PREFIX.items() if p == prefix), None)

@@ -34,8 +34,8 @@ from urllib.parse import parse_qsl, quote
 import azure.functions as func
 from azure.functions.timer import TimerRequest
 
-from ferry.cli_support import StopFlag, run_main, setup_logging
 from ferry.errors import ConfigError, StorageUnavailable
+from ferry.process import StopFlag, run_main, setup_logging
 from functions import web
 from functions.core import context, defaults
 from functions.core.errors import ApiError

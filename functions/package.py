@@ -22,8 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from ferry.cli_support import run_main
 from ferry.errors import UsageError
+from ferry.process import run_main
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

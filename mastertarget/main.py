@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 
-from ferry import cli_support, segment
+from ferry import segment
 from ferry import settings as ferry_settings
-from ferry.cli_support import StopFlag
+from ferry.control import frame
+from ferry.process import StopFlag
 from mastertarget import defaults, service
 from mastertarget.settings import Settings
 
@@ -30,7 +31,7 @@ COMPONENT = "master-target"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line of the master target."""
-    parser = cli_support.daemon_parser(
+    parser = frame.daemon_parser(
         "ferry-master-target",
         "Apply replicated disks to their targets, whole consistency groups only.",
         from_server="disks, storage access and commands",
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--wait", action="store_true", help="wait for disks owned by another master target"
     )
-    cli_support.add_state_dir(parser, defaults.STATE_DIR)
+    frame.add_state_dir(parser, defaults.STATE_DIR)
     parser.add_argument(
         "--targets-dir",
         help="server mode: image files of disks given no target (STATE_DIR/targets)",
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--segment-key-file", help="server mode: open sealed segments with this key"
     )
-    cli_support.add_verbose(parser)
+    frame.add_verbose(parser)
     return parser.parse_args(argv)
 
 
@@ -63,7 +64,7 @@ def run_from_server(args: argparse.Namespace) -> int:
     """Server mode: everything but local paths from the configuration server."""
     from mastertarget import managed
 
-    local = cli_support.local_paths(
+    local = frame.local_paths(
         args.state_dir or defaults.STATE_DIR, segment_key_file=args.segment_key_file
     )
     stop = StopFlag().install()
@@ -73,4 +74,4 @@ def run_from_server(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = parse_args(argv)
-    return cli_support.run_daemon(COMPONENT, args, lambda: run(args), lambda: run_from_server(args))
+    return frame.run_daemon(COMPONENT, args, lambda: run(args), lambda: run_from_server(args))

@@ -30,17 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from ferry import __version__, segment
-from ferry.cli_support import StopFlag
-from ferry.control import (
-    CommandPoller,
-    Credentials,
-    Heartbeat,
-    ManagedDaemon,
-    Reporter,
-    load_credentials,
-    running,
-    start_up,
-)
+from ferry.control.commands import CommandPoller
+from ferry.control.credentials import Credentials
+from ferry.control.daemon import ManagedDaemon, load_credentials, start_up
+from ferry.control.heartbeat import Heartbeat
+from ferry.control.reporting import Reporter
+from ferry.control.threads import running
+from ferry.process import StopFlag
 from ferry.storage import Storage
 from mastertarget import defaults
 from mastertarget.service import Service

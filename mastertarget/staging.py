@@ -63,20 +63,15 @@ class Staging:
         Temporary files left by a crash in the middle of a write are removed.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
+        for path in self.directory.glob(".*"):
+            path.unlink(missing_ok=True)  # a torn write_atomic temporary
         self._index.clear()
         unreadable = []
-        for path in sorted(self.directory.iterdir()):
-            match = _NAME_RE.match(path.name)
-            if not match:
-                if path.name.startswith("."):
-                    path.unlink(missing_ok=True)  # a torn write_atomic temporary
-                continue
-            tagged = _peek_tagged(path)
-            if tagged is None:
+        for path, found in listing(self.directory):
+            if found is None:
                 unreadable.append(path)
-                continue
-            gen, seq = int(match[1]), int(match[2])
-            self._index[(gen, seq)] = Staged(gen, seq, path, path.stat().st_size, tagged)
+            else:
+                self._index[(found.gen, found.seq)] = found
         return unreadable
 
     def __contains__(self, key: tuple[int, int]) -> bool:
@@ -145,6 +140,26 @@ class Staging:
     def select(self, keep) -> list[Staged]:
         """The staged segments for which ``keep(gen, seq)`` is true, in (gen, seq) order."""
         return [s for s in self if keep(s.gen, s.seq)]
+
+
+def listing(directory: Path) -> list[tuple[Path, Staged | None]]:
+    """Each staged file in ``directory``, in order, with what its name and header say.
+
+    Read-only (the cutover reads a live master target's staging with it); None
+    for a file whose header is unreadable.
+    """
+    found: list[tuple[Path, Staged | None]] = []
+    for path in sorted(directory.iterdir()):
+        match = _NAME_RE.match(path.name)
+        if not match:
+            continue
+        tagged = _peek_tagged(path)
+        if tagged is None:
+            found.append((path, None))
+            continue
+        gen, seq = int(match[1]), int(match[2])
+        found.append((path, Staged(gen, seq, path, path.stat().st_size, tagged)))
+    return found
 
 
 def _peek_tagged(path: Path) -> bool | None:

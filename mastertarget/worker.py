@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
 import threading
@@ -42,12 +41,13 @@ from typing import Any
 
 from azure.core.exceptions import AzureError
 
+from ferry import fence as fences
 from ferry import naming, segment
 from ferry.batch import Batch
 from ferry.errors import FerryError, NotFound, SegmentCorrupt
 from ferry.storage import Message, Storage
+from mastertarget import applylock, defaults, layout, notices
 from mastertarget import cursor as cursors
-from mastertarget import defaults, notices
 from mastertarget.errors import BadNotice
 from mastertarget.ownership import Ownership
 from mastertarget.settings import DiskSettings, Settings
@@ -96,12 +96,12 @@ class DiskWorker:
         self.control = naming.control_container(self.tenant)
         self.queue = naming.disk_queue(self.tenant, self.disk)
         self.poison = naming.poison_queue(self.queue)
-        self.directory = Path(settings.state_dir) / self.disk
-        self.cursor_path = self.directory / "cursor.json"
-        self.staging = Staging(self.directory / "staging")
+        self.directory = layout.disk_dir(settings.state_dir, self.disk)
+        self.cursor_path = layout.cursor_path(settings.state_dir, self.disk)
+        self.staging = Staging(layout.staging_dir(settings.state_dir, self.disk))
         self.target = Target(disk.target)
         self.cursor = cursors.Cursor(self.tenant, self.disk)
-        self.apply_lock_path = self.directory / "apply.lock"
+        self.apply_lock_path = layout.apply_lock_path(settings.state_dir, self.disk)
         self.fence: dict[str, Any] | None = None
         self.held = False
         self._apply_lock: int | None = None
@@ -117,9 +117,7 @@ class DiskWorker:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.cursor = cursors.load(self.cursor_path, self.tenant, self.disk)
         self.target.open()
-        self._apply_lock = os.open(
-            self.apply_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-        )
+        self._apply_lock = applylock.open_lock(self.apply_lock_path)
         for path in self.staging.scan():
             self._forget_unreadable(path)
         return self  # the fence record is read by the first step (storage may be down now)
@@ -352,29 +350,23 @@ class DiskWorker:
         if self._apply_lock is None:
             yield True
             return
-        try:
-            fcntl.flock(self._apply_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not self.held:
-                self.held = True
+        with applylock.try_apply(self._apply_lock) as mine:
+            if not mine:
+                if not self.held:
+                    self.held = True
+                    self._changed = True
+                    log.info(
+                        "disk %s: applying held (%s)",
+                        self.disk,
+                        applylock.holder(self.apply_lock_path),
+                    )
+                yield False
+                return
+            if self.held:
+                self.held = False
                 self._changed = True
-                log.info("disk %s: applying held (%s)", self.disk, self._holder())
-            yield False
-            return
-        if self.held:
-            self.held = False
-            self._changed = True
-            log.info("disk %s: applying resumed", self.disk)
-        try:
+                log.info("disk %s: applying resumed", self.disk)
             yield True
-        finally:
-            fcntl.flock(self._apply_lock, fcntl.LOCK_UN)
-
-    def _holder(self) -> str:
-        try:
-            return self.apply_lock_path.read_text().strip() or "no note"
-        except OSError:
-            return "no note"
 
     def _apply_group(self, gen: int, first: int, last: int) -> bool:
         """Apply batches ``first..last`` of ``gen`` and advance the cursor; False if it cannot."""
@@ -478,18 +470,9 @@ class DiskWorker:
         if self.fenced or (not force and now - self._fence_at < defaults.FENCE_CHECK_EVERY):
             return
         self._fence_at = now
-        name = naming.fence_blob(self.tenant, self.disk)
-        try:
-            record = self.storage.get_json(self.control, name)
-        except NotFound:
-            record = None
-        except ValueError as exc:
-            record = f"not JSON ({exc})"
-        if record is not None and not (
-            isinstance(record, dict) and isinstance(record.get("tag"), dict)
-        ):
-            log.error("disk %s: ignoring fence record %s/%s without a tag: %.200s",
-                      self.disk, self.control, name, record)  # fmt: skip
+        record = fences.read(self.storage, self.tenant, self.disk)
+        if isinstance(record, str):
+            log.error("disk %s: ignoring its fence record: %s", self.disk, record)
             record = None
         if record is not None and self.fence is None:
             log.info("disk %s: will be fenced at tag %s", self.disk, record["tag"].get("id"))

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ferry import cli_support, segment
-from ferry.cli_support import StopFlag
+from ferry import segment
+from ferry.control import frame
 from ferry.errors import ConfigError
+from ferry.process import StopFlag
 from ferry.storage import Storage
 from processserver import defaults
 from processserver import settings as ps_settings
@@ -61,23 +62,23 @@ def _wait(stop: StopFlag) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The process server's command line."""
-    parser = cli_support.daemon_parser(
+    parser = frame.daemon_parser(
         "ferry-process-server",
         "Ferry process server",
         from_server="settings, storage access and commands",
     )
-    cli_support.add_state_dir(parser, defaults.STATE_DIR)
-    cli_support.add_tls_files(parser, defaults, ca="CA of the agents", cert="certificate")
+    frame.add_state_dir(parser, defaults.STATE_DIR)
+    frame.add_tls_files(parser, defaults, ca="CA of the agents", cert="certificate")
     parser.add_argument("--segment-key-file", help="server mode: seal segments with this key")
-    cli_support.add_verbose(parser)
+    frame.add_verbose(parser)
     return parser.parse_args(argv)
 
 
 def local_settings(args: argparse.Namespace) -> dict[str, str]:
     """What server mode takes from this host; ConfigError if a file cannot be read."""
-    return cli_support.local_paths(
+    return frame.local_paths(
         args.state_dir or defaults.STATE_DIR,
-        **cli_support.tls_files(args, defaults),
+        **frame.tls_files(args, defaults),
         segment_key_file=args.segment_key_file,
     )
 
@@ -94,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
         return managed.run(args.server_credentials, local_settings(args), StopFlag().install())
 
-    return cli_support.run_daemon(COMPONENT, args, from_file, from_server)
+    return frame.run_daemon(COMPONENT, args, from_file, from_server)

@@ -29,17 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from ferry import __version__, naming, segment
-from ferry.cli_support import StopFlag
-from ferry.control import (
-    CommandFailed,
-    CommandPoller,
-    Credentials,
-    Heartbeat,
-    ManagedDaemon,
-    load_credentials,
-    running,
-    start_up,
-)
+from ferry.control.commands import CommandPoller
+from ferry.control.credentials import Credentials
+from ferry.control.daemon import ManagedDaemon, load_credentials, start_up
+from ferry.control.errors import CommandFailed
+from ferry.control.heartbeat import Heartbeat
+from ferry.control.threads import running
+from ferry.process import StopFlag
 from processserver import defaults
 from processserver.server import Server, tls_context
 from processserver.settings import Settings

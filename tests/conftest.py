@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from devkit.azurite import Azurite
 from ferry import pki
-from ferry.azurite import Azurite
 from ferry.storage import Storage
 
 pytest_plugins = ["functions_support"]

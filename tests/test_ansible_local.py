@@ -28,10 +28,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ferry import cutover, naming
-from ferry.azurite import free_port
-from ferry.embedded import copy_tree_sample
+from devkit.azurite import free_port
+from devkit.embedded import copy_tree_sample
+from ferry import naming
 from ferry.storage import Storage
+from mastertarget import cutover
 
 pytestmark = [pytest.mark.root]
 

@@ -126,7 +126,7 @@ def test_cutover_needs_a_machine_name():
 
 
 def test_registration_stops_early_when_the_configuration_server_does_not_answer(base):
-    from ferry.azurite import free_port
+    from devkit.azurite import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     result = ansible_playbook(

@@ -19,7 +19,7 @@ ADMIN = "cli-admin-key-" + "z" * 24
 def ferry(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
     return subprocess.run(
-        [sys.executable, "-m", "ferry.cli", *args],
+        [sys.executable, "-m", "ferrycli.main", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

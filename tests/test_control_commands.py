@@ -15,13 +15,9 @@ import pytest
 from azure.storage.queue import TextBase64DecodePolicy
 from test_control_server import agent_disk, serve_config
 
-from ferry.control import (
-    Client,
-    CommandFailed,
-    CommandJournal,
-    CommandPoller,
-    ControlUnavailable,
-)
+from ferry.control.client import Client
+from ferry.control.commands import CommandJournal, CommandPoller
+from ferry.control.errors import CommandFailed, ControlUnavailable
 from ferry.storage import Storage
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_control_server import ROOT, serve_config
 
-from ferry.control import Credentials
+from ferry.control.credentials import Credentials
 
 MODULES = ("agent", "processserver", "mastertarget")
 COMPONENT = {"agent": "agent", "processserver": "process-server", "mastertarget": "master-target"}

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from test_control_server import ROOT, Operator, serve_config
 
+from devkit.azurite import free_port
+from devkit.embedded import digest
 from ferry import control
-from ferry.azurite import free_port
-from ferry.embedded import digest
 
 pytestmark = [pytest.mark.root, pytest.mark.tracefs, pytest.mark.slow]
 
@@ -66,7 +66,7 @@ class Fleet:
             ),
         ):
             path = self.base / f"{kind}.json"
-            control.register_and_save(
+            control.client.register_and_save(
                 server.url, op.tenant, op.passphrase(), kind, name, path, ca=server.ca, **extra
             )
             self.creds[kind] = path

@@ -25,17 +25,13 @@ from typing import Any
 import pytest
 import requests
 
+from devkit.azurite import Azurite, free_port
 from ferry import control, naming, pki
-from ferry.azurite import Azurite, free_port
-from ferry.control import (
-    Client,
-    CommandPoller,
-    ControlRefused,
-    ControlUnavailable,
-    Credentials,
-    CredentialsInvalid,
-    SettingsSource,
-)
+from ferry.control.client import Client
+from ferry.control.commands import CommandPoller
+from ferry.control.credentials import Credentials
+from ferry.control.errors import ControlRefused, ControlUnavailable, CredentialsInvalid
+from ferry.control.settingsource import SettingsSource
 from ferry.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +131,7 @@ class Operator:
         return self.call("POST", "/passphrases", {})["passphrase"]
 
     def register(self, kind: str, name: str, **extra: Any) -> Credentials:
-        return control.register(
+        return control.client.register(
             self.server.url,
             self.tenant,
             self.passphrase(),
@@ -252,7 +248,7 @@ def test_missing_credentials_file_says_register_first(tmp_path):
 def test_register_and_save_is_idempotent_and_spends_the_passphrase_once(operator, tmp_path):
     path = tmp_path / "ps.json"
     server = operator.server
-    creds = control.register_and_save(
+    creds = control.client.register_and_save(
         server.url,
         operator.tenant,
         operator.passphrase(),
@@ -265,16 +261,16 @@ def test_register_and_save_is_idempotent_and_spends_the_passphrase_once(operator
     assert creds.component_id == "ps-ps1"
     assert path.stat().st_mode & 0o777 == 0o600
     assert json.loads(path.read_text())["ca"] == server.ca
-    again = control.register_and_save(
+    again = control.client.register_and_save(
         server.url, operator.tenant, "not-a-passphrase", "process-server", "ps1", path
     )
     assert again == creds  # nothing was sent: the bogus passphrase was never tried
     with pytest.raises(CredentialsInvalid, match="holds the credentials of ps-ps1"):
-        control.register_and_save(
+        control.client.register_and_save(
             server.url, operator.tenant, "not-a-passphrase", "master-target", "mt1", path
         )
     with pytest.raises(CredentialsInvalid, match="not writable"):
-        control.register_and_save(
+        control.client.register_and_save(
             server.url, operator.tenant, "x", "agent", "web01", tmp_path / "no" / "dir.json"
         )
     assert Client(creds).component()["component_id"] == "ps-ps1"
@@ -284,7 +280,7 @@ def test_register_and_save_is_idempotent_and_spends_the_passphrase_once(operator
 def test_a_wrong_passphrase_is_refused_with_the_servers_line(operator):
     secret = "wrong-passphrase-" + uuid.uuid4().hex
     with pytest.raises(ControlRefused) as err:
-        control.register(
+        control.client.register(
             operator.server.url,
             operator.tenant,
             secret,
@@ -343,7 +339,7 @@ def test_component_routes_with_real_credentials(operator, tmp_path):
 @needs_server
 def test_rotated_credentials_are_saved_and_the_old_token_dies(operator, tmp_path):
     path = tmp_path / "agent.json"
-    creds = control.register_and_save(
+    creds = control.client.register_and_save(
         operator.server.url,
         operator.tenant,
         operator.passphrase(),
@@ -358,7 +354,7 @@ def test_rotated_credentials_are_saved_and_the_old_token_dies(operator, tmp_path
         client,
         client.open_storage(),
         tmp_path / "state",
-        {"rotate-credentials": control.rotate_handler(client, path)},
+        {"rotate-credentials": control.commands.rotate_handler(client, path)},
     )
     command = operator.command("web01", "rotate-credentials")
     deadline = time.monotonic() + 30
@@ -431,8 +427,8 @@ def faulty():
 
 @pytest.fixture(autouse=False)
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(control, "BACKOFF_FIRST", 0.01)
-    monkeypatch.setattr(control, "BACKOFF_MAX", 0.02)
+    monkeypatch.setattr(control.defaults, "BACKOFF_FIRST", 0.01)
+    monkeypatch.setattr(control.defaults, "BACKOFF_MAX", 0.02)
 
 
 def creds_for(url: str) -> Credentials:
@@ -449,11 +445,11 @@ def test_5xx_is_retried_until_it_works(faulty, fast_retries):
 
 
 def test_persistent_5xx_is_retryable_unavailability(faulty, fast_retries):
-    server = faulty(*[(500, {"error": "boom"}, 0)] * control.ATTEMPTS)
+    server = faulty(*[(500, {"error": "boom"}, 0)] * control.defaults.ATTEMPTS)
     with pytest.raises(ControlUnavailable, match="HTTP 500 boom") as err:
         Client(creds_for(server.url)).settings()
     assert err.value.retryable
-    assert len(server.requests) == control.ATTEMPTS
+    assert len(server.requests) == control.defaults.ATTEMPTS
 
 
 def test_4xx_is_fatal_at_once_and_never_shows_the_token(faulty, fast_retries):
@@ -469,7 +465,7 @@ def test_4xx_is_fatal_at_once_and_never_shows_the_token(faulty, fast_retries):
 def test_registration_is_not_retried_once_it_may_have_arrived(faulty, fast_retries):
     server = faulty((503, {"error": "busy"}, 0), (201, {"component_id": "ag-w", "token": "t"}, 0))
     with pytest.raises(ControlUnavailable, match="503"):
-        control.register(server.url, "demo", "PASSPHRASE", "agent", "web01")
+        control.client.register(server.url, "demo", "PASSPHRASE", "agent", "web01")
     assert len(server.requests) == 1
 
 
@@ -480,9 +476,9 @@ def test_unreachable_and_hung_servers_are_unavailable(faulty, fast_retries, monk
     with pytest.raises(ControlUnavailable, match="Connection refused|NewConnectionError"):
         Client(creds_for(closed)).heartbeat({})
     with pytest.raises(ControlUnavailable):
-        control.register(closed, "demo", "PASSPHRASE", "agent", "web01")  # not sent: retried
-    monkeypatch.setattr(control, "READ_TIMEOUT", 0.3)
-    hung = faulty(*[(204, None, 1.0)] * control.ATTEMPTS)
+        control.client.register(closed, "demo", "PASSPHRASE", "agent", "web01")  # not sent: retried
+    monkeypatch.setattr(control.defaults, "READ_TIMEOUT", 0.3)
+    hung = faulty(*[(204, None, 1.0)] * control.defaults.ATTEMPTS)
     with pytest.raises(ControlUnavailable, match="timed out|Timeout"):
         Client(creds_for(hung.url)).heartbeat({})
 
@@ -494,7 +490,7 @@ def test_details_are_sent_as_one_bounded_line(faulty):
     client.command_done("cmd-2", "failed", "x\n" * 2000)
     assert server.requests[0][3] == {"state": "done", "detail": '{"tag": {"id": "t-1"}}'}
     detail = server.requests[1][3]["detail"]
-    assert "\n" not in detail and len(detail) == control.DETAIL_MAX
+    assert "\n" not in detail and len(detail) == control.defaults.DETAIL_MAX
 
 
 def test_settings_source_fills_local_keys_and_ignores_unknown_ones(faulty):

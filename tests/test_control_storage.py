@@ -17,9 +17,9 @@ from azure.storage.blob import generate_container_sas
 from azure.storage.blob._shared.parser import DEVSTORE_ACCOUNT_KEY
 from azure.storage.queue import generate_queue_sas
 
+from devkit.azurite import ACCOUNT
 from ferry import storage as storage_mod
-from ferry.azurite import ACCOUNT
-from ferry.control import ControlUnavailable
+from ferry.control.errors import ControlUnavailable
 from ferry.errors import LeaseHeld, NotFound, RetryableError
 from ferry.storage import (
     GrantInvalid,

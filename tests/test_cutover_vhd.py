@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ferry import cutover
+from ferry import diskio
+from ferry import vhd as vhdfmt
+from mastertarget import applylock, cutover
 
 MiB = 1 << 20
 
@@ -46,8 +48,8 @@ def sha256(path: Path, size: int) -> str:
 
 
 def test_footer_fields_follow_the_vhd_specification():
-    footer = cutover.vhd_footer(
-        64 * MiB, timestamp=cutover.VHD_EPOCH + 1234, disk_id=bytes(range(16))
+    footer = vhdfmt.vhd_footer(
+        64 * MiB, timestamp=vhdfmt.VHD_EPOCH + 1234, disk_id=bytes(range(16))
     )
     assert len(footer) == 512
     assert footer[:8] == b"conectix"
@@ -64,19 +66,19 @@ def test_footer_fields_follow_the_vhd_specification():
 
 
 def test_footer_checksum_is_the_ones_complement_of_the_byte_sum():
-    footer = cutover.vhd_footer(8 * MiB)
+    footer = vhdfmt.vhd_footer(8 * MiB)
     stored = struct.unpack(">I", footer[64:68])[0]
     assert stored == (~(sum(footer) - sum(footer[64:68]))) & 0xFFFFFFFF
-    assert cutover.parse_footer(footer)["checksum"] == stored
+    assert vhdfmt.parse_footer(footer)["checksum"] == stored
 
 
 def test_a_corrupted_footer_is_refused():
-    footer = bytearray(cutover.vhd_footer(8 * MiB))
+    footer = bytearray(vhdfmt.vhd_footer(8 * MiB))
     footer[50] ^= 1
-    with pytest.raises(cutover.CutoverError, match="checksum"):
-        cutover.parse_footer(bytes(footer))
-    with pytest.raises(cutover.CutoverError, match="cookie"):
-        cutover.parse_footer(b"x" * 8 + cutover.vhd_footer(8 * MiB)[8:])
+    with pytest.raises(vhdfmt.VhdInvalid, match="checksum"):
+        vhdfmt.parse_footer(bytes(footer))
+    with pytest.raises(vhdfmt.VhdInvalid, match="cookie"):
+        vhdfmt.parse_footer(b"x" * 8 + vhdfmt.vhd_footer(8 * MiB)[8:])
 
 
 @pytest.mark.parametrize(
@@ -88,7 +90,7 @@ def test_a_corrupted_footer_is_refused():
     ],
 )
 def test_geometry_follows_the_specification_table(size, expected):
-    cylinders, heads, spt = cutover.chs_geometry(size)
+    cylinders, heads, spt = vhdfmt.chs_geometry(size)
     assert (cylinders, heads, spt) == expected
     assert cylinders * heads * spt * 512 <= size
 
@@ -97,7 +99,7 @@ def test_geometry_follows_the_specification_table(size, expected):
 def test_geometry_agrees_with_qemu(tmp_path, mib):
     # qemu rounds a size up to whole cylinders; at a size the geometry covers
     # exactly, its implementation of the specification's table must agree.
-    cylinders, heads, spt = cutover.chs_geometry(mib * MiB)
+    cylinders, heads, spt = vhdfmt.chs_geometry(mib * MiB)
     exact = cylinders * heads * spt * 512
     made = tmp_path / "q.vhd"
     subprocess.run(
@@ -106,7 +108,7 @@ def test_geometry_agrees_with_qemu(tmp_path, mib):
     )
     with open(made, "rb") as f:
         f.seek(-512, os.SEEK_END)
-        theirs = cutover.parse_footer(f.read()) if exact % MiB == 0 else _geometry(f.read())
+        theirs = vhdfmt.parse_footer(f.read()) if exact % MiB == 0 else _geometry(f.read())
     assert tuple(theirs["geometry"]) == (cylinders, heads, spt)
 
 
@@ -115,11 +117,11 @@ def _geometry(footer: bytes) -> dict[str, list[int]]:
 
 
 def test_sizes_are_rounded_up_to_a_whole_mib():
-    assert cutover.vhd_size(MiB) == MiB
-    assert cutover.vhd_size(MiB + 512) == 2 * MiB
-    assert cutover.vhd_size(1) == MiB
+    assert vhdfmt.vhd_size(MiB) == MiB
+    assert vhdfmt.vhd_size(MiB + 512) == 2 * MiB
+    assert vhdfmt.vhd_size(1) == MiB
     with pytest.raises(Exception, match="multiple of 512"):
-        cutover.vhd_footer(1000)
+        vhdfmt.vhd_footer(1000)
 
 
 # -- writing and checking a VHD ----------------------------------------------------------
@@ -129,7 +131,7 @@ def test_image_becomes_a_fixed_vhd_that_qemu_img_accepts(tmp_path):
     size = 5 * MiB + 4096  # not a whole MiB: padded
     image = write_image(tmp_path / "disk.img", size, {0: b"boot" * 128, 3 * MiB: os.urandom(8192)})
     vhd = tmp_path / "disk.vhd"
-    footer = cutover.image_to_vhd(image, vhd, size)
+    footer = vhdfmt.image_to_vhd(image, vhd, size)
     assert footer["current_size"] == 6 * MiB
     assert vhd.stat().st_size == 6 * MiB + 512
     info = json.loads(
@@ -141,14 +143,14 @@ def test_image_becomes_a_fixed_vhd_that_qemu_img_accepts(tmp_path):
     assert info["format"] == "vpc"
     assert info["virtual-size"] == 6 * MiB
     assert sha256(vhd, size) == sha256(image, size)
-    assert cutover.sha256_of_range(vhd, size, 6 * MiB) is None  # padding is zeros
+    assert diskio.sha256_of_range(vhd, size, 6 * MiB) is None  # padding is zeros
 
 
 def test_holes_stay_holes(tmp_path):
     size = 64 * MiB
     image = write_image(tmp_path / "sparse.img", size, {32 * MiB: b"x" * 4096})
     vhd = tmp_path / "sparse.vhd"
-    cutover.image_to_vhd(image, vhd, size)
+    vhdfmt.image_to_vhd(image, vhd, size)
     assert vhd.stat().st_blocks * 512 < 4 * MiB
 
 
@@ -156,7 +158,7 @@ def test_verify_reports_a_digest_that_differs(tmp_path):
     size = 2 * MiB
     image = write_image(tmp_path / "a.img", size, {0: b"a" * 4096})
     vhd = tmp_path / "a.vhd"
-    cutover.image_to_vhd(image, vhd, size)
+    vhdfmt.image_to_vhd(image, vhd, size)
     good = cutover.verify_vhd(vhd, size, sha256(image, size))
     assert good["verified"] and good["checks"]["digest"] and good["checks"]["qemu"]
     bad = cutover.verify_vhd(vhd, size, "0" * 64)
@@ -168,7 +170,7 @@ def test_verify_runs_fsck_on_ext_filesystems(tmp_path):
     write_image(image, 16 * MiB, {})
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, env=_sbin_env())
     vhd = tmp_path / "fs.vhd"
-    cutover.image_to_vhd(image, vhd, 16 * MiB)
+    vhdfmt.image_to_vhd(image, vhd, 16 * MiB)
     result = cutover.verify_vhd(vhd, 16 * MiB, sha256(image, 16 * MiB))
     assert result["fsck"]["filesystem"] == "ext" and result["fsck"]["clean"] is True
     assert result["verified"]
@@ -268,7 +270,7 @@ def test_clone_gives_up_when_one_group_takes_too_long(tmp_path):
     group = _applying_group(state, target, release)
     try:
         with (
-            pytest.raises(cutover.CutoverError, match="applying one group for over 0 s"),
+            pytest.raises(applylock.HoldTimeout, match="applying one group for over 0 s"),
             cutover.hold_applying(state, "d0", "test", wait=0.2),
         ):
             pass
@@ -298,7 +300,7 @@ def test_test_failover_cleanup_removes_exactly_what_it_made(tmp_path):
     (out / "operator-notes.txt").write_text("keep me")
     made = cutover.test_failover(state, "web01", {"d0": str(target)}, out)
     assert made["changed"] and Path(made["made"][0]).exists()
-    assert cutover.read_footer(made["made"][0])["current_size"] == 2 * MiB
+    assert vhdfmt.read_footer(made["made"][0])["current_size"] == 2 * MiB
     assert not cutover.test_failover(state, "web01", {"d0": str(target)}, out)["changed"]
     gone = cutover.test_failover_cleanup(out)
     assert sorted(Path(p).name for p in gone["removed"]) == ["d0.vhd", "test-failover.json"]
@@ -320,9 +322,9 @@ def test_devices_are_read_with_o_direct(tmp_path, monkeypatch):
     real_open = os.open
     monkeypatch.setattr(os, "open", lambda p, f, *a: flags.append((p, f)) or real_open(p, f, *a))
     try:
-        assert cutover.sha256_of(loop, 4 * MiB) == sha256(image, 4 * MiB)
+        assert diskio.sha256_of(loop, 4 * MiB) == sha256(image, 4 * MiB)
         out = os.open(tmp_path / "copy.img", os.O_WRONLY | os.O_CREAT, 0o600)
-        cutover.copy_sparse(loop, out, 4 * MiB)
+        diskio.copy_sparse(loop, out, 4 * MiB)
         os.close(out)
     finally:
         subprocess.run(["losetup", "-d", loop], capture_output=True)

@@ -1,6 +1,6 @@
 """Agent -> process server -> Azurite -> master target, on real loop devices.
 
-These tests run the real daemons as processes (ferry.embedded), with real
+These tests run the real daemons as processes (devkit.embedded), with real
 mutual TLS, a real tracefs instance and real Azurite, while a writer keeps
 changing the source.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.embedded import Embedded, FileWriter, digest
+from devkit.embedded import Embedded, FileWriter, digest
 
 pytestmark = [pytest.mark.root, pytest.mark.tracefs, pytest.mark.slow]
 
@@ -53,7 +53,7 @@ class RawWriter(threading.Thread):
 
 
 def fill_with_files(mnt: Path, budget: int) -> None:
-    from ferry.embedded import copy_tree_sample
+    from devkit.embedded import copy_tree_sample
 
     copy_tree_sample(mnt, budget)
     os.sync()

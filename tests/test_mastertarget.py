@@ -22,10 +22,11 @@ import pytest
 import xxhash
 from azure.storage.blob import BlobLeaseClient
 
-from ferry import blockio, cutover, naming, segment
+from ferry import blockio, naming, segment
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import DeviceError
 from ferry.storage import Storage
+from mastertarget import cutover
 from mastertarget.errors import LeaseLost, StateInUse
 from mastertarget.main import main
 from mastertarget.ownership import Ownership

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from devkit.azurite import connection_string, free_port
+from devkit.embedded import write_toml
 from ferry import naming, pki, wire
-from ferry.azurite import connection_string, free_port
 from ferry.batch import DATA, ZERO, Batch
-from ferry.embedded import write_toml
 from ferry.errors import SegmentCorrupt
 from ferry.segment import unpack
 

@@ -27,9 +27,6 @@ from functions.core.store import TENANTS_PARTITION
 MAX_TOKEN = 512
 """Longest bearer token looked at, in characters."""
 
-KIND_PREFIX = {"agent": "ag", "process-server": "ps", "master-target": "mt"}
-"""Component kind → prefix of its component id."""
-
 
 @dataclasses.dataclass(frozen=True)
 class Caller:

@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from ferry import naming
+from ferry.naming import KIND_PREFIX
 from functions.core import commands, defaults, health, idempotency, jobs, validate
-from functions.core.auth import KIND_PREFIX, Caller, require_component, require_operator
+from functions.core.auth import Caller, require_component, require_operator
 from functions.core.context import Context
 from functions.core.errors import BadRequest, NotFound
 

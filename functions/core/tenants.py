@@ -17,9 +17,9 @@ import secrets
 from typing import Any
 
 from ferry import naming
+from ferry.naming import KIND_PREFIX
 from functions.core import defaults, validate
 from functions.core.auth import (
-    KIND_PREFIX,
     Caller,
     component_token,
     digest,

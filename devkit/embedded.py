@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from devkit.azurite import ROOT, Azurite, free_port
 from ferry import naming, pki
-from ferry.azurite import ROOT, Azurite, free_port
 from ferry.blockio import DirectReader
 from ferry.errors import FerryError, NotFound
 from ferry.storage import Storage
@@ -267,7 +267,7 @@ class Embedded:
 
     def agent_call(self, request: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
         """Send a request to the agent's control socket."""
-        from agent.control import call
+        from ferry.agentsocket import call
 
         return call(str(self.base / "agent" / "agent.sock"), request, timeout)
 

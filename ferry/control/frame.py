@@ -1,49 +1,21 @@
-"""Process entry-point plumbing: one error line for operators, tracebacks for bugs.
+"""The daemons' command-line frame.
 
-The three daemons share the frame of their command lines: settings from
-``--config`` or, exclusively, ``--server-credentials``; in server mode the
-local paths (``--state-dir``, TLS files, segment key), the files checked
-readable before anything starts; ``--verbose``; and the run under
-:func:`run_main`.  Each daemon's own options stay in its ``main.py``.
+The three daemons share it: settings from ``--config`` or, exclusively,
+``--server-credentials``; in server mode the local paths (``--state-dir``, TLS
+files, segment key), the files checked readable before anything starts;
+``--verbose``; and the run under :func:`ferry.process.run_main`.  Each
+daemon's own options stay in its ``main.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
-import sys
-import threading
 from collections.abc import Callable
 from types import ModuleType
 
-from ferry.errors import ConfigError, FerryError
-
-log = logging.getLogger("ferry")
-
-
-def setup_logging(component: str, verbose: bool = False) -> None:
-    """Log to stderr as ``time component level message``; never log secrets."""
-    level = logging.DEBUG if verbose or os.environ.get("FERRY_DEBUG") else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s {component} %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("azure").setLevel(logging.WARNING)
-
-
-def run_main(component: str, body: Callable[[], int | None]) -> int:
-    """Run ``body``; map a FerryError to one line on stderr and its exit code."""
-    try:
-        return int(body() or 0)
-    except FerryError as exc:
-        print(f"{component}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{component}: interrupted", file=sys.stderr)
-        return 130
+from ferry.errors import ConfigError
+from ferry.process import run_main, setup_logging
 
 
 def daemon_parser(prog: str, description: str, from_server: str) -> argparse.ArgumentParser:
@@ -121,34 +93,3 @@ def run_daemon(
     """Set up logging, then run the mode ``args`` chose under :func:`run_main`."""
     setup_logging(component, args.verbose)
     return run_main(component, from_server if args.server_credentials else from_file)
-
-
-class StopFlag:
-    """Signal handling that only sets flags.
-
-    The first SIGTERM/SIGINT asks the daemon to finish the batch in hand and
-    stop; a second one exits at once.
-    """
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._count = 0
-
-    def install(self) -> StopFlag:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        self._count += 1
-        if self._count > 1:
-            os._exit(128 + signum)
-        self.event.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self.event.is_set()
-
-    def wait(self, seconds: float) -> bool:
-        """Sleep up to ``seconds``; True if a stop was asked meanwhile."""
-        return self.event.wait(seconds)

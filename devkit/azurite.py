@@ -4,7 +4,7 @@ One helper for all three: free ports are chosen, readiness is awaited over
 real HTTP, and the process is stopped on exit (also on Ctrl-C).  Run as a
 program it prints the connection string and serves until interrupted::
 
-    python -m ferry.azurite --env-file run/azurite.env
+    python -m devkit.azurite --env-file run/azurite.env
 """
 
 from __future__ import annotations

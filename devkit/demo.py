@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ferry.embedded import Embedded, FileWriter, copy_tree_sample, digest
+from devkit.embedded import Embedded, FileWriter, copy_tree_sample, digest
 
 MiB = 1 << 20
 
@@ -268,7 +268,7 @@ class Demo:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m ferry.demo``."""
+    """Entry point of ``python -m devkit.demo``."""
     parser = argparse.ArgumentParser(description="Ferry demo on the embedded default")
     parser.add_argument(
         "--size-mib", type=int, default=1024, help="source disk size (default 1024)"

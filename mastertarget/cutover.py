@@ -1,72 +1,43 @@
 """Cutover and test failover on the master target's host: plain Python the cutover role calls.
 
-The ``local`` provider turns each replicated target into a *fixed VHD*, the
-format Azure accepts for an uploaded managed disk: the raw disk, padded to a
-whole number of MiB, followed by a 512-byte footer (Microsoft's "Virtual Hard
-Disk Image Format Specification", fixed disks).  A VM manifest names the disks;
-verification compares each VHD's data with the source as it was at the final
-tag and runs ``e2fsck -fn`` on ext filesystems.
-
+What runs where the targets are: where a disk's target stands (its cursor and
+staging, read through mastertarget's own modules), holding applying for a
+copy at a tag (mastertarget/applylock.py), the fixed VHDs and the VM
+manifest (ferry/vhd.py), their checks, and the fence record (ferry/fence.py).
 Every step prints one JSON object so Ansible can register it::
 
-    python -m ferry.cutover digest --device /dev/loop3
-    python -m ferry.cutover applied --state-dir /var/lib/ferry/master-target --disk web01-disk0 \\
-        --t0-mono-ns 81234567890123 --wait 5
-    python -m ferry.cutover convert --spec spec.json          # VHDs + manifest, verified
-    python -m ferry.cutover clone --state-dir ... --disk ... --target ... --size ... --out x.img
-    python -m ferry.cutover fence --tenant demo --disk web01-disk0 --tag-json '{...}'
+    python -m mastertarget.cutover applied --state-dir /var/lib/ferry/master-target \\
+        --disk web01-disk0 --t0-mono-ns 81234567890123 --wait 5
+    python -m mastertarget.cutover convert --spec spec.json          # VHDs + manifest, verified
+    python -m mastertarget.cutover clone --state-dir ... --disk ... --target ... --size ... --out x.img
+    python -m mastertarget.cutover fence --tenant demo --disk web01-disk0 --tag-json '{...}'
 
 ``convert`` is idempotent: a manifest that already records the same final tag
 with every disk verified is returned unchanged (``"changed": false``), so a
-cutover asked twice cuts over once.
+cutover asked twice cuts over once.  The source's side (digest, final tag,
+stopping the agent for good) is ``python -m agent.fence``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import fcntl
-import hashlib
 import json
 import os
 import shutil
-import stat
-import struct
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ferry.blockio import DirectReader, is_block_device
-from ferry.errors import FerryError, UsageError
+from ferry import durable
+from ferry import fence as fences
+from ferry.diskio import copy_sparse, device_size, sha256_of, sha256_of_range
+from ferry.errors import FerryError
+from ferry.vhd import image_to_vhd, read_footer, vhd_size
+from mastertarget import applylock, layout, staging
 
-MiB = 1 << 20
-SECTOR = 512
-FOOTER_SIZE = 512
-VHD_COOKIE = b"conectix"
-VHD_FEATURES = 0x00000002
-"""Reserved bit, always set."""
-VHD_VERSION = 0x00010000
-VHD_FIXED_DATA_OFFSET = 0xFFFFFFFFFFFFFFFF
-"""A fixed disk has no dynamic header."""
-VHD_DISK_TYPE_FIXED = 2
-VHD_CREATOR_APP = b"win "
-"""Hyper-V's creator: readers (Azure, qemu) then take the size from the footer, not from CHS."""
-VHD_CREATOR_VERSION = 0x00010000
-VHD_CREATOR_HOST_OS = b"Wi2k"
-"""Windows, the value Azure's own tools write."""
-VHD_EPOCH = 946684800
-"""2000-01-01T00:00:00Z in Unix seconds: VHD timestamps count from here."""
-
-_FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427s")
-assert _FOOTER.size == FOOTER_SIZE
-
-COPY_CHUNK = 8 * MiB
-"""Bytes read per copy or digest step."""
 HOLD_WAIT = 300.0
 """Seconds a test failover waits for the master target to finish the group it is applying."""
 
@@ -75,225 +46,6 @@ class CutoverError(FerryError):
     """cutover: {detail}"""
 
     exit_code = 8
-
-
-# -- the VHD footer ----------------------------------------------------------------------
-
-
-def chs_geometry(size: int) -> tuple[int, int, int]:
-    """Cylinders, heads and sectors per track for ``size`` bytes, per the VHD specification."""
-    total = min(size // SECTOR, 65535 * 16 * 255)
-    if total >= 65535 * 16 * 63:
-        spt, heads = 255, 16
-        cth = total // spt
-    else:
-        spt = 17
-        cth = total // spt
-        heads = max((cth + 1023) // 1024, 4)
-        if cth >= heads * 1024 or heads > 16:
-            spt, heads = 31, 16
-            cth = total // spt
-        if cth >= heads * 1024:
-            spt, heads = 63, 16
-            cth = total // spt
-    return cth // heads, heads, spt
-
-
-def footer_checksum(footer: bytes) -> int:
-    """One's complement of the byte sum of ``footer`` with its checksum field taken as zero."""
-    body = footer[:64] + b"\0\0\0\0" + footer[68:]
-    return (~sum(body)) & 0xFFFFFFFF
-
-
-def vhd_footer(size: int, timestamp: float | None = None, disk_id: bytes | None = None) -> bytes:
-    """The 512-byte footer of a fixed VHD whose data is ``size`` bytes (a multiple of 512)."""
-    if size <= 0 or size % SECTOR:
-        raise UsageError(detail=f"a VHD's data size must be a positive multiple of 512, not {size}")
-    when = int(time.time() if timestamp is None else timestamp) - VHD_EPOCH
-    cylinders, heads, spt = chs_geometry(size)
-    fields = [
-        VHD_COOKIE, VHD_FEATURES, VHD_VERSION, VHD_FIXED_DATA_OFFSET, max(when, 0) & 0xFFFFFFFF,
-        VHD_CREATOR_APP, VHD_CREATOR_VERSION, VHD_CREATOR_HOST_OS, size, size,
-        cylinders, heads, spt, VHD_DISK_TYPE_FIXED, 0, disk_id or uuid.uuid4().bytes, 0, b"",
-    ]  # fmt: skip
-    footer = bytearray(_FOOTER.pack(*fields))
-    struct.pack_into(">I", footer, 64, footer_checksum(bytes(footer)))
-    return bytes(footer)
-
-
-def parse_footer(footer: bytes) -> dict[str, Any]:
-    """The fields of a VHD footer; CutoverError if it is not a valid fixed-disk footer."""
-    if len(footer) != FOOTER_SIZE:
-        raise CutoverError(detail=f"a VHD footer is 512 bytes, not {len(footer)}")
-    (cookie, features, version, offset, stamp, app, app_version, host_os, original, current,
-     cylinders, heads, spt, disk_type, checksum, disk_id, saved, _) = _FOOTER.unpack(footer)  # fmt: skip
-    fields = {
-        "cookie": cookie.decode("latin-1"), "features": features, "version": version,
-        "data_offset": offset, "timestamp": stamp + VHD_EPOCH, "creator_app": app.decode("latin-1"),
-        "creator_version": app_version, "creator_host_os": host_os.decode("latin-1"),
-        "original_size": original, "current_size": current,
-        "geometry": [cylinders, heads, spt], "disk_type": disk_type, "checksum": checksum,
-        "unique_id": str(uuid.UUID(bytes=disk_id)), "saved_state": saved,
-    }  # fmt: skip
-    problem = _footer_problem(fields, footer)
-    if problem:
-        raise CutoverError(detail=f"not a valid fixed VHD footer: {problem}")
-    return fields
-
-
-def _footer_problem(fields: dict[str, Any], footer: bytes) -> str | None:
-    checks = [
-        (fields["cookie"] == VHD_COOKIE.decode(), "cookie is not 'conectix'"),
-        (fields["disk_type"] == VHD_DISK_TYPE_FIXED, f"disk type {fields['disk_type']} is not 2"),
-        (fields["data_offset"] == VHD_FIXED_DATA_OFFSET, "data offset is not 0xFFFFFFFFFFFFFFFF"),
-        (fields["checksum"] == footer_checksum(footer), "checksum does not match"),
-        (fields["current_size"] % MiB == 0, "size is not a whole number of MiB"),
-    ]
-    return next((why for ok, why in checks if not ok), None)
-
-
-def vhd_size(size: int) -> int:
-    """The data size of the VHD for a ``size``-byte disk: rounded up to a whole MiB."""
-    return -(-size // MiB) * MiB
-
-
-def read_footer(path: str | Path) -> dict[str, Any]:
-    """The footer fields of the VHD at ``path`` (checked), plus ``file_size``."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        length = f.tell()
-        if length < FOOTER_SIZE + MiB:
-            raise CutoverError(detail=f"{path} is too small to be a VHD ({length} bytes)")
-        f.seek(length - FOOTER_SIZE)
-        fields = parse_footer(f.read(FOOTER_SIZE))
-    if fields["current_size"] + FOOTER_SIZE != length:
-        raise CutoverError(detail=f"{path}: footer says {fields['current_size']} bytes of data, "
-                           f"the file holds {length - FOOTER_SIZE}")  # fmt: skip
-    return fields | {"file_size": length}
-
-
-# -- copying and digests -----------------------------------------------------------------
-
-
-def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """The (offset, length) ranges of ``fd`` that may hold data; holes read as zeros."""
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        return [(0, size)]
-    ranges, offset = [], 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole from here on
-                break
-            return [(0, size)]  # no SEEK_DATA on this filesystem: copy everything
-        if start >= size:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        ranges.append((start, end - start))
-        offset = end
-    return ranges
-
-
-class _Source:
-    """Reads of a disk: O_DIRECT for block devices (a buffered read of a device whose
-    filesystem is mounted can return stale cached blocks, docs/design.md invariant 2),
-    plain reads for image files; bytes past the end read as zeros."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        self.direct = is_block_device(self.path)
-        if self.direct:
-            self.reader = DirectReader(self.path, COPY_CHUNK)
-            self.size = self.reader.size
-            self.fd = self.reader.fd
-        else:
-            self.fd = os.open(self.path, os.O_RDONLY)
-            self.size = os.fstat(self.fd).st_size
-
-    def read(self, offset: int, length: int) -> bytes:
-        have = max(0, min(length, self.size - offset))
-        if not have:
-            data = b""
-        elif self.direct:
-            data = bytes(self.reader.read(offset, have))
-        else:
-            data = os.pread(self.fd, have, offset)
-        return data + bytes(length - len(data))
-
-    def close(self) -> None:
-        if self.direct:
-            self.reader.close()
-        else:
-            os.close(self.fd)
-
-
-def copy_sparse(src: str | Path, dest_fd: int, size: int) -> None:
-    """Copy the first ``size`` bytes of ``src`` into ``dest_fd`` at the same offsets, keeping holes."""
-    source = _Source(src)
-    try:
-        ranges = [(0, size)] if source.direct else _data_ranges(source.fd, size)
-        for start, length in ranges:
-            for offset in range(start, start + length, COPY_CHUNK):
-                chunk = source.read(offset, min(COPY_CHUNK, start + length - offset))
-                if chunk.count(0) != len(chunk):
-                    os.pwrite(dest_fd, chunk, offset)
-    finally:
-        source.close()
-
-
-def sha256_of(path: str | Path, size: int) -> str:
-    """sha256 of the first ``size`` bytes of a file or device (bytes past its end count as zeros)."""
-    h = hashlib.sha256()
-    source = _Source(path)
-    try:
-        for offset in range(0, size, COPY_CHUNK):
-            h.update(source.read(offset, min(COPY_CHUNK, size - offset)))
-    finally:
-        source.close()
-    return h.hexdigest()
-
-
-def device_size(path: str | Path) -> int:
-    """Size in bytes of a block device or a file."""
-    with open(path, "rb") as f:
-        return f.seek(0, os.SEEK_END)
-
-
-def image_to_vhd(image: str | Path, out: str | Path, size: int) -> dict[str, Any]:
-    """Write ``out``: the first ``size`` bytes of ``image`` as a fixed VHD; return its footer fields.
-
-    Written to a temporary file, fsync'ed and renamed, so ``out`` is either a
-    whole VHD or absent.  Holes stay holes: a mostly empty disk stays small.
-    """
-    out = Path(out)
-    data_size = vhd_size(size)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        copy_sparse(image, fd, size)
-        os.ftruncate(fd, data_size)
-        os.pwrite(fd, vhd_footer(data_size), data_size)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
-    return read_footer(out)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# -- checks ------------------------------------------------------------------------------
 
 
 def qemu_info(path: str | Path) -> dict[str, Any]:
@@ -349,54 +101,24 @@ def verify_vhd(path: str | Path, size: int, expect_sha256: str | None) -> dict[s
     }  # fmt: skip
 
 
-def sha256_of_range(path: str | Path, start: int, end: int) -> str | None:
-    """None when bytes ``start..end`` of ``path`` are all zeros, else their sha256."""
-    h = hashlib.sha256()
-    nonzero = False
-    with open(path, "rb", buffering=0) as f:
-        for offset in range(start, end, COPY_CHUNK):
-            chunk = os.pread(f.fileno(), min(COPY_CHUNK, end - offset), offset)
-            h.update(chunk)
-            nonzero = nonzero or chunk.count(0) != len(chunk)
-    return h.hexdigest() if nonzero else None
-
-
 # -- the master target's state -----------------------------------------------------------
 
 
 def read_cursor(state_dir: str | Path, disk: str) -> dict[str, Any]:
     """The master target's durable cursor for ``disk`` (``{}`` before anything was applied)."""
-    path = Path(state_dir) / disk / "cursor.json"
+    path = layout.cursor_path(state_dir, disk)
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
+        return durable.read_json(path) or {}
     except (OSError, ValueError) as exc:
         raise CutoverError(detail=f"cannot read {path}: {exc}")
 
 
-def _staged_header(path: Path) -> dict[str, Any] | None:
-    # The segment format (docs/design.md): b"FERRYSG1" | u32 hlen | header JSON | ...
-    try:
-        with open(path, "rb") as f:
-            magic, hlen = struct.unpack(">8sI", f.read(12))
-            if magic != b"FERRYSG1" or hlen > 64 * MiB:
-                return None
-            return json.loads(f.read(hlen))
-    except (OSError, ValueError, struct.error):
-        return None
-
-
 def staged(state_dir: str | Path, disk: str) -> list[tuple[int, int, bool]]:
     """``(gen, seq, tagged)`` of each segment staged for ``disk``, in order."""
-    directory = Path(state_dir) / disk / "staging"
-    found = []
-    with contextlib.suppress(FileNotFoundError):
-        for path in sorted(directory.glob("*.seg")):
-            gen, _, seq = path.stem.partition("-")
-            header = _staged_header(path) or {}
-            found.append((int(gen), int(seq), bool(header.get("tag"))))
-    return found
+    directory = layout.staging_dir(state_dir, disk)
+    if not directory.is_dir():
+        return []
+    return [(s.gen, s.seq, s.tagged) for _, s in staging.listing(directory) if s is not None]
 
 
 def applied(state_dir: str | Path, disk: str, t0_mono_ns: int | None) -> dict[str, Any]:
@@ -433,45 +155,18 @@ def applied_all(
     return {"disks": states, "applied": all(s["applied"] for s in states)}
 
 
-@contextlib.contextmanager
-def hold_applying(
-    state_dir: str | Path, disk: str, note: str, wait: float | None = None
-) -> Iterator[float]:
-    """Hold the master target's applying of ``disk`` (its ``apply.lock``); yields the seconds waited.
+def hold_applying(state_dir: str | Path, disk: str, note: str, wait: float | None = None):
+    """Hold the master target's applying of ``disk`` (mastertarget/applylock.py); yields the wait.
 
-    The master target applies each group holding an exclusive ``flock`` on
-    ``<state_dir>/<disk>/apply.lock`` and skips applying while someone else
-    holds it (mastertarget/worker.py), so under this hold the target sits
-    exactly on the cursor's tag.  It waits for the group in hand to finish
-    (up to ``wait`` seconds).  Notices are still received and staged
-    meanwhile; the lock goes with this process, even if it is killed.
+    Under this hold the target sits exactly on the cursor's tag; notices are
+    still received and staged meanwhile.
     """
-    wait = HOLD_WAIT if wait is None else wait
-    directory = Path(state_dir) / disk
-    if not directory.is_dir():
+    if not layout.disk_dir(state_dir, disk).is_dir():
         raise CutoverError(
             detail=f"the master target keeps no state for disk {disk} in {state_dir}"
         )
-    fd = os.open(directory / "apply.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    began = time.monotonic()
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() - began > wait:
-                    raise CutoverError(detail=f"disk {disk}: the master target has been applying "
-                                       f"one group for over {wait:.0f} s; try again later")  # fmt: skip
-                time.sleep(0.02)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{note} (pid {os.getpid()})\n".encode(), 0)
-        try:
-            yield time.monotonic() - began
-        finally:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # drops the lock
+    path = layout.apply_lock_path(state_dir, disk)
+    return applylock.hold(path, disk, note, HOLD_WAIT if wait is None else wait)
 
 
 def clone_at_tag(
@@ -658,24 +353,13 @@ def test_failover_cleanup(out_dir: str | Path) -> dict[str, Any]:
 
 
 def fence(tenant: str, disk: str, tag: dict[str, Any], storage_env: str) -> dict[str, Any]:
-    """Record in storage that nothing after ``tag`` may ever be applied to ``disk``.
-
-    The record sits beside the disk's state blob (``<tenant>/<disk>/fence.json``
-    in the tenant's control container); writing it twice is harmless.
-    """
-    from ferry import naming
+    """Record in storage that nothing after ``tag`` may ever be applied to ``disk`` (ferry/fence.py)."""
     from ferry.storage import Storage
 
     secret = os.environ.get(storage_env, "").strip()
     if not secret:
         raise CutoverError(detail=f"environment variable {storage_env} is not set")
-    storage = Storage(secret)
-    record = {"tenant": tenant, "disk": disk, "tag": tag, "reason": "cutover",
-              "fenced_at": time.time()}  # fmt: skip
-    name = naming.fence_blob(tenant, disk)
-    container = naming.control_container(tenant)
-    storage.put(container, name, json.dumps(record).encode())
-    return {"fence_blob": f"{container}/{name}", **record}
+    return fences.write(Storage(secret), tenant, disk, tag)
 
 
 # -- command line ------------------------------------------------------------------------
@@ -683,12 +367,9 @@ def fence(tenant: str, disk: str, tag: dict[str, Any], storage_env: str) -> dict
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ferry.cutover", description=__doc__.split("\n")[0]
+        prog="python -m mastertarget.cutover", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("digest", help="sha256 of a source disk (and its size)")
-    p.add_argument("--device", required=True)
-    p.add_argument("--size", type=int)
     p = sub.add_parser("applied", help="where a disk's target stands; wait for a tag")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--disk", action="append", required=True, help="repeat for each disk")
@@ -724,9 +405,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.command == "digest":
-        size = args.size or device_size(args.device)
-        return {"device": args.device, "size": size, "sha256": sha256_of(args.device, size)}
     if args.command == "applied":
         return applied_all(args.state_dir, args.disk, args.t0_mono_ns, args.wait)
     if args.command == "convert":
@@ -747,8 +425,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m ferry.cutover``: one JSON object on stdout."""
-    from ferry.cli_support import run_main
+    """Entry point of ``python -m mastertarget.cutover``: one JSON object on stdout."""
+    from ferry.process import run_main
 
     args = _parser().parse_args(argv)
 

@@ -17,14 +17,14 @@ import time
 from typing import Any
 
 from ferry import pki
-from ferry.cli_support import run_main
 from ferry.errors import FerryError, PeerUnavailable, UsageError
+from ferry.process import run_main
 
 MiB = 1 << 20
 
 
 def _agent_call(socket_path: str, request: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
-    from agent.control import call
+    from ferry.agentsocket import call
 
     try:
         answer = call(socket_path, request, timeout)
@@ -280,7 +280,7 @@ def cmd_passphrase(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from ferry.control import register_and_save
+    from ferry.control.client import register_and_save
 
     server, _, verify = _server(args)
     passphrase = args.passphrase or os.environ.get("FERRY_PASSPHRASE")

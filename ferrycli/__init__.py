@@ -1,0 +1,1 @@
+"""``ferry``: the operator's command line (a face of its own; hosts need not install it)."""

@@ -1,0 +1,5 @@
+import sys
+
+from ferrycli.main import main
+
+sys.exit(main())

@@ -1,0 +1,31 @@
+"""Where the master target keeps each disk's state on its host (one owner of the layout).
+
+``<state_dir>/<disk>/`` holds ``cursor.json`` (the durable cursor,
+mastertarget/cursor.py), ``staging/`` (verified segments waiting for their
+group, mastertarget/staging.py) and ``apply.lock`` (mastertarget/applylock.py).
+The worker and the cutover tool both find them here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def disk_dir(state_dir: str | Path, disk: str) -> Path:
+    """The directory of one disk's state."""
+    return Path(state_dir) / disk
+
+
+def cursor_path(state_dir: str | Path, disk: str) -> Path:
+    """The disk's durable cursor."""
+    return disk_dir(state_dir, disk) / "cursor.json"
+
+
+def staging_dir(state_dir: str | Path, disk: str) -> Path:
+    """The disk's staged segments."""
+    return disk_dir(state_dir, disk) / "staging"
+
+
+def apply_lock_path(state_dir: str | Path, disk: str) -> Path:
+    """The lock held while a group is applied, and by whoever holds applying (test failover)."""
+    return disk_dir(state_dir, disk) / "apply.lock"
