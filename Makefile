@@ -57,7 +57,7 @@ test: setup lint
 demo: setup
 	$(ANSIBLE) $(CONTROLLER)/bin/ansible-playbook playbooks/demo.yml
 
-# The same main job without Ansible: the daemons straight from ferry/embedded.py.
+# The same main job without Ansible: the daemons straight from devkit/embedded.py.
 demo-direct: setup
 	$(PY) -m devkit.demo
 

@@ -4,8 +4,9 @@ Each component declares its settings as a dataclass whose fields carry a type
 and a default (taken from the component's ``defaults`` module).  ``load``
 reads a TOML file, rejects unknown keys, checks every type and range, and
 raises one :class:`ConfigError` naming the file, the key and the problem.
-The configuration server will later hand out the same shapes as JSON, so
-``from_mapping`` is the real entry point and files are only one source.
+The configuration server hands out the same shapes as JSON (server mode:
+ferry/control/settingsource.py), so ``from_mapping`` is the real entry point
+and files are only one source.
 """
 
 from __future__ import annotations

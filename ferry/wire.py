@@ -17,8 +17,9 @@ Frame types (``header["type"]``):
   spool.  Acks may come in any order.
 * agent -> server ``resync``: ``{disk, request_id, block_size}``; the server
   relays it to the master target and answers ``resync-answer {disk,
-  request_id, gen, block_size, digest_blob, empty}`` + payload (the digest
-  map, see :mod:`ferry.digests`).
+  request_id, gen, block_size, target_size, digest_blob, empty}`` + payload
+  (the digest map: docs/design.md, "Storage layout"; made by
+  :func:`ferry.blockio.digest_map`).
 * server -> agent ``resync-required {disk, gen, reason}``: the master target
   cannot go on with generation ``gen`` (poisoned segment); the agent MUST
   start a new generation.

@@ -22,7 +22,7 @@ tag is refused.
 
 Hold (a test failover): each group is applied holding an exclusive
 ``flock`` on ``<state_dir>/<disk>/apply.lock``.  Whoever else holds that lock
-(``ferry.cutover.clone_at_tag``) sees the target sitting exactly on the
+(``mastertarget.cutover.clone_at_tag``) sees the target sitting exactly on the
 cursor's tag; meanwhile notices are still received and staged, so
 replication goes on and only applying waits.
 """
