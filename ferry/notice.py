@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from ferry import naming
 from ferry.naming import REQUEST_ID_RE
@@ -112,7 +112,7 @@ def parse(body: dict[str, Any], tenant: str, disk: str) -> SegmentNotice | Resyn
 
 def _segment(body: dict[str, Any], tenant: str, disk: str) -> SegmentNotice:
     gen, seq = body.get("gen"), body.get("seq")
-    if not (_positive_int(gen) and _positive_int(seq)):
+    if not _positive_int(gen) or not _positive_int(seq):
         raise InvalidNotice(f"segment notice with gen {gen!r}, seq {seq!r}", segment=True)
     blob = naming.segment_blob(tenant, disk, gen, seq)
     if body.get("blob") != blob:
@@ -134,5 +134,5 @@ def _resync(body: dict[str, Any]) -> ResyncNotice:
     return ResyncNotice(request_id, block)
 
 
-def _positive_int(value: Any) -> bool:
+def _positive_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1

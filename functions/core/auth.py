@@ -35,11 +35,13 @@ class Caller:
 
     kind: str
     """``admin``, ``operator`` or ``component``."""
-    tenant: str | None = None
-    component_id: str | None = None
-    component_kind: str | None = None
-    record: dict[str, Any] | None = None
-    """The component's record, as read when authenticating."""
+    tenant: str = ""
+    """Empty for the admin."""
+    component_id: str = ""
+    """Empty but for a component, as is ``component_kind``."""
+    component_kind: str = ""
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The component's record, as read when authenticating (empty but for a component)."""
 
 
 def digest(token: str) -> str:
@@ -48,7 +50,9 @@ def digest(token: str) -> str:
 
 
 def _same(stored: str | None, presented: str) -> bool:
-    return bool(stored) and hmac.compare_digest(stored, digest(presented))
+    if not stored:
+        return False
+    return hmac.compare_digest(stored, digest(presented))
 
 
 def bearer(header: str | None) -> str:
