@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from agent import defaults
 from agent.session import Session
@@ -54,9 +54,9 @@ class ReplicatorDied(FerryError):
     exit_code = 70  # EX_SOFTWARE
 
 
-def protected(raw: dict[str, Any] | None) -> bool:
+def protected(raw: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     """True if the server's settings name disks and a process server to replicate to."""
-    return bool(raw) and bool(raw.get("disks")) and bool(raw.get("process_server"))
+    return raw is not None and bool(raw.get("disks")) and bool(raw.get("process_server"))
 
 
 class ManagedAgent(ManagedDaemon):

@@ -220,9 +220,9 @@ class Replicator:
                 raise TagFailed(problem="the agent is stopping")
             if time.monotonic() > deadline:
                 raise TagFailed(problem=f"none within {timeout:.0f} s")
-        if request.error:
-            raise TagFailed(problem=request.error)
         tag = request.result
+        if request.error or tag is None:
+            raise TagFailed(problem=request.error or "no tag was taken")
         deadline = time.monotonic() + max(1.0, timeout)  # the acks get a timeout of their own
         for disk in tag["disks"]:
             state = self.disks[disk]
@@ -254,7 +254,7 @@ class Replicator:
                 event = self.shipper.inbox.get_nowait()
             except queue.Empty:
                 return
-            disk = self.disks.get(event.get("disk"))
+            disk = self.disks.get(event.get("disk", ""))
             if disk is None:
                 continue
             if event["type"] == "resync-answer" and event.get("request_id") == disk.request_id:
@@ -362,6 +362,8 @@ class Replicator:
                 disk.phase = "replicating"
 
     def _new_batch(self, disk: DiskState) -> Batch:
+        if disk.gen is None:  # batches are made only within a generation
+            raise RuntimeError(f"disk {disk.id} has no generation to ship in")
         return Batch(
             tenant=self.settings.tenant,
             disk=disk.id,
@@ -382,7 +384,8 @@ class Replicator:
         track = disk.track
         limit = self.settings.batch_bytes
         reader = self._reader_for(disk)
-        batch, payload = self._new_batch(disk), []
+        batch = self._new_batch(disk)
+        payload: list[bytes] = []
         size = 0
         disk.pass_remaining = len(blocks) * track.block
         for first, count in _runs(blocks, max(1, limit // track.block)):
@@ -424,7 +427,7 @@ class Replicator:
     ) -> list[tuple[int, int, str, bytes | None]]:
         """Split a read run into data and zero extents, skipping zeros the target has."""
         block = disk.track.block
-        out = []
+        out: list[tuple[int, int, str, bytes | None]] = []
         for start, count, is_zero in blockio.runs(blockio.zero_mask(view, block)):
             b0 = first + start
             lo, hi = start * block, min((start + count) * block, len(view))

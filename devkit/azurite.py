@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.env_file).write_text(f"FERRY_STORAGE='{azurite.connection_string}'\n")
         print(azurite.connection_string, flush=True)
         try:
-            while not stop["now"] and azurite.proc.poll() is None:
+            while not stop["now"] and azurite.proc is not None and azurite.proc.poll() is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass

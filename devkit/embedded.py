@@ -95,8 +95,8 @@ class Embedded:
 
     # -- setup ----------------------------------------------------------------------
 
-    def start_storage(self) -> None:
-        """Start Azurite (unless one was handed in) and make the certificates."""
+    def start_storage(self) -> Azurite:
+        """Start Azurite (unless one was handed in) and make the certificates; return Azurite."""
         if self.azurite is None:
             # On disk for long runs: Azurite's in-memory store grows with churn
             # until the emulator stalls for minutes (seen in the benchmarks).
@@ -108,11 +108,19 @@ class Embedded:
         pki.make_ca(self.pki / "ca")
         pki.issue(self.pki / "ca", self.pki, "process-server", ["localhost", "127.0.0.1"])
         pki.issue(self.pki / "ca", self.pki, f"agent-{self.machine}", tenants=[self.tenant])
+        return self.azurite
+
+    @property
+    def connection_string(self) -> str:
+        """The storage account's connection string; storage must be started first."""
+        if self.azurite is None:
+            raise EmbeddedError(detail="storage is not started: call start_storage() first")
+        return self.azurite.connection_string
 
     @property
     def storage(self) -> Storage:
         """A storage client for the deployment's account."""
-        return Storage(self.azurite.connection_string)
+        return Storage(self.connection_string)
 
     def configure(
         self,
@@ -170,7 +178,7 @@ class Embedded:
     def env(self) -> dict[str, str]:
         """Environment for the daemons: the storage connection string and the code path."""
         env = dict(os.environ)
-        env["FERRY_STORAGE"] = self.azurite.connection_string
+        env["FERRY_STORAGE"] = self.connection_string
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env["PYTHONUNBUFFERED"] = "1"
         return env

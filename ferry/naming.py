@@ -39,7 +39,7 @@ def control_container(tenant: str) -> str:
     return f"ferry-{tenant}-control"
 
 
-def check_id(kind: str, value: str) -> str | None:
+def check_id(kind: str, value: object) -> str | None:
     """Return a problem line if ``value`` is not a valid id of ``kind``, else None."""
     if not isinstance(value, str) or not ID_RE.match(value):
         return (

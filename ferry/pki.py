@@ -11,10 +11,11 @@ import ipaddress
 import os
 import ssl
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_DAYS = 825
@@ -69,6 +70,8 @@ def make_ca(directory: str | Path, name: str = "Ferry CA") -> tuple[Path, Path]:
 TENANT_URI = "urn:ferry:tenant:"
 """Prefix of the URI subject alternative names that bind an agent certificate to tenants."""
 
+_SHA256_SIGNERS = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, dsa.DSAPrivateKey)
+
 
 def issue(
     ca_dir: str | Path,
@@ -88,6 +91,8 @@ def issue(
     out_dir.mkdir(parents=True, exist_ok=True)
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    if not isinstance(ca_key, _SHA256_SIGNERS):  # what .sign(..., SHA256) can use
+        raise ValueError(f"{ca_dir / 'ca.key'} is a {type(ca_key).__name__}, not an EC or RSA key")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     sans: list[x509.GeneralName] = []
@@ -146,9 +151,11 @@ def client_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
 def peer_tenants(sock: ssl.SSLSocket) -> set[str]:
     """The tenants the verified peer certificate is bound to (``*``: any); empty if none."""
     cert = sock.getpeercert() or {}
+    # ssl documents subjectAltName as pairs ("DNS", "name"), ("URI", "urn:..."), ...
+    names = cast("tuple[tuple[str, str], ...]", cert.get("subjectAltName", ()))
     return {
         value.removeprefix(TENANT_URI)
-        for kind, value in cert.get("subjectAltName", ())
+        for kind, value in names
         if kind == "URI" and value.startswith(TENANT_URI)
     }
 
@@ -156,7 +163,9 @@ def peer_tenants(sock: ssl.SSLSocket) -> set[str]:
 def peer_name(sock: ssl.SSLSocket) -> str:
     """Common name of the verified peer certificate."""
     cert = sock.getpeercert() or {}
-    for rdn in cert.get("subject", ()):
+    # ssl documents subject as relative distinguished names of (key, value) pairs.
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]", cert.get("subject", ()))
+    for rdn in subject:
         for key, value in rdn:
             if key == "commonName":
                 return value

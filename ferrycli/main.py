@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from ferry import pki
+from ferry import pki, tokens
 from ferry.errors import FerryError, PeerUnavailable, UsageError
 from ferry.process import run_main
 
@@ -153,10 +153,10 @@ def api(
 
 def _tenant(args: argparse.Namespace) -> str:
     tenant = args.tenant or os.environ.get("FERRY_TENANT")
-    if not tenant and args.token and args.token.startswith("op."):
-        tenant = args.token.split(".")[1]
-    if not tenant and os.environ.get("FERRY_TOKEN", "").startswith("op."):
-        tenant = os.environ["FERRY_TOKEN"].split(".")[1]
+    for token in (args.token, os.environ.get("FERRY_TOKEN")):
+        claim = tokens.claim(token or "")
+        if not tenant and claim is not None and claim.kind == "operator":
+            tenant = claim.tenant
     if not tenant:
         raise UsageError(detail="no tenant: pass --tenant or use an operator token")
     return tenant

@@ -15,7 +15,7 @@ import logging
 import traceback
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import azure.functions as func
 from azure.core.exceptions import AzureError
@@ -26,7 +26,11 @@ from functions.core.redact import redact
 
 log = logging.getLogger("ferry.functions")
 
-Action = Callable[[context.Context, "auth.Caller | None", Any], Any]
+Action = Callable[[context.Context, auth.Caller, Any], Any]
+"""``action(ctx, caller, body)`` of an authenticated route."""
+
+PublicAction = Callable[[context.Context, None, Any], Any]
+"""``action(ctx, None, body)`` of a route anyone may call (``public=True``)."""
 
 
 def json_response(status: int, payload: Any = None, headers: dict[str, str] | None = None):
@@ -88,9 +92,27 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+@overload
 def handle(
     req: func.HttpRequest,
     action: Action,
+    *,
+    status: int = 200,
+    public: Literal[False] = False,
+    body: bool = False,
+) -> func.HttpResponse: ...
+@overload
+def handle(
+    req: func.HttpRequest,
+    action: PublicAction,
+    *,
+    status: int = 200,
+    public: Literal[True],
+    body: bool = False,
+) -> func.HttpResponse: ...
+def handle(
+    req: func.HttpRequest,
+    action: Callable[[context.Context, Any, Any], Any],
     *,
     status: int = 200,
     public: bool = False,

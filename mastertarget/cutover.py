@@ -134,7 +134,7 @@ def applied(state_dir: str | Path, disk: str, t0_mono_ns: int | None) -> dict[st
 
 
 def wait_applied(
-    state_dir: str | Path, disk: str, t0_mono_ns: int, wait: float, poll: float = 0.2
+    state_dir: str | Path, disk: str, t0_mono_ns: int | None, wait: float, poll: float = 0.2
 ) -> dict[str, Any]:
     """:func:`applied`, waiting up to ``wait`` seconds for the tag (one progress round)."""
     deadline = time.monotonic() + wait

@@ -33,6 +33,7 @@ from ferry import __version__, segment
 from ferry.control.commands import CommandPoller
 from ferry.control.credentials import Credentials
 from ferry.control.daemon import ManagedDaemon, load_credentials, start_up
+from ferry.control.errors import CommandFailed
 from ferry.control.heartbeat import Heartbeat
 from ferry.control.reporting import Reporter
 from ferry.control.threads import running
@@ -128,7 +129,7 @@ class ManagedMasterTarget(ManagedDaemon):
             if self.service is None:
                 if self._key is None and settings.segment_key_file:
                     self._key = segment.load_key(settings.segment_key_file)
-                storage = self._storage
+                storage = self._granted()
                 self.service = Service(
                     settings,
                     lambda: storage,
@@ -146,6 +147,12 @@ class ManagedMasterTarget(ManagedDaemon):
             log.info("serving %s", ", ".join(added))
         return added
 
+    def _granted(self) -> Storage:
+        """The storage of the grant; it is fetched at start, before disks or commands."""
+        if self._storage is None:
+            raise CommandFailed(detail="the master target has not started yet")
+        return self._storage
+
     # -- commands -----------------------------------------------------------------------
 
     def commands(self) -> dict[str, Any]:
@@ -154,7 +161,7 @@ class ManagedMasterTarget(ManagedDaemon):
 
     def cmd_protect(self, _args: dict[str, Any]) -> str:
         """Fetch the settings again and serve newly listed disks (the grant is renewed first)."""
-        self._storage.renew_grant()
+        self._granted().renew_grant()
         added = self._serve_listed(self.source.fetch_raw())
         served = self.service.serving() if self.service else []
         if added:

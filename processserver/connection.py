@@ -200,8 +200,8 @@ class Connection:
             raise Rejected(f"expected hello, got {header['type']!r}")
         tenant, machine, disks = header.get("tenant"), header.get("machine"), header.get("disks")
         problem = check_id("tenant", tenant) or check_id("machine", machine)
-        if not problem and (not isinstance(disks, list) or not disks):
-            problem = "disks must be a non-empty list of disk ids"
+        if not isinstance(disks, list) or not disks:
+            raise Rejected(problem or "disks must be a non-empty list of disk ids")
         for disk in disks if not problem else []:
             problem = problem or check_id("disk", disk)
         if problem:

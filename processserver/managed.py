@@ -97,7 +97,7 @@ class ManagedProcessServer(ManagedDaemon):
 
     def cmd_protect(self, _args: dict[str, Any]) -> str:
         """Renew the storage grant, so that newly protected disks' queues are in it."""
-        self.server.ctx.storage.renew_grant()
+        self._started().ctx.storage.renew_grant()
         return "storage grant renewed"
 
     def cmd_drain(self, args: dict[str, Any]) -> str:
@@ -117,15 +117,22 @@ class ManagedProcessServer(ManagedDaemon):
             pending = {p for p in pending if p.exists()}
         return f"nothing of {machine} left in the spool ({', '.join(disks) or 'no disks seen'})"
 
+    def _started(self) -> Server:
+        """The server; commands run only once it is started."""
+        if self.server is None:
+            raise CommandFailed(detail="the process server is not started yet")
+        return self.server
+
     def _learn_machines(self) -> None:
         if self.server is None:
             return
         for peer in self.server.ctx.peers.live():
-            if peer.tenant == self.credentials.tenant and getattr(peer, "machine", None):
-                self._machines.setdefault(peer.machine, set()).update(peer.disks)
+            machine = getattr(peer, "machine", None)
+            if peer.tenant == self.credentials.tenant and machine:
+                self._machines.setdefault(machine, set()).update(peer.disks)
 
     def _spooled(self, disks: list[str]) -> set[Path]:
-        root = self.server.settings.spool_dir / self.credentials.tenant
+        root = self._started().settings.spool_dir / self.credentials.tenant
         found: set[Path] = set()
         for disk in disks:
             if naming.check_id("disk", disk) is None:

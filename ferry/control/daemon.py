@@ -95,7 +95,10 @@ class ManagedDaemon:
         self.credentials_path = credentials_path
         self.client = Client(credentials)
         self.stop = stop
-        self.source = SettingsSource(self.client, schema, local=local, adapt=adapt)
+        # Any: each subclass knows its own settings dataclass (``schema``).
+        self.source: SettingsSource[Any] = SettingsSource(
+            self.client, schema, local=local, adapt=adapt
+        )
 
     def commands(self) -> dict[str, Handler]:
         """The daemon's own command handlers, by command type."""

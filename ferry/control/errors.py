@@ -15,7 +15,7 @@ class ControlRefused(FerryError):
     @property
     def status(self) -> int:
         """The HTTP status of the refusal."""
-        return int(self.fields["status"])
+        return int(str(self.fields["status"]))
 
 
 class ControlUnavailable(RetryableError):

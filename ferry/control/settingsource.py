@@ -6,13 +6,16 @@ import dataclasses
 import logging
 import typing
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ferry import settings as ferry_settings
 from ferry.control.client import Client
 from ferry.control.errors import ControlRefused
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 log = logging.getLogger("ferry.control")
 
@@ -20,7 +23,7 @@ log = logging.getLogger("ferry.control")
 # -- settings ---------------------------------------------------------------------------
 
 
-class SettingsSource:
+class SettingsSource(Generic[T]):
     """Builds a daemon's settings dataclass from ``GET /components/self/settings``.
 
     ``local`` holds what only the host knows (state directory, certificate
@@ -105,7 +108,7 @@ def _known_only(raw: Any, schema: type, prefix: str, dropped: Callable[[str], No
 
 def _dataclass_in(hint: Any) -> type | None:
     """The dataclass a field holds (directly, in a list or optional), if any."""
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return hint
     for arg in typing.get_args(hint):
         found = _dataclass_in(arg)

@@ -13,6 +13,7 @@ until the new one is first used.
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import Any
 
 from ferry import naming
@@ -45,7 +46,7 @@ def issue(
 ) -> dict[str, Any]:
     """Record command ``command_id`` and send it to each target's queue, once."""
     now = ctx.now()
-    record = {
+    record: dict[str, Any] = {
         "command_id": command_id, "type": kind, "args": args, "machine": machine,
         "job_id": job_id, "created_at": now, "sent": [],
         "targets": {t: {"state": "queued", "detail": None, "at": now} for t in targets},
@@ -60,11 +61,13 @@ def issue(
             message_args["token"] = _rotate(ctx, tenant, target)
         message = {"id": command_id, "type": kind, "args": message_args, "created_at": now}
         ctx.account.send(naming.command_queue(tenant, target), message)
-        record = ctx.store.mutate(
-            "commands", tenant, command_id,
-            lambda r, target=target: {**r, "sent": sorted({*r.get("sent", []), target})},
-        )  # fmt: skip
+        record = ctx.store.mutate("commands", tenant, command_id, partial(_sent, target))
     return record
+
+
+def _sent(target: str, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with ``target`` among the targets its message was sent to."""
+    return {**record, "sent": sorted({*record.get("sent", []), target})}
 
 
 def _rotate(ctx: Context, tenant: str, component_id: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any
 
 from functions.core import defaults, health, validate
@@ -112,6 +113,7 @@ def _alert_id(kind: str, subject: str, n: int) -> str:
 
 def _reconcile(ctx: Context, tenant: str, conditions: Conditions, now: float) -> tuple[int, int]:
     latest: dict[tuple[str, str], dict[str, Any]] = {}
+    alert: dict[str, Any] | None
     for alert in ctx.store.partition("alerts", tenant):
         key = (alert["kind"], alert["subject"])
         if key not in latest or alert["n"] > latest[key]["n"]:
@@ -177,9 +179,12 @@ def _prune(ctx: Context, tenant: str, now: float) -> None:
         for row_key, _ in rows[keep:]:
             ctx.store.delete("recoverypoints", tenant, row_key)
         count = min(len(rows), keep)
-        ctx.store.mutate(
-            "disks", tenant, disk["disk"], lambda d, n=count: {**d, "recovery_points": n}
-        )
+        ctx.store.mutate("disks", tenant, disk["disk"], partial(_counted, count))
+
+
+def _counted(count: int, disk: dict[str, Any]) -> dict[str, Any]:
+    """``disk`` keeping ``count`` recovery points."""
+    return {**disk, "recovery_points": count}
 
 
 def list_alerts(ctx: Context, caller: Caller, tenant: str, params: Mapping[str, str]):
