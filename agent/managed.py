@@ -42,7 +42,7 @@ from ferry.control.heartbeat import Heartbeat
 from ferry.control.reporting import Reporter
 from ferry.control.threads import running
 from ferry.durable import write_json
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 from ferry.process import StopFlag
 
 log = logging.getLogger("ferry.agent")
@@ -51,7 +51,7 @@ log = logging.getLogger("ferry.agent")
 class ReplicatorDied(FerryError):
     """the replicator thread stopped unexpectedly (its traceback is in the log above)"""
 
-    exit_code = 70  # EX_SOFTWARE
+    exit_code = Exit.BUG
 
 
 def protected(raw: dict[str, Any] | None) -> bool:

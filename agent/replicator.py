@@ -26,7 +26,7 @@ from agent.shipper import Shipper
 from agent.tracker import DiskTrack, Tracker, mono
 from ferry import blockio
 from ferry.batch import DATA, ZERO, Batch
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 
 log = logging.getLogger("ferry.agent")
 
@@ -95,7 +95,11 @@ def resync_block(configured: int, disk_size: int) -> int:
 class TagFailed(FerryError):
     """no tag: {problem}"""
 
-    exit_code = 9
+    exit_code = Exit.NO_TAG
+
+
+class HookFailed(TagFailed):
+    """the {which}-freeze hook failed ({problem}); no app-consistent tag"""
 
 
 class Replicator:
@@ -478,12 +482,20 @@ class Replicator:
         if not command:
             return
         log.info("running the %s-freeze hook", which)
-        result = subprocess.run(
-            command, shell=True, capture_output=True, text=True, timeout=self.settings.hook_timeout
-        )
+        timeout = self.settings.hook_timeout
+        try:
+            result = subprocess.run(
+                command, shell=True, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            raise HookFailed(which=which, problem=f"still running after {timeout:.0f} s")
+        except OSError as exc:
+            raise HookFailed(which=which, problem=str(exc))
         if result.returncode != 0:
-            raise RuntimeError(
-                f"{which} hook exited with status {result.returncode}: {result.stderr.strip()[:200]}"
+            stderr = result.stderr.strip().splitlines()
+            raise HookFailed(
+                which=which,
+                problem=f"exit status {result.returncode}: {stderr[-1][:200] if stderr else 'no output'}",
             )
 
     @contextlib.contextmanager

@@ -13,7 +13,7 @@ import requests
 
 from ferry import __version__
 from ferry.control import defaults
-from ferry.control.errors import ControlRefused, ControlUnavailable
+from ferry.control.errors import ControlRefused, ControlUnavailable, ControlUntrusted
 
 # -- HTTP -------------------------------------------------------------------------------
 
@@ -60,7 +60,7 @@ class Transport:
                     allow_redirects=False,
                 )
             except requests.exceptions.SSLError as exc:
-                raise ControlUnavailable(server=self.server, problem=self._clean(_reason(exc)))
+                raise ControlUntrusted(server=self.server, problem=self._clean(_reason(exc)))
             except requests.RequestException as exc:
                 if attempt == defaults.ATTEMPTS or not (idempotent or _not_sent(exc)):
                     raise ControlUnavailable(
