@@ -102,6 +102,22 @@ class HookFailed(TagFailed):
     """the {which}-freeze hook failed ({problem}); no app-consistent tag"""
 
 
+def run_hook(command: str, which: str, timeout: float) -> None:
+    """Run an app-consistency hook through the shell; HookFailed if it fails or overruns."""
+    try:
+        result = subprocess.run(
+            command, shell=True, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise HookFailed(which=which, problem=f"still running after {timeout:g} s")
+    except OSError as exc:
+        raise HookFailed(which=which, problem=str(exc))
+    if result.returncode != 0:
+        stderr = result.stderr.strip().splitlines()
+        last = stderr[-1][:200] if stderr else "no output on stderr"
+        raise HookFailed(which=which, problem=f"exit status {result.returncode}: {last}")
+
+
 class Replicator:
     """Runs resyncs and read passes and hands batches to the shipper."""
 
@@ -479,24 +495,9 @@ class Replicator:
         return self._run_pass(freeze=True, force=True, final=final)
 
     def _hook(self, command: str | None, which: str) -> None:
-        if not command:
-            return
-        log.info("running the %s-freeze hook", which)
-        timeout = self.settings.hook_timeout
-        try:
-            result = subprocess.run(
-                command, shell=True, capture_output=True, text=True, timeout=timeout
-            )
-        except subprocess.TimeoutExpired:
-            raise HookFailed(which=which, problem=f"still running after {timeout:.0f} s")
-        except OSError as exc:
-            raise HookFailed(which=which, problem=str(exc))
-        if result.returncode != 0:
-            stderr = result.stderr.strip().splitlines()
-            raise HookFailed(
-                which=which,
-                problem=f"exit status {result.returncode}: {stderr[-1][:200] if stderr else 'no output'}",
-            )
+        if command:
+            log.info("running the %s-freeze hook", which)
+            run_hook(command, which, self.settings.hook_timeout)
 
     @contextlib.contextmanager
     def _frozen(self, disks: list[DiskState]):

@@ -63,7 +63,7 @@ EXIT_CODES: dict[int, str] = {
     Exit.STATE_UNREADABLE: "local state (a master target's cursor) is unreadable",
     Exit.VHD_INVALID: "a file is not a valid fixed VHD",
     Exit.CUTOVER: "a cutover step failed (source fence, target conversion or check)",
-    Exit.UNTRUSTED: "a server's TLS certificate is not trusted (check the CA given with --ca)",
+    Exit.UNTRUSTED: "TLS to the configuration server failed: certificate not trusted, or no TLS",
     Exit.COMMAND_FAILED: "a command from the configuration server could not be carried out",
     Exit.DEVKIT: "the development kit could not start or drive its embedded deployment",
     Exit.CANNOT_LISTEN: "cannot listen on the configured address",

@@ -27,6 +27,7 @@ class HoldTimeout(FerryError):
     """disk {disk}: the master target has been applying one group for over {wait:.0f} s; try again later"""
 
     exit_code = Exit.RETRY_LATER
+    retryable = True
 
 
 def open_lock(path: str | Path) -> int:
