@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from test_functions_local import _start
 
+from devkit.azurite import Azurite
+
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "cli-admin-key-" + "z" * 24
 
@@ -138,6 +140,28 @@ def test_an_untrusted_server_certificate_is_one_line_and_the_right_ca_works(azur
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
+
+
+def test_a_server_whose_storage_is_gone_is_one_line_and_retry_later(tenant):
+    """The real app answers 503 when its storage fails; the CLI retries, then says so."""
+    own = Azurite().start()  # this test stops it
+    proc = None
+    try:
+        proc, url = _start({"FERRY_STORAGE": own.connection_string, "FERRY_ADMIN_KEY": ADMIN})
+        env = operator(url, tenant)
+        own.stop()
+        result = ferry("status", env=env)
+        one_line(
+            result,
+            75,
+            f"{url} is unavailable: GET /tenants/{tenant}/status: HTTP 503 storage is unavailable",
+        )
+        assert env["FERRY_TOKEN"] not in result.stderr
+    finally:
+        own.stop()
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=20)
 
 
 def test_protect_of_an_unknown_machine_is_refused_clearly(server, tenant):
