@@ -89,6 +89,8 @@ def test_every_refusal_the_server_can_send_is_one_line_with_its_code(
     assert "BADSECRET" not in line
     one_line(ferry("status", "--tenant", tenant + "x", env=env), 8, "another tenant", "(HTTP 403)")
     one_line(ferry("jobs", "job-nope", env=env), 8, "(HTTP 404)")
+    # The body (with the CLI's idempotency key) passes; the machine does not exist.
+    one_line(ferry("tag", "web99", env=env), 8, "machines/web99/commands:", "(HTTP 404)")
     again = ferry("tenant", "create", tenant, "--server", server, "--token", ADMIN)
     assert ADMIN not in one_line(again, 8, f"tenant {tenant} already exists (HTTP 409)")
 
