@@ -21,7 +21,7 @@ from agent.session import Session
 from agent.settings import Settings
 from ferry import settings as ferry_settings
 from ferry.control import frame
-from ferry.errors import ConfigError
+from ferry.errors import ConfigError, Exit
 from ferry.process import StopFlag
 
 log = logging.getLogger("ferry.agent")
@@ -40,7 +40,7 @@ def serve(settings: Settings, stop: StopFlag) -> int:
         # The replicator died (its traceback is above): exit non-zero so a
         # supervisor restarts the agent, which then resyncs.
         log.error("replication stopped unexpectedly; exiting")
-        return 1
+        return Exit.BUG
     return 0
 
 

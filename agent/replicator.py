@@ -26,7 +26,7 @@ from agent.shipper import Shipper
 from agent.tracker import DiskTrack, Tracker, mono
 from ferry import blockio
 from ferry.batch import DATA, ZERO, Batch
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 
 log = logging.getLogger("ferry.agent")
 
@@ -95,7 +95,27 @@ def resync_block(configured: int, disk_size: int) -> int:
 class TagFailed(FerryError):
     """no tag: {problem}"""
 
-    exit_code = 9
+    exit_code = Exit.NO_TAG
+
+
+class HookFailed(TagFailed):
+    """the {which}-freeze hook failed ({problem}); no app-consistent tag"""
+
+
+def run_hook(command: str, which: str, timeout: float) -> None:
+    """Run an app-consistency hook through the shell; HookFailed if it fails or overruns."""
+    try:
+        result = subprocess.run(
+            command, shell=True, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise HookFailed(which=which, problem=f"still running after {timeout:g} s")
+    except OSError as exc:
+        raise HookFailed(which=which, problem=str(exc))
+    if result.returncode != 0:
+        stderr = result.stderr.strip().splitlines()
+        last = stderr[-1][:200] if stderr else "no output on stderr"
+        raise HookFailed(which=which, problem=f"exit status {result.returncode}: {last}")
 
 
 class Replicator:
@@ -478,16 +498,9 @@ class Replicator:
         return self._run_pass(freeze=True, force=True, final=final)
 
     def _hook(self, command: str | None, which: str) -> None:
-        if not command:
-            return
-        log.info("running the %s-freeze hook", which)
-        result = subprocess.run(
-            command, shell=True, capture_output=True, text=True, timeout=self.settings.hook_timeout
-        )
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"{which} hook exited with status {result.returncode}: {result.stderr.strip()[:200]}"
-            )
+        if command:
+            log.info("running the %s-freeze hook", which)
+            run_hook(command, which, self.settings.hook_timeout)
 
     @contextlib.contextmanager
     def _frozen(self, disks: list[DiskState]):

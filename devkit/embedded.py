@@ -27,7 +27,7 @@ from typing import Any
 from devkit.azurite import ROOT, Azurite, free_port
 from ferry import naming, pki
 from ferry.blockio import DirectReader
-from ferry.errors import FerryError, NotFound
+from ferry.errors import Exit, FerryError, NotFound
 from ferry.storage import Storage
 
 DAEMONS = {
@@ -39,6 +39,8 @@ DAEMONS = {
 
 class EmbeddedError(FerryError):
     """{detail}"""
+
+    exit_code = Exit.DEVKIT
 
 
 def _toml(value: Any) -> str:

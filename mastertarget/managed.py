@@ -30,13 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ferry import __version__, segment
-from ferry.control.commands import CommandPoller
 from ferry.control.credentials import Credentials
-from ferry.control.daemon import ManagedDaemon, load_credentials, start_up
+from ferry.control.daemon import ManagedDaemon, start_up
 from ferry.control.errors import CommandFailed
-from ferry.control.heartbeat import Heartbeat
 from ferry.control.reporting import Reporter
-from ferry.control.threads import running
 from ferry.process import StopFlag
 from ferry.storage import Storage
 from mastertarget import defaults
@@ -44,9 +41,6 @@ from mastertarget.service import Service
 from mastertarget.settings import Settings
 
 log = logging.getLogger("ferry.mastertarget")
-
-SERVER_ONLY = ("storage_env",)
-"""Settings keys that mean nothing with a grant (storage comes from the server)."""
 
 REPORTED = (
     "gen",
@@ -67,6 +61,8 @@ REPORTED = (
 class ManagedMasterTarget(ManagedDaemon):
     """One master target run as the configuration server directs."""
 
+    kind = "master-target"
+
     def __init__(
         self,
         credentials: Credentials,
@@ -85,7 +81,6 @@ class ManagedMasterTarget(ManagedDaemon):
         self._key: bytes | None = None
 
     def _adapt(self, raw: dict[str, Any]) -> dict[str, Any]:
-        raw = {k: v for k, v in raw.items() if k not in SERVER_ONLY}
         raw.setdefault("tenant", self.credentials.tenant)
         disks = raw.get("disks")
         if isinstance(disks, list):
@@ -108,8 +103,7 @@ class ManagedMasterTarget(ManagedDaemon):
             return 0
         self._storage, raw = started
         self._serve_listed(raw)
-        poller = CommandPoller(self.client, self._storage, self.state_dir, self.handlers())
-        with running(Heartbeat(self.client, self.heartbeat), poller, self.reporter):
+        with self.control_threads(self._storage, self.state_dir, self.reporter):
             while not event.wait(0.5):
                 service = self.service
                 if service is not None and service.failed.is_set():
@@ -200,6 +194,5 @@ class ManagedMasterTarget(ManagedDaemon):
 
 def run(credentials_path: str, local: dict[str, Any], targets: str | None, stop: StopFlag) -> int:
     """Server mode's entry: load the credentials and serve."""
-    credentials = load_credentials(credentials_path, "master-target")
     where = Path(targets) if targets else Path(local["state_dir"]) / defaults.TARGETS_SUBDIR
-    return ManagedMasterTarget(credentials, local, where, stop, credentials_path).run()
+    return ManagedMasterTarget.serve(credentials_path, local, stop, targets=where)
