@@ -6,6 +6,7 @@ where a daemon is involved, the real daemon code.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import threading
@@ -213,3 +214,39 @@ def test_operator_tokens_can_be_rotated_and_revoked(api):
     assert api.get(status, new).status_code == 401
     other, other_operator = api.tenant()
     assert api.post(f"/tenants/{tenant}/operator-token", other_operator, {}).status_code == 403
+
+
+def test_an_agent_certificate_cannot_serve_as_the_process_server(tmp_path):
+    """``ferry pki issue`` once gave agent certificates server-auth usage and localhost
+    names, and an agent certificate was accepted as the process server."""
+    import socket
+    import ssl
+
+    from ferry import pki
+
+    pki.make_ca(tmp_path / "ca")
+    agent_cert, agent_key = pki.issue(tmp_path / "ca", tmp_path, "agent-web01",
+                                      tenants=["demo"], machine="web01")  # fmt: skip
+    with pytest.raises(ValueError, match="no host names"):
+        pki.issue(tmp_path / "ca", tmp_path, "x", ["localhost"], tenants=["demo"], machine="m")
+    ca = str(tmp_path / "ca" / "ca.pem")
+    rogue = pki.server_context(ca, str(agent_cert), str(agent_key))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            rogue.wrap_socket(conn, server_side=True).recv(1)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = pki.client_context(ca, str(agent_cert), str(agent_key))
+    with (
+        pytest.raises(ssl.SSLError),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+    ):
+        client.wrap_socket(raw, server_hostname="localhost").recv(1)
+    thread.join(10)
+    listener.close()
