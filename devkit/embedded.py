@@ -48,6 +48,10 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
 
 
@@ -109,7 +113,8 @@ class Embedded:
             self.azurite = Azurite(location=location, log=str(self.base / "azurite.log")).start()
         pki.make_ca(self.pki / "ca")
         pki.issue(self.pki / "ca", self.pki, "process-server", ["localhost", "127.0.0.1"])
-        pki.issue(self.pki / "ca", self.pki, f"agent-{self.machine}", tenants=[self.tenant])
+        pki.issue(self.pki / "ca", self.pki, f"agent-{self.machine}", tenants=[self.tenant],
+                  machine=self.machine)  # fmt: skip
         return self.azurite
 
     @property
@@ -146,6 +151,8 @@ class Embedded:
                 "cert": str(self.pki / "process-server.pem"),
                 "key": str(self.pki / "process-server.key"),
                 "state_dir": str(self.base / "process-server"),
+                "tenant": self.tenant,
+                "agents": {self.machine: [d["id"] for d in disks]},
                 **(process_server or {}),
             },
         )

@@ -29,6 +29,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.NoEncryption(),
     )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: tighten it
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -72,6 +73,15 @@ TENANT_URI = "urn:ferry:tenant:"
 
 _SHA256_SIGNERS = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, dsa.DSAPrivateKey)
 
+MACHINE_URI = "urn:ferry:machine:"
+"""Prefix of the URI subject alternative name naming the machine an agent certificate is for."""
+
+
+ROLES = ("agent", "server")
+"""What a certificate may do, decided by the issuer: an ``agent`` authenticates as a TLS
+client only, bound to its tenants and machine; a ``server`` (process server, a local
+configuration server) as a TLS server only, for its host names."""
+
 
 def issue(
     ca_dir: str | Path,
@@ -79,14 +89,26 @@ def issue(
     name: str,
     hosts: list[str] | None = None,
     tenants: list[str] | None = None,
+    role: str | None = None,
+    machine: str | None = None,
 ) -> tuple[Path, Path]:
     """Issue ``<name>.pem``/``<name>.key`` signed by the CA in ``ca_dir``; return their paths.
 
-    ``hosts`` become subject alternative names (DNS names or IP addresses);
-    each of ``tenants`` a URI ``urn:ferry:tenant:<tenant>`` (``*``: any
-    tenant), which a process server requires of an agent's certificate.
-    The certificate is valid for both server and client authentication.
+    The role decides usage and names, never the caller's wishes: an
+    ``agent`` certificate is for client authentication only and carries
+    ``urn:ferry:tenant:<t>`` for each of ``tenants`` and
+    ``urn:ferry:machine:<machine>`` (a process server takes the machine from
+    it), and no host names; a ``server`` certificate is for server
+    authentication only and carries ``hosts`` (DNS names or IP addresses).
+    ``role`` defaults to ``agent`` when ``tenants`` or ``machine`` are given.
     """
+    role = role or ("agent" if tenants or machine else "server")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if role == "agent" and (hosts or not tenants or not machine):
+        raise ValueError("an agent certificate needs its tenants and machine, and no host names")
+    if role == "server" and (tenants or machine):
+        raise ValueError("a server certificate binds no tenant or machine")
     ca_dir, out_dir = Path(ca_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
@@ -96,12 +118,15 @@ def issue(
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     sans: list[x509.GeneralName] = []
-    for host in hosts or ["localhost", "127.0.0.1"]:
+    for host in (hosts or ["localhost", "127.0.0.1"]) if role == "server" else []:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
     sans += [x509.UniformResourceIdentifier(TENANT_URI + t) for t in tenants or []]
+    if machine:
+        sans.append(x509.UniformResourceIdentifier(MACHINE_URI + machine))
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH if role == "agent" else ExtendedKeyUsageOID.SERVER_AUTH
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -111,12 +136,7 @@ def issue(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
@@ -148,16 +168,22 @@ def client_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
-def peer_tenants(sock: ssl.SSLSocket) -> set[str]:
-    """The tenants the verified peer certificate is bound to (``*``: any); empty if none."""
+def _peer_uris(sock: ssl.SSLSocket, prefix: str) -> set[str]:
     cert = sock.getpeercert() or {}
     # ssl documents subjectAltName as pairs ("DNS", "name"), ("URI", "urn:..."), ...
     names = cast("tuple[tuple[str, str], ...]", cert.get("subjectAltName", ()))
-    return {
-        value.removeprefix(TENANT_URI)
-        for kind, value in names
-        if kind == "URI" and value.startswith(TENANT_URI)
-    }
+    return {value.removeprefix(prefix) for kind, value in names
+            if kind == "URI" and value.startswith(prefix)}  # fmt: skip
+
+
+def peer_tenants(sock: ssl.SSLSocket) -> set[str]:
+    """The tenants the verified peer certificate is bound to (``*``: any); empty if none."""
+    return _peer_uris(sock, TENANT_URI)
+
+
+def peer_machines(sock: ssl.SSLSocket) -> set[str]:
+    """The machines the verified peer certificate is bound to (``*``: any); empty if none."""
+    return _peer_uris(sock, MACHINE_URI)
 
 
 def peer_name(sock: ssl.SSLSocket) -> str:

@@ -84,6 +84,11 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(path=source, problem=f"{key} must be a list")
         return [_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, item = typing.get_args(hint)
+        if not isinstance(value, dict) or not all(isinstance(k, key_type) for k in value):
+            raise ConfigError(path=source, problem=f"{key} must be a table")
+        return {k: _coerce(v, item, source, f"{key}.{k}") for k, v in value.items()}
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(value, hint, source, prefix=f"{key}.")
     if hint is bool:

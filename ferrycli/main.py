@@ -110,9 +110,11 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_issue(args: argparse.Namespace) -> int:
-    cert, key = pki.issue(
-        args.ca_dir, args.out_dir, args.name, args.host or None, args.tenant or None
-    )
+    try:
+        cert, key = pki.issue(args.ca_dir, args.out_dir, args.name, args.host or None,
+                              args.tenant or None, args.role, args.machine)  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(detail=str(exc))
     print(f"certificate: {cert}\nkey: {key}")
     return 0
 
@@ -566,6 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="bind an agent's certificate to this tenant (repeatable; * for any)",
     )
+    issue.add_argument("--machine", help="the machine an agent's certificate is for")
+    issue.add_argument(
+        "--role", choices=pki.ROLES,
+        help="agent (client only: --tenant and --machine) or server (server only: --host); "
+        "by default agent when --tenant or --machine is given",
+    )  # fmt: skip
     issue.set_defaults(func=cmd_pki_issue)
     return parser
 

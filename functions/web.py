@@ -54,6 +54,26 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+MAX_INT_DIGITS = 19
+"""Most digits of an integer in a body (an int64, as Azure Tables and every counter fit)."""
+
+MAX_FLOAT = 1e18
+"""Largest magnitude of a number with a fraction or exponent in a body."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"the number {text[:24]}... has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _bounded_float(text: str) -> float:
+    value = float(text)
+    if not abs(value) <= MAX_FLOAT:  # also refuses inf (1e400) and nan
+        raise ValueError(f"the number {text[:24]} is not finite or not within ±{MAX_FLOAT:g}")
+    return value
+
+
 def read_json(req: func.HttpRequest) -> Any:
     """The request body parsed as JSON; None when empty; BadRequest naming the problem."""
     raw = req.get_body() or b""
@@ -66,7 +86,12 @@ def read_json(req: func.HttpRequest) -> Any:
     except UnicodeDecodeError:
         raise BadRequest("the body is not UTF-8 text")
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_int=_bounded_int,
+            parse_float=_bounded_float,
+        )
     except RecursionError:
         raise BadRequest("the body is nested too deeply")
     except ValueError as exc:

@@ -91,9 +91,16 @@ class ManagedProcessServer(ManagedDaemon):
     # -- commands -----------------------------------------------------------------------
 
     def cmd_protect(self, _args: dict[str, Any]) -> str:
-        """Renew the storage grant, so that newly protected disks' queues are in it."""
-        self._started().ctx.storage.renew_grant()
-        return "storage grant renewed"
+        """Renew the storage grant (newly protected disks' queues are only in the next one)
+        and learn which machines and disks this process server now accepts."""
+        server = self._started()
+        server.ctx.storage.renew_grant()
+        raw = self.source.fetch_raw()
+        if raw is not None:
+            fresh = self.source.build(raw)
+            server.settings.agents = fresh.agents
+        machines = ", ".join(sorted(server.settings.agents or {})) or "none"
+        return f"storage grant renewed; accepting machines: {machines}"
 
     def cmd_drain(self, args: dict[str, Any]) -> str:
         """Wait until the batches of ``args.machine`` spooled now are uploaded and announced."""

@@ -29,7 +29,9 @@ class SettingsSource(Generic[T]):
     ``local`` holds what only the host knows (state directory, certificate
     paths) and wins over the server.  Keys the dataclass does not know (a
     newer server, ``storage`` which the grant covers) are dropped and logged
-    once; types and ranges are checked as for a TOML file.
+    once; types and ranges are checked as for a TOML file.  Keys the schema
+    names in ``LOCAL_ONLY`` (an agent's hooks, which run as root, and its
+    control socket) are never taken from the server: only the host sets them.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class SettingsSource(Generic[T]):
         self.local = dict(local or {})
         self.adapt = adapt
         self._ignored: set[str] = set()
+        self._refused: set[str] = set()
 
     @property
     def source(self) -> str:
@@ -64,7 +67,15 @@ class SettingsSource(Generic[T]):
                 raise
             log.info("%s", exc.fields.get("message"))
             return None
-        raw = {**{k: v for k, v in raw.items() if v is not None}, **self.local}
+        local_only: frozenset[str] = getattr(self.schema, "LOCAL_ONLY", frozenset())
+        for key in sorted(local_only & raw.keys()):
+            if key not in self._refused:
+                self._refused.add(key)
+                log.warning(
+                    "ignoring %s from the configuration server: only this host sets it", key
+                )
+        raw = {k: v for k, v in raw.items() if v is not None and k not in local_only}
+        raw = {**raw, **self.local}
         return self.adapt(raw) if self.adapt else raw
 
     def build(self, raw: dict[str, Any]) -> T:
