@@ -143,6 +143,11 @@ class Embedded:
         each disk id to the master target's target path.
         """
         ca = str(self.pki / "ca" / "ca.pem")
+        key_file = self.base / "segment.key"
+        if not key_file.exists():  # sealed, as deployed: one key for both ends
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(os.urandom(32).hex() + "\n")
         self.configs["process-server"] = write_toml(
             self.base / "process-server.toml",
             {
@@ -153,6 +158,7 @@ class Embedded:
                 "state_dir": str(self.base / "process-server"),
                 "tenant": self.tenant,
                 "agents": {self.machine: [d["id"] for d in disks]},
+                "segment_key_file": str(key_file),
                 **(process_server or {}),
             },
         )
@@ -161,6 +167,7 @@ class Embedded:
             {
                 "tenant": self.tenant,
                 "state_dir": str(self.base / "master-target"),
+                "segment_key_file": str(key_file),
                 **(master_target or {}),
                 "disks": [{"id": d, "target": t} for d, t in targets.items()],
             },

@@ -12,12 +12,18 @@ Layout (all integers big-endian)::
 
 The AEAD's associated data is the header bytes, which name tenant, disk,
 generation and sequence: a segment cannot be replayed under another name.
+A sealed segment's header also names its key (``key_id``, a hash of the key,
+never the key), so a master target holding several keys of a tenant (a
+rotation in flight) opens each segment with the key it was sealed with.
+Segments are sealed by default; a reader refuses an unsealed one unless it
+was told to accept them (``allow_unsealed``).
 A reader MUST verify the checksum, then the expected identity, then the AEAD
 tag, before it trusts any byte; :func:`unpack` does all three.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -40,11 +46,30 @@ _SUM = 16
 KEY_BYTES = 32
 """Length of a segment encryption key (ChaCha20-Poly1305)."""
 
+Keys = bytes | dict[str, bytes] | None
+"""What a reader holds: one key, several by :func:`key_id` (a rotation), or none."""
+
+
+class UnknownKey(SegmentCorrupt):
+    """segment {name} is corrupt: {why}"""
+
+
+def key_id(key: bytes) -> str:
+    """A key's public name in segment headers: 16 hex digits of a hash of it."""
+    return hashlib.sha256(b"ferry segment key\0" + key).hexdigest()[:16]
+
+
+def keyring(*keys: bytes | None) -> dict[str, bytes]:
+    """The keys given (None skipped), by :func:`key_id`."""
+    return {key_id(k): k for k in keys if k is not None}
+
 
 def pack(batch: Batch, key: bytes | None = None, level: int = 1) -> tuple[bytes, str]:
     """Encode ``batch`` as a segment; return ``(segment bytes, checksum hex)``."""
     header = batch.header()
     header["raw_len"] = len(batch.payload)
+    if key is not None:
+        header["key_id"] = key_id(key)
     hbytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     body = zstandard.ZstdCompressor(level=level).compress(batch.payload)
     flags = FLAG_ZSTD
@@ -64,16 +89,19 @@ def unpack(
     data: bytes,
     name: str,
     expect: dict[str, object] | None = None,
-    key: bytes | None = None,
+    key: Keys = None,
     checksum: str | None = None,
+    allow_unsealed: bool | None = None,
 ) -> Batch:
     """Verify and decode a segment; raise SegmentCorrupt naming ``name`` on any defect.
 
     ``expect`` maps header fields (tenant, disk, gen, seq) to the values the
-    notice promised; ``checksum`` is the notice's checksum hex.  With ``key``
-    the segment MUST be sealed, without it it MUST NOT be.
+    notice promised; ``checksum`` is the notice's checksum hex.  ``key`` is
+    one key or a keyring (:func:`keyring`); a sealed segment needs the key it
+    names (UnknownKey otherwise).  An unsealed segment is accepted only with
+    ``allow_unsealed`` (by default: only when no key is given).
     """
-    header, body, flags = _open_segment(data, name, expect, key, checksum)
+    header, body, flags = _open_segment(data, name, expect, key, checksum, allow_unsealed)
     payload = _decompress(body, flags, header, name)
     try:
         return Batch.from_header(header, payload)
@@ -85,8 +113,9 @@ def verify(
     data: bytes,
     name: str,
     expect: dict[str, object] | None = None,
-    key: bytes | None = None,
+    key: Keys = None,
     checksum: str | None = None,
+    allow_unsealed: bool | None = None,
 ) -> dict:
     """Check a segment as :func:`unpack` does, short of decompressing it; return its header.
 
@@ -94,7 +123,7 @@ def verify(
     must add up to the header's ``raw_len``: what is left for the reader who
     later unpacks it is only zstd's own framing.
     """
-    header, _, _ = _open_segment(data, name, expect, key, checksum)
+    header, _, _ = _open_segment(data, name, expect, key, checksum, allow_unsealed)
     raw_len = header.get("raw_len")
     if not isinstance(raw_len, int) or raw_len < 0:
         raise SegmentCorrupt(name=name, why="header lacks raw_len")
@@ -109,8 +138,9 @@ def _open_segment(
     data: bytes,
     name: str,
     expect: dict[str, object] | None,
-    key: bytes | None,
+    key: Keys,
     checksum: str | None,
+    allow_unsealed: bool | None = None,
 ) -> tuple[dict, bytes, int]:
     view = memoryview(data)
     if len(view) < _HEAD.size + _BODY.size + _SUM:
@@ -143,21 +173,35 @@ def _open_segment(
                 name=name, why=f"{field} is {header.get(field)!r}, expected {value!r}"
             )
     body = bytes(view[bstart : bstart + blen])
-    return header, _open(body, flags, hbytes, key, name), flags
+    keys = keyring(key) if isinstance(key, bytes) else dict(key or {})
+    allow = not keys if allow_unsealed is None else allow_unsealed
+    return header, _open(body, flags, hbytes, header, keys, allow, name), flags
 
 
-def _open(body: bytes, flags: int, hbytes: bytes, key: bytes | None, name: str) -> bytes:
-    sealed = bool(flags & FLAG_SEALED)
-    if not sealed:
-        if key is not None:
-            raise SegmentCorrupt(name=name, why="segment is not encrypted but a key is configured")
+def _open(
+    body: bytes, flags: int, hbytes: bytes, header: dict, keys: dict[str, bytes], allow: bool,
+    name: str,
+) -> bytes:  # fmt: skip
+    if not flags & FLAG_SEALED:
+        if not allow:
+            raise SegmentCorrupt(name=name, why="segment is not encrypted and authenticated, "
+                                 "and unsealed segments are refused (allow_unsealed is off)")  # fmt: skip
         return body
-    if key is None:
+    if not keys:
         raise SegmentCorrupt(name=name, why="segment is encrypted but no key is configured")
-    try:
-        return ChaCha20Poly1305(key).decrypt(body[:12], body[12:], hbytes)
-    except (InvalidTag, ValueError):
-        raise SegmentCorrupt(name=name, why="authentication failed")
+    named = header.get("key_id")
+    if named is None:  # sealed before segments named their key: try each
+        candidates = list(keys.values())
+    elif named in keys:
+        candidates = [keys[named]]
+    else:
+        raise UnknownKey(name=name, why=f"segment is sealed with key {named}, not one held here")
+    for key in candidates:
+        try:
+            return ChaCha20Poly1305(key).decrypt(body[:12], body[12:], hbytes)
+        except (InvalidTag, ValueError):
+            continue
+    raise SegmentCorrupt(name=name, why="authentication failed")
 
 
 def _decompress(body: bytes, flags: int, header: dict, name: str) -> bytes:
@@ -183,10 +227,20 @@ def load_key(path: str | None) -> bytes | None:
     from ferry.errors import ConfigError
 
     try:
-        text = Path(path).read_text().strip()
-        key = bytes.fromhex(text)
-    except (OSError, ValueError) as exc:
+        text = Path(path).read_text()
+    except OSError as exc:
         raise ConfigError(path=path, problem=f"cannot read the segment key ({exc})")
+    return parse_key(text, path)
+
+
+def parse_key(text: str, where: str) -> bytes:
+    """A segment key from its 64 hex digits; ConfigError naming ``where`` if it is not one."""
+    from ferry.errors import ConfigError
+
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError as exc:
+        raise ConfigError(path=where, problem=f"cannot read the segment key ({exc})")
     if len(key) != KEY_BYTES:
-        raise ConfigError(path=path, problem=f"segment key must be {KEY_BYTES} bytes in hex")
+        raise ConfigError(path=where, problem=f"segment key must be {KEY_BYTES} bytes in hex")
     return key

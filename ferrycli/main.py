@@ -131,11 +131,34 @@ def _server(args: argparse.Namespace) -> tuple[str, str | None, str | bool]:
         raise UsageError(
             detail=f"the server URL must start with http:// or https://, not {server!r}"
         )
-    token = args.token or os.environ.get("FERRY_TOKEN")
+    token = _token(args)
     verify: str | bool = args.ca or os.environ.get("FERRY_CA") or True
     if isinstance(verify, str) and not os.access(verify, os.R_OK):
         raise UsageError(detail=f"cannot read the CA file {verify}")
     return server.rstrip("/"), token, verify
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The token: ``--token-file``, ``--token``, FERRY_TOKEN_FILE or FERRY_TOKEN, first given.
+
+    A file or the environment keeps the token off the command line, where
+    other users of the host can read it (``ps``); the file must be private.
+    """
+    path = getattr(args, "token_file", None)
+    if not path and getattr(args, "token", None):
+        return args.token
+    path = path or os.environ.get("FERRY_TOKEN_FILE")
+    if path:
+        try:
+            mode = os.stat(path).st_mode
+            text = open(path).read().strip()
+        except OSError as exc:
+            raise UsageError(detail=f"cannot read the token file {path}: {exc.strerror or exc}")
+        if mode & 0o077:
+            raise UsageError(detail=f"the token file {path} may be read by others "
+                             f"(mode {mode & 0o777:04o}); chmod 600 it")  # fmt: skip
+        return text or None
+    return os.environ.get("FERRY_TOKEN")
 
 
 def api(
@@ -168,7 +191,7 @@ def _request_key(what: str) -> str:
 
 def _tenant(args: argparse.Namespace) -> str:
     tenant = args.tenant or os.environ.get("FERRY_TENANT")
-    for token in (args.token, os.environ.get("FERRY_TOKEN")):
+    for token in (_token(args),):
         claim = tokens.claim(token or "")
         if not tenant and claim is not None and claim.kind == "operator":
             tenant = claim.tenant
@@ -402,7 +425,14 @@ def cmd_command(args: argparse.Namespace) -> int:
 
 def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="configuration server URL (or FERRY_SERVER)")
-    p.add_argument("--token", help="operator or admin token (or FERRY_TOKEN)")
+    p.add_argument(
+        "--token-file", metavar="FILE",
+        help="file holding the operator or admin token, mode 0600 (or FERRY_TOKEN_FILE)",
+    )  # fmt: skip
+    p.add_argument(
+        "--token", help="the token itself: visible to other users in ps; prefer "
+        "--token-file or FERRY_TOKEN",
+    )  # fmt: skip
     p.add_argument("--ca", help="CA file to trust for the server (or FERRY_CA)")
     p.add_argument("--tenant", help="tenant id (or FERRY_TENANT; implied by an operator token)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -230,6 +230,10 @@ class AsgiApp:
         for raw_name, raw_value in scope.get("headers", []):
             name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        client = scope.get("client")
+        if client:  # as Azure's front end does: the peer's address goes last
+            seen = headers.get("x-forwarded-for")
+            headers["x-forwarded-for"] = f"{seen}, {client[0]}" if seen else str(client[0])
         query = scope.get("query_string", b"").decode("latin-1")
         query_params: dict[str, str] = {}
         for key, value in parse_qsl(query, keep_blank_values=True):

@@ -36,6 +36,16 @@ def rotate_operator_token(req: func.HttpRequest) -> func.HttpResponse:
     )  # fmt: skip
 
 
+@bp.route(route="tenants/{tenant}/segment-keys", methods=["POST"])
+def rotate_segment_key(req: func.HttpRequest) -> func.HttpResponse:
+    """Operator: a new segment key for the tenant (answers its id, never the key)."""
+    tenant = web.route_param(req, "tenant")
+    return web.handle(
+        req, lambda ctx, caller, body: tenants.rotate_segment_key(ctx, caller, tenant, body),
+        status=201,
+    )  # fmt: skip
+
+
 @bp.route(route="register", methods=["POST"])
 def register(req: func.HttpRequest) -> func.HttpResponse:
     """Passphrase holder: register a component; answers its credential once."""

@@ -21,7 +21,7 @@ import azure.functions as func
 from azure.core.exceptions import AzureError
 
 from functions.core import auth, context, defaults
-from functions.core.errors import ApiError, BadRequest, TooLarge
+from functions.core.errors import ApiError, BadRequest, TooLarge, TooManyGuesses, Unauthorized
 from functions.core.redact import redact
 
 log = logging.getLogger("ferry.functions")
@@ -117,6 +117,28 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+def client_address(req: func.HttpRequest) -> str:
+    """The caller's address: the last ``X-Forwarded-For`` entry, which the front end appends."""
+    forwarded = req.headers.get("x-forwarded-for") or ""
+    return forwarded.rsplit(",", 1)[-1].strip() or "unknown"
+
+
+def _authenticate(ctx: context.Context, req: func.HttpRequest) -> auth.Caller:
+    """``auth.authenticate``, refusing (429) an address that failed too often a minute ago."""
+    client = client_address(req)
+    wait = ctx.auth_failures.wait(client)
+    if wait > 0:
+        raise TooManyGuesses(
+            f"too many requests with a wrong credential from {client}; retry in {int(wait) + 1} s",
+            {"Retry-After": str(int(wait) + 1)},
+        )
+    try:
+        return auth.authenticate(ctx, req.headers.get("authorization"))
+    except Unauthorized:
+        ctx.auth_failures.failed(client)
+        raise
+
+
 @overload
 def handle(
     req: func.HttpRequest,
@@ -150,7 +172,7 @@ def handle(
     """
     try:
         ctx = context.current()
-        caller = None if public else auth.authenticate(ctx, req.headers.get("authorization"))
+        caller = None if public else _authenticate(ctx, req)
         payload = read_json(req) if body else None
         result = action(ctx, caller, payload)
         if isinstance(result, tuple):

@@ -187,6 +187,10 @@ def clone_at_tag(
             cursor = read_cursor(state_dir, disk)
             if not cursor.get("last_tag"):
                 raise CutoverError(detail=f"disk {disk} has no recovery point yet")
+            if layout.applying_path(state_dir, disk).exists():
+                raise CutoverError(detail=f"disk {disk}: the master target stopped while applying "
+                                   "a group, so the target may be between two tags; start it "
+                                   "so that it replays the group, then try again")  # fmt: skip
             _copy(target, tmp, size)
             held = time.monotonic() - began
         os.replace(tmp, out)

@@ -86,3 +86,10 @@ STATE_DIR = "/var/lib/ferry/master-target"
 
 TARGETS_SUBDIR = "targets"
 """Server mode: a disk the settings give no target is applied to ``<state_dir>/targets/<disk>.img``."""
+
+UNKNOWN_KEY_SIGHTINGS = 5
+"""Deliveries of a notice whose segment names a key this master target lacks before it is
+poisoned; meanwhile the keys are fetched again (a rotation in flight), a count."""
+
+KEY_REFRESH_EVERY = 60.0
+"""How often a master target in server mode fetches its segment keys again, in seconds."""

@@ -2,7 +2,8 @@
 
 ``<state_dir>/<disk>/`` holds ``cursor.json`` (the durable cursor,
 mastertarget/cursor.py), ``staging/`` (verified segments waiting for their
-group, mastertarget/staging.py) and ``apply.lock`` (mastertarget/applylock.py).
+group, mastertarget/staging.py), ``apply.lock`` (mastertarget/applylock.py) and,
+while groups are being applied, ``applying.json`` (the target may be between two tags).
 The worker and the cutover tool both find them here.
 """
 
@@ -29,3 +30,9 @@ def staging_dir(state_dir: str | Path, disk: str) -> Path:
 def apply_lock_path(state_dir: str | Path, disk: str) -> Path:
     """The lock held while a group is applied, and by whoever holds applying (test failover)."""
     return disk_dir(state_dir, disk) / "apply.lock"
+
+
+def applying_path(state_dir: str | Path, disk: str) -> Path:
+    """Present (durably) from before a group's first write until the cursor is past it: the
+    target may be torn, and a copy of it is no recovery point."""
+    return disk_dir(state_dir, disk) / "applying.json"

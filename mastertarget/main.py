@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 
-from ferry import segment
 from ferry import settings as ferry_settings
 from ferry.control import frame
+from ferry.errors import ConfigError
 from ferry.process import StopFlag
 from mastertarget import defaults, service
 from mastertarget.settings import Settings
@@ -55,9 +55,12 @@ def run(args: argparse.Namespace) -> int:
     """Load everything that can be wrong before serving, then serve until stopped."""
     config = ferry_settings.load(args.config, Settings)
     connection_string = config.connection_string(args.config)
-    key = segment.load_key(config.segment_key_file)
+    keys = config.keyring()
+    if not keys and not config.allow_unsealed:
+        raise ConfigError(path=args.config, problem="no segment key: set segment_key_file (or "
+                          "allow_unsealed = true to accept unauthenticated segments)")  # fmt: skip
     stop = StopFlag().install()
-    return service.serve(config, connection_string, key, stop.event, wait=args.wait)
+    return service.serve(config, connection_string, keys, stop.event, wait=args.wait)
 
 
 def run_from_server(args: argparse.Namespace) -> int:

@@ -26,14 +26,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from ferry import __version__, segment
+from ferry import __version__
 from ferry.control.credentials import Credentials
 from ferry.control.daemon import ManagedDaemon, start_up
 from ferry.control.errors import CommandFailed
 from ferry.control.reporting import Reporter
+from ferry.errors import FerryError
 from ferry.process import StopFlag
 from ferry.storage import Storage
 from mastertarget import defaults
@@ -78,7 +80,9 @@ class ManagedMasterTarget(ManagedDaemon):
         self.reporter = Reporter(self.client, self.metrics)
         self._lock = threading.Lock()
         self._storage: Storage | None = None
-        self._key: bytes | None = None
+        self._keys: dict[str, bytes] = {}
+        """The tenant's segment keys by id, shared with every disk worker and refreshed in place."""
+        self._keys_at = 0.0
 
     def _adapt(self, raw: dict[str, Any]) -> dict[str, Any]:
         raw.setdefault("tenant", self.credentials.tenant)
@@ -105,6 +109,7 @@ class ManagedMasterTarget(ManagedDaemon):
         self._serve_listed(raw)
         with self.control_threads(self._storage, self.state_dir, self.reporter):
             while not event.wait(0.5):
+                self._refresh_keys()
                 service = self.service
                 if service is not None and service.failed.is_set():
                     break
@@ -112,6 +117,18 @@ class ManagedMasterTarget(ManagedDaemon):
             if service is not None:
                 return service.run(until_idle=False)  # stops the disks, raises a disk's error
         return 0
+
+    def _refresh_keys(self) -> None:
+        """Learn new segment keys (a rotation) now and then; old ones stay for segments in flight."""
+        if self.service is None or time.monotonic() - self._keys_at < defaults.KEY_REFRESH_EVERY:
+            return
+        self._keys_at = time.monotonic()
+        try:
+            raw = self.source.fetch_raw()
+            if raw is not None:
+                self._keys.update(self.source.build(raw).keyring())
+        except FerryError as exc:
+            log.warning("could not fetch the segment keys again: %s", exc)
 
     def _serve_listed(self, raw: dict[str, Any] | None) -> list[str]:
         """Start serving the disks ``raw`` lists that are not served yet; their ids."""
@@ -121,13 +138,13 @@ class ManagedMasterTarget(ManagedDaemon):
         settings = self.source.build(raw)
         with self._lock:
             if self.service is None:
-                if self._key is None and settings.segment_key_file:
-                    self._key = segment.load_key(settings.segment_key_file)
+                self._keys.update(settings.keyring())
+                self._keys_at = time.monotonic()
                 storage = self._granted()
                 self.service = Service(
                     settings,
                     lambda: storage,
-                    self._key,
+                    self._keys,
                     self.stop.event,
                     wait=True,
                     on_applied=self.reporter.recovery_point,

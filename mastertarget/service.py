@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ferry import segment
 from ferry.errors import RetryableError
 from ferry.storage import Storage
 from mastertarget import cursor as cursors
@@ -38,7 +39,7 @@ class DiskRunner(threading.Thread):
         settings: Settings,
         disk: DiskSettings,
         storage: Callable[[], Storage],
-        key: bytes | None,
+        key: segment.Keys,
         board: StatusBoard,
         stop: threading.Event,
         failed: threading.Event,
@@ -172,7 +173,7 @@ class Service:
         self,
         settings: Settings,
         storage: Callable[[], Storage],
-        key: bytes | None,
+        key: segment.Keys,
         stop: threading.Event,
         wait: bool = False,
         on_applied: Callable[[str, dict[str, Any], int, int], None] | None = None,
@@ -238,7 +239,7 @@ class Service:
 def serve(
     settings: Settings,
     connection_string: str,
-    key: bytes | None,
+    key: segment.Keys,
     stop: threading.Event,
     wait: bool = False,
 ) -> int:

@@ -22,7 +22,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ferry import naming
+from ferry import naming, segment
 from ferry.errors import ConfigError
 from mastertarget import defaults
 
@@ -43,6 +43,11 @@ class Settings:
     state_dir: Path
     disks: list[DiskSettings]
     segment_key_file: str | None = None
+    segment_keys: list[str] = dataclasses.field(default_factory=list)
+    """More segment keys (64 hex digits each), as the configuration server hands them out:
+    every key a segment in flight may be sealed with (a rotation)."""
+    allow_unsealed: bool = False
+    """Accept segments that are not encrypted and authenticated (off: they are refused)."""
     storage_env: str = defaults.STORAGE_ENV
     lease_seconds: int = defaults.LEASE_SECONDS
 
@@ -75,6 +80,13 @@ class Settings:
             ids.add(disk.id)
             targets.add(target)
         return None
+
+    def keyring(self) -> dict[str, bytes]:
+        """Every segment key this master target holds, by key id (ConfigError if unreadable)."""
+        keys = [segment.load_key(self.segment_key_file)]
+        for text in self.segment_keys:
+            keys.append(segment.parse_key(text, "segment_keys"))
+        return segment.keyring(*keys)
 
     def disk(self, disk_id: str) -> DiskSettings:
         """The settings of disk ``disk_id``; KeyError if it is not configured."""

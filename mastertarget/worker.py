@@ -41,8 +41,8 @@ from typing import Any
 
 from azure.core.exceptions import AzureError
 
+from ferry import durable, naming, segment
 from ferry import fence as fences
-from ferry import naming, segment
 from ferry.batch import Batch
 from ferry.errors import FerryError, NotFound, SegmentCorrupt
 from ferry.storage import Message, Storage
@@ -74,7 +74,7 @@ class DiskWorker:
         settings: Settings,
         disk: DiskSettings,
         storage: Storage,
-        key: bytes | None = None,
+        key: segment.Keys = None,
         ownership: Ownership | None = None,
         board: StatusBoard | None = None,
         stop: threading.Event | None = None,
@@ -83,10 +83,15 @@ class DiskWorker:
         on_applied: Callable[[str, dict[str, Any], int, int], None] | None = None,
     ) -> None:
         self.tenant = settings.tenant
+        self.awaits_keys = bool(settings.segment_keys)
+        """Keys arrive from the configuration server (a rotation may be in flight): wait a
+        little for a key a segment names before poisoning it."""
         self.on_applied = on_applied
         self.disk = disk.id
         self.storage = storage
         self.key = key
+        """One key or a keyring by key id; the master target's own dict is refreshed in place."""
+        self.allow_unsealed = settings.allow_unsealed
         self.ownership = ownership
         self.board = board
         self.stop = stop or threading.Event()
@@ -102,6 +107,7 @@ class DiskWorker:
         self.target = Target(disk.target)
         self.cursor = cursors.Cursor(self.tenant, self.disk)
         self.apply_lock_path = layout.apply_lock_path(settings.state_dir, self.disk)
+        self.applying_path = layout.applying_path(settings.state_dir, self.disk)
         self.fence: dict[str, Any] | None = None
         self.held = False
         self._apply_lock: int | None = None
@@ -204,8 +210,17 @@ class DiskWorker:
                 "seq": notice.seq,
             }
             header = segment.verify(
-                data, notice.blob, expect, key=self.key, checksum=notice.checksum
-            )
+                data, notice.blob, expect, key=self.key, checksum=notice.checksum,
+                allow_unsealed=self.allow_unsealed,
+            )  # fmt: skip
+        except segment.UnknownKey as exc:
+            # A rotation in flight: the key may reach a master target that learns
+            # keys from the server a little after the first segment sealed with it.
+            if self.awaits_keys and message.dequeue_count < defaults.UNKNOWN_KEY_SIGHTINGS:
+                log.warning("disk %s: %s; waiting for the key", self.disk, exc)
+                return
+            self._poison_segment(message, notice, str(exc))
+            return
         except SegmentCorrupt as exc:
             self._poison_segment(message, notice, str(exc))
             return
@@ -216,7 +231,8 @@ class DiskWorker:
         self, data: bytes, name: str, gen: int, seq: int, checksum: str | None = None
     ) -> Batch:
         expect = {"tenant": self.tenant, "disk": self.disk, "gen": gen, "seq": seq}
-        return segment.unpack(data, name, expect=expect, key=self.key, checksum=checksum)
+        return segment.unpack(data, name, expect=expect, key=self.key, checksum=checksum,
+                              allow_unsealed=self.allow_unsealed)  # fmt: skip
 
     def _blob_missing(self, message: Message, notice: notices.SegmentNotice) -> None:
         # The process server uploads before it announces (invariant 6), so a
@@ -327,7 +343,25 @@ class DiskWorker:
         Stops between groups when a stop was asked, when the disk is fenced
         and while someone else holds ``apply.lock``.
         """
-        groups = 0
+        leftover = self.applying_path.exists()  # a crash mid-group: replaying it mends it
+        groups, clean = self._apply_groups()
+        if clean and (groups or not leftover) and self.applying_path.exists():
+            self.applying_path.unlink()  # every group begun is done: the target is on a tag
+        return groups
+
+    def _mark_applying(self, gen: int, through: int) -> None:
+        """Say durably, before the first write, that the target may be torn up to ``through``."""
+        durable.write_json(self.applying_path, {"gen": gen, "through": through,
+                                                "from_tag": (self.cursor.last_tag or {}).get("id")})  # fmt: skip
+
+    def _apply_groups(self) -> tuple[int, bool]:
+        """Apply whole groups; ``(how many, False if one could not be applied)``.
+
+        ``applying.json`` is written (fsync'ed) before the first write of a
+        run of groups and removed only once the cursor is past every group
+        begun; a crash in between leaves it, and the restart replays the group.
+        """
+        groups, marked = 0, -1
         while not self.stop.is_set() and not self.fenced:
             gen, after = self.cursor.gen, self.cursor.applied_seq
             end = self.staging.group_end(gen, after)
@@ -339,10 +373,15 @@ class DiskWorker:
             if end is None or self._past_fence(gen, end):
                 break
             with self._applying() as allowed:
-                if not allowed or not self._apply_group(gen, after + 1, end):
+                if not allowed:
                     break
+                if end > marked:  # one durable mark covers every group staged now
+                    marked = max([end, *(s.seq for s in self.staging if s.gen == gen)])
+                    self._mark_applying(gen, marked)
+                if not self._apply_group(gen, after + 1, end):
+                    return groups, False
             groups += 1
-        return groups
+        return groups, True
 
     @contextlib.contextmanager
     def _applying(self) -> Iterator[bool]:

@@ -59,3 +59,8 @@ PKI_CERT = "/etc/ferry/pki/process-server.pem"
 
 PKI_KEY = "/etc/ferry/pki/process-server.key"
 """The process server's private key (server mode default), a path."""
+
+KEY_REFRESH_EVERY = 60.0
+"""How often a process server in server mode fetches its tenant's current segment key, in
+seconds (a rotation reaches the master targets first: they refresh as often and wait for a
+key they lack)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ferry import segment
 from ferry.control import frame
 from ferry.errors import ConfigError
 from ferry.process import StopFlag
@@ -42,7 +41,7 @@ def serve(config: str, stop: StopFlag) -> int:
     """Run the process server described by the settings file ``config`` until ``stop``."""
     settings = ps_settings.load(config)
     secret = ps_settings.connection_string(settings, config)
-    key = segment.load_key(settings.segment_key_file)
+    key = settings.sealing_key(config)
     tls = tls_context(settings, config)
     server = Server(settings, open_storage(secret, settings.storage_env, config), tls, key)
     server.start()

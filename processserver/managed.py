@@ -32,6 +32,7 @@ from ferry import __version__, naming, segment
 from ferry.control.credentials import Credentials
 from ferry.control.daemon import ManagedDaemon, start_up
 from ferry.control.errors import CommandFailed
+from ferry.errors import FerryError
 from ferry.process import StopFlag
 from processserver import defaults
 from processserver.server import Server, tls_context
@@ -62,6 +63,7 @@ class ManagedProcessServer(ManagedDaemon):
         self.local = local
         self.server: Server | None = None
         self._machines: dict[str, set[str]] = {}
+        self._keys_at = 0.0
         """Machine id → disk ids, learned from the agents' hellos (for drain)."""
 
     def run(self) -> int:
@@ -72,13 +74,15 @@ class ManagedProcessServer(ManagedDaemon):
             return 0
         storage, raw = started
         settings = self.source.build(raw or dict(self.local))
-        key = segment.load_key(settings.segment_key_file)
+        key = settings.sealing_key(self.source.source)
         self.server = Server(settings, storage, tls_context(settings, self.source.source), key)
+        self._keys_at = time.monotonic()
         self.server.start()
         try:
             with self.control_threads(storage, settings.state_dir):
                 while not event.wait(1.0):
                     self._learn_machines()
+                    self._refresh_key()
         finally:
             log.info("stopping (a second signal exits at once)")
             self.server.stop(defaults.STOP_GRACE)
@@ -124,6 +128,22 @@ class ManagedProcessServer(ManagedDaemon):
         if self.server is None:
             raise CommandFailed(detail="the process server is not started yet")
         return self.server
+
+    def _refresh_key(self) -> None:
+        """Seal with the tenant's newest key (a rotation) once the server hands it out."""
+        if time.monotonic() - self._keys_at < defaults.KEY_REFRESH_EVERY:
+            return
+        self._keys_at = time.monotonic()
+        server = self._started()
+        try:
+            raw = self.source.fetch_raw()
+            key = self.source.build(raw).sealing_key(self.source.source) if raw else None
+        except FerryError as exc:
+            log.warning("could not fetch the segment key again: %s", exc)
+            return
+        if key is not None and key != server.ctx.segment_key:
+            log.info("sealing segments with key %s from now on", segment.key_id(key))
+            server.ctx.segment_key = key
 
     def _learn_machines(self) -> None:
         if self.server is None:

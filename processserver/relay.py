@@ -218,6 +218,20 @@ class StateRelay:
                 reason = str(state.get("reason") or "the master target requires a resync")
                 for peer in peers:
                     peer.notify_resync_required(disk, gen, reason)
+            for gen in self._quarantined_gens(tenant, disk):
+                # An acknowledged batch that cannot be uploaded leaves a gap the
+                # master target would wait on forever: only a resync closes it.
+                for peer in peers:
+                    peer.notify_resync_required(disk, gen, "a spooled batch was unreadable")
+
+    def _quarantined_gens(self, tenant: str, disk: str) -> set[int]:
+        """Generations of ``disk`` with a batch in quarantine (kept on disk across restarts)."""
+        gens = set()
+        for path in (self.ctx.spool.quarantine_dir / tenant / disk).glob("*.batch"):
+            head = path.name.partition("-")[0]
+            if head.isdigit():
+                gens.add(int(head))
+        return gens
 
     def _subscriptions(self) -> dict[tuple[str, str], list]:
         """``(tenant, disk)`` -> the connections of agents that protect it."""

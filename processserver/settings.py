@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from ferry import segment
 from ferry import settings as ferry_settings
 from ferry.errors import ConfigError
 from ferry.settings import positive
@@ -42,7 +43,12 @@ class Settings:
     compression_level: int = defaults.COMPRESSION_LEVEL
     """zstd level of segment bodies (1-22)."""
     segment_key_file: str | None = None
-    """Hex 32-byte key; when set, every segment is sealed (ChaCha20-Poly1305)."""
+    """Hex 32-byte key every segment is sealed with (ChaCha20-Poly1305); wins over segment_key."""
+    segment_key: str | None = None
+    """The same, as 64 hex digits (server mode: the tenant's current key, from the server)."""
+    allow_unsealed: bool = False
+    """Upload segments unsealed when no key is set (off: a process server without a key
+    refuses to start)."""
     storage_env: str = defaults.STORAGE_ENV
     """Environment variable holding the storage connection string (never put it in the file)."""
     state_poll_interval: float = defaults.STATE_POLL_INTERVAL
@@ -53,6 +59,16 @@ class Settings:
     agents: dict[str, list[str]] | None = None
     """Machine → its registered disks (server mode: from the configuration server); an agent
     may send only for these. None: any disk its hello names."""
+
+    def sealing_key(self, where: str) -> bytes | None:
+        """The key segments are sealed with; ConfigError if there is none and that is not allowed."""
+        key = segment.load_key(self.segment_key_file)
+        if key is None and self.segment_key:
+            key = segment.parse_key(self.segment_key, f"{where}: segment_key")
+        if key is None and not self.allow_unsealed:
+            raise ConfigError(path=where, problem="no segment key: set segment_key_file (or "
+                              "allow_unsealed = true to upload unauthenticated segments)")  # fmt: skip
+        return key
 
     def validate(self) -> str | None:
         """Problem line, or None when the settings are usable."""

@@ -100,7 +100,7 @@ def test_every_refusal_the_server_can_send_is_one_line_with_its_code(
         wrong = ferry(*register, "--passphrase", f"wrong{n}", env=other)
         one_line(wrong, 8, "wrong passphrase (HTTP 401)")
     locked = ferry(*register, "--passphrase", "wrong5", env=other)
-    assert "wrong5" not in one_line(locked, 8, "is locked", "(HTTP 429)")
+    assert "wrong5" not in one_line(locked, 8, "too many wrong passphrases", "(HTTP 429)")
 
     # An answer that is not the configuration server's JSON (here Azurite's XML).
     blob = azurite.connection_string.split("BlobEndpoint=")[1].split(";")[0]

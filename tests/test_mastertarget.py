@@ -164,6 +164,7 @@ def make_worker(tmp_path, storage, tenant):
             tenant=tenant,
             state_dir=tmp_path / "state",
             disks=[DiskSettings(DISK, Path(target or tmp_path / "target.img"))],
+            allow_unsealed=key is None,  # the tests of sealing give a key
         )
         board = StatusBoard(settings.state_dir / "status.json")
         worker = DiskWorker(settings, settings.disks[0], storage, key=key, board=board, **kw)
@@ -338,7 +339,7 @@ def _corrupt(ps: ProcessServer, batch: Batch, kind: str) -> dict:
     [
         ("bit-flip", False, "checksum mismatch"),
         ("notice-checksum", False, "checksum differs from the notice"),
-        ("wrong-key", True, "authentication failed"),
+        ("wrong-key", True, "not one held here"),
         ("renamed", True, "seq is 6, expected 1"),
     ],
 )
@@ -377,6 +378,23 @@ def test_unsealed_segment_is_rejected_when_a_key_is_set(make_worker, storage, te
     assert ps.poisoned() == [notice]
     assert read_target(worker) == b""
     assert "not encrypted" in ps.state()["reason"]
+
+
+def test_unsealed_segments_are_refused_by_default(make_worker, storage, tenant, tmp_path):
+    """Segments were once protected only by a non-cryptographic checksum as deployed."""
+    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    settings = Settings(tenant=tenant, state_dir=tmp_path / "plain",
+                        disks=[DiskSettings(DISK, tmp_path / "plain.img")])  # fmt: skip
+    assert settings.allow_unsealed is False
+    worker = DiskWorker(settings, settings.disks[0], storage, key=None).open()
+    try:
+        new_generation(ps, worker)
+        notice = ps.ship(ps.batch(1, 1, [(0, b"x" * 4096)], tag=True))
+        drain(worker)
+        assert ps.poisoned() == [notice]
+        assert "allow_unsealed is off" in ps.state()["reason"]
+    finally:
+        worker.close()
 
 
 def test_sealed_segments_with_the_right_key_are_applied(make_worker, storage, tenant):
@@ -666,6 +684,7 @@ def test_a_fenced_disk_is_not_served_and_its_lease_is_free(azurite, storage, ten
         state_dir=tmp_path / "state",
         disks=[DiskSettings(DISK, tmp_path / "target.img")],
         lease_seconds=15,
+        allow_unsealed=True,
     )
     final = ps.batch(1, 1, [(0, b"f" * 4096)], tag=True)
     final.tag["final"] = True
@@ -695,7 +714,8 @@ def test_a_fenced_disk_is_not_served_and_its_lease_is_free(azurite, storage, ten
 
 def write_config(path: Path, tenant: str, state_dir: Path, target: Path) -> Path:
     path.write_text(
-        f'tenant = "{tenant}"\nstate_dir = "{state_dir}"\nlease_seconds = 15\n\n'
+        f'tenant = "{tenant}"\nstate_dir = "{state_dir}"\nlease_seconds = 15\n'
+        f"allow_unsealed = true\n\n"  # this module's process server sends plain segments
         f'[[disks]]\nid = "{DISK}"\ntarget = "{target}"\n'
     )
     return path
@@ -959,3 +979,41 @@ def test_block_device_target(make_worker, storage, tenant, loopdisk):
     too_big.ship(too_big.batch(2, 1, [(5 * MiB, b"q" * 4096)], tag=True))
     with pytest.raises(DeviceError, match="device holds 4194304 bytes"):
         drain(worker)
+
+
+def test_a_copy_is_refused_while_a_group_may_be_half_applied(
+    make_worker, storage, tenant, tmp_path, monkeypatch
+):
+    """A test failover once copied a torn target, labelled with the cursor's tag, after the
+    master target died in the middle of a group: nothing durable said a group was in progress."""
+    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    worker = make_worker()
+    new_generation(ps, worker)
+    first = ps.batch(1, 1, [(0, b"a" * 8192)], tag=True)
+    ps.ship(first)
+    drain(worker)
+    ps.ship(ps.batch(1, 2, [(0, b"b" * 4096)]))
+    ps.ship(ps.batch(1, 3, [(8192, b"c" * 4096)], tag=True))
+    writes = []
+
+    def dies_after_one_batch(batch, check=None):
+        if writes:
+            raise KeyboardInterrupt("killed in the middle of the group")  # as kill -9 would
+        writes.append(batch.seq)
+        return type(worker.target).write_batch(worker.target, batch, check=check)
+
+    monkeypatch.setattr(worker.target, "write_batch", dies_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        drain(worker)
+    assert read_target(worker)[:4] == b"bbbb"  # torn: batch 2 of the group without batch 3
+    state = worker.directory.parent
+    with pytest.raises(cutover.CutoverError, match="between two tags"):
+        cutover.clone_at_tag(state, DISK, worker.target.path, tmp_path / "copy.img", 256 * KiB)
+    worker.close()
+    restarted = make_worker()  # the restart replays the group
+    drain(restarted)
+    assert not (state / DISK / "applying.json").exists()
+    clone = cutover.clone_at_tag(state, DISK, restarted.target.path, tmp_path / "copy.img",
+                                 256 * KiB)  # fmt: skip
+    assert clone["tag"]["id"] == restarted.cursor.last_tag["id"]
+    assert (tmp_path / "copy.img").read_bytes() == read_target(restarted)

@@ -44,6 +44,10 @@ class ProcessServer:
         self.port = free_port()
         self.state_dir = base / "state"
         self.storage = storage
+        if "segment_key_file" not in settings and not settings.get("allow_unsealed"):
+            self.segment_key = os.urandom(32)  # sealed, as deployed
+            (base / "segment.key").write_text(self.segment_key.hex() + "\n")
+            settings["segment_key_file"] = str(base / "segment.key")
         self.config = write_toml(
             base / "process-server.toml",
             {
@@ -280,7 +284,7 @@ def test_batches_are_acked_uploaded_and_announced(
     servers, connect, storage, tenant, tmp_path, sealed
 ):
     key = os.urandom(32) if sealed else None
-    settings = {}
+    settings: dict = {"allow_unsealed": True}
     if key:
         (tmp_path / "segment.key").write_text(key.hex() + "\n")
         settings["segment_key_file"] = str(tmp_path / "segment.key")
@@ -460,7 +464,7 @@ def test_acked_batches_survive_sigkill_while_storage_is_down(
     server.start(storage=azurite.connection_string)
     notices = collect_notices(storage, tenant, len(batches))
     assert sorted((n["gen"], n["seq"]) for n in notices) == sorted(batches)
-    verify_uploaded(storage, notices, batches, None)
+    verify_uploaded(storage, notices, batches, server.segment_key)
     wait_for(lambda: not server.spooled(tenant), 10, lambda: str(server.spooled(tenant)))
     assert not storage.exists(
         naming.segments_container(tenant), naming.segment_blob(tenant, DISK, 1, 99)
@@ -504,7 +508,7 @@ def test_full_spool_stalls_the_agent_instead_of_failing(servers, certs, azurite,
     assert collect_acks(agent, len(missing), timeout=60) == {(b.gen, b.seq) for b in missing}
     notices = collect_notices(storage, tenant, len(batches))
     assert sorted((n["gen"], n["seq"]) for n in notices) == sorted(batches)
-    verify_uploaded(storage, notices, batches, None)
+    verify_uploaded(storage, notices, batches, server.segment_key)
     agent.close()
 
 
@@ -523,6 +527,16 @@ def test_a_damaged_spool_file_is_set_aside_and_the_rest_uploaded(servers, connec
     ).exists()
     wait_for(lambda: server.status()["batches_quarantined"] == 1, 5)
     assert "needs a resync" in server.tail()
+    # The agent is told, so that a resync closes the gap (it once waited forever).
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        frame = agent.recv(timeout=2)
+        if frame and frame[0]["type"] == "resync-required":
+            assert (frame[0]["disk"], frame[0]["gen"]) == (DISK, 1)
+            assert "unreadable" in frame[0]["reason"]
+            break
+    else:
+        raise AssertionError("no resync-required frame for the quarantined batch")
 
 
 # -- relays -------------------------------------------------------------------------------

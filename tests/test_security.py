@@ -250,3 +250,81 @@ def test_an_agent_certificate_cannot_serve_as_the_process_server(tmp_path):
         client.wrap_socket(raw, server_hostname="localhost").recv(1)
     thread.join(10)
     listener.close()
+
+
+def test_segments_are_sealed_with_per_tenant_keys_that_rotate_without_loss(api):
+    """No deployment once set a segment key (only a non-cryptographic checksum protected
+    segments), and one key would have been shared by every process server and master target."""
+    from ferry import segment
+    from ferry.batch import Batch
+
+    ours, theirs = api.estate(), api.estate(machine="db01", disks=1)
+    for estate in (ours, theirs):
+        api.protect(estate)
+    ps = api.get("/components/self/settings", ours.ps).json()
+    mt = api.get("/components/self/settings", ours.mt).json()
+    assert ps["segment_key"] and mt["segment_keys"] == [ps["segment_key"]]
+    their_ps = api.get("/components/self/settings", theirs.ps).json()
+    assert their_ps["segment_key"] != ps["segment_key"]  # a key per tenant
+    batch = Batch(tenant=ours.tenant, disk=ours.disks[0], gen=1, seq=1, disk_size=1 << 20,
+                  extents=[(0, 4096, "d")], payload=b"x" * 4096, tag=None)  # fmt: skip
+    in_flight, _ = segment.pack(batch, bytes.fromhex(ps["segment_key"]))
+    rotated = api.post(f"/tenants/{ours.tenant}/segment-keys", ours.operator, {})
+    assert rotated.status_code == 201 and "key" not in rotated.json()
+    ps = api.get("/components/self/settings", ours.ps).json()
+    mt = api.get("/components/self/settings", ours.mt).json()
+    assert segment.key_id(bytes.fromhex(ps["segment_key"])) == rotated.json()["key_id"]
+    ring = segment.keyring(*(bytes.fromhex(k) for k in mt["segment_keys"]))
+    assert segment.unpack(in_flight, "s", key=ring).payload == batch.payload  # not lost
+    assert api.post(f"/tenants/{ours.tenant}/segment-keys", theirs.operator, {}).status_code == 403
+
+
+def test_the_cli_reads_its_token_from_a_private_file(tmp_path):
+    """``--token`` once was the only way to give the CLI a token: on the command line."""
+    import subprocess
+    import sys
+
+    token = tmp_path / "token"
+    token.write_text("op.demo.secret\n")
+    token.chmod(0o644)
+    run = [sys.executable, "-m", "ferrycli.main", "status", "--server", "http://127.0.0.1:9",
+           "--token-file", str(token)]  # fmt: skip
+    loose = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert loose.returncode == 2 and "chmod 600" in loose.stderr
+    token.chmod(0o600)
+    tight = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert "chmod" not in tight.stderr and "secret" not in tight.stderr + tight.stdout
+    assert tight.returncode == 75  # it got as far as calling the (absent) server
+
+
+def test_wrong_credentials_are_rate_limited_per_client_address(api):
+    """300 wrong tokens were once answered in 1.2 s, and nothing slowed the guessing down."""
+    import dataclasses
+
+    import azure.functions as func
+
+    from functions import web
+    from functions.core import context, tenants
+    from functions.core.ratelimit import FailureLimiter
+
+    tenant, operator = api.tenant()
+    limited = dataclasses.replace(api.ctx, auth_failures=FailureLimiter(30))
+    context.use(limited)
+    try:
+        answers = [api.get(f"/tenants/{tenant}/status", f"op.{tenant}.guess{i}").status_code
+                   for i in range(40)]  # fmt: skip
+        assert answers[:30] == [401] * 30 and answers[30:] == [429] * 10
+        blocked = api.get(f"/tenants/{tenant}/status", f"op.{tenant}.guess99")
+        assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 59
+        # Another address (Azure's front end appends it last) is not slowed down.
+        request = func.HttpRequest(
+            "POST", f"http://cs/tenants/{tenant}/passphrases", body=b"{}",
+            headers={"authorization": f"Bearer {operator}", "x-forwarded-for": "192.0.2.7"},
+        )  # fmt: skip
+        elsewhere = web.handle(
+            request, lambda ctx, caller, body: tenants.create_passphrase(ctx, caller, tenant, body),
+            status=201, body=True,
+        )  # fmt: skip
+        assert elsewhere.status_code == 201
+    finally:
+        context.use(api.ctx)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+import xxhash
 
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import SegmentCorrupt
-from ferry.segment import pack, unpack, verify
+from ferry.segment import UnknownKey, key_id, keyring, pack, unpack, verify
 
 KEY = bytes(range(32))
 
@@ -84,13 +85,30 @@ def test_wrong_sequence_and_identity():
 
 def test_wrong_key_and_missing_key():
     data, _ = pack(sample(), KEY)
-    with pytest.raises(SegmentCorrupt, match="authentication"):
+    with pytest.raises(UnknownKey, match=f"sealed with key {key_id(KEY)}, not one held here"):
         unpack(data, "s", EXPECT, key=bytes(32))
     with pytest.raises(SegmentCorrupt, match="no key"):
         unpack(data, "s", EXPECT)
     plain, _ = pack(sample())
     with pytest.raises(SegmentCorrupt, match="not encrypted"):
         unpack(plain, "s", EXPECT, key=KEY)
+    with pytest.raises(SegmentCorrupt, match="allow_unsealed is off"):
+        unpack(plain, "s", EXPECT, allow_unsealed=False)
+    assert unpack(plain, "s", EXPECT, key=KEY, allow_unsealed=True).seq == 7
+
+
+def test_a_keyring_opens_segments_of_each_key_and_a_forged_key_id_fails():
+    old, new = KEY, bytes(range(100, 132))
+    ring = keyring(old, new)
+    for key in (old, new):
+        data, _ = pack(sample(), key)
+        assert unpack(data, "s", EXPECT, key=ring).seq == 7
+    # Naming another key in the header (checksum recomputed) does not open it.
+    data, _ = pack(sample(), old)
+    forged = data[:-16].replace(key_id(old).encode(), key_id(new).encode())
+    forged += xxhash.xxh3_128(forged).digest()
+    with pytest.raises(SegmentCorrupt, match="authentication failed"):
+        unpack(forged, "s", EXPECT, key=ring)
 
 
 def test_checksum_must_match_the_notice():

@@ -25,7 +25,7 @@ from azure.storage.blob import ContainerSasPermissions
 from azure.storage.queue import QueueSasPermissions
 
 from ferry import naming
-from functions.core import defaults, validate
+from functions.core import defaults, tenants, validate
 from functions.core.auth import Caller, require_component
 from functions.core.context import Context
 from functions.core.errors import BadRequest, Conflict
@@ -160,7 +160,12 @@ def _process_server_settings(ctx: Context, caller: Caller) -> dict[str, Any]:
     agents: dict[str, list[str]] = {}
     for disk in assigned_disks(ctx, caller):
         agents.setdefault(disk["machine"], []).append(disk["disk"])
-    result: dict[str, Any] = {"tenant": caller.tenant, "agents": agents}
+    keys = tenants.segment_keys(ctx, caller.tenant)
+    result: dict[str, Any] = {
+        "tenant": caller.tenant,
+        "agents": agents,
+        "segment_key": keys[0]["key"],
+    }
     if caller.record.get("listen"):
         result["listen"] = caller.record["listen"]
     return result
@@ -177,6 +182,7 @@ def _master_target_settings(ctx: Context, caller: Caller) -> dict[str, Any]:
     return {
         "tenant": caller.tenant,
         "disks": [{"id": d["disk"], "target": f"{target_dir}/{d['disk']}.img"} for d in disks],
+        "segment_keys": [k["key"] for k in tenants.segment_keys(ctx, caller.tenant)],
     }
 
 

@@ -20,6 +20,7 @@ from azure.core.exceptions import AzureError
 
 from functions.core.account import Account
 from functions.core.errors import Unavailable
+from functions.core.ratelimit import FailureLimiter
 from functions.core.store import Store
 
 STORAGE_SETTING = "FERRY_STORAGE"
@@ -31,6 +32,11 @@ ADMIN_KEY_SETTING = "FERRY_ADMIN_KEY"
 ADMIN_KEY_MIN = 16
 """Shortest admin key accepted, in characters."""
 
+AUTH_FAILURES_SETTING = "FERRY_AUTH_FAILURES_PER_MINUTE"
+"""App setting: failed authentications one client address may make per minute (default 30)."""
+
+AUTH_FAILURES_DEFAULT = 30
+
 
 @dataclasses.dataclass
 class Context:
@@ -40,6 +46,9 @@ class Context:
     store: Store
     admin_key_sha256: bytes | None
     clock: Callable[[], float] = time.time
+    auth_failures: FailureLimiter = dataclasses.field(
+        default_factory=lambda: FailureLimiter(AUTH_FAILURES_DEFAULT)
+    )
 
     def now(self) -> float:
         """The current time, in seconds since the epoch."""
@@ -70,7 +79,8 @@ def from_settings(env: Mapping[str, str], clock: Callable[[], float] = time.time
         account = Account.from_identity(env, STORAGE_SETTING)
     key = env.get(ADMIN_KEY_SETTING)
     digest = hashlib.sha256(key.encode()).digest() if key else None
-    ctx = Context(account, Store(account.tables), digest, clock)
+    limit = int(env.get(AUTH_FAILURES_SETTING) or AUTH_FAILURES_DEFAULT)
+    ctx = Context(account, Store(account.tables), digest, clock, FailureLimiter(limit))
     try:
         ctx.store.ensure_tables()
     except AzureError as exc:

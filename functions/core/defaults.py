@@ -73,3 +73,6 @@ ETAG_ATTEMPTS = 20
 
 TARGET_DIR = "/var/lib/ferry/targets"
 """Where a master target registered without ``target_dir`` keeps its target images."""
+
+SEGMENT_KEYS_KEPT = 4
+"""Segment keys a tenant keeps (the newest seals, all open), a count."""

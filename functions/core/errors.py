@@ -64,7 +64,7 @@ class TooLarge(ApiError):
 
 
 class TooManyGuesses(ApiError):
-    """Registration for a tenant is locked after too many wrong passphrases."""
+    """Too many wrong passphrases for a tenant, or wrong credentials from one address."""
 
     status = 429
 

@@ -191,6 +191,9 @@ PATHS: dict[str, Any] = {
     "/tenants/{tenant}/operator-token": {"post": _op(
         "a new operator token; the old one stops working at once (operator or admin)",
         (201, "TenantCreated"), params=[TENANT])},
+    "/tenants/{tenant}/segment-keys": {"post": _op(
+        "a new segment key for the tenant: answers its id and the ids kept (operator)",
+        (201, None), params=[TENANT])},
     "/register": {"post": _op("register a component with a passphrase", (201, "Registered"),
                               "Register", public=True)},
     "/components/self": {"get": _op("the component's record", (200, "Component"))},

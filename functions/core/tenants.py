@@ -27,7 +27,7 @@ import datetime as dt
 import secrets
 from typing import Any, NoReturn
 
-from ferry import naming
+from ferry import naming, segment
 from ferry.naming import KIND_PREFIX
 from functions.core import defaults, validate
 from functions.core.auth import (
@@ -66,6 +66,7 @@ def create_tenant(ctx: Context, caller: Caller, body: Any) -> dict[str, Any]:
         "display_name": display,
         "created_at": ctx.now(),
         "operator_token_sha256": digest(token),
+        "segment_keys": [_new_segment_key(ctx.now())],
     }
     if not ctx.store.create("tenants", TENANTS_PARTITION, tenant, record):
         raise Conflict(f"tenant {tenant} already exists")
@@ -93,6 +94,54 @@ def create_passphrase(ctx: Context, caller: Caller, tenant: str, body: Any) -> d
     ctx.store.create("passphrases", tenant, digest(passphrase), record)
     answer = {"passphrase": passphrase, "expires_at": now + ttl}
     return answer | ({"for_component": bound} if bound else {})
+
+
+# -- segment keys --------------------------------------------------------------------------
+
+
+def _new_segment_key(now: float) -> dict[str, Any]:
+    key = secrets.token_bytes(segment.KEY_BYTES)
+    return {"id": segment.key_id(key), "key": key.hex(), "created_at": now}
+
+
+def segment_keys(ctx: Context, tenant: str) -> list[dict[str, Any]]:
+    """The tenant's segment keys, newest first (one is made for a tenant that has none).
+
+    The process servers seal with the newest; the master targets hold them
+    all, so segments sealed before a rotation still open.
+    """
+    record = ctx.store.get("tenants", TENANTS_PARTITION, tenant) or {}
+    if record.get("segment_keys"):
+        return list(record["segment_keys"])
+    now = ctx.now()
+
+    def change(r: dict[str, Any]) -> dict[str, Any] | None:
+        if r.get("segment_keys"):
+            return None
+        return {**r, "segment_keys": [_new_segment_key(now)]}
+
+    updated = ctx.store.mutate(
+        "tenants", TENANTS_PARTITION, tenant, change, what=f"tenant {tenant}"
+    )
+    return list(updated["segment_keys"])
+
+
+def rotate_segment_key(ctx: Context, caller: Caller, tenant: str, _body: Any = None):
+    """A new segment key for the tenant; answers its id (never a key) and the ids kept.
+
+    Master targets learn it within a minute and wait for a key they lack, so
+    segments in flight are never lost; the oldest beyond SEGMENT_KEYS_KEPT go.
+    """
+    require_operator(caller, tenant)
+    segment_keys(ctx, tenant)
+    fresh = _new_segment_key(ctx.now())
+
+    def change(record: dict[str, Any]) -> dict[str, Any]:
+        kept = [fresh, *record.get("segment_keys", [])][: defaults.SEGMENT_KEYS_KEPT]
+        return {**record, "segment_keys": kept}
+
+    record = ctx.store.mutate("tenants", TENANTS_PARTITION, tenant, change, what=f"tenant {tenant}")
+    return {"key_id": fresh["id"], "kept": [k["id"] for k in record["segment_keys"]]}
 
 
 def rotate_operator_token(ctx: Context, caller: Caller, tenant: str, _body: Any = None):
