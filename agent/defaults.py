@@ -68,3 +68,7 @@ PKI_KEY = "/etc/ferry/pki/agent.key"
 
 TAG_TIMEOUT = 300.0
 """Longest a ``tag`` or ``drain`` command waits for its tag to be durable, in seconds."""
+
+STOP_ACK_WAIT = 10.0
+"""At an orderly stop, how long the agent waits for the process server to acknowledge what
+it sent, in seconds; a disk with a batch still unacknowledged resyncs at the next start."""

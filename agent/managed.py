@@ -279,6 +279,7 @@ class ManagedAgent(ManagedDaemon):
                 shipper_error=status["last_error"] or None,
                 disks=[
                     {"disk": d["disk"], "phase": d["phase"], "gen": d["gen"]}
+                    | ({"problem": d["problem"]} if d.get("problem") else {})
                     for d in status["disks"]
                 ],
             )
