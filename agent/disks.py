@@ -183,3 +183,24 @@ def _unescape(field: str) -> str:
     for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
         field = field.replace(code, char)
     return field
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m agent.disks mounted DEVICE...``: the mount points a freeze would cover.
+
+    The cutover freezes a source with it (roles/cutover), so it finds the
+    same filesystems as the agent's app-consistent tags.
+    """
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] != "mounted":
+        print("usage: python -m agent.disks mounted DEVICE...", file=sys.stderr)
+        return 2
+    for mounted in filesystems_on(args[1:]):
+        print(mounted.mountpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -160,7 +160,9 @@ class ManagedAgent(ManagedDaemon):
         with self._lock:
             old, self.session = self.session, None
             if old is not None:
-                old.close()
+                # Tracking is handed over to the next session, or to the next
+                # start when stopping; not when the machine is unprotected.
+                old.close(hand_over=settings is not None or self.stop.event.is_set())
             self._durable.clear()
             self._shipped.clear()
             if settings is None:

@@ -163,13 +163,14 @@ class Session:
         """Rewrite ``status.json`` in the state directory."""
         write_json(self.state_dir / "status.json", self.status(), durable=False)
 
-    def close(self) -> None:
+    def close(self, hand_over: bool = True) -> None:
         """Stop the passes, the socket, the connection and the tracker; write the last status.
 
         An orderly stop (the replicator was running and stops at a pass
-        boundary) hands tracking over to the next start (:mod:`agent.restart`).
+        boundary) hands tracking over to the next start (:mod:`agent.restart`)
+        unless ``hand_over`` is False (the machine is no longer protected).
         """
-        orderly = self.alive
+        orderly = self.alive and hand_over
         self.replicator.stop.set()
         if self.worker is not None and self.worker.ident is not None:
             self.worker.join(timeout=30)
@@ -200,6 +201,8 @@ class Session:
         ]  # fmt: skip
         if self.tracker.kind != "tracefs" or not disks:
             return False
+        if any((d.last_tag or {}).get("final") for d in disks):
+            return False  # cut over: the master target has fenced these disks for good
         if not self.tracker.detach():
             log.warning("tracking could not be handed over whole; the next start resyncs")
             return False
