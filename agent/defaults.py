@@ -80,3 +80,7 @@ RUN_DIR = "/run/ferry"
 
 FINAL_TAG_TIMEOUT = 300.0
 """Seconds the cutover's final tag may take to become durable at the process server."""
+
+STOP_ACK_WAIT = 10.0
+"""At an orderly stop, how long the agent waits for the process server to acknowledge what
+it sent, in seconds; a disk with a batch still unacknowledged resyncs at the next start."""

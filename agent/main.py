@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 
 from agent import defaults
 from agent.session import Session
@@ -27,9 +28,28 @@ from ferry.process import StopFlag
 log = logging.getLogger("ferry.agent")
 
 
+def notify_ready() -> None:
+    """Tell systemd (``Type=notify``) the agent is up: its tracking runs from here on.
+
+    The unit orders local filesystems after the agent's start (see
+    roles/ferry_daemon), so nothing is mounted before writes are traced.
+    Without ``$NOTIFY_SOCKET`` (no systemd) it does nothing.
+    """
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(b"READY=1", address)
+        except OSError as exc:
+            log.warning("could not notify systemd: %s", exc)
+
+
 def serve(settings: Settings, stop: StopFlag) -> int:
     """Run the agent until ``stop`` is set."""
     session = Session(settings)
+    notify_ready()
     try:
         session.start()
         while not stop.wait(defaults.STATUS_INTERVAL) and session.alive:
@@ -84,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     def from_server() -> int:
         from agent import managed
 
+        # Server mode learns its disks from the configuration server, over the
+        # network: it cannot hold the boot until then, so a reboot costs a
+        # resync there unless the disks' counters prove nothing was written.
+        notify_ready()
         return managed.run(args.server_credentials, local_settings(args), StopFlag().install())
 
     return frame.run_daemon("agent", args, from_file, from_server)

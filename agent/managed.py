@@ -147,7 +147,9 @@ class ManagedAgent(ManagedDaemon):
         with self._lock:
             old, self.session = self.session, None
             if old is not None:
-                old.close()
+                # Tracking is handed over to the next session, or to the next
+                # start when stopping; not when the machine is unprotected.
+                old.close(hand_over=settings is not None or self.stop.event.is_set())
             self._durable.clear()
             self._shipped.clear()
             if settings is None:
@@ -266,6 +268,7 @@ class ManagedAgent(ManagedDaemon):
                 shipper_error=status["last_error"] or None,
                 disks=[
                     {"disk": d["disk"], "phase": d["phase"], "gen": d["gen"]}
+                    | ({"problem": d["problem"]} if d.get("problem") else {})
                     for d in status["disks"]
                 ],
             )

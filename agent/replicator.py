@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import subprocess
 import threading
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 from pyroaring import BitMap
 
-from agent import defaults
+from agent import defaults, state
+from agent.disks import filesystems_on, identity
 from agent.settings import Settings
 from agent.shipper import Shipper
 from agent.tracker import DiskTrack, Tracker, mono
@@ -40,6 +42,13 @@ class DiskState:
 
     track: DiskTrack
     mountpoint: str | None
+    """A filesystem to freeze besides those found on the disk (the ``mountpoint`` setting)."""
+    identity: str = ""
+    """The identity recorded at first protection (see agent.disks.identity)."""
+    problem: str | None = None
+    """Why the disk is not replicated (phase ``identity-mismatch``), for the operator."""
+    start_reason: str = "agent start"
+    """Why the disk resyncs at this start, or ``resumed`` (see agent.restart)."""
     gen: int | None = None
     next_seq: int = 1
     phase: str = "starting"
@@ -137,6 +146,7 @@ class Replicator:
         self.clean_passes = 0
         self.frozen_passes = 0
         self.longest_freeze = 0.0
+        self._thawed_early = False
         self.last_clean = mono()
         self.last_tag_sent = mono()
         self.started = time.time()
@@ -148,7 +158,8 @@ class Replicator:
     def run(self) -> None:
         """Replicate until ``stop`` is set."""
         for disk in self.disks.values():
-            self._request_resync(disk, "agent start")
+            if disk.gen is None:  # not resumed from an orderly stop (agent.restart)
+                self._request_resync(disk, disk.start_reason)
         try:
             while not self.stop.is_set():
                 self._handle_inbox()
@@ -194,9 +205,23 @@ class Replicator:
         return any(self.tracker.dirty_count(d.id) for d in disks)
 
     def _freeze_due(self) -> bool:
-        return mono() - self.last_clean > self.settings.freeze_after and any(
-            d.mountpoint for d in self._replicating()
+        return mono() - self.last_clean > self.settings.freeze_after and bool(
+            self._filesystems(self._replicating())
         )
+
+    def _filesystems(self, states: list[DiskState]) -> list[str]:
+        """Mount points of every filesystem on ``states``' disks, their partitions and volumes.
+
+        Looked up at each freeze: filesystems come and go while the agent runs.
+        """
+        found = filesystems_on([d.track.device for d in states])
+        points = [m.mountpoint for m in found]
+        numbers = {_fs_number(p) for p in points}
+        for d in states:  # an extra mount point from the settings, unless already covered
+            if d.mountpoint and _fs_number(d.mountpoint) not in numbers:
+                points.append(d.mountpoint)
+                numbers.add(_fs_number(d.mountpoint))
+        return points
 
     def _next_tag_request(self) -> TagRequest | None:
         if not self._replicating() and not self.paused.is_set():
@@ -254,7 +279,35 @@ class Replicator:
 
     # -- resync -----------------------------------------------------------------------
 
+    def _identity_problem(self, disk: DiskState) -> str | None:
+        """Why ``disk``'s device is not the disk first protected now (None if it is)."""
+        device = disk.track.device
+        try:
+            reader = blockio.DirectReader(device, blockio.ALIGN)
+            size = reader.size
+            reader.close()
+            found = identity(device)
+        except (OSError, FerryError) as exc:
+            return f"{device} cannot be opened: {exc}"
+        return state.mismatch(disk.identity, disk.track.size, device, found, size)
+
+    def _refuse(self, disk: DiskState, problem: str) -> None:
+        """Stop replicating ``disk``: its device is another disk (or gone)."""
+        if disk.gen is not None:
+            self.shipper.forget_disk(disk.id)
+        disk.gen, disk.request_id = None, None
+        if disk.problem != problem:
+            log.error("disk %s: refused: %s; nothing is read or shipped for it", disk.id, problem)
+        disk.phase, disk.problem = "identity-mismatch", problem
+
     def _request_resync(self, disk: DiskState, reason: str) -> None:
+        # Before every resync: a resync reads the whole device and may
+        # overwrite the whole target, so it must be the disk first protected.
+        problem = self._identity_problem(disk)
+        if problem:
+            self._refuse(disk, problem)
+            return
+        disk.problem = None
         if disk.gen is not None:
             self.shipper.forget_disk(disk.id)
         disk.gen = None
@@ -342,6 +395,8 @@ class Replicator:
             t0_wall = time.time() - (mono() - t0)
             held = {d.id: self._ship_pass(d, taken[d.id]) for d in disks}
             clean = self.tracker.end_pass()
+        if freeze and self._thawed_early:
+            clean = False
         self.passes += 1
         if self.tracker.lost():
             for disk in disks:
@@ -351,10 +406,10 @@ class Replicator:
         if clean:
             tag = {
                 "id": f"{self.settings.machine}-{int(t0 * 1e9)}",
-                "kind": kind if frozen else "crash",
+                "kind": kind if freeze else "crash",
                 "t0_mono_ns": int(t0 * 1e9),
                 "t0_wall": t0_wall,
-                "frozen": bool(frozen),
+                "frozen": frozen or [],
                 "disks": sorted(d.id for d in disks),
             }
             if final:
@@ -503,15 +558,30 @@ class Replicator:
             run_hook(command, which, self.settings.hook_timeout)
 
     @contextlib.contextmanager
-    def _frozen(self, disks: list[DiskState]):
-        points = sorted({d.mountpoint for d in disks if d.mountpoint})
+    def _frozen(self, states: list[DiskState]):
+        """Freeze every filesystem on ``states``' disks at once; yield their mount points.
+
+        A freeze that fails thaws what was frozen and raises: a tag is never
+        taken half-frozen.  With nothing mounted the pass runs as it is, and
+        the tag says so (``frozen: []``).
+        """
+        points = self._filesystems(states)
         if not points:
-            log.warning("no mounted filesystem to freeze; the pass runs unfrozen")
-            yield False
+            log.warning(
+                "no filesystem is mounted from %s: nothing to freeze (hooks only)",
+                ", ".join(d.id for d in states),
+            )
+            yield []
             return
         frozen: list[str] = []
         started = time.monotonic()
-        watchdog = threading.Timer(self.settings.freeze_timeout, _thaw_all, args=(frozen, True))
+        self._thawed_early = False
+
+        def watchdog_fired() -> None:
+            self._thawed_early = True  # the pass that follows is no frozen point: no tag
+            _thaw_all(frozen, True)
+
+        watchdog = threading.Timer(self.settings.freeze_timeout, watchdog_fired)
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -520,7 +590,7 @@ class Replicator:
                     ["fsfreeze", "-f", point], check=True, capture_output=True, timeout=60
                 )
                 frozen.append(point)
-            yield True
+            yield list(points)
         finally:
             watchdog.cancel()
             _thaw_all(frozen, False)
@@ -550,7 +620,11 @@ class Replicator:
                     "bytes_shipped": disk.bytes_shipped,
                     "last_tag": disk.last_tag,
                     "resyncs": disk.resyncs,
-                    "mountpoint": disk.mountpoint,
+                    "start": disk.start_reason,
+                    "device_path": os.path.realpath(disk.track.device),
+                    "identity": disk.identity,
+                    "problem": disk.problem,
+                    "filesystems": self._filesystems([disk]),
                 }
             )
         return {
@@ -568,8 +642,15 @@ class Replicator:
         }
 
 
+def _fs_number(path: str) -> int:
+    try:
+        return os.stat(path).st_dev
+    except OSError:
+        return -1
+
+
 def _thaw_all(points: list[str], from_watchdog: bool) -> None:
-    for point in points:
+    for point in reversed(points):
         result = subprocess.run(["fsfreeze", "-u", point], capture_output=True, text=True)
         if from_watchdog and result.returncode == 0:
             log.error("watchdog thawed %s: a freeze outlived freeze_timeout", point)

@@ -17,7 +17,8 @@ class DiskSettings:
     id: str
     device: str
     mountpoint: str | None = None
-    """Filesystem to freeze for consistency; found in /proc/self/mountinfo if unset."""
+    """An extra filesystem to freeze; those mounted from the disk, its partitions and
+    volumes are found at each freeze (agent.disks.filesystems_on)."""
 
 
 @dataclasses.dataclass

@@ -65,6 +65,20 @@ def mount_point(root: str) -> Path:
     return path
 
 
+def remove_instance(root: str, name: str) -> None:
+    """Remove instance ``name`` if it exists (one a predecessor left and nobody adopted)."""
+    try:
+        path = mount_point(root) / "instances" / name
+    except TrackerUnavailable:
+        return  # no tracefs here: nothing of ours can be left in it
+    if path.is_dir():
+        try:
+            (path / "tracing_on").write_text("0")
+            path.rmdir()
+        except OSError as exc:
+            log.warning("could not remove trace instance %s: %s", path, exc)
+
+
 class TraceInstance:
     """A private trace instance streaming write events of ``devs`` to callbacks."""
 
@@ -88,12 +102,23 @@ class TraceInstance:
         self._stop = False
         self._fd: int | None = None
         self._marker_fd: int | None = None
+        self._pending = b""
         self.events = 0
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Create and configure the instance, then start the reader thread."""
+    def start(self, adopt: bool = False) -> bool:
+        """Create and configure the instance, then start the reader thread.
+
+        With ``adopt``, an instance of this name left running by an orderly
+        stop (:meth:`detach`) is taken over as it is, if it traces exactly
+        what this one would: the events it recorded meanwhile are read
+        first.  Returns True if it was adopted.
+        """
+        if adopt and self._matches():
+            self._open()
+            log.info("adopted trace instance %s", self.path)
+            return True
         try:
             if self.path.exists():
                 self._remove()  # a leftover of a killed agent with our name
@@ -109,10 +134,41 @@ class TraceInstance:
             raise TrackerUnavailable(
                 device="this host", problem=f"cannot configure {self.path}: {exc}"
             )
+        self._open()
+        return False
+
+    def _open(self) -> None:
         self._fd = os.open(self.path / "trace_pipe", os.O_RDONLY)
         self._marker_fd = os.open(self.path / "trace_marker", os.O_WRONLY)
         self._thread = threading.Thread(target=self._read_loop, name="trace-reader", daemon=True)
         self._thread.start()
+
+    def _filter(self) -> str:
+        clause = " || ".join(f"dev == {d}" for d in self.devs)
+        return f'({clause}) && !(rwbs ~ "R*")'
+
+    def _matches(self) -> bool:
+        """True if the instance exists, runs, and traces what this one would."""
+        try:
+            if self._read("tracing_on") != "1" or "[mono]" not in self._read("trace_clock"):
+                return False
+            if self._read("options/overwrite") != "0":
+                return False
+            for event in COMPLETE_EVENTS + (QUEUE_EVENT,):
+                base = self.path / "events" / "block" / event
+                if not base.exists():
+                    continue
+                if (
+                    self._read(f"{base}/enable") != "1"
+                    or self._read(f"{base}/filter") != self._filter()
+                ):
+                    return False
+            return True
+        except OSError:
+            return False
+
+    def _read(self, rel: str) -> str:
+        return (self.path / rel).read_text().strip()
 
     def _configure(self) -> None:
         self._write("tracing_on", "0")
@@ -121,8 +177,7 @@ class TraceInstance:
         # overwrite=0: a full buffer drops new events and counts them, never
         # silently replaces old ones.
         self._write("options/overwrite", "0")
-        clause = " || ".join(f"dev == {d}" for d in self.devs)
-        filt = f'({clause}) && !(rwbs ~ "R*")'
+        filt = self._filter()
         for event in (*COMPLETE_EVENTS, QUEUE_EVENT):
             base = f"events/block/{event}"
             if not (self.path / base).exists():
@@ -133,6 +188,29 @@ class TraceInstance:
 
     def _write(self, rel: str, value: str) -> None:
         (self.path / rel).write_text(value)
+
+    def detach(self) -> bool:
+        """Stop the reader but leave the instance recording, for a successor to adopt.
+
+        Every event the reader consumed has been handed to the callbacks;
+        every other one stays in the ring buffer.  False if that cannot be
+        promised (the reader did not stop, or held half an event line).
+        """
+        self._stop = True
+        if self._marker_fd is not None:
+            try:
+                os.write(self._marker_fd, b"ferry-detach")  # wakes a reader blocked in read
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        clean = self._thread is not None and not self._thread.is_alive() and not self._pending
+        for fd in (self._fd, self._marker_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._marker_fd = None
+        self._thread = None
+        return clean
 
     def close(self) -> None:
         """Stop the reader and remove the instance."""
@@ -202,7 +280,6 @@ class TraceInstance:
     # -- reader thread ----------------------------------------------------------------
 
     def _read_loop(self) -> None:
-        pending = b""
         while not self._stop:
             fd = self._fd
             if fd is None:  # closed
@@ -215,8 +292,8 @@ class TraceInstance:
             if not chunk:
                 time.sleep(0.01)
                 continue
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
+            lines = (self._pending + chunk).split(b"\n")
+            self._pending = lines.pop()
             for line in lines:
                 self._dispatch(line)
             if len(chunk) < 4096:

@@ -109,8 +109,12 @@ class TraceTracker(Tracker):
     kind = "tracefs"
     description = "kernel block-layer tracing (tracefs instance)"
 
-    def __init__(self, disks: list[DiskTrack], root: str, name: str, buffer_kb: int) -> None:
+    def __init__(
+        self, disks: list[DiskTrack], root: str, name: str, buffer_kb: int, adopt: bool = False
+    ) -> None:
         super().__init__(disks)
+        self.adopt = adopt
+        self.adopted = False
         self.by_dev = {dev_number(d.device): d for d in disks}
         self.instance = TraceInstance(
             root, name, list(self.by_dev), buffer_kb, self._complete, self._queue, self._mark
@@ -124,11 +128,19 @@ class TraceTracker(Tracker):
         self._lost_seen = 0
 
     def start(self) -> None:
-        self.instance.start()
+        self.adopted = self.instance.start(self.adopt)
         self._lost_seen = self.instance.lost_events()
 
     def close(self) -> None:
         self.instance.close()
+
+    def detach(self) -> bool:
+        """Stop reading but leave the instance recording (see TraceInstance.detach).
+
+        False if an event may be lost in the hand-over, or events were lost
+        since the last pass looked (a resync is owed then).
+        """
+        return self.instance.detach() and not self.lost()
 
     # -- callbacks from the reader thread -----------------------------------------
 
@@ -297,11 +309,19 @@ class ScanTracker(Tracker):
         return clean
 
 
-def choose(kind: str, disks: list[DiskTrack], root: str, name: str, buffer_kb: int) -> Tracker:
+def choose(
+    kind: str,
+    disks: list[DiskTrack],
+    root: str,
+    name: str,
+    buffer_kb: int,
+    adopt: bool = False,
+) -> Tracker:
     """Pick the tracker for ``kind`` (auto, tracefs or scan) and start it.
 
     ``auto`` uses tracefs when every disk is a block device and tracefs can be
     used (root), and the scan tracker otherwise, saying why in the log.
+    With ``adopt`` a trace instance ``name`` left by an orderly stop is taken over.
     """
     from ferry.blockio import is_block_device
     from ferry.errors import TrackerUnavailable
@@ -313,7 +333,7 @@ def choose(kind: str, disks: list[DiskTrack], root: str, name: str, buffer_kb: i
         elif os.geteuid() != 0:
             problem = "tracefs needs root"
         if problem is None:
-            tracker = TraceTracker(disks, root, name, buffer_kb)
+            tracker = TraceTracker(disks, root, name, buffer_kb, adopt)
             try:
                 tracker.start()
                 return tracker

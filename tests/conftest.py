@@ -66,39 +66,79 @@ def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
 
 
 class LoopDisk:
-    """A loop device over a sparse file, optionally with a mounted ext4."""
+    """A loop device over a sparse file, optionally with a mounted ext4.
 
-    def __init__(self, base: Path, size: int, fs: bool) -> None:
+    With ``partitions`` (sizes in bytes) the image gets a GPT with those
+    partitions, added with ``partx -a`` (this kernel parses no partition
+    tables), and ``fs`` puts a mounted ext4 on each partition instead of the
+    whole disk: ``parts`` and ``mountpoints`` list them.
+    """
+
+    def __init__(
+        self, base: Path, size: int, fs: bool, partitions: list[int] | None = None
+    ) -> None:
+        self.base = base
         self.image = base / "source.img"
         with open(self.image, "wb") as f:
             f.truncate(size)
+        if partitions:
+            table = "label: gpt\n" + "".join(f"size={n // 512}\n" for n in partitions)
+            run("sfdisk", "-q", str(self.image), input=table)
         self.device = run(
             "losetup", "--find", "--show", "--direct-io=on", str(self.image)
         ).stdout.strip()
+        self.parts: list[str] = []
+        self.mountpoints: list[Path] = []
         self.mountpoint: Path | None = None
+        try:
+            self._prepare(fs, partitions)
+        except BaseException:
+            self.close()  # detach what was made, also when set-up fails
+            raise
+
+    def _prepare(self, fs: bool, partitions: list[int] | None) -> None:
+        if partitions:
+            run("partx", "-a", self.device)
+            self.parts = [f"{self.device}p{i + 1}" for i in range(len(partitions))]
         if fs:
-            run(
-                "mkfs.ext4",
-                "-q",
-                "-F",
-                "-b",
-                "4096",
-                "-E",
-                "lazy_itable_init=0,lazy_journal_init=0",
-                self.device,
-            )
-            self.mountpoint = base / "mnt"
-            self.mountpoint.mkdir()
-            run("mount", self.device, str(self.mountpoint))
+            for i, dev in enumerate(self.parts or [self.device]):
+                mkfs(dev)
+                point = self.base / (f"mnt{i + 1}" if self.parts else "mnt")
+                point.mkdir()
+                run("mount", dev, str(point))
+                self.mountpoints.append(point)
+            self.mountpoint = None if self.parts else self.mountpoints[0]
+
+    def part_offset(self, index: int) -> int:
+        """Byte offset of partition ``index`` (1-based) on the whole disk."""
+        name = Path(self.parts[index - 1]).name
+        return int((Path("/sys/class/block") / name / "start").read_text()) * 512
 
     def unmount(self) -> None:
-        if self.mountpoint and os.path.ismount(self.mountpoint):
-            subprocess.run(["fsfreeze", "-u", str(self.mountpoint)], capture_output=True)
-            run("umount", str(self.mountpoint))
+        for point in self.mountpoints:
+            if os.path.ismount(point):
+                subprocess.run(["fsfreeze", "-u", str(point)], capture_output=True)
+                run("umount", str(point))
 
     def close(self) -> None:
         self.unmount()
+        if self.parts:
+            subprocess.run(["partx", "-d", self.device], capture_output=True)
         subprocess.run(["losetup", "-d", self.device], capture_output=True)
+
+
+def mkfs(device: str) -> None:
+    """An ext4 with its inode tables and journal written now, not lazily later."""
+    run(
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-b",
+        "4096",
+        "-E",
+        "lazy_itable_init=0,lazy_journal_init=0",
+        device,
+    )
 
 
 @pytest.fixture
@@ -106,10 +146,12 @@ def loopdisk(tmp_path):
     """Factory for loop devices (root only); all are detached at teardown."""
     made: list[LoopDisk] = []
 
-    def make(size: int = 256 << 20, fs: bool = True) -> LoopDisk:
+    def make(
+        size: int = 256 << 20, fs: bool = True, partitions: list[int] | None = None
+    ) -> LoopDisk:
         base = tmp_path / f"disk{len(made)}"
         base.mkdir()
-        disk = LoopDisk(base, size, fs)
+        disk = LoopDisk(base, size, fs, partitions)
         made.append(disk)
         return disk
 

@@ -215,7 +215,7 @@ def test_app_consistent_tag_runs_hooks_and_freezes(deployment, loopdisk, tmp_pat
     tag = deployment.tag("app")
     writer.stop.set()
     writer.join()
-    assert tag["kind"] == "app" and tag["frozen"] is True
+    assert tag["kind"] == "app" and tag["frozen"] == [str(disk.mountpoint)]
     lines = marks.read_text().split()
     assert lines[0] == "pre" and lines[2] == "post", lines
     assert float(lines[1]) <= tag["t0_wall"] <= float(lines[3]), "the tag lies between the hooks"
