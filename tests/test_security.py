@@ -328,3 +328,27 @@ def test_wrong_credentials_are_rate_limited_per_client_address(api):
         assert elsewhere.status_code == 201
     finally:
         context.use(api.ctx)
+
+
+def test_grants_insist_on_https_where_the_endpoint_is_https():
+    """SAS grants once worked over plain HTTP even for an HTTPS account."""
+    import datetime as dt
+
+    from azure.storage.blob._shared.parser import DEVSTORE_ACCOUNT_KEY
+
+    from functions.core.account import Account
+
+    now = dt.datetime.now(dt.UTC)
+    later = now + dt.timedelta(hours=1)
+    cloud = Account.from_connection_string(
+        "DefaultEndpointsProtocol=https;AccountName=ferrytest;"
+        f"AccountKey={DEVSTORE_ACCOUNT_KEY};EndpointSuffix=core.windows.net"
+    )
+    assert "spr=https" in cloud.container_sas("ferry-t-segments", "r", now, later)
+    assert "spr=https" in cloud.queue_sas("fd-1-t-d", "r", now, later)
+    local = Account.from_connection_string(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        f"AccountKey={DEVSTORE_ACCOUNT_KEY};BlobEndpoint=http://127.0.0.1:1/devstoreaccount1;"
+        "QueueEndpoint=http://127.0.0.1:2/devstoreaccount1;TableEndpoint=http://127.0.0.1:3/devstoreaccount1"
+    )
+    assert "spr=" not in local.container_sas("ferry-t-segments", "r", now, later)

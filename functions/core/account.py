@@ -142,13 +142,19 @@ class Account:
 
     def _sas(self, generate, service: str, name: str, permission: str,
              start: dt.datetime, expiry: dt.datetime) -> str:  # fmt: skip
-        """A service SAS signed with the account key, else a user delegation SAS."""
+        """A service SAS signed with the account key, else a user delegation SAS.
+
+        Where the endpoint is HTTPS the SAS says so (``spr=https``): a grant is
+        never good over plain HTTP, where it could be read on the way.
+        """
+        endpoint = self.blob_endpoint if service == "blob" else self.queue_endpoint
+        https = {"protocol": "https"} if endpoint.startswith("https://") else {}
         if self._key:
             signer = {"account_key": self._key}
         else:
             signer = {"user_delegation_key": self._delegation_key(service, expiry)}
         return generate(self.name, name, permission=permission, start=start, expiry=expiry,
-                        **signer)  # fmt: skip
+                        **signer, **https)  # fmt: skip
 
     def _delegation_key(self, service: str, expiry: dt.datetime):
         """A user delegation key valid past ``expiry`` (cached; keys live a day here)."""
