@@ -352,3 +352,31 @@ def test_grants_insist_on_https_where_the_endpoint_is_https():
         "QueueEndpoint=http://127.0.0.1:2/devstoreaccount1;TableEndpoint=http://127.0.0.1:3/devstoreaccount1"
     )
     assert "spr=" not in local.container_sas("ferry-t-segments", "r", now, later)
+
+
+def test_the_azure_template_keeps_secrets_in_key_vault_and_uses_the_managed_identity():
+    """The admin key was a plain app setting and the storage setting carried no key, so the
+    managed-identity path was never taken and the app could not reach storage."""
+    from pathlib import Path
+
+    from functions.core import context
+
+    template = json.loads(
+        (Path(__file__).parents[1] / "roles/config_server/files/functionapp.arm.json").read_text()
+    )
+    resources = {r["type"]: r for r in template["resources"]}
+    settings = {s["name"]: s["value"] for s in
+                resources["Microsoft.Web/sites"]["properties"]["siteConfig"]["appSettings"]}  # fmt: skip
+    assert settings["FERRY_ADMIN_KEY"].startswith("[concat('@Microsoft.KeyVault(SecretUri=")
+    assert "adminKey" not in json.dumps(resources["Microsoft.Web/sites"])
+    assert resources["Microsoft.KeyVault/vaults"]["properties"]["enableRbacAuthorization"]
+    assert resources["Microsoft.KeyVault/vaults/secrets"]["properties"]["value"] == (
+        "[parameters('adminKey')]")  # fmt: skip
+    assert "FERRY_STORAGE" not in settings
+    # What the app reads in Azure: the managed-identity settings, with the secret resolved.
+    env = {"FERRY_STORAGE__accountName": "ferrystore", "FERRY_ADMIN_KEY": "k" * 32}
+    assert set(settings) >= {"FERRY_STORAGE__accountName", "FERRY_ADMIN_KEY"}
+    assert context.settings_problem(env) is None
+    granted = [r["properties"]["roleDefinitionId"] for r in template["resources"]
+               if r["type"] == "Microsoft.Authorization/roleAssignments"]  # fmt: skip
+    assert any("secretsUser" in g for g in granted)
