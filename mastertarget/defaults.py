@@ -92,3 +92,6 @@ STATE_DIR = "/var/lib/ferry/master-target"
 
 TARGETS_SUBDIR = "targets"
 """Server mode: a disk the settings give no target is applied to ``<state_dir>/targets/<disk>.img``."""
+
+CUTOVER_FENCE_WAIT = 900.0
+"""Server mode: how long a ``cutover`` command waits for every disk to be fenced, in seconds."""
