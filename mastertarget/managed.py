@@ -94,6 +94,7 @@ class ManagedMasterTarget(ManagedDaemon):
         self._lock = threading.Lock()
         self._storage: Storage | None = None
         self._key: bytes | None = None
+        self._disk_targets: dict[str, str] = {}
 
     def _adapt(self, raw: dict[str, Any]) -> dict[str, Any]:
         raw = {k: v for k, v in raw.items() if k not in SERVER_ONLY}
@@ -154,6 +155,7 @@ class ManagedMasterTarget(ManagedDaemon):
                 if not os.path.exists(disk.target):
                     Path(disk.target).parent.mkdir(parents=True, exist_ok=True)
             added = [d.id for d in settings.disks if self.service.add(settings, d)]
+            self._disk_targets.update({d.id: str(d.target) for d in settings.disks})
         if added:
             log.info("serving %s", ", ".join(added))
         return added
@@ -187,7 +189,8 @@ class ManagedMasterTarget(ManagedDaemon):
         disks = [d for d in args.get("disks") or [] if isinstance(d, str)]
         if not disks:
             raise CutoverError(detail=f"machine {args.get('machine')} names no disks")
-        return {disk: str(self.targets / f"{disk}.img") for disk in disks}
+        known = self._disk_targets
+        return {disk: known.get(disk) or str(self.targets / f"{disk}.img") for disk in disks}
 
     def _out_dir(self, what: str, args: dict[str, Any]) -> Path:
         machine = str(args.get("machine") or "")

@@ -96,12 +96,12 @@ class Portal:
         )
 
     def page(
-        self, request: Request, session: Session, template: str, status: int = 200, **context: Any
+        self, request: Request, session: Session, template: str, code: int = 200, **context: Any
     ) -> Response:
         """A full page with the frame's context (tenants, CSRF token, flash)."""
         flash, session.flash = session.flash, None
         response = render(
-            template, status, session=session, tenants=sorted(session.tokens), tenant=session.current,
+            template, code, session=session, tenants=sorted(session.tokens), tenant=session.current,
             csrf=session.csrf, flash=flash, path=request.url.path, version=__version__,
             refresh=defaults.REFRESH_INTERVAL, entra=self.settings.entra, **context,
         )  # fmt: skip
@@ -145,11 +145,11 @@ class Portal:
                 await Api(self.settings.server, self.settings.verify, tenant, token).status()
             except ControlRefused as exc:
                 error = ("The configuration server did not accept that token."
-                         if exc.status in (401, 403, 404) else exc.message)  # fmt: skip
+                         if exc.status in (401, 403, 404) else exc.fields.get("message"))  # fmt: skip
         if error:
             self.limiter.failed(address)
             log.info("sign-in refused from %s", address)
-            return render("signin.html", status=401, csrf=session.csrf, session=session,
+            return render("signin.html", 401, csrf=session.csrf, session=session,
                           error=error, tenants=sorted(session.tokens), tenant=session.current,
                           flash=None, path="/signin", version=__version__, refresh=0,
                           entra=False)  # fmt: skip
@@ -294,7 +294,7 @@ class Portal:
         except ControlRefused as exc:
             if exc.status in (401, 403):
                 raise
-            session.flash = {"kind": "error", "text": f"Could not start {what}: {exc.message}"}
+            session.flash = {"kind": "error", "text": f"Could not start {what}: {exc.fields.get('message')}"}
             return None
         session.flash = {"kind": "ok", "text": f"Started {what}."}
         return result
@@ -461,7 +461,7 @@ def create_app(settings: Settings) -> Starlette:
 def _handlers(portal: Portal) -> dict[Any, Any]:
     def error_page(request: Request, status: int, message: str, headers=None) -> Response:
         session = session_of(request)
-        response = render("error.html", status=status, message=message, session=session,
+        response = render("error.html", status, message=message, session=session,
                           tenants=sorted(session.tokens) if session else [],
                           tenant=session.current if session else None,
                           csrf=session.csrf if session else "", flash=None,
@@ -488,7 +488,7 @@ def _handlers(portal: Portal) -> dict[Any, Any]:
                               "tenant's token. Sign in again.")  # fmt: skip
         if exc.status == 404:
             return error_page(request, 404, "There is no such page.")
-        return error_page(request, 409, exc.message)
+        return error_page(request, 409, str(exc.fields.get("message")))
 
     async def unavailable(request: Request, exc: ControlUnavailable) -> Response:
         log.warning("the configuration server is unavailable: %s", exc)

@@ -90,9 +90,9 @@ templates = jinja2.Environment(
 )
 
 
-def render(template: str, status: int = 200, **context: Any) -> HTMLResponse:
+def render(template: str, http_status: int = 200, **context: Any) -> HTMLResponse:
     """A page (or a live fragment) rendered from ``templates/<template>``."""
-    return HTMLResponse(templates.get_template(template).render(**context), status_code=status)
+    return HTMLResponse(templates.get_template(template).render(**context), status_code=http_status)
 
 
 # -- sessions -----------------------------------------------------------------------------
