@@ -294,7 +294,10 @@ class Portal:
         except ControlRefused as exc:
             if exc.status in (401, 403):
                 raise
-            session.flash = {"kind": "error", "text": f"Could not start {what}: {exc.fields.get('message')}"}
+            session.flash = {
+                "kind": "error",
+                "text": f"Could not start {what}: {exc.fields.get('message')}",
+            }
             return None
         session.flash = {"kind": "ok", "text": f"Started {what}."}
         return result
