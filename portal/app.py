@@ -408,6 +408,8 @@ def _install_commands(settings: Settings, tenant: str, kind: str, name: str, for
         extra = f" --disk {name}-disk0={_shell_word(device)}"
     elif kind == "process-server":
         extra = f" --listen {_shell_word(form.get('listen', '').strip() or '0.0.0.0:7443')}"
+    elif form.get("target_dir", "").strip():
+        extra = f" --target-dir {_shell_word(form['target_dir'].strip())}"
     module = {"agent": "agent", "process-server": "processserver",
               "master-target": "mastertarget"}[kind]  # fmt: skip
     return [
