@@ -99,19 +99,19 @@ def after_report(ctx: Context, tenant: str, record: dict[str, Any] | None) -> No
     job = ctx.store.get("jobs", tenant, record["job_id"])
     if not job or not job.get("driven"):
         return
-    detail = " ".join(t.get("detail") or "" for t in targets).strip()
     kind, step = job["kind"], record["type"]
+    detail = _summary(step, [t.get("detail") or "" for t in targets])
     if kind == "test-failover" and step == "test-failover" and job["state"] == "requested":
-        jobs.progress_as_server(ctx, tenant, job["job_id"], "ready", _short(detail))
+        jobs.progress_as_server(ctx, tenant, job["job_id"], "ready", detail)
     elif kind == "test-failover" and step == "test-failover-cleanup" and job["state"] == "ready":
-        jobs.progress_as_server(ctx, tenant, job["job_id"], "cleaned", _short(detail))
+        jobs.progress_as_server(ctx, tenant, job["job_id"], "cleaned", detail)
     elif kind == "cutover" and step == "drain" and job["state"] == "draining":
         _send(ctx, tenant, job, "cutover", {"job_id": job["job_id"], "final_tag": _tag_id(record)})
     elif kind == "cutover" and step == "cutover" and job["state"] == "draining":
         final = record["args"].get("final_tag")
         jobs.progress_as_server(ctx, tenant, job["job_id"], "applied",
                                 f"final tag {final} applied and fenced on every disk")  # fmt: skip
-        jobs.progress_as_server(ctx, tenant, job["job_id"], "cutover-complete", _short(detail))
+        jobs.progress_as_server(ctx, tenant, job["job_id"], "cutover-complete", detail)
 
 
 def _tag_id(record: dict[str, Any]) -> str | None:
@@ -126,5 +126,24 @@ def _tag_id(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _short(text: str) -> str:
-    return text[:900]
+def _summary(step: str, details: list[str]) -> str:
+    """One sentence for the job's history from a step's outcomes (JSON from the master target)."""
+    parsed = []
+    for text in details:
+        try:
+            parsed.append(json.loads(text))
+        except ValueError:
+            parsed.append(text)
+    parts = []
+    for outcome in parsed:
+        if not isinstance(outcome, dict):
+            parts.append(str(outcome))
+        elif step == "test-failover":
+            parts += [f"{d.get('id')} cloned at tag {d.get('tag')} to {d.get('vhd')}"
+                      for d in outcome.get("disks", [])]  # fmt: skip
+        elif step == "test-failover-cleanup":
+            parts.append(f"removed {outcome.get('removed')} file(s)")
+        elif step == "cutover":
+            parts.append(f"verified VHDs {', '.join(outcome.get('vhds', []))} "
+                         f"(manifest {outcome.get('manifest')})")  # fmt: skip
+    return "; ".join(parts)[:900]
