@@ -14,6 +14,7 @@ answers 404, like one that does not exist.
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from typing import Any
 
@@ -421,8 +422,6 @@ def _install_commands(settings: Settings, tenant: str, kind: str, name: str, for
 
 
 def _shell_word(text: str) -> str:
-    import shlex
-
     return shlex.quote(text[:200])
 
 
