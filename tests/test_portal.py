@@ -242,3 +242,22 @@ def test_entra_principal_maps_to_its_tenants(config_server, tmp_path):
         assert requests.get(f"{portal.url}/signin").status_code == 404  # local sign-in is off
     finally:
         portal.stop()
+
+
+def test_an_unreachable_configuration_server_gives_a_clear_page(browser, tmp_path):
+    from devkit.azurite import free_port
+
+    portal = PortalServer(tmp_path, f"http://127.0.0.1:{free_port()}", None).start()
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"{portal.url}/signin")
+        page.fill("#token", "op.nowhere.secret")
+        with page.expect_response(lambda r: r.url.endswith("/signin")) as answer:
+            page.click("button:has-text('Sign in')")
+        assert answer.value.status == 502
+        assert "configuration server cannot be reached" in page.inner_text("main")
+        assert "op.nowhere.secret" not in portal.logged()
+        context.close()
+    finally:
+        portal.stop()

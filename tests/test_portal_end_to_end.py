@@ -155,6 +155,9 @@ def test_a_machine_migrated_from_the_portal(config_server, portal, tmp_path, cer
             (job,) = [j for j in op.call("GET", "/jobs")["jobs"] if j["kind"] == "cutover"]
             states = [h["state"] for h in op.call("GET", f"/jobs/{job['job_id']}")["history"]]
             assert states == ["requested", "draining", "applied", "cutover-complete"]
+            page.goto(f"{base}/jobs/{job['job_id']}")  # each step, and each command's outcome
+            assert "verified VHDs" in page.inner_text(".history")
+            shoot(page, "job")
             page.click("nav >> text=Jobs")
             shoot(page, "jobs")
             context.close()
