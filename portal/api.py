@@ -8,6 +8,7 @@ thread (:meth:`Api.call`).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -22,6 +23,7 @@ class Api:
 
     def __init__(self, server: str, verify: str | bool, tenant: str, token: str) -> None:
         self.tenant = tenant
+        self.token_digest = hashlib.sha256(token.encode()).hexdigest()
         self._base = f"/tenants/{quote(tenant, safe='')}"
         self._http = Transport(server, verify, token)
 

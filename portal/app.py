@@ -13,6 +13,7 @@ answers 404, like one that does not exist.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shlex
 import time
@@ -92,9 +93,12 @@ class Portal:
         if not naming.ID_RE.match(tenant) or tenant not in session.tokens:
             raise Refused(404, "There is no such page.")
         session.current = tenant
-        return session, Api(
-            self.settings.server, self.settings.verify, tenant, session.tokens[tenant]
-        )
+        api = session.apis.get(tenant)
+        if api is None or api.token_digest != _digest(session.tokens[tenant]):
+            api = session.apis[tenant] = Api(
+                self.settings.server, self.settings.verify, tenant, session.tokens[tenant]
+            )
+        return session, api
 
     def page(
         self, request: Request, session: Session, template: str, code: int = 200, **context: Any
@@ -362,6 +366,10 @@ class Portal:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _token_tenant(token: str) -> str | None:

@@ -34,6 +34,8 @@ class Session:
     """Who signed in: the Entra principal's name, or None for a local sign-in."""
     flash: dict[str, str] | None = None
     """A message for the next page (the outcome of an action)."""
+    apis: dict = field(default_factory=dict, repr=False)
+    """Tenant id → its portal.api.Api, kept so connections to the server are reused."""
 
     @property
     def signed_in(self) -> bool:

@@ -261,3 +261,27 @@ def test_an_unreachable_configuration_server_gives_a_clear_page(browser, tmp_pat
         context.close()
     finally:
         portal.stop()
+
+
+def test_pages_work_without_javascript_and_from_the_keyboard(config_server, portal, browser):
+    op = config_server.tenant("pj" + os.urandom(3).hex())
+    op.register(
+        "agent", "kb01", disks=[{"id": "kb01-disk0", "device": "/dev/null", "size": 1 << 20}]
+    )
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(f"{portal.url}/signin")
+    page.wait_for_function("document.activeElement.id === 'token'")  # autofocus
+    page.keyboard.type(op.token)
+    page.keyboard.press("Enter")  # the form posts without any script
+    page.wait_for_url(f"{portal.url}/t/{op.tenant}/")
+    assert "kb01" in page.inner_text("main")
+    page.keyboard.press("Tab")  # the first stop is the skip link, then the pages
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Overview"
+    page.goto(f"{portal.url}/t/{op.tenant}/machines/kb01")
+    assert "Recovery points, last hour" in page.inner_text("main")
+    assert page.locator("svg.chart").count() == 2  # the charts are drawn on the server
+    context.close()
