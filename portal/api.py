@@ -54,10 +54,10 @@ class Api:
     async def passphrase(self, ttl_seconds: int) -> dict[str, Any]:
         return await self.call("POST", "/passphrases", {"ttl_seconds": ttl_seconds}, False)
 
-    async def protect(self, machine: str, key: str, rpo_threshold_s: int | None = None):
+    async def protect(self, machine: str, key: str, **choices: Any) -> dict[str, Any]:
+        """Protect a machine; ``choices``: process_server, master_target, rpo_threshold_s."""
         body: dict[str, Any] = {"idempotency_key": key}
-        if rpo_threshold_s:
-            body["rpo_threshold_s"] = rpo_threshold_s
+        body.update({k: v for k, v in choices.items() if v})
         return (await self.call("POST", f"/machines/{quote(machine)}/protect", body))["job"]
 
     async def failover(self, machine: str, kind: str, key: str) -> dict[str, Any]:

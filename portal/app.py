@@ -249,12 +249,25 @@ class Portal:
 
     # -- actions ------------------------------------------------------------------------
 
+    async def protect_form(self, request: Request) -> Response:
+        session, api = self.api(request, request.path_params["tenant"])
+        data = await self.machine_data(api, request.path_params["machine"])
+        components = (await api.status())["components"]
+        return self.page(request, session, "protect.html", key=new_key(), **data,
+                         process_servers=[c for c in components if c["kind"] == "process-server"],
+                         master_targets=[c for c in components if c["kind"] == "master-target"])  # fmt: skip
+
     async def protect(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
         form = await checked_form(request, session)
         machine = request.path_params["machine"]
-        job = await self.act(session, api.protect(machine, _key(form)), f"protect {machine}")
-        return redirect(f"/t/{api.tenant}/machines/{machine}" if job else f"/t/{api.tenant}/")
+        choices = {
+            "process_server": _component(form.get("process_server"), "ps-"),
+            "master_target": _component(form.get("master_target"), "mt-"),
+            "rpo_threshold_s": _seconds(form.get("rpo_threshold_s")),
+        }
+        await self.act(session, api.protect(machine, _key(form), **choices), f"protect {machine}")
+        return redirect(f"/t/{api.tenant}/machines/{machine}")
 
     async def test_failover(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
@@ -385,6 +398,18 @@ def _key(form: dict[str, str]) -> str:
     return key if key.startswith("portal-") and len(key) <= 64 and key[7:].isalnum() else new_key()
 
 
+def _component(value: str | None, prefix: str) -> str | None:
+    """A component id chosen in a form (None: let the server choose)."""
+    value = (value or "").strip()
+    return value if value.startswith(prefix) and naming.ID_RE.match(value) else None
+
+
+def _seconds(value: str | None) -> int | None:
+    """A positive whole number of seconds from a form (None when empty or not one)."""
+    value = (value or "").strip()
+    return int(value) if value.isdigit() and 0 < int(value) <= 86400 else None
+
+
 def _about(alert: dict[str, Any], machine: dict[str, Any]) -> bool:
     """True if an alert concerns this machine (its disks or its agent)."""
     subject = alert.get("subject") or ""
@@ -451,6 +476,7 @@ def create_app(settings: Settings) -> Starlette:
         Route(f"{t}/live/overview", portal.overview_live),
         Route(f"{t}/machines/{{machine}}", portal.machine),
         Route(f"{t}/live/machines/{{machine}}", portal.machine_live),
+        Route(f"{t}/machines/{{machine}}/protect", portal.protect_form, methods=["GET"]),
         Route(f"{t}/machines/{{machine}}/protect", portal.protect, methods=["POST"]),
         Route(f"{t}/machines/{{machine}}/test-failover", portal.test_failover, methods=["POST"]),
         Route(f"{t}/machines/{{machine}}/cutover", portal.cutover_form, methods=["GET"]),

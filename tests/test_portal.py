@@ -98,6 +98,7 @@ def test_a_form_without_its_csrf_token_is_refused(config_server, portal, browser
     op.register("master-target", "mt1")
     context, page = signed_in(browser, portal, op.token)
     page.goto(f"{portal.url}/t/{op.tenant}/machines/db01")
+    page.click("text=Protect…")
     token = page.get_attribute("form[action$='/protect'] input[name=csrf]", "value")
     action = f"{portal.url}/t/{op.tenant}/machines/db01/protect"
     # The browser's own cookie goes along; only the form's token is missing or wrong.
@@ -106,11 +107,13 @@ def test_a_form_without_its_csrf_token_is_refused(config_server, portal, browser
         assert answer.status == 403, answer.status
         assert "expired or did not come from this portal" in answer.text()
     assert op.call("GET", "/jobs")["jobs"] == []  # nothing reached the server
-    # The same form with its token goes through, and the server records the job.
-    page.click("button:has-text('Protect')")
-    page.wait_for_selector(".flash")
-    jobs = op.call("GET", "/jobs")["jobs"]
-    assert [j["kind"] for j in jobs] == ["protect"]
+    # The same form with its token goes through, and the server records the job as asked.
+    page.select_option("#master_target", "mt-mt1")
+    page.fill("#rpo_threshold_s", "90")
+    page.click("button:has-text('Protect db01')")
+    page.wait_for_selector(".flash.ok")
+    (job,) = op.call("GET", "/jobs")["jobs"]
+    assert (job["kind"], job["master_target"], job["rpo_threshold_s"]) == ("protect", "mt-mt1", 90)
     context.close()
 
 

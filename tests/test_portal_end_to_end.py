@@ -116,7 +116,9 @@ def test_a_machine_migrated_from_the_portal(config_server, portal, tmp_path, cer
 
             # Protect, then watch the live page reach replicating and protected.
             page.goto(f"{base}/machines/{machine}")
-            page.click("button:has-text('Protect')")
+            page.click("text=Protect…")
+            shoot(page, "protect")
+            page.click(f"button:has-text('Protect {machine}')")
             page.wait_for_selector("[data-live] .phase >> text=replicating", timeout=LIVE)
             page.wait_for_selector("button:has-text('Test failover')", timeout=LIVE)
             fleet.alive()
