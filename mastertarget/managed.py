@@ -214,16 +214,23 @@ class ManagedMasterTarget(ManagedDaemon):
     def cmd_cutover(self, args: dict[str, Any]) -> dict[str, Any]:
         """Wait until every disk is fenced at the final tag, then make and check fixed VHDs.
 
-        Each VHD's data is checked against the fenced target's digest, with
-        qemu-img and fsck (mastertarget.cutover.convert); the outcome names
-        the VHDs and whether all checks held.
+        Each VHD's data is checked against the source's digest the agent took
+        after the final tag (``args.digests``; the fenced target's own when
+        absent), with qemu-img and fsck (mastertarget.cutover.convert); the
+        outcome names the VHDs and what they were checked against.
         """
         targets = self._targets(args)
         fenced = {disk: self._wait_fenced(disk, args.get("final_tag")) for disk in targets}
         digests = {}
+        source = args.get("digests") if isinstance(args.get("digests"), dict) else {}
         for disk, target in targets.items():
-            size = device_size(target)
-            digests[disk] = {"size": size, "sha256": sha256_of(target, size)}
+            given = source.get(disk)
+            if isinstance(given, dict) and given.get("sha256") and given.get("size"):
+                digests[disk] = {"size": int(given["size"]), "sha256": str(given["sha256"])}
+            else:  # no source digest: at least the VHD must be the fenced target, byte for byte
+                size = device_size(target)
+                digests[disk] = {"size": size, "sha256": sha256_of(target, size)}
+        against = "source" if all(isinstance(source.get(d), dict) for d in targets) else "target"
         spec = {
             "machine": args["machine"], "tenant": self.credentials.tenant,
             "out_dir": str(self._out_dir("cutover", args)),
@@ -234,7 +241,8 @@ class ManagedMasterTarget(ManagedDaemon):
         if not manifest.get("verified"):
             failed = [d["id"] for d in manifest["disks"] if not d.get("verified")]
             raise CutoverError(detail=f"VHD checks failed for {', '.join(failed)}")
-        return {"verified": True, "manifest": str(Path(spec["out_dir"]) / "manifest.json"),
+        return {"verified": True, "checked_against": against,
+                "manifest": str(Path(spec["out_dir"]) / "manifest.json"),
                 "vhds": [d["vhd"] for d in manifest["disks"]]}  # fmt: skip
 
     def _wait_fenced(self, disk: str, final_tag: str | None) -> dict[str, Any]:

@@ -21,6 +21,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=defaults.PORT, help="port to listen on")
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    parser.add_argument(
+        "--proxy-headers", action="store_true",
+        help="take the client's address and scheme from X-Forwarded-* (only behind a proxy "
+        "that sets them, such as App Service's front ends: FORWARDED_ALLOW_IPS names them)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -33,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(detail="--tls-cert and --tls-key go together")
         app = create_app(settings.from_environment(args.server, args.ca))
         tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key} if args.tls_cert else {}
-        # proxy_headers: behind App Service the scheme and client address come from its front end.
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", proxy_headers=True,
-                    server_header=False, **tls)  # fmt: skip
+        # Forwarded headers are trusted only when asked: the sign-in limit counts by address.
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                    proxy_headers=args.proxy_headers, server_header=False, **tls)  # fmt: skip
         return 0
 
     return run_main("portal", body)

@@ -82,20 +82,26 @@ def test_a_driven_cutover_drains_then_converts_and_completes(api):
         "ag-web01": ["drain"], "ps-ps1": ["drain"], "mt-mt1": ["drain"]}  # fmt: skip
     drain = drains["ag-web01"][0]
     assert drain["args"]["final"] is True
-    _report(api, estate.agent, drain["id"], "done", {"tag": {"id": "1-9", "final": True}})
+    assert drain["args"]["digest"] is True  # a driven cutover: the agent digests the source
+    digests = {"web01-disk0": {"size": 1 << 30, "sha256": "ab" * 32}}
+    _report(api, estate.agent, drain["id"], "done",
+            {"tag": {"id": "1-9", "final": True}, "digests": digests})  # fmt: skip
     _report(api, estate.ps, drain["id"], "done", "uploaded")
     assert take_commands(api, estate.tenant, "mt-mt1") == []  # not before every target is done
     _report(api, estate.mt, drain["id"], "done", "applying")
     (step,) = take_commands(api, estate.tenant, "mt-mt1")
     assert step["type"] == "cutover" and step["args"]["final_tag"] == "1-9"
+    assert step["args"]["digests"] == digests
     _report(api, estate.mt, drain["id"], "done", "applying")  # a repeated report: no new step
     assert take_commands(api, estate.tenant, "mt-mt1") == []
-    outcome = {"verified": True, "vhds": ["/srv/cut/web01-disk0.vhd"], "manifest": "/srv/m.json"}
+    outcome = {"verified": True, "checked_against": "source", "vhds": ["/srv/cut/web01-disk0.vhd"],
+               "manifest": "/srv/m.json"}  # fmt: skip
     _report(api, estate.mt, step["id"], "done", outcome)
     job = _job(api, estate, job["job_id"])
     assert [h["state"] for h in job["history"]] == [
         "requested", "draining", "applied", "cutover-complete"]  # fmt: skip
     assert "final tag 1-9 applied and fenced" in job["history"][2]["detail"]
+    assert "verified against the source" in job["history"][3]["detail"]
     machines = api.get(f"/tenants/{estate.tenant}/machines", estate.operator).json()["machines"]
     assert machines[0]["state"] == "cut-over"
 

@@ -153,12 +153,14 @@ def test_a_machine_migrated_from_the_portal(config_server, portal, tmp_path, cer
             out = tmp_path / "master-target" / "cutover" / machine
             manifest = json.loads((out / "manifest.json").read_text())
             assert manifest["verified"] and manifest["disks"][0]["checks"]["qemu"]
+            # The master target checked it against the digest the agent took of the source.
+            assert manifest["disks"][0]["expected_sha256"] == digest(source.device, size)
             assert digest(str(out / f"{disk}.vhd"), size) == digest(source.device, size)
             (job,) = [j for j in op.call("GET", "/jobs")["jobs"] if j["kind"] == "cutover"]
             states = [h["state"] for h in op.call("GET", f"/jobs/{job['job_id']}")["history"]]
             assert states == ["requested", "draining", "applied", "cutover-complete"]
             page.goto(f"{base}/jobs/{job['job_id']}")  # each step, and each command's outcome
-            assert "verified VHDs" in page.inner_text(".history")
+            assert "verified against the source" in page.inner_text(".history")
             shoot(page, "job")
             page.click("nav >> text=Jobs")
             shoot(page, "jobs")

@@ -11,8 +11,10 @@ timer and a retried report changes nothing:
   sends ``test-failover-cleanup``; done → ``cleaned``.
 - cutover: the job moves to ``draining`` at once, which sends the final
   ``drain`` to the agent, process server and master target; all done →
-  ``cutover`` to the master target (wait until every disk is fenced at the
-  final tag, make fixed VHDs, check them); done → ``applied``, then
+  ``cutover`` to the master target with the final tag and the source
+  digests the agent took after it (wait until every disk is fenced at the
+  final tag, make fixed VHDs, check them against those digests); done →
+  ``applied``, then
   ``cutover-complete`` (the machine is ``cut-over``).
 
 A job not driven (the playbooks' path) is moved by
@@ -106,7 +108,9 @@ def after_report(ctx: Context, tenant: str, record: dict[str, Any] | None) -> No
     elif kind == "test-failover" and step == "test-failover-cleanup" and job["state"] == "ready":
         jobs.progress_as_server(ctx, tenant, job["job_id"], "cleaned", detail)
     elif kind == "cutover" and step == "drain" and job["state"] == "draining":
-        _send(ctx, tenant, job, "cutover", {"job_id": job["job_id"], "final_tag": _tag_id(record)})
+        final_tag, digests = _drained(record)
+        _send(ctx, tenant, job, "cutover",
+              {"job_id": job["job_id"], "final_tag": final_tag, "digests": digests})  # fmt: skip
     elif kind == "cutover" and step == "cutover" and job["state"] == "draining":
         final = record["args"].get("final_tag")
         jobs.progress_as_server(ctx, tenant, job["job_id"], "applied",
@@ -114,16 +118,22 @@ def after_report(ctx: Context, tenant: str, record: dict[str, Any] | None) -> No
         jobs.progress_as_server(ctx, tenant, job["job_id"], "cutover-complete", detail)
 
 
-def _tag_id(record: dict[str, Any]) -> str | None:
-    """The final tag's id from the agent's outcome of a drain (``{"tag": {"id": ...}}``)."""
+def _drained(record: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The final tag's id and the source digests from the agent's outcome of a drain.
+
+    The agent answers ``{"tag": {"id": ...}, "digests": {disk: {"size", "sha256"}}}``;
+    without digests (an older agent, or an outcome cut to fit) the master
+    target checks its VHDs against the fenced targets instead.
+    """
     for target in record.get("targets", {}).values():
         try:
             detail = json.loads(target.get("detail") or "")
         except ValueError:
             continue
         if isinstance(detail, dict) and isinstance(detail.get("tag"), dict):
-            return detail["tag"].get("id")
-    return None
+            digests = detail.get("digests")
+            return detail["tag"].get("id"), digests if isinstance(digests, dict) else {}
+    return None, {}
 
 
 def _summary(step: str, details: list[str]) -> str:
@@ -144,6 +154,7 @@ def _summary(step: str, details: list[str]) -> str:
         elif step == "test-failover-cleanup":
             parts.append(f"removed {outcome.get('removed')} file(s)")
         elif step == "cutover":
-            parts.append(f"verified VHDs {', '.join(outcome.get('vhds', []))} "
+            parts.append(f"VHDs {', '.join(outcome.get('vhds', []))} verified against the "
+                         f"{outcome.get('checked_against', 'target')} "
                          f"(manifest {outcome.get('manifest')})")  # fmt: skip
     return "; ".join(parts)[:900]

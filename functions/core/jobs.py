@@ -314,6 +314,8 @@ def _send_drain(ctx: Context, tenant: str, job: dict[str, Any]) -> None:
     command_id = idempotency.derived_id("cmd", tenant, f"{job['job_id']}|drain")
     # final: the agent's last tag, after which the master target fences the disks.
     args = {"machine": job["machine"], "disks": list(machine.get("disks", [])), "final": True}
+    if job.get("driven"):
+        args["digest"] = True  # the agent digests the quiet source for the VHDs' check
     commands.issue(ctx, tenant, command_id, "drain", args, targets, machine=job["machine"],
                    job_id=job["job_id"])  # fmt: skip
     note_command(ctx, tenant, job["job_id"], command_id)
