@@ -266,7 +266,8 @@ class Portal:
             "master_target": _component(form.get("master_target"), "mt-"),
             "rpo_threshold_s": _seconds(form.get("rpo_threshold_s")),
         }
-        await self.act(session, api.protect(machine, _key(form), **choices), f"protect {machine}")
+        await self.act(session, api.protect(machine, _key(form), **choices), f"protect {machine}",
+                       f"Protection of {machine} started: the initial sync comes first.")  # fmt: skip
         return redirect(f"/t/{api.tenant}/machines/{machine}")
 
     async def test_failover(self, request: Request) -> Response:
@@ -274,13 +275,15 @@ class Portal:
         form = await checked_form(request, session)
         machine = request.path_params["machine"]
         await self.act(session, api.failover(machine, "test-failover", _key(form)),
-                       f"test failover of {machine}")  # fmt: skip
+                       f"start a test failover of {machine}",
+                       f"Test failover of {machine} started; replication goes on.")  # fmt: skip
         return redirect(f"/t/{api.tenant}/machines/{machine}")
 
     async def cleanup(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
         await checked_form(request, session)
-        job = await self.act(session, api.cleanup(request.path_params["job"]), "cleanup")
+        job = await self.act(session, api.cleanup(request.path_params["job"]),
+                             "clean up the test failover", "Test failover cleanup started.")  # fmt: skip
         machine = (job or {}).get("machine")
         return redirect(
             f"/t/{api.tenant}/machines/{machine}" if machine else f"/t/{api.tenant}/jobs"
@@ -300,24 +303,21 @@ class Portal:
             return self.page(request, session, "cutover.html", 422, key=_key(form),
                              error=f"Type {machine} exactly to confirm the cutover.",
                              **data)  # fmt: skip
-        await self.act(
-            session, api.failover(machine, "cutover", _key(form)), f"cutover of {machine}"
-        )
+        await self.act(session, api.failover(machine, "cutover", _key(form)),
+                       f"start the cutover of {machine}", f"Cutover of {machine} started.")  # fmt: skip
         return redirect(f"/t/{api.tenant}/machines/{machine}")
 
-    async def act(self, session: Session, call, what: str) -> dict[str, Any] | None:
-        """Run an action; a refusal becomes the next page's message instead of an error page."""
+    async def act(self, session: Session, call, what: str, done: str) -> dict[str, Any] | None:
+        """Run an action; its outcome, or the server's refusal, is the next page's message."""
         try:
             result = await call
         except ControlRefused as exc:
             if exc.status in (401, 403):
                 raise
-            session.flash = {
-                "kind": "error",
-                "text": f"Could not start {what}: {exc.fields.get('message')}",
-            }
+            message = exc.fields.get("message")
+            session.flash = {"kind": "error", "text": f"Could not {what}: {message}"}
             return None
-        session.flash = {"kind": "ok", "text": f"Started {what}."}
+        session.flash = {"kind": "ok", "text": done}
         return result
 
     # -- registration -------------------------------------------------------------------
@@ -353,7 +353,8 @@ class Portal:
         session, api = self.api(request, request.path_params["tenant"])
         await checked_form(request, session)
         by = session.principal or "portal operator"
-        await self.act(session, api.acknowledge(request.path_params["alert"], by), "acknowledge")
+        await self.act(session, api.acknowledge(request.path_params["alert"], by),
+                       "acknowledge the alert", "Alert acknowledged.")  # fmt: skip
         return redirect(f"/t/{api.tenant}/alerts")
 
     async def jobs(self, request: Request) -> Response:

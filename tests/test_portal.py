@@ -20,7 +20,7 @@ import time
 
 import pytest
 import requests
-from support.portal import ROOT, PortalServer, chromium, signed_in
+from support.portal import ROOT, PortalServer, chromium, shoot, signed_in
 from test_control_server import serve_config
 
 from ferry import control
@@ -193,6 +193,7 @@ def test_an_alert_is_acknowledged_from_the_alerts_page(config_server, portal, br
     assert "open" in row.inner_text()
     row.locator("button:has-text('Acknowledge')").click()
     page.wait_for_selector("text=acknowledged by portal operator")
+    shoot(page, "alerts")
     (alert,) = op.call("GET", "/alerts")["alerts"]
     assert alert["acknowledged_by"] == "portal operator" and alert["acknowledged_at"]
     assert alert["cleared_at"] is None  # acknowledging does not clear it

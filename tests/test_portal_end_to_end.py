@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support.portal import ROOT, PortalServer, chromium, signed_in
+from support.portal import ROOT, PortalServer, chromium, shoot, signed_in
 from test_control_end_to_end import Fleet, write_files
 from test_control_server import serve_config
 
@@ -49,19 +49,6 @@ def portal(config_server, tmp_path):
                         FERRY_PORTAL_INSTALL_CA=config_server.ca).start()  # fmt: skip
     yield made
     made.stop()
-
-
-def shoot(page, name: str) -> None:
-    """Save a screenshot for the README when FERRY_PORTAL_SCREENSHOTS names a directory."""
-    where = os.environ.get("FERRY_PORTAL_SCREENSHOTS")
-    if not where:
-        return
-    out = ROOT / where
-    out.mkdir(parents=True, exist_ok=True)
-    for width in (1280, 390):
-        page.set_viewport_size({"width": width, "height": 900})
-        page.screenshot(path=str(out / f"{name}-{width}.png"), full_page=True)
-    page.set_viewport_size({"width": 1280, "height": 900})
 
 
 def register_from_page(page, portal, tenant: str, kind: str, name: str, out: Path, **fields):

@@ -106,3 +106,16 @@ def signed_in(browser, portal: PortalServer, token: str, width: int = 1280):
     page.fill("#token", token)
     page.click("button:has-text('Sign in')")
     return context, page
+
+
+def shoot(page, name: str) -> None:
+    """Save a screenshot for the README when FERRY_PORTAL_SCREENSHOTS names a directory."""
+    where = os.environ.get("FERRY_PORTAL_SCREENSHOTS")
+    if not where:
+        return
+    out = ROOT / where
+    out.mkdir(parents=True, exist_ok=True)
+    for width in (1280, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.screenshot(path=str(out / f"{name}-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
