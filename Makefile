@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CONTROLLER := .venv-controller
 ANSIBLE := ANSIBLE_CONFIG=$(CURDIR)/ansible.cfg PATH=$(CURDIR)/$(CONTROLLER)/bin:$$PATH
 
-.PHONY: setup controller-azure demo-direct test lint demo bench bench-quick bench-deps bench-replication clean system-deps
+.PHONY: setup controller-azure demo-direct test lint demo portal bench bench-quick bench-deps bench-replication clean system-deps
 
 setup: $(VENV)/.stamp $(CONTROLLER)/.stamp node_modules/.stamp system-deps
 
@@ -33,7 +33,8 @@ node_modules/.stamp: package.json package-lock.json
 	touch $@
 
 # Debian tools the tests and demo use (installed only when missing, and only as root).
-SYSTEM_TOOLS := mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fsfreeze:util-linux losetup:mount qemu-img:qemu-utils
+SYSTEM_TOOLS := mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fsfreeze:util-linux losetup:mount qemu-img:qemu-utils \
+  chromium:chromium
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
@@ -57,6 +58,11 @@ test: setup lint
 
 demo: setup
 	$(ANSIBLE) $(CONTROLLER)/bin/ansible-playbook playbooks/demo.yml
+
+# The portal on the embedded default: Azurite, the configuration server and the portal;
+# prints the URL (the operator token is in run/portal/demo.token). Ctrl-C stops it all.
+portal: setup
+	$(PY) -m devkit.portal
 
 # The same main job without Ansible: the daemons straight from devkit/embedded.py.
 demo-direct: setup

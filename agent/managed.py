@@ -18,6 +18,9 @@ process server) only waits for ``protect``.  Commands:
 
 A drain with ``args.final`` (a cutover) marks its tag final: the master
 target fences the disks once it has applied it, and ``resume`` is refused.
+With ``args.digest`` as well (a cutover the configuration server runs), the
+agent then digests each disk (sha256, the source being quiet) and reports
+the digests with the tag, for the master target's check of its VHDs.
 Pause and drain survive a ``protect`` (which restarts replication) but not
 a restart of the agent.
 """
@@ -38,6 +41,7 @@ from ferry.control.credentials import Credentials
 from ferry.control.daemon import ManagedDaemon, start_up
 from ferry.control.errors import CommandFailed
 from ferry.control.reporting import Reporter
+from ferry.diskio import sha256_of
 from ferry.durable import write_json
 from ferry.errors import Exit, FerryError
 from ferry.process import StopFlag
@@ -252,7 +256,22 @@ class ManagedAgent(ManagedDaemon):
             self.paused = True
             self.drained = tag
         log.info("drained: tag %s is durable at the process server; shipping stopped", tag["id"])
+        if final and args.get("digest"):
+            return {"tag": _short_tag(tag), "digests": self._digests(session)}
         return {"tag": tag}
+
+    def _digests(self, session: Session) -> dict[str, dict[str, Any]]:
+        """Each disk's sha256 and size as it stands now (a cutover: the source is quiet).
+
+        The master target checks its VHDs against these: a source written
+        after the final tag does not match, and the cutover says so.
+        """
+        out = {}
+        for disk in session.replicator.disks.values():
+            size = disk.track.size
+            out[disk.id] = {"size": size, "sha256": sha256_of(disk.track.device, size)}
+        log.info("digested %d disk(s) after the final tag", len(out))
+        return out
 
     # -- reports --------------------------------------------------------------------------
 
@@ -312,3 +331,8 @@ class ManagedAgent(ManagedDaemon):
 def run(credentials_path: str, local: dict[str, Any], stop: StopFlag) -> int:
     """Server mode's entry: load the credentials and serve (see the module docstring)."""
     return ManagedAgent.serve(credentials_path, local, stop)
+
+
+def _short_tag(tag: dict[str, Any]) -> dict[str, Any]:
+    """A tag without its disk list (the outcome's detail has room for the digests)."""
+    return {k: v for k, v in tag.items() if k != "disks"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import azure.functions as func
 
 from functions import web
-from functions.core import jobs
+from functions.core import drive, jobs
 
 bp = func.Blueprint()
 
@@ -25,7 +25,7 @@ def cutover(req: func.HttpRequest) -> func.HttpResponse:
     tenant, machine = web.route_param(req, "tenant"), web.route_param(req, "machine")
     return web.handle(
         req,
-        lambda ctx, caller, body: jobs.failover(ctx, caller, tenant, machine, body, "cutover"),
+        lambda ctx, caller, body: drive.open_job(ctx, caller, tenant, machine, body, "cutover"),
         body=True,
     )
 
@@ -36,7 +36,7 @@ def test_failover(req: func.HttpRequest) -> func.HttpResponse:
     tenant, machine = web.route_param(req, "tenant"), web.route_param(req, "machine")
     return web.handle(
         req,
-        lambda ctx, caller, body: jobs.failover(
+        lambda ctx, caller, body: drive.open_job(
             ctx, caller, tenant, machine, body, "test-failover"
         ),
         body=True,
@@ -64,3 +64,10 @@ def job_progress(req: func.HttpRequest) -> func.HttpResponse:
     return web.handle(
         req, lambda ctx, caller, body: jobs.progress(ctx, caller, tenant, job_id, body), body=True
     )
+
+
+@bp.route(route="tenants/{tenant}/jobs/{job_id}/cleanup", methods=["POST"])
+def job_cleanup(req: func.HttpRequest) -> func.HttpResponse:
+    """Operator: clean up a test failover run by the configuration server."""
+    tenant, job_id = web.route_param(req, "tenant"), web.route_param(req, "job_id")
+    return web.handle(req, lambda ctx, caller, _: drive.cleanup(ctx, caller, tenant, job_id))

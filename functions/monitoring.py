@@ -31,6 +31,17 @@ def list_alerts(req: func.HttpRequest) -> func.HttpResponse:
     )
 
 
+@bp.route(route="tenants/{tenant}/alerts/{alert_id}/acknowledge", methods=["POST"])
+def acknowledge_alert(req: func.HttpRequest) -> func.HttpResponse:
+    """Operator: record that an alert was seen."""
+    tenant, alert_id = web.route_param(req, "tenant"), web.route_param(req, "alert_id")
+    return web.handle(
+        req,
+        lambda ctx, caller, body: monitoring.acknowledge(ctx, caller, tenant, alert_id, body),
+        body=True,
+    )
+
+
 @bp.route(route="health", methods=["GET"])
 def health(req: func.HttpRequest) -> func.HttpResponse:
     """Anyone: the server answers (and is configured)."""

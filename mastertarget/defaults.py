@@ -93,3 +93,6 @@ poisoned; meanwhile the keys are fetched again (a rotation in flight), a count."
 
 KEY_REFRESH_EVERY = 60.0
 """How often a master target in server mode fetches its segment keys again, in seconds."""
+
+CUTOVER_FENCE_WAIT = 900.0
+"""Server mode: how long a ``cutover`` command waits for every disk to be fenced, in seconds."""

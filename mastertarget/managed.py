@@ -8,6 +8,11 @@ storage grant, and serves every listed disk.  A disk listed without a
 ``--targets-dir`` defaults to ``<state_dir>/targets``).  A lease held by
 another master target is waited for (the server moved the disk here).
 
+Test failovers go to ``<state_dir>/test-failover/<machine>/``, cutovers to
+``<state_dir>/cutover/<machine>/`` (the VHDs and ``manifest.json``); a
+cutover's VHDs are checked against the fenced targets' digests, by qemu-img
+and by fsck.
+
 Reports: every applied tag as a recovery point, and each disk's applied
 state (``gen``, ``applied_seq``, ``last_tag``, ``resync_required_gen`` …)
 every few seconds.  Commands (a master target serves many machines, so a
@@ -17,6 +22,9 @@ machine's command never stops it):
 |---|---|
 | ``protect`` | renew the grant, fetch the settings again, serve newly listed disks |
 | ``drain`` | done at once: every whole group that arrives is applied anyway |
+| ``test-failover`` | clone the machine's disks at their tag into fixed VHDs |
+| ``test-failover-cleanup`` | remove exactly what ``test-failover`` made |
+| ``cutover`` | wait until every disk is fenced at the final tag; fixed VHDs, checked |
 | ``stop`` | exit cleanly after the group in hand, unless it names a machine |
 | ``rotate-credentials`` | switch to the new token and save it in the credentials file |
 """
@@ -35,10 +43,13 @@ from ferry.control.credentials import Credentials
 from ferry.control.daemon import ManagedDaemon, start_up
 from ferry.control.errors import CommandFailed
 from ferry.control.reporting import Reporter
+from ferry.diskio import device_size, sha256_of
 from ferry.errors import FerryError
+from ferry.naming import ID_RE
 from ferry.process import StopFlag
 from ferry.storage import Storage
-from mastertarget import defaults
+from mastertarget import cutover, defaults
+from mastertarget.cutover import CutoverError
 from mastertarget.service import Service
 from mastertarget.settings import Settings
 
@@ -83,6 +94,7 @@ class ManagedMasterTarget(ManagedDaemon):
         self._keys: dict[str, bytes] = {}
         """The tenant's segment keys by id, shared with every disk worker and refreshed in place."""
         self._keys_at = 0.0
+        self._disk_targets: dict[str, str] = {}
 
     def _adapt(self, raw: dict[str, Any]) -> dict[str, Any]:
         raw.setdefault("tenant", self.credentials.tenant)
@@ -154,6 +166,7 @@ class ManagedMasterTarget(ManagedDaemon):
                 if not os.path.exists(disk.target):
                     Path(disk.target).parent.mkdir(parents=True, exist_ok=True)
             added = [d.id for d in settings.disks if self.service.add(settings, d)]
+            self._disk_targets.update({d.id: str(d.target) for d in settings.disks})
         if added:
             log.info("serving %s", ", ".join(added))
         return added
@@ -168,7 +181,13 @@ class ManagedMasterTarget(ManagedDaemon):
 
     def commands(self) -> dict[str, Any]:
         """The master target's own command handlers (stop and rotation: ManagedDaemon's)."""
-        return {"protect": self.cmd_protect, "drain": self.cmd_drain}
+        return {
+            "protect": self.cmd_protect,
+            "drain": self.cmd_drain,
+            "test-failover": self.cmd_test_failover,
+            "test-failover-cleanup": self.cmd_test_failover_cleanup,
+            "cutover": self.cmd_cutover,
+        }
 
     def cmd_protect(self, _args: dict[str, Any]) -> str:
         """Fetch the settings again and serve newly listed disks (the grant is renewed first)."""
@@ -182,6 +201,82 @@ class ManagedMasterTarget(ManagedDaemon):
     def cmd_drain(self, args: dict[str, Any]) -> str:
         """Nothing to hold back: whole groups are applied as they arrive."""
         return f"applying every whole group of {args.get('machine') or 'every disk'} as it arrives"
+
+    def _targets(self, args: dict[str, Any]) -> dict[str, str]:
+        disks = [d for d in args.get("disks") or [] if isinstance(d, str)]
+        if not disks:
+            raise CutoverError(detail=f"machine {args.get('machine')} names no disks")
+        known = self._disk_targets
+        return {disk: known.get(disk) or str(self.targets / f"{disk}.img") for disk in disks}
+
+    def _out_dir(self, what: str, args: dict[str, Any]) -> Path:
+        machine = str(args.get("machine") or "")
+        if not ID_RE.match(machine):
+            raise CutoverError(detail=f"{machine[:60]!r} is not a machine id")
+        return self.state_dir / what / machine
+
+    def cmd_test_failover(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Clone the machine's disks at their latest tag into fixed VHDs; replication goes on."""
+        out = self._out_dir("test-failover", args)
+        record = cutover.test_failover(self.state_dir, args["machine"], self._targets(args), out)
+        return {"dir": str(out), "disks": [
+            {"id": d["id"], "vhd": d["vhd"], "tag": (d.get("tag") or {}).get("id"),
+             "apply_held_s": d.get("apply_held_s")} for d in record["disks"]]}  # fmt: skip
+
+    def cmd_test_failover_cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Remove exactly what the machine's test failover made."""
+        removed = cutover.test_failover_cleanup(self._out_dir("test-failover", args))["removed"]
+        return {"removed": len(removed)}
+
+    def cmd_cutover(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Wait until every disk is fenced at the final tag, then make and check fixed VHDs.
+
+        Each VHD's data is checked against the source's digest the agent took
+        after the final tag (``args.digests``; the fenced target's own when
+        absent), with qemu-img and fsck (mastertarget.cutover.convert); the
+        outcome names the VHDs and what they were checked against.
+        """
+        targets = self._targets(args)
+        fenced = {disk: self._wait_fenced(disk, args.get("final_tag")) for disk in targets}
+        digests = {}
+        given_digests = args.get("digests")
+        source: dict[str, Any] = given_digests if isinstance(given_digests, dict) else {}
+        for disk, target in targets.items():
+            given = source.get(disk)
+            if isinstance(given, dict) and given.get("sha256") and given.get("size"):
+                digests[disk] = {"size": int(given["size"]), "sha256": str(given["sha256"])}
+            else:  # no source digest: at least the VHD must be the fenced target, byte for byte
+                size = device_size(target)
+                digests[disk] = {"size": size, "sha256": sha256_of(target, size)}
+        against = "source" if all(isinstance(source.get(d), dict) for d in targets) else "target"
+        spec = {
+            "machine": args["machine"], "tenant": self.credentials.tenant,
+            "out_dir": str(self._out_dir("cutover", args)),
+            "final_tag": next(iter(fenced.values())), "disks": [{"id": d} for d in targets],
+            "targets": targets, "digests": digests,
+        }  # fmt: skip
+        manifest = cutover.convert(spec)
+        if not manifest.get("verified"):
+            failed = [d["id"] for d in manifest["disks"] if not d.get("verified")]
+            raise CutoverError(detail=f"VHD checks failed for {', '.join(failed)}")
+        return {"verified": True, "checked_against": against,
+                "manifest": str(Path(spec["out_dir"]) / "manifest.json"),
+                "vhds": [d["vhd"] for d in manifest["disks"]]}  # fmt: skip
+
+    def _wait_fenced(self, disk: str, final_tag: str | None) -> dict[str, Any]:
+        """The tag ``disk`` was fenced at, once it is (at ``final_tag`` when one is named)."""
+        deadline = time.monotonic() + defaults.CUTOVER_FENCE_WAIT
+        while not self.stop.event.is_set() and time.monotonic() < deadline:
+            fenced = cutover.read_cursor(self.state_dir, disk).get("fenced") or {}
+            tag = fenced.get("tag") or {}
+            if tag and final_tag not in (None, tag.get("id")):
+                raise CutoverError(
+                    detail=f"disk {disk} was fenced at tag {tag.get('id')}, not {final_tag}"
+                )
+            if tag:
+                return tag
+            time.sleep(0.5)
+        raise CutoverError(detail=f"disk {disk} was not fenced at the final tag in time")
 
     # -- reports ------------------------------------------------------------------------
 

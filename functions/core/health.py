@@ -39,6 +39,7 @@ def disk_view(record: dict[str, Any], threshold: float) -> dict[str, Any]:
         view[field] = first.get(field, second.get(field))
     if view["phase"] is None:
         view["phase"] = record.get("state")
+    view["size"] = record.get("size")
     view["resync_required_gen"] = target.get("resync_required_gen")
     view["fenced"] = target.get("fenced")
     if view["fenced"]:

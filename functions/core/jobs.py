@@ -6,6 +6,10 @@
 | cutover | requested → draining → applied → cutover-complete; failed from any but the last |
 | test-failover | requested → ready → cleaned; failed from any but the last |
 
+A cutover or test failover opened with ``"drive": true`` is run to its end by
+the configuration server itself (``functions.core.drive``); the others are
+moved by the playbooks through ``progress``.
+
 Every job is created under an idempotency key, and its id is derived from
 the key: the same request asked twice answers the same job and makes one.
 A job keeps its ``history`` as ``[{state, at, detail}]``.
@@ -314,12 +318,19 @@ def progress(ctx: Context, caller: Caller, tenant: str, job_id: str, body: Any):
     detail = validate.text(body, "detail")
     if job["kind"] == "protect" and state == "protected":
         raise BadRequest("a protect job becomes protected by itself, from recovery points")
+    if job.get("driven") and state != "failed":
+        raise Conflict(f"job {job_id} is run by the configuration server; it moves by itself")
+    return {"job": progress_as_server(ctx, tenant, job_id, state, detail)}
+
+
+def progress_as_server(ctx: Context, tenant: str, job_id: str, state: str, detail: str | None):
+    """Move a job to ``state`` with the step's side effects (the drain, the machine cut over)."""
     job = _advance(ctx, tenant, job_id, state, detail)
     if job["kind"] == "cutover" and state == "draining":
         _send_drain(ctx, tenant, job)
     if job["kind"] == "cutover" and state == "cutover-complete":
         ctx.store.mutate("machines", tenant, job["machine"], lambda m: {**m, "state": "cut-over"})
-    return {"job": job}
+    return ctx.store.get("jobs", tenant, job_id) or job
 
 
 def _send_drain(ctx: Context, tenant: str, job: dict[str, Any]) -> None:
@@ -329,8 +340,22 @@ def _send_drain(ctx: Context, tenant: str, job: dict[str, Any]) -> None:
     command_id = idempotency.derived_id("cmd", tenant, f"{job['job_id']}|drain")
     # final: the agent's last tag, after which the master target fences the disks.
     args = {"machine": job["machine"], "disks": list(machine.get("disks", [])), "final": True}
+    if job.get("driven"):
+        args["digest"] = True  # the agent digests the quiet source for the VHDs' check
     commands.issue(ctx, tenant, command_id, "drain", args, targets, machine=job["machine"],
                    job_id=job["job_id"])  # fmt: skip
+    note_command(ctx, tenant, job["job_id"], command_id)
+
+
+def note_command(ctx: Context, tenant: str, job_id: str, command_id: str) -> None:
+    """Name a command in its job's ``commands`` (so operators find each step's outcome)."""
+
+    def change(job: dict[str, Any]) -> dict[str, Any] | None:
+        if command_id in job.get("commands", []):
+            return None
+        return {**job, "commands": [*job.get("commands", []), command_id]}
+
+    ctx.store.mutate("jobs", tenant, job_id, change, what=f"job {job_id}")
 
 
 def _job(ctx: Context, tenant: str, job_id: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ create-only semantics, so two sweeps running at once raise one alert.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from functions.core import defaults, health, validate
 from functions.core.auth import Caller, require_operator
 from functions.core.context import Context
+from functions.core.errors import NotFound
 from functions.core.store import TENANTS_PARTITION
 from functions.core.tenants import iso
 
@@ -234,5 +236,32 @@ def list_alerts(ctx: Context, caller: Caller, tenant: str, params: Mapping[str, 
     if only_open:
         alerts = [a for a in alerts if a["cleared_at"] is None]
     alerts.sort(key=lambda a: (a["raised_at"], a["id"]), reverse=True)
-    fields = ("id", "kind", "severity", "subject", "message", "raised_at", "cleared_at")
+    fields = ("id", "kind", "severity", "subject", "message", "raised_at", "cleared_at",
+              "acknowledged_at", "acknowledged_by")  # fmt: skip
     return {"alerts": [{k: a.get(k) for k in fields} for a in alerts]}
+
+
+def acknowledge(ctx: Context, caller: Caller, tenant: str, alert_id: str, body: Any):
+    """An operator has seen an alert: record when and by whom (``{by?}``); answers ``{alert}``.
+
+    Acknowledging changes nothing else: the alert still clears when its
+    condition ends.  A second acknowledgement keeps the first.
+    """
+    require_operator(caller, tenant)
+    body = validate.body_object(body or {}, {"by"})
+    by = validate.text(body, "by", limit=200) or "operator"
+    if not ALERT_ID_RE.match(alert_id or ""):
+        raise NotFound(f"alert {alert_id[:80]!r} does not exist")
+    now = ctx.now()
+
+    def change(alert: dict[str, Any]) -> dict[str, Any] | None:
+        if alert.get("acknowledged_at"):
+            return None
+        return {**alert, "acknowledged_at": now, "acknowledged_by": by}
+
+    alert = ctx.store.mutate("alerts", tenant, alert_id, change, what=f"alert {alert_id}")
+    return {"alert": alert}
+
+
+ALERT_ID_RE = re.compile(r"^[a-z-]{1,20}\.[a-z0-9.|-]{1,120}\.[0-9]{1,12}$")
+"""An alert id: ``<kind>.<subject>.<n>``."""

@@ -130,7 +130,7 @@ SCHEMAS: dict[str, Any] = {
             "state": {"type": "string", "enum": ["queued", "done", "failed"]},
             "detail": {"type": "string", "nullable": True}, "at": TIME})}},
         ["command_id", "type", "targets"], extra=True)}, ["command"]),
-    "Failover": _obj({"idempotency_key": KEY}, ["idempotency_key"]),
+    "Failover": _obj({"idempotency_key": KEY, "drive": {"type": "boolean"}}, ["idempotency_key"]),
     "Progress": _obj({"state": {"type": "string", "enum": STATES},
                       "detail": {"type": "string", "maxLength": defaults.MAX_TEXT}}, ["state"]),
     "Job": _obj({"job_id": {"type": "string"}, "kind": {"type": "string"},
@@ -151,7 +151,10 @@ SCHEMAS: dict[str, Any] = {
         "id": {"type": "string"}, "kind": {"type": "string"},
         "severity": {"type": "string", "enum": ["warning", "critical"]},
         "subject": {"type": "string"}, "message": {"type": "string"}, "raised_at": TIME,
-        "cleared_at": {"type": "number", "nullable": True}})}}, ["alerts"]),
+        "cleared_at": {"type": "number", "nullable": True},
+        "acknowledged_at": {"type": "number", "nullable": True},
+        "acknowledged_by": {"type": "string", "nullable": True}})}}, ["alerts"]),
+    "Acknowledge": _obj({"by": {"type": "string", "maxLength": 200}}),
     "Health": _obj({"ok": {"type": "boolean"}, "version": {"type": "string"},
                     "error": {"type": "string"}}, ["ok", "version"]),
 }  # fmt: skip
@@ -243,6 +246,12 @@ PATHS: dict[str, Any] = {
     "/tenants/{tenant}/jobs/{job_id}": {"get": _op(
         "one job with its history", (200, "Job"),
         params=[TENANT, _param("job_id", {"type": "string", "pattern": "^job-[a-z0-9]{1,60}$"})])},
+    "/tenants/{tenant}/jobs/{job_id}/cleanup": {"post": _op(
+        "clean up a test failover run by the server", (202, "JobAnswer"),
+        params=[TENANT, _param("job_id", {"type": "string", "pattern": "^job-[a-z0-9]{1,60}$"})])},
+    "/tenants/{tenant}/alerts/{alert_id}/acknowledge": {"post": _op(
+        "record that an alert was seen", (200, None), "Acknowledge",
+        [TENANT, _param("alert_id", {"type": "string", "maxLength": 160})])},
     "/tenants/{tenant}/jobs/{job_id}/progress": {"post": _op(
         "record a step of a job", (200, "JobAnswer"), "Progress",
         [TENANT, _param("job_id", {"type": "string", "pattern": "^job-[a-z0-9]{1,60}$"})])},

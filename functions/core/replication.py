@@ -7,7 +7,7 @@ from typing import Any
 
 from ferry import naming
 from ferry.naming import KIND_PREFIX
-from functions.core import commands, defaults, health, idempotency, jobs, validate
+from functions.core import commands, defaults, drive, health, idempotency, jobs, validate
 from functions.core.auth import Caller, require_component, require_operator
 from functions.core.context import Context
 from functions.core.errors import BadRequest, NotFound
@@ -327,7 +327,7 @@ def get_command(ctx: Context, caller: Caller, tenant: str, command_id: str) -> d
 
 
 def command_report(ctx: Context, caller: Caller, command_id: str, body: Any) -> None:
-    """A component reports a command's outcome; a failed protect fails its job."""
+    """A component reports a command's outcome: a failed step fails its job, a done one moves it on."""
     record = commands.report(ctx, caller, command_id, body)
     if record and record.get("job_id"):
         mine = record["targets"][caller.component_id]
@@ -338,3 +338,4 @@ def command_report(ctx: Context, caller: Caller, command_id: str, body: Any) -> 
                 record["job_id"],
                 f"{caller.component_id}: {mine['detail'] or 'failed'}",
             )
+        drive.after_report(ctx, caller.tenant, record)

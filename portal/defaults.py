@@ -1,0 +1,36 @@
+"""Tunables of the portal, each with its unit."""
+
+from __future__ import annotations
+
+SESSION_IDLE = 1800.0
+"""A session unused this long is signed out, in seconds."""
+
+SESSION_MAX_AGE = 12 * 3600.0
+"""A session is signed out this long after sign-in whatever its use, in seconds."""
+
+SESSIONS_MAX = 10_000
+"""Sessions kept at once, a count (the oldest go first)."""
+
+SIGNIN_FAILURES = 5
+"""Failed sign-ins from one client address within SIGNIN_WINDOW before it is refused, a count."""
+
+SIGNIN_WINDOW = 900.0
+"""The window over which failed sign-ins are counted, in seconds."""
+
+REFRESH_INTERVAL = 3000
+"""Live parts of a page are fetched again this often, in milliseconds."""
+
+RPO_WINDOW = 3600.0
+"""The RPO chart's span, in seconds (the last hour)."""
+
+RECOVERY_POINTS = 500
+"""Recovery points read for a machine page's timeline and chart, a count."""
+
+PASSPHRASE_TTL = 86400
+"""Default life of a registration passphrase made in the portal, in seconds."""
+
+COOKIE = "__Host-ferry-portal"
+"""The session cookie's name: ``__Host-`` makes browsers require Secure, path / and no domain."""
+
+PORT = 8480
+"""Port ``python -m portal`` listens on by default."""

@@ -1,0 +1,1 @@
+"""Test harnesses shared by test modules (never a test module others import)."""

@@ -1,0 +1,291 @@
+"""The portal in a real browser, against the real configuration server on Azurite.
+
+Headless Chromium (Debian's) driven by Playwright signs in, switches tenants,
+creates a passphrase and registers a component with the command the page
+shows, watches the overview refresh by itself, acknowledges an alert; and
+is refused a form without its CSRF token, another tenant's pages, and a
+sixth wrong token in a row.  The whole migration (protect, test failover,
+cutover) is in test_portal_end_to_end.py (root).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from support.portal import ROOT, PortalServer, chromium, shoot, signed_in
+from test_control_server import serve_config
+
+from ferry import control
+from ferry.control.client import Client
+
+pytestmark = [pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def config_server(tmp_path_factory):
+    yield from serve_config(tmp_path_factory, tls=True)
+
+
+@pytest.fixture(scope="module")
+def portal(config_server, tmp_path_factory):
+    made = PortalServer(
+        tmp_path_factory.mktemp("portal"), config_server.url, config_server.ca,
+        FERRY_PORTAL_INSTALL_CA=config_server.ca,
+    ).start()  # fmt: skip
+    yield made
+    made.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as launched:
+        yield launched
+
+
+def live_text(page) -> str:
+    return page.inner_text("[data-live]")
+
+
+def test_an_operator_sees_only_its_tenants_and_switches_between_them(
+    config_server, portal, browser, tmp_path
+):
+    a, b = (
+        config_server.tenant("pa" + os.urandom(3).hex()),
+        config_server.tenant("pb" + os.urandom(3).hex()),
+    )
+    a.register(
+        "agent", "web01", disks=[{"id": "web01-disk0", "device": "/dev/null", "size": 1 << 20}]
+    )
+    context, page = signed_in(browser, portal, a.token)
+    assert page.url == f"{portal.url}/t/{a.tenant}/"
+    assert "web01" in live_text(page)
+
+    # A second token adds its tenant to the same session; the switcher moves between them.
+    page.click("text=Add tenant")
+    page.fill("#token", b.token)
+    page.click("button:has-text('Sign in')")
+    assert page.url == f"{portal.url}/t/{b.tenant}/"
+    assert "web01" not in live_text(page) and "No machine is registered yet" in live_text(page)
+    page.select_option("#tenant-switch", a.tenant)  # portal.js submits on change
+    page.wait_for_url(f"{portal.url}/t/{a.tenant}/")
+    assert "web01" in live_text(page)
+    context.close()
+
+    # B's operator alone: A's pages answer 404 as if they did not exist, and say nothing.
+    context, page = signed_in(browser, portal, b.token)
+    for path in (f"/t/{a.tenant}/", f"/t/{a.tenant}/machines/web01", f"/t/{a.tenant}/jobs",
+                 f"/t/{a.tenant}/live/overview", "/t/no-such-tenant/"):  # fmt: skip
+        answer = page.goto(portal.url + path)
+        assert answer.status == 404, path
+        assert "web01" not in page.content()
+    context.close()
+
+
+def test_a_form_without_its_csrf_token_is_refused(config_server, portal, browser):
+    op = config_server.tenant("pc" + os.urandom(3).hex())
+    op.register(
+        "agent", "db01", disks=[{"id": "db01-disk0", "device": "/dev/null", "size": 1 << 20}]
+    )
+    op.register("process-server", "ps1", listen="127.0.0.1:9")  # protect needs both to exist
+    op.register("master-target", "mt1")
+    context, page = signed_in(browser, portal, op.token)
+    page.goto(f"{portal.url}/t/{op.tenant}/machines/db01")
+    page.click("text=Protect…")
+    token = page.get_attribute("form[action$='/protect'] input[name=csrf]", "value")
+    action = f"{portal.url}/t/{op.tenant}/machines/db01/protect"
+    # The browser's own cookie goes along; only the form's token is missing or wrong.
+    for form in ({"key": "portal-x1"}, {"key": "portal-x2", "csrf": token[:-2] + "xx"}):
+        answer = context.request.post(action, form=form, max_redirects=0)
+        assert answer.status == 403, answer.status
+        assert "expired or did not come from this portal" in answer.text()
+    assert op.call("GET", "/jobs")["jobs"] == []  # nothing reached the server
+    # The same form with its token goes through, and the server records the job as asked.
+    page.select_option("#master_target", "mt-mt1")
+    page.fill("#rpo_threshold_s", "90")
+    page.click("button:has-text('Protect db01')")
+    page.wait_for_selector(".flash.ok")
+    (job,) = op.call("GET", "/jobs")["jobs"]
+    assert (job["kind"], job["master_target"], job["rpo_threshold_s"]) == ("protect", "mt-mt1", 90)
+    context.close()
+
+
+def test_headers_and_the_session_cookie(config_server, portal, browser):
+    op = config_server.tenant("pd" + os.urandom(3).hex())
+    context, page = signed_in(browser, portal, op.token)
+    answer = page.goto(f"{portal.url}/t/{op.tenant}/")
+    headers = answer.headers
+    csp = headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp
+    assert headers["x-frame-options"] == "DENY"
+    assert headers["referrer-policy"] == "no-referrer"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["cache-control"] == "no-store"
+    (cookie,) = context.cookies()
+    assert (cookie["httpOnly"], cookie["secure"], cookie["sameSite"]) == (True, True, "Strict")
+    assert op.token not in json.dumps(context.storage_state())  # the browser never holds it
+    assert "<script>" not in page.content()  # no inline script at all
+    context.close()
+    assert op.token not in portal.logged()
+
+
+def test_a_passphrase_from_the_page_registers_a_component_live(
+    config_server, portal, browser, tmp_path
+):
+    op = config_server.tenant("pe" + os.urandom(3).hex())
+    context, page = signed_in(browser, portal, op.token)
+    page.click("nav >> text=Register")
+    page.check("input[value=agent]")
+    page.fill("#name", "app01")
+    page.fill("#device", "/dev/null")
+    page.click("button:has-text('Create passphrase')")
+    passphrase = page.inner_text("#passphrase").strip()
+    lines = page.inner_text("#commands").strip().splitlines()
+    assert passphrase not in " ".join(lines)  # read from the terminal, not in the history
+    register = shlex.split(lines[1])
+    assert register[0] == "ferry"
+    out = tmp_path / "agent.json"
+    register[register.index("--out") + 1] = str(out)  # this test's place for /etc/ferry
+    overview = context.new_page()
+    overview.goto(f"{portal.url}/t/{op.tenant}/")
+    assert "app01" not in live_text(overview)
+    subprocess.run(
+        [sys.executable, "-m", "ferrycli", *register[1:]], check=True, cwd=ROOT,
+        env={**os.environ, "FERRY_PASSPHRASE": passphrase, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert json.loads(out.read_text())["component_id"] == "ag-app01"
+    # The overview shows it without a reload (portal.js refreshes the live part).
+    overview.wait_for_selector("[data-live] >> text=app01", timeout=15_000)
+    # The passphrase was shown once: it is not on any page now, and it cannot register again.
+    page.goto(f"{portal.url}/t/{op.tenant}/register")
+    assert passphrase not in page.content()
+    with pytest.raises(control.errors.ControlRefused):
+        control.client.register(config_server.url, op.tenant, passphrase, "agent", "app02",
+                                ca=config_server.ca)  # fmt: skip
+    context.close()
+
+
+def test_an_alert_is_acknowledged_from_the_alerts_page(config_server, portal, browser, tmp_path):
+    op = config_server.tenant("pf" + os.urandom(3).hex())
+    creds = op.register(
+        "agent", "web02", disks=[{"id": "web02-disk0", "device": "/dev/null", "size": 1 << 20}]
+    )
+    op.register("process-server", "ps1", listen="127.0.0.1:9")
+    op.register("master-target", "mt1")
+    op.protect("web02")  # RPO alerts watch protected machines
+    Client(creds).report_disk("web02-disk0", {"phase": "replicating", "rpo_s": 900})
+    deadline = time.monotonic() + 30
+    while not op.call("GET", "/alerts?open=true")["alerts"] and time.monotonic() < deadline:
+        time.sleep(0.5)  # the monitoring timer runs every 2 s here
+    assert op.call("GET", "/alerts?open=true")["alerts"], "no RPO alert was raised"
+    context, page = signed_in(browser, portal, op.token)
+    page.click("nav >> text=Alerts")
+    row = page.locator("tr", has_text="web02-disk0")
+    assert "open" in row.inner_text()
+    row.locator("button:has-text('Acknowledge')").click()
+    page.wait_for_selector("text=acknowledged by portal operator")
+    shoot(page, "alerts")
+    (alert,) = op.call("GET", "/alerts")["alerts"]
+    assert alert["acknowledged_by"] == "portal operator" and alert["acknowledged_at"]
+    assert alert["cleared_at"] is None  # acknowledging does not clear it
+    context.close()
+
+
+def test_sign_in_is_rate_limited(config_server, browser, tmp_path):
+    op = config_server.tenant("pg" + os.urandom(3).hex())
+    portal = PortalServer(tmp_path, config_server.url, config_server.ca).start()
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"{portal.url}/signin")
+        for attempt in range(5):
+            page.fill("#token", f"op.{op.tenant}.wrong{attempt}")
+            page.click("button:has-text('Sign in')")
+            assert "did not accept that token" in page.content()
+        page.fill("#token", op.token)  # even the right token now waits
+        with page.expect_response(lambda r: r.url.endswith("/signin")) as answer:
+            page.click("button:has-text('Sign in')")
+        assert answer.value.status == 429
+        assert "Too many failed sign-ins" in page.content()
+        assert int(answer.value.headers["retry-after"]) > 0
+        context.close()
+    finally:
+        portal.stop()
+
+
+def test_entra_principal_maps_to_its_tenants(config_server, tmp_path):
+    a, b = (
+        config_server.tenant("ph" + os.urandom(3).hex()),
+        config_server.tenant("pi" + os.urandom(3).hex()),
+    )
+    principals = tmp_path / "principals.json"
+    principals.write_text(json.dumps({"alice@contoso.example": [a.tenant]}))
+    env = {"FERRY_PORTAL_ENTRA": "1", "FERRY_PORTAL_PRINCIPALS": str(principals),
+           f"FERRY_PORTAL_TOKEN_{a.tenant.upper()}": a.token,
+           f"FERRY_PORTAL_TOKEN_{b.tenant.upper()}": b.token}  # fmt: skip
+    portal = PortalServer(tmp_path, config_server.url, config_server.ca, **env).start()
+    try:
+        claims = {"auth_typ": "aad", "name_typ": "preferred_username", "claims": [
+            {"typ": "preferred_username", "val": "alice@contoso.example"}]}  # fmt: skip
+        header = {"X-MS-CLIENT-PRINCIPAL": base64.b64encode(json.dumps(claims).encode()).decode()}
+        http = requests.Session()
+        answer = http.get(f"{portal.url}/", headers=header)
+        assert answer.status_code == 200 and f"Machines of {a.tenant}" in answer.text
+        assert http.get(f"{portal.url}/t/{b.tenant}/", headers=header).status_code == 404
+        # Without the header (not through App Service authentication) nothing is shown.
+        assert "Machines of" not in requests.get(f"{portal.url}/t/{a.tenant}/").text
+        assert requests.get(f"{portal.url}/signin").status_code == 404  # local sign-in is off
+    finally:
+        portal.stop()
+
+
+def test_an_unreachable_configuration_server_gives_a_clear_page(browser, tmp_path):
+    from devkit.azurite import free_port
+
+    portal = PortalServer(tmp_path, f"http://127.0.0.1:{free_port()}", None).start()
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"{portal.url}/signin")
+        page.fill("#token", "op.nowhere.secret")
+        with page.expect_response(lambda r: r.url.endswith("/signin")) as answer:
+            page.click("button:has-text('Sign in')")
+        assert answer.value.status == 502
+        assert "configuration server cannot be reached" in page.inner_text("main")
+        assert "op.nowhere.secret" not in portal.logged()
+        context.close()
+    finally:
+        portal.stop()
+
+
+def test_pages_work_without_javascript_and_from_the_keyboard(config_server, portal, browser):
+    op = config_server.tenant("pj" + os.urandom(3).hex())
+    op.register(
+        "agent", "kb01", disks=[{"id": "kb01-disk0", "device": "/dev/null", "size": 1 << 20}]
+    )
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(f"{portal.url}/signin")
+    page.wait_for_function("document.activeElement.id === 'token'")  # autofocus
+    page.keyboard.type(op.token)
+    page.keyboard.press("Enter")  # the form posts without any script
+    page.wait_for_url(f"{portal.url}/t/{op.tenant}/")
+    assert "kb01" in page.inner_text("main")
+    page.keyboard.press("Tab")  # the first stop is the skip link, then the pages
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Overview"
+    page.goto(f"{portal.url}/t/{op.tenant}/machines/kb01")
+    assert "Recovery points, last hour" in page.inner_text("main")
+    assert page.locator("svg.chart").count() == 2  # the charts are drawn on the server
+    context.close()
