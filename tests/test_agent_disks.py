@@ -1,6 +1,6 @@
 """Real server disks: partitions, filesystems on them, several disks, disk identity.
 
-Agent, process server and master target run as processes (ferry.embedded)
+Agent, process server and master target run as processes (devkit.embedded)
 against Azurite, on real loop devices (partitions added with ``partx -a``)
 with a real tracefs instance.
 """
@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from ferry.embedded import Embedded, FileWriter, digest
+
+from devkit.embedded import Embedded, FileWriter, digest
 
 pytestmark = [pytest.mark.root, pytest.mark.tracefs, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
 """Restarts: an orderly stop hands tracking over, so the next start need not resync.
 
-Real daemons (ferry.embedded), real loop devices, a real tracefs instance.
+Real daemons (devkit.embedded), real loop devices, a real tracefs instance.
 Every way the hand-over can leave a write unseen must end in a resync: a
 crash (test_end_to_end), lost trace events, a vanished instance with writes
 since, a disk written after it reappeared, a filesystem in use at the stop.
@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from ferry.embedded import Embedded, FileWriter, digest
+
+from devkit.embedded import Embedded, FileWriter, digest
 
 pytestmark = [pytest.mark.root, pytest.mark.tracefs, pytest.mark.slow]
 
