@@ -380,3 +380,25 @@ def test_the_azure_template_keeps_secrets_in_key_vault_and_uses_the_managed_iden
     granted = [r["properties"]["roleDefinitionId"] for r in template["resources"]
                if r["type"] == "Microsoft.Authorization/roleAssignments"]  # fmt: skip
     assert any("secretsUser" in g for g in granted)
+
+
+def test_the_deploy_job_takes_its_ca_tokens_and_host_keys_from_the_secret_store():
+    """The GitOps deploy job made a new CA on every run, lost the operator token between
+    runs, put the ARM token unmasked into the job's environment and pinned no host key."""
+    from pathlib import Path
+
+    import yaml
+
+    workflow = yaml.safe_load(
+        (Path(__file__).parents[1] / ".github/workflows/ferry.yml").read_text()
+    )
+    steps = workflow["jobs"]["deploy"]["steps"]
+    text = json.dumps(steps)
+    assert "GITHUB_ENV" not in text and "get-access-token" not in text
+    secrets_step = next(s for s in steps if "SSH_KEY" in s.get("env", {}))
+    for name in ("KNOWN_HOSTS", "CA_CERT", "CA_KEY", "OPERATOR_TOKEN"):
+        assert name in secrets_step["env"], name
+    for step in steps:
+        if "ansible-playbook" in step.get("run", ""):
+            assert step["env"]["ANSIBLE_HOST_KEY_CHECKING"] == "True"
+            assert 'ferry_pki_dir="$RUNNER_TEMP/pki"' in step["run"]
