@@ -138,3 +138,14 @@ def test_verify_checks_all_but_decompression(key):
             verify(bytes(bad), "s", EXPECT, key=key)
     with pytest.raises(SegmentCorrupt, match="seq"):
         verify(data, "s", {**EXPECT, "seq": 9}, key=key)
+
+
+def test_packing_a_batch_again_gives_the_same_sealed_segment():
+    """A process server restarted mid-upload packs the batch again: its first notice must
+    still match the blob (random nonces made it differ, and the master target resynced)."""
+    batch = sample()
+    first, sum1 = pack(batch, KEY)
+    again, sum2 = pack(batch, KEY)
+    assert (first, sum1) == (again, sum2)
+    other, sum3 = pack(sample(seq=8), KEY)
+    assert sum3 != sum1  # another batch, another nonce and ciphertext
