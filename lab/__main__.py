@@ -75,11 +75,12 @@ def cmd_report(args) -> int:
         raise LabError(detail="no image built for this recipe yet (python -m lab build)")
     figures, facts = image.figures(), image.facts
     print(f"lab report (image {image.dir.name}, Debian {facts['suite']}, {facts['built_at']})")
+    print("  (boot figures are the latest of any run on this image)")
     rows = [
         ("cold build", "cold_build_s", "debootstrap, mkfs, first boot"),
-        ("first boot", "first_boot_s", "grub-install, LVM, XFS, initramfs in the guest"),
+        ("first boot", "first_boot_s", "grub-install, LVM, XFS in the guest"),
         ("cached build", "cached_s", "lookup of the cached image"),
-        ("boot to SSH", "boot_to_ssh_s", f"QEMU start to systemd up, {figures.get('accel')}"),
+        ("boot to SSH", "boot_to_ssh_s", f"QEMU start to systemd up ({figures.get('boot')})"),
         ("reboot", "reboot_s", "guest reboot until up again"),
         ("crash reset", "crash_s", "QMP system_reset until up again"),
     ]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,26 @@ class Image:
     @property
     def facts(self) -> dict:
         return json.loads((self.dir / "build.json").read_text())
+
+    def boot_files(self) -> tuple[Path, Path]:
+        """The kernel and initrd on the image's /boot, read out once (for direct kernel boot).
+
+        debugfs reads the /boot filesystem in place (``?offset=``): nothing is mounted.
+        """
+        kernel, initrd = self.dir / "boot-vmlinuz", self.dir / "boot-initrd.img"
+        if kernel.exists() and initrd.exists():
+            return kernel, initrd
+        boot_fs = f"{self.system}?offset={recipe.BOOT_OFFSET}"
+        listing = _debugfs(boot_fs, "ls /")
+        for name in listing.split():
+            for prefix, dest in (("vmlinuz-", kernel), ("initrd.img-", initrd)):
+                if name.startswith(prefix):
+                    tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+                    _debugfs(boot_fs, f"dump /{name} {tmp}")
+                    tmp.replace(dest)
+        if not (kernel.exists() and initrd.exists()):
+            raise LabError(detail=f"no kernel and initrd on /boot of {self.system}: {listing}")
+        return kernel, initrd
 
     def figures(self) -> dict:
         try:
@@ -105,3 +126,12 @@ def ensure_image(log=print) -> Image:
     image.record(cold_build_s=facts["cold_build_s"], first_boot_s=facts["first_boot_s"])
     log(f"lab image {final.name}: built in {facts['cold_build_s']:.0f} s")
     return image
+
+
+def _debugfs(filesystem: str, request: str) -> str:
+    result = subprocess.run(
+        ["debugfs", "-R", request, filesystem], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise LabError(detail=f"debugfs {request!r} on {filesystem}: {result.stderr.strip()}")
+    return result.stdout

@@ -38,8 +38,12 @@ def disk_args(path: Path, fmt: str, serial: str) -> list[str]:
 
 
 def common_args(accel: str, memory_mib: int, cpus: int, console: Path) -> list[str]:
-    """No display, no default devices; the serial console goes to a file."""
-    cpu = "host" if accel == "kvm" else "max"
+    """No display, no default devices; the serial console goes to a file.
+
+    Under TCG the CPU is the plain qemu64: with ``-cpu max`` a guest rebooted or
+    reset in the same QEMU hung in its initramfs (soft lockups in a page fault).
+    """
+    cpu = "host" if accel == "kvm" else "qemu64"
     return [
         *("-accel", accel, "-machine", "pc", "-cpu", cpu),
         *("-smp", str(cpus), "-m", str(memory_mib)),
