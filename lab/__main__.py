@@ -134,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")
     test.set_defaults(func=cmd_test)
     sub.add_parser("report").set_defaults(func=cmd_report)
-    args = parser.parse_args(argv)
+    # Options the lab does not know go to pytest (python -m lab test -k crash).
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.cmd != "test":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.cmd == "test":
+        args.pytest_args = unknown + args.pytest_args
     try:
         return args.func(args)
     except FerryError as e:
