@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 
 
 class LabError(FerryError):
     """lab: {detail}"""
 
-    exit_code = 1
+    exit_code = Exit.DEVKIT
 
 
 class BuildFailed(LabError):

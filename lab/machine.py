@@ -22,6 +22,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from lab import qemu
 from lab.cache import Image
@@ -289,7 +290,8 @@ class Machine:
             sock.connect(str(self.qmp_path))
             stream = sock.makefile("rwb")
             stream.readline()  # greeting
-            for message in ({"execute": "qmp_capabilities"}, {"execute": command}):
+            messages: list[dict[str, Any]] = [{"execute": "qmp_capabilities"}, {"execute": command}]
+            for message in messages:
                 if message["execute"] == command and arguments:
                     message["arguments"] = arguments
                 stream.write(json.dumps(message).encode() + b"\n")

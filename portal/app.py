@@ -135,12 +135,13 @@ class Portal:
             raise Refused(404, "Sign in through your organisation's account.")
         session = session_of(request)
         form = await checked_form(request, session)
+        assert session is not None  # checked_form refused a request without one
         address = client_address(request)
         wait = self.limiter.retry_after(address)
         if wait:
             raise Refused(429, f"Too many failed sign-ins. Try again in {wait} seconds.",
                           {"Retry-After": str(wait)})  # fmt: skip
-        token = form.get("token", "").strip()
+        token = str(form.get("token", "")).strip()
         tenant = _token_tenant(token)
         error = None
         if tenant is None:
@@ -150,7 +151,7 @@ class Portal:
                 await Api(self.settings.server, self.settings.verify, tenant, token).status()
             except ControlRefused as exc:
                 error = ("The configuration server did not accept that token."
-                         if exc.status in (401, 403, 404) else exc.fields.get("message"))  # fmt: skip
+                         if exc.status in (401, 403, 404) else str(exc.fields.get("message")))  # fmt: skip
         if error:
             self.limiter.failed(address)
             log.info("sign-in refused from %s", address)
@@ -158,6 +159,7 @@ class Portal:
                           error=error, tenants=sorted(session.tokens), tenant=session.current,
                           flash=None, path="/signin", version=__version__, refresh=0,
                           entra=False)  # fmt: skip
+        assert tenant is not None  # no error: the token named its tenant
         session.tokens[tenant] = token
         session.current = tenant
         session = self.sessions.renew(session)  # a new id once signed in
@@ -167,12 +169,14 @@ class Portal:
     async def signout(self, request: Request) -> Response:
         session = session_of(request)
         await checked_form(request, session)
+        assert session is not None  # checked_form refused a request without one
         self.sessions.drop(session.id)
         return clear_cookie(redirect("/signin"))
 
     async def switch(self, request: Request) -> Response:
         session = self.session(request)
         form = await checked_form(request, session)
+        assert session is not None  # checked_form refused a request without one
         tenant = form.get("tenant", "")
         if tenant not in session.tokens:
             raise Refused(404, "There is no such page.")
@@ -260,6 +264,7 @@ class Portal:
     async def protect(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
         form = await checked_form(request, session)
+        assert session is not None  # checked_form refused a request without one
         machine = request.path_params["machine"]
         choices = {
             "process_server": _component(form.get("process_server"), "ps-"),
@@ -273,6 +278,7 @@ class Portal:
     async def test_failover(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
         form = await checked_form(request, session)
+        assert session is not None  # checked_form refused a request without one
         machine = request.path_params["machine"]
         await self.act(session, api.failover(machine, "test-failover", _key(form)),
                        f"start a test failover of {machine}",
@@ -282,6 +288,7 @@ class Portal:
     async def cleanup(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
         await checked_form(request, session)
+        assert session is not None  # checked_form refused a request without one
         job = await self.act(session, api.cleanup(request.path_params["job"]),
                              "clean up the test failover", "Test failover cleanup started.")  # fmt: skip
         machine = (job or {}).get("machine")
@@ -297,6 +304,7 @@ class Portal:
     async def cutover(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
         form = await checked_form(request, session)
+        assert session is not None  # checked_form refused a request without one
         machine = request.path_params["machine"]
         if form.get("confirm", "").strip() != machine:
             data = await self.machine_data(api, machine)
@@ -329,6 +337,7 @@ class Portal:
     async def register(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
         form = await checked_form(request, session)
+        assert session is not None  # checked_form refused a request without one
         kind = form.get("kind", "agent")
         name = form.get("name", "").strip()
         if kind not in ("agent", "process-server", "master-target") or not naming.ID_RE.match(name):
@@ -352,6 +361,7 @@ class Portal:
     async def acknowledge(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
         await checked_form(request, session)
+        assert session is not None  # checked_form refused a request without one
         by = session.principal or "portal operator"
         await self.act(session, api.acknowledge(request.path_params["alert"], by),
                        "acknowledge the alert", "Alert acknowledged.")  # fmt: skip
@@ -462,7 +472,7 @@ def _shell_word(text: str) -> str:
 # -- the app ------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings) -> Any:
     """The portal as an ASGI app."""
     portal = Portal(settings)
     t = "/t/{tenant}"

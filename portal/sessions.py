@@ -43,7 +43,7 @@ class Session:
 
     def csrf_ok(self, offered: str | None) -> bool:
         """True if ``offered`` is this session's CSRF token."""
-        return bool(offered) and hmac.compare_digest(offered.encode(), self.csrf.encode())
+        return offered is not None and hmac.compare_digest(offered.encode(), self.csrf.encode())
 
 
 class Sessions:

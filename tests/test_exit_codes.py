@@ -11,7 +11,7 @@ from pathlib import Path
 from ferry.errors import EXIT_CODES, Exit, FerryError
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("ferry", "ferrycli", "agent", "processserver", "mastertarget", "devkit")
+PACKAGES = ("ferry", "ferrycli", "agent", "processserver", "mastertarget", "devkit", "lab")
 
 
 def every_error_class() -> list[type[FerryError]]:
