@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.control.client import Client
 from ferry.control.commands import Handler, rotate_handler
@@ -13,7 +13,9 @@ from ferry.control.credentials import Credentials
 from ferry.control.defaults import STARTUP_RETRY_MAX
 from ferry.control.settingsource import SettingsSource
 from ferry.errors import ConfigError, RetryableError
-from ferry.storage import Storage
+
+if TYPE_CHECKING:
+    from ferry.storage import Storage
 
 log = logging.getLogger("ferry.control")
 T = TypeVar("T")
