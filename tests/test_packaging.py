@@ -2,7 +2,7 @@
 
 pyproject.toml declares the core's dependencies and one extra per part; requirements/*.txt
 are the pinned lock files made from them (`make lock`), which `make setup` and the roles
-install.
+install.  The repository's root is also the Ansible collection ferry.migrate (galaxy.yml).
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+CONTROLLER = ROOT / ".venv-controller" / "bin"
 COMPONENTS = ("agent", "processserver", "mastertarget", "functions", "ferrycli", "devkit")
 PARTS = ("agent", "process-server", "master-target", "config-server", "cli", "controller", "dev")
 AGENT_MUST_NOT_IMPORT = ("azure.functions", "uvicorn", "numpy")
@@ -129,3 +131,27 @@ def test_an_agent_only_install_runs_the_agent_without_the_rest(tmp_path):
         tried = subprocess.run([python, "-c", f"import {module}"], **run)
         assert tried.returncode != 0, f"{module} is importable in an agent-only install"
         assert "ModuleNotFoundError" in tried.stderr
+
+
+def test_the_collection_builds_with_its_roles_and_module(tmp_path):
+    tool = CONTROLLER / "ansible-galaxy"
+    if not tool.exists():
+        pytest.fail(f"{tool} is missing; `make setup` builds the controller's virtualenv")
+    built = subprocess.run(
+        [str(tool), "collection", "build", "--output-path", str(tmp_path), str(ROOT)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stdout + built.stderr
+    (tarball,) = tmp_path.glob("ferry-migrate-*.tar.gz")
+    with tarfile.open(tarball) as tar:
+        names = set(tar.getnames())
+        manifest = json.load(tar.extractfile("MANIFEST.json"))["collection_info"]
+    assert (manifest["namespace"], manifest["name"]) == ("ferry", "migrate")
+    roles = {p.name for p in (ROOT / "roles").iterdir() if (p / "tasks").is_dir()}
+    for role in roles:
+        assert f"roles/{role}/tasks/main.yml" in names, role
+    assert "plugins/modules/ferry_supervised.py" in names
+    assert "meta/runtime.yml" in names
+    # Only the Ansible side: hosts get the Python code from the lock files, not from here.
+    stray = sorted(n for n in names if n.split("/")[0] in (*COMPONENTS, "ferry", "tests", ".venv"))
+    assert stray == []
