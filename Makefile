@@ -61,7 +61,7 @@ system-deps:
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(ANSIBLE) $(CONTROLLER)/bin/yamllint -s roles playbooks inventory .github .yamllint .ansible-lint
+	$(ANSIBLE) $(CONTROLLER)/bin/yamllint -s roles playbooks inventory meta galaxy.yml .github .yamllint .ansible-lint
 	$(ANSIBLE) $(CONTROLLER)/bin/ansible-lint --offline
 
 test: setup lint
