@@ -8,25 +8,38 @@ PYTEST_ARGS ?=
 CONTROLLER := .venv-controller
 ANSIBLE := ANSIBLE_CONFIG=$(CURDIR)/ansible.cfg PATH=$(CURDIR)/$(CONTROLLER)/bin:$$PATH
 
-.PHONY: setup controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication clean system-deps
+.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication clean system-deps
 
 setup: $(VENV)/.stamp $(CONTROLLER)/.stamp node_modules/.stamp system-deps
 
 # The Ansible controller has its own virtualenv: azure.azcollection pins old Azure SDKs.
-$(CONTROLLER)/.stamp: requirements-controller.txt
+$(CONTROLLER)/.stamp: requirements/controller.txt
 	test -x $(CONTROLLER)/bin/python || $(PYTHON) -m venv $(CONTROLLER)
-	$(CONTROLLER)/bin/pip install -q --disable-pip-version-check -r requirements-controller.txt
+	$(CONTROLLER)/bin/pip install -q --disable-pip-version-check -r requirements/controller.txt
 	touch $@
 
 # The azure provider's extras (the deploy job only).
 controller-azure: $(CONTROLLER)/.stamp
 	$(CONTROLLER)/bin/pip install -q --disable-pip-version-check -r requirements-controller-azure.txt
 
-$(VENV)/.stamp: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.stamp: requirements/dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
+
+# The lock files: one per extra of pyproject.toml, pinned by pip-compile.  Existing pins are
+# kept; `make lock LOCK_ARGS=--upgrade` (or `-P name`) moves them.  Ferry itself (dev names
+# it for every part) stays out of them, as do pip and setuptools.
+EXTRAS := agent process-server master-target config-server cli controller dev portal
+LOCK_ARGS ?=
+lock: $(VENV)/.stamp
+	for extra in $(EXTRAS); do \
+	  CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --strip-extras \
+	    --no-emit-index-url --no-emit-find-links --annotation-style=line $(LOCK_ARGS) \
+	    --unsafe-package ferry --unsafe-package pip --unsafe-package setuptools \
+	    --extra $$extra -o requirements/$$extra.txt pyproject.toml || exit 1; \
+	done
 
 node_modules/.stamp: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
@@ -51,7 +64,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(ANSIBLE) $(CONTROLLER)/bin/yamllint -s roles playbooks inventory .github .yamllint .ansible-lint
+	$(ANSIBLE) $(CONTROLLER)/bin/yamllint -s roles playbooks inventory meta galaxy.yml .github .yamllint .ansible-lint
 	$(ANSIBLE) $(CONTROLLER)/bin/ansible-lint --offline
 
 test: setup lint

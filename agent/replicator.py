@@ -18,7 +18,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from pyroaring import BitMap
 
 from agent import defaults, state
@@ -363,17 +362,16 @@ class Replicator:
         disk.request_id = None
         log.info("disk %s: generation %d started (%s)", disk.id, disk.gen, disk.phase)
 
-    def _compare(self, disk: DiskState, target: bytes, block: int) -> tuple[np.ndarray, np.ndarray]:
+    def _compare(self, disk: DiskState, target: bytes, block: int) -> tuple[list[int], list[int]]:
         """Blocks (of ``block`` bytes) that differ from the target, and the target's zero blocks."""
         mine, _ = blockio.digest_map(disk.track.device, block)
-        a = np.frombuffer(mine, dtype=np.uint8).reshape(-1, blockio.DIGEST_BYTES)
-        b = np.frombuffer(target, dtype=np.uint8).reshape(-1, blockio.DIGEST_BYTES)
-        n = min(len(a), len(b))
-        differ = np.flatnonzero((a[:n] != b[:n]).any(axis=1))
-        beyond = np.arange(n, len(a))  # the target is shorter: those blocks read as zeros there
-        zero = np.frombuffer(blockio.zero_digest(block), dtype=np.uint8)
-        target_zero = np.flatnonzero((b[:n] == zero).all(axis=1))
-        return np.concatenate((differ, beyond)), np.concatenate((target_zero, beyond))
+        size = blockio.DIGEST_BYTES
+        ours, n = len(mine) // size, min(len(mine), len(target)) // size
+        differ = _differing(mine, target, n)
+        zero = blockio.zero_digest(block)
+        target_zero = [i for i in range(n) if target[i * size : (i + 1) * size] == zero]
+        beyond = list(range(n, ours))  # the target is shorter: those blocks read as zeros there
+        return differ + beyond, target_zero + beyond
 
     # -- passes -------------------------------------------------------------------------
 
@@ -658,14 +656,10 @@ def _thaw_all(points: list[str], from_watchdog: bool) -> None:
 
 def _runs(blocks: BitMap, longest: int):
     """Yield ``(first, count)`` runs of consecutive blocks, none longer than ``longest``."""
-    if not blocks:
-        return
-    arr = np.asarray(blocks.to_array(), dtype=np.int64)
-    breaks = np.flatnonzero(np.diff(arr) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(arr)]))
-    for s, e in zip(starts, ends, strict=True):
-        first, count = int(arr[s]), int(e - s)
+    firsts = blocks - blocks.shift(1)  # a block whose predecessor is not in the set
+    lasts = blocks - blocks.shift(-1)  # a block whose successor is not in the set
+    for first, last in zip(firsts, lasts, strict=True):
+        count = last - first + 1
         while count > 0:
             n = min(count, longest)
             yield first, n
@@ -673,9 +667,28 @@ def _runs(blocks: BitMap, longest: int):
             count -= n
 
 
-def _expand(coarse: np.ndarray, per: int, limit: int) -> BitMap:
+def _differing(mine: bytes, target: bytes, n: int, stride: int = 4096) -> list[int]:
+    """Indexes of the first ``n`` digests that differ between two digest maps.
+
+    Equal stretches of ``stride`` digests are skipped with one comparison.
+    """
+    size = blockio.DIGEST_BYTES
+    out = []
+    for lo in range(0, n, stride):
+        hi = min(lo + stride, n)
+        if mine[lo * size : hi * size] == target[lo * size : hi * size]:
+            continue
+        out += [
+            i
+            for i in range(lo, hi)
+            if mine[i * size : (i + 1) * size] != target[i * size : (i + 1) * size]
+        ]
+    return out
+
+
+def _expand(coarse: list[int], per: int, limit: int) -> BitMap:
     """Tracking blocks covered by the given coarse (resync) blocks."""
     out = BitMap()
     for c in coarse:
-        out.add_range(int(c) * per, min((int(c) + 1) * per, limit))
+        out.add_range(c * per, min((c + 1) * per, limit))
     return out

@@ -15,6 +15,7 @@ A pass is ``begin_pass`` (take the dirty sets at t0), any number of
 
 from __future__ import annotations
 
+import array
 import bisect
 import logging
 import os
@@ -22,7 +23,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import xxhash
 from pyroaring import BitMap
 
@@ -258,33 +258,42 @@ class ScanTracker(Tracker):
     def __init__(self, disks: list[DiskTrack], chunk: int = 8 << 20) -> None:
         super().__init__(disks)
         self.chunk = chunk
-        self._known: dict[str, np.ndarray | None] = {d: None for d in self.disks}
+        self._known: dict[str, list[array.array] | None] = {d: None for d in self.disks}
         self._pass_disks: list[str] = []
 
-    def _scan(self, disk: DiskTrack) -> np.ndarray:
+    def _scan(self, disk: DiskTrack) -> list[array.array]:
+        """The 64-bit digest of every block, one array per chunk read."""
         reader = DirectReader(disk.device, self.chunk)
         try:
-            out = np.empty(disk.blocks, dtype=np.uint64)
+            out = []
             for offset in range(0, disk.size, self.chunk):
                 view = reader.read(offset, min(self.chunk, disk.size - offset))
-                base = offset // disk.block
-                digests = [
+                digests = (
                     xxhash.xxh3_64_intdigest(view[i : i + disk.block])
                     for i in range(0, len(view), disk.block)
-                ]
-                out[base : base + len(digests)] = digests
+                )
+                out.append(array.array("Q", digests))
             return out
         finally:
             reader.close()
 
-    def _changes(self, disk_id: str) -> np.ndarray:
+    def _changes(self, disk_id: str) -> BitMap:
         disk = self.disks[disk_id]
         new = self._scan(disk)
         old = self._known[disk_id]
         self._known[disk_id] = new
-        if old is None or old.shape != new.shape:
-            return np.arange(disk.blocks, dtype=np.uint32)
-        return np.flatnonzero(old != new).astype(np.uint32)
+        changed = BitMap()
+        if old is None or [len(a) for a in old] != [len(a) for a in new]:
+            changed.add_range(0, disk.blocks)
+            return changed
+        base = 0
+        for before, now in zip(old, new, strict=True):
+            if before != now:  # equal chunks (the usual case) compare in one memcmp
+                changed.update(
+                    base + i for i, (a, b) in enumerate(zip(before, now, strict=True)) if a != b
+                )
+            base += len(now)
+        return changed
 
     def begin_pass(self, disks: list[str]) -> dict[str, BitMap]:
         self.t0 = mono()

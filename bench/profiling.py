@@ -39,7 +39,7 @@ RULES: list[tuple[str, Any]] = [
     ("disk read (O_DIRECT)", lambda f, p, c: "preadv" in c or ".read(" in c and "blockio" in p),
     ("disk write + fsync", lambda f, p, c: any(
         k in c for k in ("fsync", "pwrite", "os.write(", "write_atomic", "ftruncate"))),
-    ("zero detection (numpy)", lambda f, p, c: f in ("zero_mask", "runs", "_extents")),
+    ("zero detection", lambda f, p, c: f in ("zero_mask", "runs", "_extents")),
     ("trace_pipe reads and parsing", lambda f, p, c: p.endswith("tracefs.py")),
     ("socket I/O", lambda f, p, c: p.endswith("socket.py") or "recv" in c or "sendall" in c),
     ("JSON", lambda f, p, c: "json" in p and p.endswith(".py") and "/json/" in p),

@@ -1,7 +1,7 @@
 """The Ansible roles' contracts that need no deployment: argument specs and early failures.
 
 The playbooks run from the controller's own virtualenv (``.venv-controller``,
-``requirements-controller.txt``), as an operator would run them.
+``requirements/controller.txt``), as an operator would run them.
 """
 
 from __future__ import annotations
@@ -101,7 +101,9 @@ def test_bad_variables_fail_argument_validation_with_a_typed_message(base, extra
 
 def test_the_internal_role_refuses_to_run_on_its_own(tmp_path):
     play = tmp_path / "alone.yml"
-    play.write_text("- hosts: ps01\n  gather_facts: false\n  roles:\n    - role: ferry_daemon\n")
+    play.write_text(
+        "- hosts: ps01\n  gather_facts: false\n  roles:\n    - role: ferry.migrate.ferry_daemon\n"
+    )
     result = ansible_playbook(str(play), "--check", "-e", f"ferry_local_base={tmp_path}")
     assert result.returncode != 0
     assert "ferry_daemon_component" in result.stdout

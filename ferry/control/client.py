@@ -8,7 +8,7 @@ import logging
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry import naming
 from ferry.control.credentials import Credentials
@@ -16,7 +16,9 @@ from ferry.control.defaults import DETAIL_MAX
 from ferry.control.errors import ControlRefused, ControlUnavailable, CredentialsInvalid
 from ferry.control.transport import Transport
 from ferry.errors import UsageError
-from ferry.storage import Storage
+
+if TYPE_CHECKING:  # the storage SDK loads only when a daemon opens its storage
+    from ferry.storage import Storage
 
 log = logging.getLogger("ferry.control")
 
@@ -205,6 +207,8 @@ class Client:
 
     def open_storage(self) -> Storage:
         """Storage limited to this component's grant, renewed through this client."""
+        from ferry.storage import Storage
+
         return Storage.from_grant(self.storage_grant(), renew=self.storage_grant)
 
 

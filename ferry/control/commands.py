@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry.control.client import Client
 from ferry.control.defaults import (
@@ -21,7 +21,9 @@ from ferry.control.errors import ControlRefused
 from ferry.control.threads import Quiet, jittered
 from ferry.durable import read_json, write_json
 from ferry.errors import FerryError
-from ferry.storage import Message, Storage
+
+if TYPE_CHECKING:
+    from ferry.storage import Message, Storage
 
 log = logging.getLogger("ferry.control")
 

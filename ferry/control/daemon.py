@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.control.client import Client
 from ferry.control.commands import CommandPoller, Handler, rotate_handler
@@ -18,7 +18,9 @@ from ferry.control.heartbeat import Heartbeat
 from ferry.control.settingsource import SettingsSource
 from ferry.control.threads import running
 from ferry.errors import ConfigError, RetryableError
-from ferry.storage import Storage
+
+if TYPE_CHECKING:
+    from ferry.storage import Storage
 
 log = logging.getLogger("ferry.control")
 T = TypeVar("T")

@@ -37,7 +37,7 @@ author: Ferry
 
 EXAMPLES = r"""
 - name: Ensure the process server is started.
-  ferry_supervised:
+  ferry.migrate.ferry_supervised:
     name: process-server
     command: [/opt/ferry/venv/bin/python, -m, processserver, --config, /etc/ferry/process-server.toml]
     pidfile: /run/ferry/process-server.pid
