@@ -1,23 +1,62 @@
-"""Shared fixtures: real Azurite, real TLS certificates, real loop devices."""
+"""Shared fixtures: real Azurite, real TLS certificates, real loop devices.
+
+The harnesses live in ``support/`` (pyproject puts ``tests`` on ``sys.path``); the
+session fails if it leaves a loop device, a tracefs instance or a process
+behind (``support.leaks``).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 import uuid
-from pathlib import Path
 
 import pytest
+from support.disks import LoopDisk, release_all
+from support.leaks import LeakCheck, describe
 
 from devkit.azurite import Azurite
 from ferry import pki
 from ferry.storage import Storage
 
-pytest_plugins = ["functions_support"]
+pytest_plugins = ["support.api"]
 
-ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
+LEAKS = pytest.StashKey[LeakCheck]()
+
+
+def pytest_sessionstart(session):
+    check = LeakCheck(session.config._tmp_path_factory.getbasetemp())
+    session.config.stash[LEAKS] = check
+    started = subprocess.Popen.__init__
+
+    def remember(self, *args, **kwargs):  # whose pid an agent's tracefs instance may carry
+        started(self, *args, **kwargs)
+        check.started(self.pid)
+
+    subprocess.Popen.__init__ = remember
+
+
+def pytest_sessionfinish(session, exitstatus):
+    check = session.config.stash.get(LEAKS, None)
+    if check is None:
+        return
+    found = check.settle()
+    if not found:
+        return
+    check.clean(found)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = describe(found)
+    if reporter is not None:
+        reporter.write_sep("=", "left behind by this session (now removed)", red=True)
+        for line in lines:
+            reporter.write_line(line, red=True)
+    else:
+        print("left behind by this session:", *lines, sep="\n", file=sys.stderr)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):
@@ -61,61 +100,20 @@ def certs(tmp_path_factory):
     return base
 
 
-def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
-class LoopDisk:
-    """A loop device over a sparse file, optionally with a mounted ext4."""
-
-    def __init__(self, base: Path, size: int, fs: bool) -> None:
-        self.image = base / "source.img"
-        with open(self.image, "wb") as f:
-            f.truncate(size)
-        self.device = run(
-            "losetup", "--find", "--show", "--direct-io=on", str(self.image)
-        ).stdout.strip()
-        self.mountpoint: Path | None = None
-        if fs:
-            run(
-                "mkfs.ext4",
-                "-q",
-                "-F",
-                "-b",
-                "4096",
-                "-E",
-                "lazy_itable_init=0,lazy_journal_init=0",
-                self.device,
-            )
-            self.mountpoint = base / "mnt"
-            self.mountpoint.mkdir()
-            run("mount", self.device, str(self.mountpoint))
-
-    def unmount(self) -> None:
-        if self.mountpoint and os.path.ismount(self.mountpoint):
-            subprocess.run(["fsfreeze", "-u", str(self.mountpoint)], capture_output=True)
-            run("umount", str(self.mountpoint))
-
-    def close(self) -> None:
-        self.unmount()
-        subprocess.run(["losetup", "-d", self.device], capture_output=True)
-
-
 @pytest.fixture
 def loopdisk(tmp_path):
-    """Factory for loop devices (root only); all are detached at teardown."""
+    """Factory for loop devices (root only); all are detached at teardown, even if one is busy."""
     made: list[LoopDisk] = []
 
     def make(size: int = 256 << 20, fs: bool = True) -> LoopDisk:
         base = tmp_path / f"disk{len(made)}"
         base.mkdir()
-        disk = LoopDisk(base, size, fs)
+        disk = LoopDisk.new(base, size, fs)
         made.append(disk)
         return disk
 
     yield make
-    for disk in made:
-        disk.close()
+    release_all(made)
 
 
 def tool(name: str) -> str:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_functions_local import _start
+from support.config_server import start_local, stop_local
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "cli-admin-key-" + "z" * 24
@@ -30,10 +29,9 @@ def ferry(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def server(azurite):
-    proc, url = _start({"FERRY_STORAGE": azurite.connection_string, "FERRY_ADMIN_KEY": ADMIN})
+    proc, url = start_local({"FERRY_STORAGE": azurite.connection_string, "FERRY_ADMIN_KEY": ADMIN})
     yield url
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=20)
+    stop_local(proc)
 
 
 def test_tenant_passphrase_and_status(server, tenant):

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_control_server import ROOT, serve_config
+from support import ROOT
+from support.config_server import serve_config
 
 from ferry.control.credentials import Credentials
 

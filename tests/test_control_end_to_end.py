@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_control_server import ROOT, Operator, serve_config
+from support import ROOT
+from support.config_server import serve_config
+from support.operator import Operator
 
 from devkit.azurite import free_port
 from devkit.embedded import digest
@@ -248,10 +250,12 @@ def test_replication_under_the_configuration_servers_commands(fleet, loopdisk):
     assert outcome[0] == "failed" and "fenced" in outcome[1], outcome
 
     # A machine's stop ends its agent only; the process server and master target serve on.
-    op.command(machine, "stop")
+    stop = op.command(machine, "stop")
     fleet.wait("agent exit", lambda: fleet.procs["agent"].poll() is not None, timeout=60)
     assert fleet.procs["agent"].returncode == 0, fleet.tail("agent")
-    time.sleep(2)
+    # The stop went to the agent alone and is settled: nothing else is told to stop.
+    outcome = fleet.wait("the machine stop's outcome", lambda: settled(op, stop))
+    assert outcome == {f"ag-{machine}": "done"}, outcome
     fleet.alive("process-server", "master-target")
     # The process server and the master target are stopped one by one, by id.
     for kind, component in (("process-server", "ps-ps1"), ("master-target", "mt-mt1")):
