@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 from support.disks import LoopDisk, release_all
-from support.leaks import LeakCheck, describe
+from support.leaks import MARKER, LeakCheck, describe
 
 from devkit.azurite import Azurite
 from ferry import pki
@@ -29,6 +29,7 @@ LEAKS = pytest.StashKey[LeakCheck]()
 
 def pytest_sessionstart(session):
     check = LeakCheck(session.config._tmp_path_factory.getbasetemp())
+    os.environ[MARKER] = check.session  # inherited by every process the session starts
     session.config.stash[LEAKS] = check
     started = subprocess.Popen.__init__
 
@@ -50,6 +51,7 @@ def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     lines = describe(found)
     if reporter is not None:
+        reporter.write_line("")
         reporter.write_sep("=", "left behind by this session (now removed)", red=True)
         for line in lines:
             reporter.write_line(line, red=True)

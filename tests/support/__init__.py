@@ -24,7 +24,7 @@ def wait_for(
     condition: Callable[[], T],
     timeout: float,
     what: str | Callable[[], str],
-    interval: float = 0.1,
+    interval: float = 0.05,
 ) -> T:
     """Poll ``condition`` until it returns something true and return that.
 

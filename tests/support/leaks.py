@@ -74,11 +74,10 @@ def _read(path: str) -> bytes:
 class LeakCheck:
     """The session's footprint at the start, compared with what is left at the end."""
 
-    def __init__(self, basetemp: Path) -> None:
+    def __init__(self, basetemp: Path, session: str | None = None) -> None:
         self.basetemp = Path(basetemp)
         self.pid = os.getpid()
-        self.session = uuid.uuid4().hex
-        os.environ[MARKER] = self.session
+        self.session = session or uuid.uuid4().hex  # the value of MARKER in our processes
         self.children: set[int] = set()
         self.loops = set(loop_devices(self.basetemp))
         self.instances = trace_instances()
