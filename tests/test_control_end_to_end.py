@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import wait_for
 from support.config_server import serve_config
 from support.daemons import Fleet
 from support.operator import Operator
@@ -145,9 +146,10 @@ def test_replication_under_the_configuration_servers_commands(fleet, loopdisk):
     stop = op.command(machine, "stop")
     fleet.wait("agent exit", lambda: fleet.procs["agent"].poll() is not None, timeout=60)
     assert fleet.procs["agent"].returncode == 0, fleet.tail("agent")
-    # The stop went to the agent alone and is settled: nothing else is told to stop.
-    outcome = fleet.wait("the machine stop's outcome", lambda: settled(op, stop))
-    assert outcome == {f"ag-{machine}": "done"}, outcome
+    # The process server and the master target have handled the machine's stop too,
+    # and are still running.
+    outcome = wait_for(lambda: settled(op, stop), 60, "the machine stop's outcome")
+    assert outcome == {f"ag-{machine}": "done", "ps-ps1": "done", "mt-mt1": "done"}, outcome
     fleet.alive("process-server", "master-target")
     # The process server and the master target are stopped one by one, by id.
     for kind, component in (("process-server", "ps-ps1"), ("master-target", "mt-mt1")):

@@ -1,10 +1,12 @@
 """Test harnesses the test modules share; no test module imports another.
 
-``api`` is the configuration server's ASGI app in-process; ``config_server``
-the real server as a process (and ``python -m functions.local`` as operators
-start it); ``operator`` an operator of one tenant; ``disks`` loop devices;
-``process_server`` and ``master_target`` the daemons as processes;
-``leaks`` what a session must not leave behind.
+``api``: the configuration server's ASGI app in-process (its fixtures are a
+plugin of conftest).  ``config_server``: the real server as a process, and
+``python -m functions.local`` as operators start it.  ``operator``: an
+operator of one tenant.  ``daemons``: the three daemons of a machine in
+server mode.  ``process_server`` and ``master_target``: those daemons as
+processes; ``segments``: segments shipped as the process server ships them.
+``disks``: loop devices.  ``leaks``: what a session must not leave behind.
 """
 
 from __future__ import annotations

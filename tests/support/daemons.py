@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from devkit.azurite import free_port
-from ferry import control
+from ferry.control.client import register_and_save
 from support import ROOT
 from support.operator import Operator
 
@@ -51,7 +51,7 @@ class Fleet:
             ),
         ):
             path = self.base / f"{kind}.json"
-            control.client.register_and_save(
+            register_and_save(
                 server.url, op.tenant, op.passphrase(), kind, name, path, ca=server.ca, **extra
             )
             self.creds[kind] = path

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ferry import control
+from ferry.control.client import register as register_component
 from ferry.control.credentials import Credentials
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class Operator:
         return self.call("POST", "/passphrases", {})["passphrase"]
 
     def register(self, kind: str, name: str, **extra: Any) -> Credentials:
-        return control.client.register(
+        return register_component(
             self.server.url,
             self.tenant,
             self.passphrase(),
