@@ -129,8 +129,8 @@ class Agent:
             raise item
         return item
 
-    def hello(self, tenant: str, disks: tuple[str, ...] = (DISK,)) -> dict:
-        self.send({"type": "hello", "tenant": tenant, "machine": "web01", "disks": list(disks)})
+    def hello(self, tenant: str, disks: tuple[str, ...] = (DISK,), machine: str = "web01") -> dict:
+        self.send({"type": "hello", "tenant": tenant, "machine": machine, "disks": list(disks)})
         frame = self.recv()
         assert frame is not None
         return frame[0]
