@@ -46,6 +46,12 @@ MiB = 1 << 20
 SERVER_MODE = os.environ.get("FERRY_TEST_SETTINGS_MODE") != "1"
 STAGES = ("deployed", "protected", "cut-over")
 """What the playbooks bring a deployment to, in the order they do."""
+STEPS = {
+    "deployed": ("site.yml",),
+    "protected": ("protect.yml",),
+    "cut-over": ("cutover.yml", "-e", "machine=web01"),
+}
+"""The playbook (and its arguments) that brings a deployment to each stage."""
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
@@ -66,6 +72,7 @@ class Deployment:
         self.hook_mark = base / "pre-cutover-hook-ran"
         self.extra.write_text(yaml.safe_dump(self.variables()))
         self.stage: str | None = None  # the last of STAGES reached (None: not deployed)
+        self.failed: set[str] = set()  # stages whose playbook failed: not tried again
 
     def variables(self) -> dict:
         return {
@@ -107,19 +114,26 @@ class Deployment:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         return result
 
+    def step(self, stage: str) -> subprocess.CompletedProcess:
+        """Run the playbook that brings the deployment to ``stage`` (once: a failure sticks)."""
+        if stage in self.failed:
+            pytest.fail(f"{STEPS[stage][0]} failed earlier in this module (logs in {self.base})")
+        try:
+            result = self.ok(*STEPS[stage])
+        except AssertionError:
+            self.failed.add(stage)
+            raise
+        if self.stage is None or STAGES.index(stage) > STAGES.index(self.stage):
+            self.stage = stage
+        return result
+
     def reach(self, stage: str) -> None:
         """Bring the deployment to ``stage`` with the operator's playbooks, if not there yet."""
-        steps = {
-            "deployed": ("site.yml",),
-            "protected": ("protect.yml",),
-            "cut-over": ("cutover.yml", "-e", "machine=web01"),
-        }
         have = -1 if self.stage is None else STAGES.index(self.stage)
         if have > STAGES.index(stage) and stage != "deployed":
             pytest.fail(f"the deployment is {self.stage} already: it cannot be {stage} again")
         for step in STAGES[have + 1 : STAGES.index(stage) + 1]:
-            self.ok(*steps[step])
-            self.stage = step
+            self.step(step)
 
     def running(self) -> set[str]:
         """The components whose supervisor is alive."""
@@ -221,8 +235,7 @@ def cut_over(deployment) -> Deployment:
 
 
 def test_site_deploys_every_role(deployment):
-    deployment.ok("site.yml")
-    deployment.stage = deployment.stage or "deployed"
+    deployment.step("deployed")
     assert {"azurite", "config-server", "process-server"} <= deployment.running()
     etc = deployment.base / "ferry" / "etc"
     if SERVER_MODE:
@@ -287,8 +300,7 @@ def test_check_mode_says_what_it_would_change_and_touches_nothing(deployment):
 
 @pytest.mark.usefixtures("deployed")
 def test_protect_replicates_the_loop_device(deployment):
-    deployment.ok("protect.yml")
-    deployment.stage = "protected"
+    deployment.step("protected")
     assert {"agent", "master-target"} <= deployment.running()
     status = deployment.agent_status()
     assert [d["phase"] for d in status["disks"]] == ["replicating"]
@@ -338,8 +350,7 @@ def test_cutover_migrates_the_machine_to_a_verified_vhd(deployment):
     writer.start()
     try:
         time.sleep(3)
-        result = deployment.ok("cutover.yml", "-e", "machine=web01")
-        deployment.stage = "cut-over"
+        result = deployment.step("cut-over")
     finally:
         writer.stop()
     assert writer.writes > 10
