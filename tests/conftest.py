@@ -40,6 +40,7 @@ def pytest_sessionstart(session):
     subprocess.Popen.__init__ = remember
 
 
+@pytest.hookimpl(trylast=True)  # after the runner has torn down the remaining fixtures
 def pytest_sessionfinish(session, exitstatus):
     check = session.config.stash.get(LEAKS, None)
     if check is None:

@@ -36,9 +36,9 @@ def test_the_leak_check_finds_what_a_test_left_and_removes_it(tmp_path):
     check = LeakCheck(tmp_path / "session")
     (tmp_path / "session").mkdir()
     image = tmp_path / "session" / "left.img"
-    image.write_bytes(bytes(MiB))
-    device = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    image.write_bytes(bytes(16 * MiB))
+    disk = LoopDisk(image, tmp_path / "session" / "mnt")  # left mounted
+    device = disk.device
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     check.started(proc.pid)
     instance = f"ferry-leakcheck-{proc.pid}"
@@ -50,11 +50,14 @@ def test_the_leak_check_finds_what_a_test_left_and_removes_it(tmp_path):
         assert list(found["processes"]) == [proc.pid]
         check.clean(found)
         proc.wait(10)
-        assert check.leftovers() == {}
+        assert not os.path.ismount(disk.mountpoint)
+        wait_for(lambda: check.leftovers() == {}, 10, "everything removed")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if (TRACEFS_INSTANCES / instance).exists():
             (TRACEFS_INSTANCES / instance).rmdir()
+        if os.path.ismount(disk.mountpoint):
+            subprocess.run(["umount", "-l", str(disk.mountpoint)], capture_output=True)
         subprocess.run(["losetup", "-d", device], capture_output=True)

@@ -10,7 +10,8 @@ this session's counts:
   ``ferry-<machine>-<pid>``; the tracker tests use the pytest process's pid);
 - live processes descended from pytest, or carrying the session's marker in
   their environment (daemons that detach from their parent keep it), or
-  naming the base temporary directory on their command line.
+  naming the base temporary directory on their command line or working in
+  it (a supervised daemon started with an environment of its own).
 
 :class:`LeakCheck` snapshots at the start and compares at the end.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -64,6 +66,42 @@ def _stat(pid: str) -> tuple[int, str] | None:
     return int(fields[1]), fields[0]
 
 
+def _processes() -> tuple[dict[int, int], dict[int, str]]:
+    """({pid: parent pid}, {pid: state}) of every process on the machine."""
+    parents, states = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(entry)):
+            parents[int(entry)], states[int(entry)] = stat
+    return parents, states
+
+
+def _descends(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
+    for _ in range(64):
+        pid = parents.get(pid, 0)
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
+def _mounts_of(device: str) -> list[str]:
+    """Where ``device`` is mounted (octal escapes such as ``\\040`` decoded)."""
+    found = []
+    for line in _read("/proc/mounts").decode(errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) > 1 and fields[0] == device:
+            found.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1]))
+    return found
+
+
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+
+
 def _read(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -89,10 +127,7 @@ class LeakCheck:
 
     def session_processes(self) -> dict[int, str]:
         """Live processes of this session (see the module's docstring): {pid: command line}."""
-        parents, states = {}, {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and (stat := _stat(entry)):
-                parents[int(entry)], states[int(entry)] = stat
+        parents, states = _processes()
         ours = {}
         needle = str(self.basetemp).encode()
         marker = f"{MARKER}={self.session}".encode()
@@ -101,20 +136,13 @@ class LeakCheck:
                 continue
             cmdline = _read(f"/proc/{pid}/cmdline")
             if (
-                self._descends(pid, parents)
+                _descends(pid, self.pid, parents)
                 or needle in cmdline
+                or _cwd(pid).startswith(f"{self.basetemp}/")
                 or marker in _read(f"/proc/{pid}/environ").split(b"\0")
             ):
                 ours[pid] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
         return ours
-
-    def _descends(self, pid: int, parents: dict[int, int]) -> bool:
-        seen = 0
-        while pid > 1 and seen < 64:
-            pid, seen = parents.get(pid, 0), seen + 1
-            if pid == self.pid:
-                return True
-        return False
 
     def leftovers(self) -> dict[str, dict]:
         """What this session added and did not remove, by kind (empty kinds left out)."""
@@ -140,7 +168,12 @@ class LeakCheck:
 
     def clean(self, found: dict[str, dict]) -> None:
         """Remove what leaked, so that the machine is left as it was found."""
-        for pid in found.get("processes", {}):
+        leaked = set(found.get("processes", {}))
+        parents, _ = _processes()
+        for pid in parents:  # their children too, or they would live on as orphans
+            if pid not in leaked and any(_descends(pid, top, parents) for top in leaked):
+                leaked.add(pid)
+        for pid in leaked:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         for name in found.get("tracefs instances", {}):
@@ -148,6 +181,8 @@ class LeakCheck:
                 (TRACEFS_INSTANCES / name / "tracing_on").write_text("0")
                 (TRACEFS_INSTANCES / name).rmdir()
         for device in found.get("loop devices", {}):
+            for mountpoint in _mounts_of(device):  # lazily: a leaked mount may still be busy
+                subprocess.run(["umount", "-l", mountpoint], capture_output=True)
             subprocess.run(["losetup", "-d", device], capture_output=True)
 
 
