@@ -38,7 +38,8 @@ from ferry import naming
 from ferry.storage import Storage
 from mastertarget import cutover
 
-pytestmark = [pytest.mark.root]
+# Run alone, a test first runs the playbooks of the stages before its own: up to four.
+pytestmark = [pytest.mark.root, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTROLLER = ROOT / ".venv-controller" / "bin"
