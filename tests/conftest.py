@@ -1,23 +1,65 @@
-"""Shared fixtures: real Azurite, real TLS certificates, real loop devices."""
+"""Shared fixtures: real Azurite, real TLS certificates, real loop devices.
+
+The harnesses live in ``support/`` (pyproject puts ``tests`` on ``sys.path``); the
+session fails if it leaves a loop device, a tracefs instance or a process
+behind (``support.leaks``).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 import uuid
-from pathlib import Path
 
 import pytest
+from support.disks import LoopDisk, release_all
+from support.leaks import MARKER, LeakCheck, describe
 
 from devkit.azurite import Azurite
 from ferry import pki
 from ferry.storage import Storage
 
-pytest_plugins = ["functions_support", "support.lab"]
+pytest_plugins = ["support.api", "support.lab"]
 
-ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
+LEAKS = pytest.StashKey[LeakCheck]()
+
+
+def pytest_sessionstart(session):
+    check = LeakCheck(session.config._tmp_path_factory.getbasetemp())
+    os.environ[MARKER] = check.session  # inherited by every process the session starts
+    session.config.stash[LEAKS] = check
+    started = subprocess.Popen.__init__
+
+    def remember(self, *args, **kwargs):  # whose pid an agent's tracefs instance may carry
+        started(self, *args, **kwargs)
+        check.started(self.pid)
+
+    subprocess.Popen.__init__ = remember
+
+
+@pytest.hookimpl(trylast=True)  # after the runner has torn down the remaining fixtures
+def pytest_sessionfinish(session, exitstatus):
+    check = session.config.stash.get(LEAKS, None)
+    if check is None:
+        return
+    found = check.settle()
+    if not found:
+        return
+    check.clean(found)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = describe(found)
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_sep("=", "left behind by this session (now removed)", red=True)
+        for line in lines:
+            reporter.write_line(line, red=True)
+    else:
+        print("left behind by this session:", *lines, sep="\n", file=sys.stderr)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):
@@ -61,103 +103,20 @@ def certs(tmp_path_factory):
     return base
 
 
-def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
-class LoopDisk:
-    """A loop device over a sparse file, optionally with a mounted ext4.
-
-    With ``partitions`` (sizes in bytes) the image gets a GPT with those
-    partitions, added with ``partx -a`` (this kernel parses no partition
-    tables), and ``fs`` puts a mounted ext4 on each partition instead of the
-    whole disk: ``parts`` and ``mountpoints`` list them.
-    """
-
-    def __init__(
-        self, base: Path, size: int, fs: bool, partitions: list[int] | None = None
-    ) -> None:
-        self.base = base
-        self.image = base / "source.img"
-        with open(self.image, "wb") as f:
-            f.truncate(size)
-        if partitions:
-            table = "label: gpt\n" + "".join(f"size={n // 512}\n" for n in partitions)
-            run("sfdisk", "-q", str(self.image), input=table)
-        self.device = run(
-            "losetup", "--find", "--show", "--direct-io=on", str(self.image)
-        ).stdout.strip()
-        self.parts: list[str] = []
-        self.mountpoints: list[Path] = []
-        self.mountpoint: Path | None = None
-        try:
-            self._prepare(fs, partitions)
-        except BaseException:
-            self.close()  # detach what was made, also when set-up fails
-            raise
-
-    def _prepare(self, fs: bool, partitions: list[int] | None) -> None:
-        if partitions:
-            run("partx", "-a", self.device)
-            self.parts = [f"{self.device}p{i + 1}" for i in range(len(partitions))]
-        if fs:
-            for i, dev in enumerate(self.parts or [self.device]):
-                mkfs(dev)
-                point = self.base / (f"mnt{i + 1}" if self.parts else "mnt")
-                point.mkdir()
-                run("mount", dev, str(point))
-                self.mountpoints.append(point)
-            self.mountpoint = None if self.parts else self.mountpoints[0]
-
-    def part_offset(self, index: int) -> int:
-        """Byte offset of partition ``index`` (1-based) on the whole disk."""
-        name = Path(self.parts[index - 1]).name
-        return int((Path("/sys/class/block") / name / "start").read_text()) * 512
-
-    def unmount(self) -> None:
-        for point in self.mountpoints:
-            if os.path.ismount(point):
-                subprocess.run(["fsfreeze", "-u", str(point)], capture_output=True)
-                run("umount", str(point))
-
-    def close(self) -> None:
-        self.unmount()
-        if self.parts:
-            subprocess.run(["partx", "-d", self.device], capture_output=True)
-        subprocess.run(["losetup", "-d", self.device], capture_output=True)
-
-
-def mkfs(device: str) -> None:
-    """An ext4 with its inode tables and journal written now, not lazily later."""
-    run(
-        "mkfs.ext4",
-        "-q",
-        "-F",
-        "-b",
-        "4096",
-        "-E",
-        "lazy_itable_init=0,lazy_journal_init=0",
-        device,
-    )
-
-
 @pytest.fixture
 def loopdisk(tmp_path):
-    """Factory for loop devices (root only); all are detached at teardown."""
+    """Factory for loop devices (root only); all are detached at teardown, even if one is busy."""
     made: list[LoopDisk] = []
 
-    def make(
-        size: int = 256 << 20, fs: bool = True, partitions: list[int] | None = None
-    ) -> LoopDisk:
+    def make(size: int = 256 << 20, fs: bool = True, partitions: list[int] | None = None):
         base = tmp_path / f"disk{len(made)}"
         base.mkdir()
-        disk = LoopDisk(base, size, fs, partitions)
+        disk = LoopDisk.new(base, size, fs, partitions)
         made.append(disk)
         return disk
 
     yield make
-    for disk in made:
-        disk.close()
+    release_all(made)
 
 
 def tool(name: str) -> str:

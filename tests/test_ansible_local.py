@@ -4,8 +4,10 @@ One deployment per module (its own base directory, ports and machine id, so
 nothing collides with other tests): ``site.yml``, then a loop device with
 ext4 is protected while a writer changes files, a test failover is made and
 cleaned up, the machine is cut over and the VHD checked, and everything is
-torn down.  The tests run in file order and build on each other, as an
-operator's session does.
+torn down.  In file order each test takes the deployment on from the one
+before, as an operator's session does; run alone, a test first brings the
+deployment to the stage it needs (``deployed``, ``protected``, ``cut_over``
+fixtures) with the same playbooks.
 
 The daemons register with the configuration server and run in server mode,
 as the local inventory has them; ``FERRY_TEST_SETTINGS_MODE=1`` runs the
@@ -27,6 +29,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import wait_for
+from support.disks import LoopDisk, release_all
 
 from devkit.azurite import free_port
 from devkit.embedded import copy_tree_sample
@@ -34,12 +38,21 @@ from ferry import naming
 from ferry.storage import Storage
 from mastertarget import cutover
 
-pytestmark = [pytest.mark.root]
+# Run alone, a test first runs the playbooks of the stages before its own: up to four.
+pytestmark = [pytest.mark.root, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTROLLER = ROOT / ".venv-controller" / "bin"
 MiB = 1 << 20
 SERVER_MODE = os.environ.get("FERRY_TEST_SETTINGS_MODE") != "1"
+STAGES = ("deployed", "protected", "cut-over")
+"""What the playbooks bring a deployment to, in the order they do."""
+STEPS = {
+    "deployed": ("site.yml",),
+    "protected": ("protect.yml",),
+    "cut-over": ("cutover.yml", "-e", "machine=web01"),
+}
+"""The playbook (and its arguments) that brings a deployment to each stage."""
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
@@ -59,6 +72,8 @@ class Deployment:
         self.extra = base / "extra.yml"
         self.hook_mark = base / "pre-cutover-hook-ran"
         self.extra.write_text(yaml.safe_dump(self.variables()))
+        self.stage: str | None = None  # the last of STAGES reached (None: not deployed)
+        self.failed: set[str] = set()  # stages whose playbook failed: not tried again
 
     def variables(self) -> dict:
         return {
@@ -99,6 +114,27 @@ class Deployment:
         result = self.playbook(name, *args)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         return result
+
+    def step(self, stage: str) -> subprocess.CompletedProcess:
+        """Run the playbook that brings the deployment to ``stage`` (once: a failure sticks)."""
+        if stage in self.failed:
+            pytest.fail(f"{STEPS[stage][0]} failed earlier in this module (logs in {self.base})")
+        try:
+            result = self.ok(*STEPS[stage])
+        except AssertionError:
+            self.failed.add(stage)
+            raise
+        if self.stage is None or STAGES.index(stage) > STAGES.index(self.stage):
+            self.stage = stage
+        return result
+
+    def reach(self, stage: str) -> None:
+        """Bring the deployment to ``stage`` with the operator's playbooks, if not there yet."""
+        have = -1 if self.stage is None else STAGES.index(self.stage)
+        if have > STAGES.index(stage) and stage != "deployed":
+            pytest.fail(f"the deployment is {self.stage} already: it cannot be {stage} again")
+        for step in STAGES[have + 1 : STAGES.index(stage) + 1]:
+            self.step(step)
 
     def running(self) -> set[str]:
         """The components whose supervisor is alive."""
@@ -164,30 +200,43 @@ class Writer(threading.Thread):
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     base = tmp_path_factory.mktemp("ansible-local")
-    image = base / "source.img"
-    with open(image, "wb") as f:
-        f.truncate(256 * MiB)
-    run("mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-        str(image))  # fmt: skip
-    device = run("losetup", "--find", "--show", "--direct-io=on", str(image))
-    mountpoint = base / "mnt"
-    mountpoint.mkdir()
-    run("mount", device, str(mountpoint))
-    copy_tree_sample(mountpoint, 40 * MiB)
+    disk = LoopDisk.new(base, 256 * MiB, fs=True)
+    copy_tree_sample(disk.mountpoint, 40 * MiB)
     os.sync()
-    deployment = Deployment(base, device, mountpoint)
+    deployment = Deployment(base, disk.device, disk.mountpoint)
     try:
         yield deployment
     finally:
-        if deployment.running():  # a test failed before test_teardown_stops_everything
-            deployment.playbook("teardown.yml")
-        subprocess.run(["fsfreeze", "-u", str(mountpoint)], capture_output=True)
-        subprocess.run(["umount", str(mountpoint)], capture_output=True)
-        subprocess.run(["losetup", "-d", device], capture_output=True)
+        try:
+            if deployment.running():  # a test failed before test_teardown_stops_everything
+                deployment.playbook("teardown.yml")
+        finally:
+            release_all([disk])
+
+
+@pytest.fixture
+def deployed(deployment) -> Deployment:
+    """The deployment after ``site.yml`` (or later)."""
+    deployment.reach("deployed")
+    return deployment
+
+
+@pytest.fixture
+def protected(deployment) -> Deployment:
+    """The deployment replicating the loop device (``protect.yml``), not cut over."""
+    deployment.reach("protected")
+    return deployment
+
+
+@pytest.fixture
+def cut_over(deployment) -> Deployment:
+    """The deployment after the machine's cutover (``cutover.yml``)."""
+    deployment.reach("cut-over")
+    return deployment
 
 
 def test_site_deploys_every_role(deployment):
-    deployment.ok("site.yml")
+    deployment.step("deployed")
     assert {"azurite", "config-server", "process-server"} <= deployment.running()
     etc = deployment.base / "ferry" / "etc"
     if SERVER_MODE:
@@ -206,6 +255,7 @@ def test_site_deploys_every_role(deployment):
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.usefixtures("deployed")
 def test_the_systemd_units_written_for_real_hosts_are_valid(deployment):
     # systemd is not PID 1 here, so the units are not run; systemd itself still
     # parses each one as a host would and names any key or value it rejects.
@@ -225,11 +275,13 @@ def test_the_systemd_units_written_for_real_hosts_are_valid(deployment):
         assert "NoNewPrivileges=true" in text and "ProtectSystem=strict" in text
 
 
+@pytest.mark.usefixtures("deployed")
 def test_a_second_site_run_changes_nothing(deployment):
     result = deployment.ok("site.yml")
     assert changes(result) and not any(changes(result).values()), changes(result)
 
 
+@pytest.mark.usefixtures("deployed")
 def test_check_mode_says_what_it_would_change_and_touches_nothing(deployment):
     cert = deployment.base / "ferry" / "etc" / "pki" / "process-server.pem"
     before = cert.read_bytes()
@@ -247,19 +299,26 @@ def test_check_mode_says_what_it_would_change_and_touches_nothing(deployment):
     assert json.loads(pidfile.read_text())["pid"] == pid
 
 
+@pytest.mark.usefixtures("deployed")
 def test_protect_replicates_the_loop_device(deployment):
-    deployment.ok("protect.yml")
+    deployment.step("protected")
     assert {"agent", "master-target"} <= deployment.running()
     status = deployment.agent_status()
     assert [d["phase"] for d in status["disks"]] == ["replicating"]
     assert deployment.cursor()["last_tag"]
 
 
+@pytest.mark.usefixtures("protected")
 def test_test_failover_clones_while_replication_goes_on(deployment):
+    since = deployment.cursor()["last_tag"]["t0_mono_ns"]
     writer = Writer(deployment.mountpoint)
     writer.start()
     try:
-        time.sleep(2)
+        wait_for(
+            lambda: writer.writes >= 20 and deployment.cursor()["last_tag"]["t0_mono_ns"] > since,
+            60,
+            "changed files replicated before the test failover",
+        )
         out_dir = deployment.base / "ferry" / "cutover" / "test-failover" / deployment.machine
         result = deployment.ok("test_failover.yml", "-e", "machine=web01")
         record = json.loads((out_dir / "test-failover.json").read_text())
@@ -286,12 +345,13 @@ def test_test_failover_clones_while_replication_goes_on(deployment):
         writer.stop()
 
 
+@pytest.mark.usefixtures("protected")
 def test_cutover_migrates_the_machine_to_a_verified_vhd(deployment):
     writer = Writer(deployment.mountpoint)
     writer.start()
     try:
         time.sleep(3)
-        result = deployment.ok("cutover.yml", "-e", "machine=web01")
+        result = deployment.step("cut-over")
     finally:
         writer.stop()
     assert writer.writes > 10
@@ -335,6 +395,7 @@ def test_cutover_migrates_the_machine_to_a_verified_vhd(deployment):
         pass  # free: nothing serves the disk any more
 
 
+@pytest.mark.usefixtures("cut_over")
 def test_cutover_asked_twice_cuts_over_once(deployment):
     vhd = deployment.base / "ferry" / "cutover" / deployment.machine / f"{deployment.disk}.vhd"
     stamp = vhd.stat().st_mtime_ns
@@ -347,6 +408,7 @@ def test_cutover_asked_twice_cuts_over_once(deployment):
     assert "agent" not in deployment.running()
 
 
+@pytest.mark.usefixtures("deployed")
 def test_secrets_never_appear_in_the_output_even_at_vvv(deployment):
     canary = "canary-" + uuid.uuid4().hex
     result = deployment.ok(
@@ -367,8 +429,10 @@ def test_secrets_never_appear_in_the_output_even_at_vvv(deployment):
     assert account_key not in output
 
 
+@pytest.mark.usefixtures("deployed")
 def test_teardown_stops_everything(deployment):
     deployment.ok("teardown.yml")
+    deployment.stage = None
     assert not deployment.running()
     assert not shutil.which("ferry-supervise")  # nothing was installed outside the base
     assert not list((deployment.base / "ferry" / "systemd").iterdir())

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_functions_local import _start
+from support.config_server import start_local, stop_local
 
 from devkit.azurite import Azurite
 
@@ -33,10 +33,9 @@ def ferry(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def server(azurite):
-    proc, url = _start({"FERRY_STORAGE": azurite.connection_string, "FERRY_ADMIN_KEY": ADMIN})
+    proc, url = start_local({"FERRY_STORAGE": azurite.connection_string, "FERRY_ADMIN_KEY": ADMIN})
     yield url
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=20)
+    stop_local(proc)
 
 
 def test_tenant_passphrase_and_status(server, tenant):
@@ -126,7 +125,7 @@ def test_an_unreachable_or_misnamed_server_is_one_line(server, tenant):
 
 
 def test_an_untrusted_server_certificate_is_one_line_and_the_right_ca_works(azurite, certs, tenant):
-    proc, url = _start(
+    proc, url = start_local(
         {"FERRY_STORAGE": azurite.connection_string, "FERRY_ADMIN_KEY": ADMIN},
         "--tls-cert", str(certs / "process-server.pem"), "--tls-key", str(certs / "process-server.key"),
     )  # fmt: skip
@@ -149,7 +148,7 @@ def test_a_server_whose_storage_is_gone_is_one_line_and_retry_later(tenant):
     own = Azurite().start()  # this test stops it
     proc = None
     try:
-        proc, url = _start({"FERRY_STORAGE": own.connection_string, "FERRY_ADMIN_KEY": ADMIN})
+        proc, url = start_local({"FERRY_STORAGE": own.connection_string, "FERRY_ADMIN_KEY": ADMIN})
         env = operator(url, tenant)
         own.stop()
         result = ferry("status", env=env)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 from azure.storage.queue import TextBase64DecodePolicy
-from test_control_server import agent_disk, serve_config
+from support import wait_for
+from support.config_server import serve_config
+from support.operator import agent_disk
 
 from ferry.control.client import Client
 from ferry.control.commands import CommandJournal, CommandPoller
@@ -180,9 +181,20 @@ def test_the_running_poller_picks_up_commands_and_stops_promptly(setup, tmp_path
         poll_min=0.05,
         poll_max=0.5,
     )
+    idle = []
+    poll_once = poller.poll_once
+
+    def counted() -> int:
+        seen_now = poll_once()
+        if seen_now == 0:
+            idle.append(seen_now)
+        return seen_now
+
+    poller.poll_once = counted
     poller.start()
     try:
-        time.sleep(1.0)  # idle: the pause between polls has grown
+        # Five idle polls: the pause has doubled from 0.05 s up to poll_max.
+        wait_for(lambda: len(idle) >= 5, 30, "five idle polls")
         operator.command("web01", "pause")
         assert seen.wait(30)
     finally:

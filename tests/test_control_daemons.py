@@ -3,18 +3,22 @@ with a configuration server that cannot be reached, a clean exit when asked."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
-from test_control_server import ROOT, serve_config
+from support import ROOT, wait_for
+from support.config_server import serve_config
 
 from ferry.control.credentials import Credentials
+from ferry.control.defaults import ATTEMPTS
 
 MODULES = ("agent", "processserver", "mastertarget")
 COMPONENT = {"agent": "agent", "processserver": "process-server", "mastertarget": "master-target"}
@@ -101,10 +105,40 @@ def test_credentials_of_another_kind_are_refused(tmp_path, certs):
     assert "not a process server" in result.stderr
 
 
+class DroppingServer:
+    """Accepts connections and resets them at once, counting them: a server nobody reaches."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                self.connections += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def dropping():
+    server = DroppingServer()
+    yield server
+    server.close()
+
+
 @pytest.mark.parametrize("module", MODULES)
-def test_an_unreachable_server_is_waited_for_and_sigterm_exits_cleanly(module, tmp_path, certs):
+def test_an_unreachable_server_is_waited_for_and_sigterm_exits_cleanly(
+    module, tmp_path, certs, dropping
+):
     prefix = {"agent": "ag-web01", "processserver": "ps-ps1", "mastertarget": "mt-mt1"}[module]
-    creds = saved(tmp_path, prefix, closed_url())
+    creds = saved(tmp_path, prefix, dropping.url)
     log = tmp_path / "daemon.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -124,11 +158,14 @@ def test_an_unreachable_server_is_waited_for_and_sigterm_exits_cleanly(module, t
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
     try:
-        deadline = time.monotonic() + 60
-        while "retrying" not in log.read_text() and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.2)
-        time.sleep(3)  # a few more attempts
+        wait_for(lambda: "retrying" in log.read_text() or proc.poll() is not None, 60,
+                 lambda: f"a 'retrying' line: {log.read_text()}")  # fmt: skip
+        assert proc.poll() is None, log.read_text()
+        # A try is ATTEMPTS connections: once the second try has made its last, its
+        # failure is handled before the daemon exits, and must not be logged again.
+        connections = 2 * ATTEMPTS
+        wait_for(lambda: dropping.connections >= connections or proc.poll() is not None, 60,
+                 f"{connections} connections")  # fmt: skip
         assert proc.poll() is None, log.read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()

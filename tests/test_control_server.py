@@ -1,8 +1,7 @@
 """ferry.control against the real configuration server (``python -m functions.local``) on Azurite.
 
-:class:`ConfigServer` starts the real server as a process over real HTTP
-(or HTTPS with a CA of the test's own); the other ``test_control_*``
-modules use it too.  Failure modes the real server never shows on purpose
+The server is :class:`support.config_server.ConfigServer`, over HTTPS with a
+CA of the test's own.  Failure modes the real server never shows on purpose
 (5xx, hangs, dropped connections, an error that echoes the token) come
 from :class:`FaultyServer`, a few lines of ``http.server`` that misbehave
 as asked: it injects faults, it does not stand in for the contract.
@@ -12,159 +11,23 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
+from support.config_server import serve_config
+from support.operator import Operator, agent_disk
 
-from devkit.azurite import Azurite, free_port
-from ferry import control, naming, pki
+from ferry import control, naming
 from ferry.control.client import Client
 from ferry.control.commands import CommandPoller
 from ferry.control.credentials import Credentials
 from ferry.control.errors import ControlRefused, ControlUnavailable, CredentialsInvalid
 from ferry.control.settingsource import SettingsSource
 from ferry.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parent.parent
-ADMIN_KEY = "ferry-test-admin-key-" + "k" * 16
-
-needs_server = pytest.mark.skipif(
-    not (ROOT / "functions" / "local.py").exists(),
-    reason="the configuration server (functions/local.py) is not there yet",
-)
-
-
-class ConfigServer:
-    """The real configuration server as a process, with an operator's helpers."""
-
-    def __init__(self, azurite, base: Path, tls: bool = False) -> None:
-        self.azurite = azurite
-        self.base = Path(base)
-        self.base.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.ca: str | None = None
-        self.tls_args: list[str] = []
-        if tls:
-            pki.make_ca(self.base / "cs-ca", name="Config Server Test CA")
-            cert, key = pki.issue(
-                self.base / "cs-ca", self.base, "config-server", ["localhost", "127.0.0.1"]
-            )
-            self.ca = str(self.base / "cs-ca" / "ca.pem")
-            self.tls_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
-        scheme = "https" if tls else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = self.base / "config-server.log"
-
-    def start(self, timeout: float = 60) -> ConfigServer:
-        env = {
-            **os.environ,
-            "FERRY_STORAGE": self.azurite.connection_string,
-            "FERRY_ADMIN_KEY": ADMIN_KEY,
-            "PYTHONPATH": str(ROOT),
-        }
-        args = [sys.executable, "-m", "functions.local", "--port", str(self.port)]
-        args += ["--timer-interval", "2", *self.tls_args]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"config server exited: {self.log.read_text()[-2000:]}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=1, verify=self.ca or True).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"config server did not answer: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    # -- an operator --------------------------------------------------------------------
-
-    def call(self, method: str, path: str, token: str, body: Any = None) -> Any:
-        answer = requests.request(
-            method,
-            self.url + path,
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=30,
-            verify=self.ca or True,
-        )
-        assert answer.status_code < 300, f"{method} {path}: {answer.status_code} {answer.text}"
-        return answer.json() if answer.content else None
-
-    def tenant(self, tenant: str) -> Operator:
-        token = self.call("POST", "/tenants", ADMIN_KEY, {"tenant": tenant})["operator_token"]
-        return Operator(self, tenant, token)
-
-
-class Operator:
-    """Calls the operator's routes of one tenant."""
-
-    def __init__(self, server: ConfigServer, tenant: str, token: str) -> None:
-        self.server, self.tenant, self.token = server, tenant, token
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        return self.server.call(method, f"/tenants/{self.tenant}{path}", self.token, body)
-
-    def passphrase(self) -> str:
-        return self.call("POST", "/passphrases", {})["passphrase"]
-
-    def register(self, kind: str, name: str, **extra: Any) -> Credentials:
-        return control.client.register(
-            self.server.url,
-            self.tenant,
-            self.passphrase(),
-            kind,
-            name,
-            ca=self.server.ca,
-            **extra,
-        )
-
-    def command(self, machine: str, command: str, **args: Any) -> str:
-        body = {"command": command, "args": args} if args else {"command": command}
-        return self.call("POST", f"/machines/{machine}/commands", body)["command_id"]
-
-    def protect(self, machine: str, **body: Any) -> dict[str, Any]:
-        body.setdefault("idempotency_key", f"protect-{machine}-{uuid.uuid4().hex[:8]}")
-        return self.call("POST", f"/machines/{machine}/protect", body)["job"]
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self.call("GET", f"/jobs/{job_id}")
-
-    def status(self) -> dict[str, Any]:
-        return self.call("GET", "/status")
-
-
-def serve_config(tmp_path_factory, tls: bool = False):
-    """Fixture body: the real server on an Azurite of its own (its tables are nobody else's)."""
-    base = tmp_path_factory.mktemp("config-server")
-    with Azurite(log=str(base / "azurite.log")) as azurite:
-        server = ConfigServer(azurite, base, tls=tls).start()
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +38,6 @@ def config_server(tmp_path_factory):
 @pytest.fixture
 def operator(config_server, tenant) -> Operator:
     return config_server.tenant(tenant)
-
-
-def agent_disk(tmp_path: Path, name: str = "web01") -> list[dict[str, Any]]:
-    image = tmp_path / f"{name}.img"
-    image.write_bytes(b"")
-    os.truncate(image, 1 << 20)
-    return [{"id": f"{name}-disk0", "device": str(image), "size": 1 << 20}]
 
 
 # -- credentials ------------------------------------------------------------------------
@@ -245,7 +101,6 @@ def test_missing_credentials_file_says_register_first(tmp_path):
 # -- registration and the component routes against the real server ----------------------
 
 
-@needs_server
 def test_register_and_save_is_idempotent_and_spends_the_passphrase_once(operator, tmp_path):
     path = tmp_path / "ps.json"
     server = operator.server
@@ -277,7 +132,6 @@ def test_register_and_save_is_idempotent_and_spends_the_passphrase_once(operator
     assert Client(creds).component()["component_id"] == "ps-ps1"
 
 
-@needs_server
 def test_a_wrong_passphrase_is_refused_with_the_servers_line(operator):
     secret = "wrong-passphrase-" + uuid.uuid4().hex
     with pytest.raises(ControlRefused) as err:
@@ -294,7 +148,6 @@ def test_a_wrong_passphrase_is_refused_with_the_servers_line(operator):
     assert str(err.value).startswith("the configuration server refused POST /register: ")
 
 
-@needs_server
 def test_tls_is_verified_against_the_credentials_ca(operator, tmp_path):
     creds = operator.register("process-server", "ps1", listen="127.0.0.1:7443")
     Client(creds).component()
@@ -302,7 +155,6 @@ def test_tls_is_verified_against_the_credentials_ca(operator, tmp_path):
         Client(Credentials(creds.server, creds.tenant, creds.component_id, creds.token)).component()
 
 
-@needs_server
 def test_component_routes_with_real_credentials(operator, tmp_path):
     ps = operator.register("process-server", "ps1", listen="127.0.0.1:7443")
     mt = operator.register("master-target", "mt1", target_dir=str(tmp_path / "targets"))
@@ -337,7 +189,6 @@ def test_component_routes_with_real_credentials(operator, tmp_path):
     assert err.value.status == 404
 
 
-@needs_server
 def test_rotated_credentials_are_saved_and_the_old_token_dies(operator, tmp_path):
     path = tmp_path / "agent.json"
     creds = control.client.register_and_save(

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from support.disks import LoopDisk, release_all
 
 from ferry import diskio
 from ferry import vhd as vhdfmt
@@ -314,10 +315,8 @@ def test_devices_are_read_with_o_direct(tmp_path, monkeypatch):
     # A buffered read of a device with a mounted filesystem can return blocks
     # the filesystem has since rewritten (docs/design.md, invariant 2).
     image = write_image(tmp_path / "dev.img", 4 * MiB, {0: b"data" * 1024, 3 * MiB: b"tail"})
-    loop = subprocess.run(
-        ["losetup", "--find", "--show", "--direct-io=on", str(image)],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+    disk = LoopDisk(image)
+    loop = disk.device
     flags = []
     real_open = os.open
     monkeypatch.setattr(os, "open", lambda p, f, *a: flags.append((p, f)) or real_open(p, f, *a))
@@ -327,7 +326,7 @@ def test_devices_are_read_with_o_direct(tmp_path, monkeypatch):
         diskio.copy_sparse(loop, out, 4 * MiB)
         os.close(out)
     finally:
-        subprocess.run(["losetup", "-d", loop], capture_output=True)
+        release_all([disk])
     opened = [f for p, f in flags if p == loop]
     assert len(opened) == 2 and all(f & os.O_DIRECT for f in opened)
     assert sha256(tmp_path / "copy.img", 4 * MiB) == sha256(image, 4 * MiB)

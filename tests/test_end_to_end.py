@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import wait_for
 
 from devkit.embedded import Embedded, FileWriter, digest
 
@@ -98,6 +99,11 @@ def wait_first_tag(emb: Embedded, timeout: float = 300) -> dict:
     raise AssertionError(f"no first tag; agent log: {emb.log_tail('agent', 10)}")
 
 
+def applied(emb: Embedded) -> int:
+    """The ``t0_mono_ns`` of the tag the target sits on (-1 before any)."""
+    return ((emb.target_state(DISK) or {}).get("last_tag") or {}).get("t0_mono_ns", -1)
+
+
 def final_tag_and_compare(emb: Embedded, device: str, target: Path, size: int) -> None:
     """With the source quiet: tag, wait until applied, compare byte for byte."""
     tag = emb.tag("crash", timeout=120)
@@ -118,7 +124,14 @@ def test_filesystem_replicates_consistently_under_writes(deployment, loopdisk, t
     # Stop the master target at several moments: each time it finishes the
     # group in hand, so the target sits on a tag and must be a clean filesystem.
     for _ in range(3):
-        time.sleep(2)
+        since, written = applied(deployment), writer.written
+        wait_for(
+            lambda since=since, written=written: (
+                applied(deployment) > since and writer.written > written
+            ),
+            120,
+            "the master target to apply a new tag while files change",
+        )
         deployment.stop("master-target")
         result = materialised_fsck(str(target), tmp_path)
         assert result.returncode == 0, result.stdout[-3000:]
@@ -184,10 +197,16 @@ def test_sigkill_mid_stream_converges(deployment, loopdisk, tmp_path, victim):
             break
         time.sleep(0.05)
     deployment.kill(victim, signal.SIGKILL)
-    time.sleep(1)
+    writes = writer.writes
+    wait_for(lambda: writer.writes >= writes + 50, 60, f"writes while the {victim} is down")
     deployment.start(victim)
     wait_first_tag(deployment)
-    time.sleep(2)
+    resumed, writes = applied(deployment), writer.writes
+    wait_for(
+        lambda: applied(deployment) > resumed and writer.writes > writes,
+        120,
+        f"a tag applied after the {victim} came back, under writes",
+    )
     writer.stop.set()
     writer.join()
     final_tag_and_compare(deployment, disk.device, target, size)

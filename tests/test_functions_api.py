@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from functions_support import take_commands
+from support.api import take_commands
 
 from agent.settings import Settings as AgentSettings
 from ferry import naming

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 import azure.functions as func
 import pytest
 from azure.functions.timer import TimerRequest
-from functions_support import ADMIN_KEY
+from openapi_spec_validator import validate
+from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
+from support.api import ADMIN_KEY
 
 from functions import local, monitoring, package, registration
 from functions.core import defaults, openapi
@@ -73,14 +76,18 @@ def test_the_deployment_folder_indexes_on_its_own(tmp_path):
     assert not (out / "functions" / "local.py").exists()
     script = (
         "import sys; sys.path[0] = '.'\n"
-        "import function_app\n"
-        "assert function_app.__file__.startswith(sys.path[0]) or True\n"
-        "print(len(function_app.app.get_functions()))\n"
+        "import json, ferry, function_app, functions\n"
+        "print(json.dumps({'functions': len(function_app.app.get_functions()),\n"
+        "                  'files': [m.__file__ for m in (function_app, functions, ferry)]}))\n"
     )
     done = subprocess.run([sys.executable, "-I", "-c", script], cwd=out, capture_output=True,
                           text=True, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert int(done.stdout) == len(openapi.PATHS) + 1  # every route, and the timer
+    indexed = json.loads(done.stdout)
+    assert indexed["functions"] == len(openapi.PATHS) + 1  # every route, and the timer
+    # Imported from the folder itself, never from this checkout (installed editable here).
+    for file in indexed["files"]:
+        assert Path(file).resolve().is_relative_to(out.resolve()), file
 
 
 def test_host_json_has_no_route_prefix_and_the_deployment_is_pinned():
@@ -155,8 +162,15 @@ def test_malformed_bodies_get_400_naming_the_problem(api, body, message):
     assert message in json.loads(answer.get_body())["error"]
 
 
-def test_the_timer_runs_directly(api):
+def test_the_timer_runs_directly_and_marks_silent_components_lost(api):
+    estate = api.estate()
+    assert api.post("/components/self/heartbeat", estate.agent, {}).status_code == 204
+    api.clock.advance(defaults.HEARTBEAT_TTL + 1)
     monitoring.monitor(TimerRequest(past_due=False))
+    alerts = api.get(f"/tenants/{estate.tenant}/alerts", estate.operator).json()["alerts"]
+    assert [(a["kind"], a["subject"]) for a in alerts] == [("heartbeat-lost", "ag-web01")]
+    components = api.get(f"/tenants/{estate.tenant}/status", estate.operator).json()["components"]
+    assert {c["component_id"]: c["state"] for c in components}["ag-web01"] == "lost"
 
 
 # -- local routing -------------------------------------------------------------------------
@@ -190,5 +204,10 @@ def test_openapi_document_is_served_and_valid(api):
     answer = api.get("/openapi.json")
     assert answer.status_code == 200
     document = answer.json()
-    assert document["openapi"].startswith("3.")
-    assert "/register" in document["paths"]
+    validate(document)  # raises, naming the first problem, if the document breaks the spec
+    assert set(document["paths"]) == set(openapi.PATHS)
+    # The validator is real: the same document with one operation broken is refused.
+    broken = copy.deepcopy(document)
+    broken["paths"]["/register"]["post"]["responses"] = {"201": {"content": {}}}
+    with pytest.raises(OpenAPIValidationError, match="not valid"):
+        validate(broken)

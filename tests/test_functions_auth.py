@@ -8,7 +8,7 @@ import threading
 
 import azure.functions as func
 import pytest
-from functions_support import ADMIN_KEY, take_commands
+from support.api import ADMIN_KEY, take_commands
 
 from ferry import naming
 from functions import local, web

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from functions_support import take_commands
+from support.api import take_commands
 
 from functions.core import monitoring
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from functions_support import ADMIN_KEY, Api
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from support.api import ADMIN_KEY, Api
 
 from functions.core import context, openapi
 

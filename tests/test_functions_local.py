@@ -4,55 +4,27 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import requests
+from support import ROOT, wait_for
+from support.config_server import start_local, stop_local
 
-ROOT = Path(__file__).resolve().parent.parent
+from functions.core import defaults
+
 CANARY_KEY = "canary-admin-key-" + "q" * 24
 
 
-def _start(env_extra: dict[str, str], *args: str) -> tuple[subprocess.Popen, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
-    env.update(env_extra)
-    env["PYTHONFAULTHANDLER"] = "1"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "functions.local", "--port", "0", *args],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"listening on (https?://\S+)", line)
-        if match:
-            return proc, match.group(1)
-    proc.kill()
-    raise AssertionError("no 'listening on' line:\n" + "".join(lines))
-
-
-def _stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGABRT)
-        _, err = proc.communicate(timeout=20)
-        raise AssertionError(err[-6000:])
-    assert proc.returncode == 0, err
-    return err
-
-
-def test_it_serves_the_api_and_runs_the_timer(azurite):
+def test_it_serves_the_api_and_runs_the_timer(azurite, api):
+    # A component silent for longer than the heartbeat TTL (its last heartbeat
+    # sent with the in-process server's clock set back): only the timer of the
+    # process under test can mark it lost and raise the alert.
+    estate = api.estate()
+    api.clock.advance(-(defaults.HEARTBEAT_TTL + 5))
+    assert api.post("/components/self/heartbeat", estate.agent, {}).status_code == 204
     env = {"FERRY_STORAGE": azurite.connection_string, "FERRY_ADMIN_KEY": CANARY_KEY}
-    proc, url = _start(env, "--timer-interval", "0.3")
+    proc, url = start_local(env, "--timer-interval", "0.3")
     try:
         assert requests.get(f"{url}/health", timeout=10).json()["ok"] is True
         tenant = "loc" + str(os.getpid())
@@ -72,17 +44,29 @@ def test_it_serves_the_api_and_runs_the_timer(azurite):
         assert status.status_code == 200 and status.json()["machines"] == []
         garbage = requests.post(f"{url}/register", data=b"\x00\xff", timeout=10)
         assert garbage.status_code == 400 and "error" in garbage.json()
-        time.sleep(1)  # a few timer runs
+
+        def lost_alerts():
+            answer = requests.get(
+                f"{url}/tenants/{estate.tenant}/alerts",
+                headers={"Authorization": f"Bearer {estate.operator}"},
+                timeout=10,
+            )
+            assert answer.status_code == 200, answer.text
+            return [a for a in answer.json()["alerts"] if a["kind"] == "heartbeat-lost"]
+
+        (alert,) = wait_for(lost_alerts, 60, "the timer to raise a heartbeat-lost alert")
+        assert alert["subject"] == "ag-web01" and alert["cleared_at"] is None
     finally:
-        err = _stop(proc)
+        err = stop_local(proc)
     assert CANARY_KEY not in err and token not in err
     assert f"GET /tenants/{tenant}/status 200" in err
-    assert "timer" not in err.lower() or "failed" not in err.lower()
+    assert re.search(r"monitoring: [1-9]\d* lost", err), err[-3000:]
+    assert "timer monitor failed" not in err
 
 
 def test_it_serves_https(azurite, certs):
     env = {"FERRY_STORAGE": azurite.connection_string, "FERRY_ADMIN_KEY": CANARY_KEY}
-    proc, url = _start(env, "--host", "127.0.0.1", "--tls-cert",
+    proc, url = start_local(env, "--host", "127.0.0.1", "--tls-cert",
                        str(certs / "process-server.pem"), "--tls-key",
                        str(certs / "process-server.key"), "--verbose")  # fmt: skip
     try:
@@ -91,7 +75,7 @@ def test_it_serves_https(azurite, certs):
         assert answer.status_code == 200
         answer.close()  # its socket stays open while the response lives
     finally:
-        _stop(proc)
+        stop_local(proc)
 
 
 def test_missing_settings_are_one_line_and_exit_two():

@@ -15,15 +15,17 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import xxhash
 from azure.storage.blob import BlobLeaseClient
+from support import ROOT, wait_for
+from support.master_target import MasterTarget
+from support.segments import DISK, SegmentShipper
 
 from ferry import blockio, naming, segment
-from ferry.batch import DATA, ZERO, Batch
+from ferry.batch import Batch
 from ferry.errors import DeviceError
 from ferry.storage import Storage
 from mastertarget import cutover
@@ -35,104 +37,10 @@ from mastertarget.settings import DiskSettings, Settings
 from mastertarget.status import StatusBoard
 from mastertarget.worker import DiskWorker
 
-ROOT = Path(__file__).resolve().parent.parent
-DISK = "disk0"
 KiB, MiB = 1 << 10, 1 << 20
 
 
-# -- playing the process server -------------------------------------------------------------
-
-
-class ProcessServer:
-    """Uploads segments and announces them, as the process server does; tracks the source."""
-
-    def __init__(self, storage: Storage, tenant: str, disk_size: int, key: bytes | None = None):
-        self.storage = storage
-        self.tenant = tenant
-        self.disk_size = disk_size
-        self.key = key
-        self.queue = naming.disk_queue(tenant, DISK)
-
-    def batch(self, gen: int, seq: int, writes: list, tag: bool = False) -> Batch:
-        """A batch of ``writes``: ``(offset, bytes)`` for data, ``(offset, int)`` for zeros."""
-        extents, payload = [], []
-        for offset, what in writes:
-            if isinstance(what, int):
-                extents.append((offset, what, ZERO))
-            else:
-                extents.append((offset, len(what), DATA))
-                payload.append(what)
-        label = {"id": f"{gen}-{seq}", "kind": "crash", "t0_mono_ns": time.monotonic_ns()}
-        label.update(t0_wall=time.time(), frozen=False)
-        return Batch(
-            tenant=self.tenant,
-            disk=DISK,
-            gen=gen,
-            seq=seq,
-            disk_size=self.disk_size,
-            extents=extents,
-            payload=b"".join(payload),
-            tag=label if tag else None,
-        )
-
-    def upload(self, batch: Batch, data: bytes | None = None, key: bytes | None = None) -> dict:
-        """Put the segment blob (``data`` replaces the packed bytes) and return its notice."""
-        packed, checksum = segment.pack(batch, key=key or self.key)
-        blob = naming.segment_blob(self.tenant, DISK, batch.gen, batch.seq)
-        self.storage.put(
-            naming.segments_container(self.tenant), blob, packed if data is None else data
-        )
-        return {
-            "type": "segment",
-            "tenant": self.tenant,
-            "disk": DISK,
-            "gen": batch.gen,
-            "seq": batch.seq,
-            "blob": blob,
-            "checksum": checksum,
-            "bytes": len(packed),
-            "tag": batch.tag["id"] if batch.tag else None,
-        }
-
-    def announce(self, notice: dict) -> None:
-        self.storage.send(self.queue, notice)
-
-    def ship(self, batch: Batch) -> dict:
-        notice = self.upload(batch)
-        self.announce(notice)
-        return notice
-
-    def ask_resync(self, request_id: str | None = None, block_size: int = 4096) -> str:
-        request_id = request_id or uuid.uuid4().hex
-        self.storage.send(
-            self.queue,
-            {
-                "type": "resync",
-                "tenant": self.tenant,
-                "disk": DISK,
-                "request_id": request_id,
-                "block_size": block_size,
-            },
-        )
-        return request_id
-
-    def answer(self, request_id: str) -> dict:
-        return self.storage.get_json(
-            naming.control_container(self.tenant),
-            naming.resync_answer_blob(self.tenant, DISK, request_id),
-        )
-
-    def state(self) -> dict:
-        return self.storage.get_json(
-            naming.control_container(self.tenant), naming.disk_state_blob(self.tenant, DISK)
-        )
-
-    def segment_blobs(self) -> list[str]:
-        return self.storage.list(naming.segments_container(self.tenant), f"{self.tenant}/{DISK}/")
-
-    def poisoned(self) -> list[dict]:
-        poison = naming.poison_queue(self.queue)
-        return [m.body for m in self.storage.receive(poison, count=32, visibility=1)]
+# -- playing the process server: support.segments.SegmentShipper ------------------------------
 
 
 def apply_to(image: bytearray, *batches: Batch) -> bytearray:
@@ -188,7 +96,7 @@ def staged_names(worker: DiskWorker) -> list[str]:
     return sorted(p.name for p in worker.staging.directory.iterdir())
 
 
-def new_generation(ps: ProcessServer, worker: DiskWorker, block_size: int = 4096) -> dict:
+def new_generation(ps: SegmentShipper, worker: DiskWorker, block_size: int = 4096) -> dict:
     request = ps.ask_resync(block_size=block_size)
     drain(worker)
     return ps.answer(request)
@@ -202,7 +110,7 @@ def read_target(worker: DiskWorker) -> bytes:
 
 
 def test_group_is_applied_only_when_its_tag_arrives(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=1 * MiB)
+    ps = SegmentShipper(storage, tenant, disk_size=1 * MiB)
     worker = make_worker()
     answer = new_generation(ps, worker)
     assert answer["gen"] == 1 and answer["empty"] is True and answer["digest_blob"] is None
@@ -241,7 +149,7 @@ def test_group_is_applied_only_when_its_tag_arrives(make_worker, storage, tenant
 
 
 def test_before_its_first_tag_a_target_applies_batches_as_they_arrive(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=1 * MiB)
+    ps = SegmentShipper(storage, tenant, disk_size=1 * MiB)
     worker = make_worker()
     new_generation(ps, worker)
     b1 = ps.batch(1, 1, [(0, os.urandom(8 * KiB))])
@@ -262,7 +170,7 @@ def test_before_its_first_tag_a_target_applies_batches_as_they_arrive(make_worke
 
 
 def test_duplicates_and_out_of_order_notices_apply_once_in_order(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=1 * MiB)
+    ps = SegmentShipper(storage, tenant, disk_size=1 * MiB)
     worker = make_worker()
     new_generation(ps, worker)
     # Overlapping extents: any other order than 1, 2, 3 gives different bytes.
@@ -296,7 +204,7 @@ def test_duplicates_and_out_of_order_notices_apply_once_in_order(make_worker, st
 
 
 def test_newer_generation_is_held_until_its_resync(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
     new_generation(ps, worker)
     b = ps.batch(2, 1, [(0, b"\x07" * 4 * KiB)], tag=True)
@@ -315,7 +223,7 @@ KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 
 
-def _corrupt(ps: ProcessServer, batch: Batch, kind: str) -> dict:
+def _corrupt(ps: SegmentShipper, batch: Batch, kind: str) -> dict:
     if kind == "bit-flip":
         packed, _ = segment.pack(batch, key=ps.key)
         flipped = bytearray(packed)
@@ -346,7 +254,7 @@ def _corrupt(ps: ProcessServer, batch: Batch, kind: str) -> dict:
 def test_corrupt_segment_is_poisoned_and_never_applied(
     make_worker, storage, tenant, kind, sealed, why
 ):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB, key=KEY if sealed else None)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB, key=KEY if sealed else None)
     worker = make_worker(key=KEY if sealed else None)
     new_generation(ps, worker)
     bad = ps.batch(1, 1, [(0, os.urandom(8 * KiB))])
@@ -370,7 +278,7 @@ def test_corrupt_segment_is_poisoned_and_never_applied(
 
 
 def test_unsealed_segment_is_rejected_when_a_key_is_set(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker(key=KEY)
     new_generation(ps, worker)
     notice = ps.ship(ps.batch(1, 1, [(0, b"x" * 4096)], tag=True))
@@ -382,7 +290,7 @@ def test_unsealed_segment_is_rejected_when_a_key_is_set(make_worker, storage, te
 
 def test_unsealed_segments_are_refused_by_default(make_worker, storage, tenant, tmp_path):
     """Segments were once protected only by a non-cryptographic checksum as deployed."""
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     settings = Settings(tenant=tenant, state_dir=tmp_path / "plain",
                         disks=[DiskSettings(DISK, tmp_path / "plain.img")])  # fmt: skip
     assert settings.allow_unsealed is False
@@ -398,7 +306,7 @@ def test_unsealed_segments_are_refused_by_default(make_worker, storage, tenant, 
 
 
 def test_sealed_segments_with_the_right_key_are_applied(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB, key=KEY)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB, key=KEY)
     worker = make_worker(key=KEY)
     new_generation(ps, worker)
     b = ps.batch(1, 1, [(4096, os.urandom(4096))], tag=True)
@@ -408,7 +316,7 @@ def test_sealed_segments_with_the_right_key_are_applied(make_worker, storage, te
 
 
 def test_missing_blob_is_poisoned_on_the_third_sighting(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker(missing_retry=0)
     new_generation(ps, worker)
     notice = ps.upload(ps.batch(1, 1, [(0, b"y" * 4096)], tag=True))
@@ -424,7 +332,7 @@ def test_missing_blob_is_poisoned_on_the_third_sighting(make_worker, storage, te
 
 
 def test_unusable_notices_go_to_the_poison_queue(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
     new_generation(ps, worker)
     storage.send_raw(ps.queue, "this is not JSON")
@@ -447,7 +355,7 @@ def test_unusable_notices_go_to_the_poison_queue(make_worker, storage, tenant):
 def test_damaged_staged_file_is_fetched_again_or_never_applied(
     make_worker, storage, tenant, blob_left
 ):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
     new_generation(ps, worker)
     b0 = ps.batch(1, 1, [(128 * KiB, os.urandom(4 * KiB))], tag=True)  # a first recovery point
@@ -478,7 +386,7 @@ def test_damaged_staged_file_is_fetched_again_or_never_applied(
 
 
 def test_resync_answers_with_the_targets_digest_map(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=512 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=512 * KiB)
     worker = make_worker()
     first = new_generation(ps, worker)
     assert first == {
@@ -526,7 +434,7 @@ def test_resync_answers_with_the_targets_digest_map(make_worker, storage, tenant
 
 
 def test_resync_interrupted_before_its_answer_reuses_the_generation(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
     request = ps.ask_resync()
     drain(worker)
@@ -543,7 +451,7 @@ def test_resync_interrupted_before_its_answer_reuses_the_generation(make_worker,
 
 
 def test_lost_lease_stops_applying_at_once(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     ownership = Ownership(storage, tenant, DISK, seconds=15, renew_every=0.2)
     assert ownership.acquire()
     try:
@@ -594,9 +502,9 @@ def _fence_record(storage: Storage, tenant: str, tag: dict) -> None:
     storage.put_json(naming.control_container(tenant), naming.fence_blob(tenant, DISK), record)
 
 
-def _at_a_first_tag(make_worker, storage, tenant) -> tuple[ProcessServer, DiskWorker, Batch]:
+def _at_a_first_tag(make_worker, storage, tenant) -> tuple[SegmentShipper, DiskWorker, Batch]:
     """A worker whose target sits on a first tag (batch ``b1``, returned)."""
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
     new_generation(ps, worker)
     b1 = ps.batch(1, 1, [(0, b"a" * 4096)], tag=True)
@@ -606,7 +514,7 @@ def _at_a_first_tag(make_worker, storage, tenant) -> tuple[ProcessServer, DiskWo
 
 
 def test_final_tag_fences_the_disk_and_nothing_after_it_is_applied(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
     new_generation(ps, worker)
     b1 = ps.batch(1, 1, [(0, b"a" * 4096)], tag=True)
@@ -632,7 +540,7 @@ def test_final_tag_fences_the_disk_and_nothing_after_it_is_applied(make_worker, 
 
 
 def test_fence_record_stops_the_disk_at_its_tag(make_worker, storage, tenant):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
     new_generation(ps, worker)
     b1 = ps.batch(1, 1, [(0, b"a" * 4096)], tag=True)
@@ -678,7 +586,7 @@ def test_a_held_master_target_stages_but_applies_only_after_the_hold(make_worker
 
 
 def test_a_fenced_disk_is_not_served_and_its_lease_is_free(azurite, storage, tenant, tmp_path):
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     settings = Settings(
         tenant=tenant,
         state_dir=tmp_path / "state",
@@ -721,46 +629,11 @@ def write_config(path: Path, tenant: str, state_dir: Path, target: Path) -> Path
     return path
 
 
-class Daemon:
-    """A master target process, its stderr in a file."""
-
-    def __init__(self, config: Path, connection_string: str, log: Path, *args: str) -> None:
-        self.log = log
-        env = dict(os.environ, FERRY_STORAGE=connection_string)
-        cmd = [sys.executable, "-m", "mastertarget", "--config", str(config), *args]
-        with open(log, "ab") as err:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=err)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def wait_for_log(self, text: str, timeout: float = 30) -> None:
-        wait_until(lambda: text in self.output(), timeout, lambda: f"{text!r} in\n{self.output()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(30)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def wait_until(condition, timeout: float, what) -> None:
-    """Poll ``condition``; fail naming ``what`` (a string, or a callable giving one)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
-        time.sleep(0.02)
-
-
 def test_second_master_target_for_a_disk_is_refused(azurite, tenant, tmp_path):
     conn = azurite.connection_string
     first = write_config(tmp_path / "a.toml", tenant, tmp_path / "a", tmp_path / "a.img")
     second = write_config(tmp_path / "b.toml", tenant, tmp_path / "b", tmp_path / "b.img")
-    daemons = [Daemon(first, conn, tmp_path / "a.log")]
+    daemons = [MasterTarget(first, conn, tmp_path / "a.log")]
     try:
         owner = daemons[0]
         owner.wait_for_log(f"serving disk {DISK}")
@@ -775,7 +648,7 @@ def test_second_master_target_for_a_disk_is_refused(azurite, tenant, tmp_path):
             f"ferry-{tenant}-control/{naming.lease_blob(tenant, DISK)} is held); stop it first or run "
             "with --wait"
         ]
-        waiter = Daemon(second, conn, tmp_path / "b.log", "--wait")
+        waiter = MasterTarget(second, conn, tmp_path / "b.log", "--wait")
         daemons.append(waiter)
         waiter.wait_for_log("waiting for it")
         assert owner.stop() == 0
@@ -796,13 +669,13 @@ def test_killed_master_target_replays_the_group_and_converges(azurite, storage, 
     state_dir, target = tmp_path / "state", tmp_path / "target.img"
     staging = state_dir / DISK / "staging"
     config = write_config(tmp_path / "mt.toml", tenant, state_dir, target)
-    ps = ProcessServer(storage, tenant, disk_size)
+    ps = SegmentShipper(storage, tenant, disk_size)
     model = bytearray(disk_size)
-    daemons = [Daemon(config, azurite.connection_string, tmp_path / "mt1.log")]
+    daemons = [MasterTarget(config, azurite.connection_string, tmp_path / "mt1.log")]
     try:
         request = ps.ask_resync()
         answer = naming.resync_answer_blob(tenant, DISK, request)
-        wait_until(
+        wait_for(
             lambda: storage.exists(naming.control_container(tenant), answer),
             30,
             "the resync answer",
@@ -810,7 +683,7 @@ def test_killed_master_target_replays_the_group_and_converges(azurite, storage, 
         first = ps.batch(1, 1, [(0, pattern(1, 0, 8 * MiB))], tag=True)
         ps.ship(first)
         apply_to(model, first)
-        wait_until(lambda: _cursor(state_dir).get("applied_seq") == 1, 30, "group 1")
+        wait_for(lambda: _cursor(state_dir).get("applied_seq") == 1, 30, "group 1")
 
         # A large group whose tag comes last; everything before it gets staged.
         group = [
@@ -824,12 +697,12 @@ def test_killed_master_target_replays_the_group_and_converges(azurite, storage, 
         apply_to(model, *group)
         for notice in notices[:-1]:
             ps.announce(notice)
-        wait_until(lambda: len(list(staging.glob("*.seg"))) == 23, 30, "staging")
-        wait_until(lambda: storage.peek_count(ps.queue) == 0, 30, "notices deleted")
+        wait_for(lambda: len(list(staging.glob("*.seg"))) == 23, 30, "staging")
+        wait_for(lambda: storage.peek_count(ps.queue) == 0, 30, "notices deleted")
         assert daemons[-1].stop(signal.SIGKILL) == -signal.SIGKILL
 
         # Restart, let the tag arrive, and kill again as soon as the target is written.
-        daemons.append(Daemon(config, azurite.connection_string, tmp_path / "mt2.log"))
+        daemons.append(MasterTarget(config, azurite.connection_string, tmp_path / "mt2.log"))
         daemons[-1].wait_for_log("serving disk")
         before = target.stat().st_mtime_ns
         ps.announce(notices[-1])
@@ -841,12 +714,12 @@ def test_killed_master_target_replays_the_group_and_converges(azurite, storage, 
         assert len(list(staging.glob("*.seg"))) == 24
         assert _digest(target) != hashlib.sha256(model).hexdigest(), "not killed mid-group"
 
-        daemons.append(Daemon(config, azurite.connection_string, tmp_path / "mt3.log"))
-        wait_until(lambda: _cursor(state_dir).get("applied_seq") == 25, 60, "the replay")
+        daemons.append(MasterTarget(config, azurite.connection_string, tmp_path / "mt3.log"))
+        wait_for(lambda: _cursor(state_dir).get("applied_seq") == 25, 60, "the replay")
         assert _cursor(state_dir)["last_tag"] == group[-1].tag
         assert _digest(target) == hashlib.sha256(model).hexdigest()
         assert list(staging.glob("*.seg")) == []
-        wait_until(lambda: ps.segment_blobs() == [], 10, "blobs deleted")
+        wait_for(lambda: ps.segment_blobs() == [], 10, "blobs deleted")
         assert daemons[-1].stop() == 0
     finally:
         for daemon in daemons:
@@ -857,19 +730,19 @@ def test_sigterm_finishes_the_group_in_hand(azurite, storage, tenant, tmp_path):
     disk_size, piece = 64 * MiB, 4 * MiB
     state_dir, target = tmp_path / "state", tmp_path / "target.img"
     config = write_config(tmp_path / "mt.toml", tenant, state_dir, target)
-    ps = ProcessServer(storage, tenant, disk_size)
-    daemon = Daemon(config, azurite.connection_string, tmp_path / "mt.log")
+    ps = SegmentShipper(storage, tenant, disk_size)
+    daemon = MasterTarget(config, azurite.connection_string, tmp_path / "mt.log")
     try:
         request = ps.ask_resync()
         answer = naming.resync_answer_blob(tenant, DISK, request)
-        wait_until(
+        wait_for(
             lambda: storage.exists(naming.control_container(tenant), answer),
             30,
             "the resync answer",
         )
         first = ps.batch(1, 1, [(0, pattern(1, 0, piece))], tag=True)  # a first recovery point
         ps.ship(first)
-        wait_until(lambda: _cursor(state_dir).get("applied_seq") == 1, 30, "group 1")
+        wait_for(lambda: _cursor(state_dir).get("applied_seq") == 1, 30, "group 1")
         group = [
             ps.batch(1, seq, [(seq * piece, pattern(seq, seq * piece, piece))], tag=seq == 15)
             for seq in range(2, 16)
@@ -878,7 +751,7 @@ def test_sigterm_finishes_the_group_in_hand(azurite, storage, tenant, tmp_path):
         for notice in notices[:-1]:
             ps.announce(notice)
         staging = state_dir / DISK / "staging"
-        wait_until(lambda: len(list(staging.glob("*.seg"))) == 13, 30, "staging")
+        wait_for(lambda: len(list(staging.glob("*.seg"))) == 13, 30, "staging")
         before = target.stat().st_mtime_ns
         ps.announce(notices[-1])
         deadline = time.monotonic() + 30
@@ -961,7 +834,7 @@ def test_bad_settings_are_one_line_and_exit_2(
 @pytest.mark.root
 def test_block_device_target(make_worker, storage, tenant, loopdisk):
     device = loopdisk(size=4 * MiB, fs=False).device
-    ps = ProcessServer(storage, tenant, disk_size=4 * MiB)
+    ps = SegmentShipper(storage, tenant, disk_size=4 * MiB)
     worker = make_worker(target=device)
     assert new_generation(ps, worker)["empty"] is True
     b = ps.batch(1, 1, [(1 * MiB, os.urandom(64 * KiB)), (3 * MiB, 4 * KiB)], tag=True)
@@ -975,7 +848,7 @@ def test_block_device_target(make_worker, storage, tenant, loopdisk):
         == blockio.digest_map(device, 4096)[0]
     )
 
-    too_big = ProcessServer(storage, tenant, disk_size=8 * MiB)
+    too_big = SegmentShipper(storage, tenant, disk_size=8 * MiB)
     too_big.ship(too_big.batch(2, 1, [(5 * MiB, b"q" * 4096)], tag=True))
     with pytest.raises(DeviceError, match="device holds 4194304 bytes"):
         drain(worker)
@@ -986,7 +859,7 @@ def test_a_copy_is_refused_while_a_group_may_be_half_applied(
 ):
     """A test failover once copied a torn target, labelled with the cursor's tag, after the
     master target died in the middle of a group: nothing durable said a group was in progress."""
-    ps = ProcessServer(storage, tenant, disk_size=256 * KiB)
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
     new_generation(ps, worker)
     first = ps.batch(1, 1, [(0, b"a" * 8192)], tag=True)

@@ -20,8 +20,8 @@ import time
 
 import pytest
 import requests
+from support.config_server import serve_config
 from support.portal import ROOT, PortalServer, chromium, shoot, signed_in
-from test_control_server import serve_config
 
 from ferry import control
 from ferry.control.client import Client

@@ -26,9 +26,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support.config_server import serve_config
+from support.daemons import Fleet, write_files
 from support.portal import ROOT, PortalServer, chromium, shoot, signed_in
-from test_control_end_to_end import Fleet, write_files
-from test_control_server import serve_config
 
 from devkit.embedded import digest
 

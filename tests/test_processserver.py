@@ -7,9 +7,7 @@ session's Azurite.  "Storage down" is a connection string naming closed ports.
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import signal
 import socket
 import ssl
@@ -20,85 +18,18 @@ import time
 from pathlib import Path
 
 import pytest
+from support import ROOT, wait_for
+from support.process_server import DISK, Agent, ProcessServer, agent_context, dead_storage
 
-from devkit.azurite import connection_string, free_port
-from devkit.embedded import write_toml
-from ferry import naming, pki, wire
+from ferry import naming, pki
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import SegmentCorrupt
 from ferry.segment import unpack
 
-ROOT = Path(__file__).resolve().parent.parent
-DISK = "web01-disk0"
 DISK_SIZE = 1 << 30
 
 
-# -- a process server under test ----------------------------------------------------------
-
-
-class ProcessServer:
-    """``python -m processserver`` with its own settings, state directory and log."""
-
-    def __init__(self, base: Path, certs: Path, storage: str, **settings) -> None:
-        self.base = base
-        self.port = free_port()
-        self.state_dir = base / "state"
-        self.storage = storage
-        if "segment_key_file" not in settings and not settings.get("allow_unsealed"):
-            self.segment_key = os.urandom(32)  # sealed, as deployed
-            (base / "segment.key").write_text(self.segment_key.hex() + "\n")
-            settings["segment_key_file"] = str(base / "segment.key")
-        self.config = write_toml(
-            base / "process-server.toml",
-            {
-                "listen": f"127.0.0.1:{self.port}",
-                "ca": str(certs / "ca" / "ca.pem"),
-                "cert": str(certs / "process-server.pem"),
-                "key": str(certs / "process-server.key"),
-                "state_dir": str(self.state_dir),
-                **settings,
-            },
-        )
-        self.proc: subprocess.Popen | None = None
-        self.runs = 0
-
-    @property
-    def log(self) -> Path:
-        return self.base / f"run{self.runs}.log"
-
-    def start(self, storage: str | None = None) -> ProcessServer:
-        """Start (again), optionally with another storage, and wait for "listening on"."""
-        self.storage = storage or self.storage
-        self.runs += 1
-        env = {**os.environ, "FERRY_STORAGE": self.storage, "PYTHONPATH": str(ROOT)}
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "processserver", "--config", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-            )  # fmt: skip
-        wait_for(lambda: "listening on" in self.log.read_text(), 30, self.tail)
-        return self
-
-    def tail(self) -> str:
-        return self.log.read_text()[-3000:]
-
-    def signal(self, sig: int) -> int:
-        """Send ``sig`` and return the exit status."""
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(30)
-
-    def status(self) -> dict:
-        return json.loads((self.state_dir / "status.json").read_text())
-
-    def spooled(self, tenant: str) -> list[str]:
-        disk_dir = self.state_dir / "spool" / tenant / DISK
-        return sorted(p.name for p in disk_dir.iterdir()) if disk_dir.exists() else []
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+# -- a process server under test (support.process_server) ---------------------------------
 
 
 @pytest.fixture
@@ -116,88 +47,6 @@ def servers(tmp_path, certs, azurite):
     yield make
     for server in made:
         server.stop()
-
-
-def dead_storage() -> str:
-    """A connection string whose ports nobody listens on: storage is down."""
-    return connection_string(free_port(), free_port(), free_port())
-
-
-def wait_for(check, timeout: float, explain=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s; {explain()}")
-
-
-# -- a tiny agent ---------------------------------------------------------------------------
-
-
-class Agent:
-    """A mutual-TLS client speaking ferry.wire, the way the mobility agent does.
-
-    Like the agent, it reads in a thread of its own, so sends may block (on a
-    throttled server) while acks are still read.
-    """
-
-    def __init__(self, port: int, context: ssl.SSLContext) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock = context.wrap_socket(raw, server_hostname="localhost")
-        self.sock.settimeout(None)
-        self.frames: queue.Queue = queue.Queue()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        try:
-            while (frame := wire.recv(self.sock, "process server")) is not None:
-                self.frames.put(frame)
-            self.frames.put(None)
-        except Exception as exc:  # handed to the test thread by recv()
-            self.frames.put(exc)
-
-    def send(self, header: dict, payload: bytes = b"") -> None:
-        wire.send(self.sock, header, payload)
-
-    def recv(self, timeout: float = 10) -> tuple[dict, bytes] | None:
-        """The next frame; None once the server closed; TimeoutError if none comes in time."""
-        try:
-            item = self.frames.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no frame within {timeout} s")
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def hello(self, tenant: str, disks: tuple[str, ...] = (DISK,), machine: str = "web01") -> dict:
-        self.send({"type": "hello", "tenant": tenant, "machine": machine, "disks": list(disks)})
-        frame = self.recv()
-        assert frame is not None
-        return frame[0]
-
-    def send_batch(self, batch: Batch) -> None:
-        self.send({"type": "batch", "batch": batch.header()}, batch.payload)
-
-    def close(self) -> None:
-        try:
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # wakes the reader
-        except OSError:
-            pass
-        # Closing under a reader would let it read the next socket that gets this fd.
-        self.reader.join(5)
-        self.sock.close()
-
-
-def agent_context(certs: Path, name: str | None = "agent") -> ssl.SSLContext:
-    """Client context trusting the deployment's CA, presenting ``name``'s certificate (or none)."""
-    ca = str(certs / "ca" / "ca.pem")
-    if name is None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.load_verify_locations(ca)
-        return context
-    return pki.client_context(ca, str(certs / f"{name}.pem"), str(certs / f"{name}.key"))
 
 
 @pytest.fixture
@@ -304,8 +153,8 @@ def test_batches_are_acked_uploaded_and_announced(
             unpack(storage.get(naming.segments_container(tenant), blob), blob)
 
     # Uploaded and announced, so nothing is left to spool; the status says what happened.
-    wait_for(lambda: not server.spooled(tenant), 10)
-    wait_for(lambda: server.status()["segments_uploaded"] == len(batches), 5)
+    wait_for(lambda: not server.spooled(tenant), 10, "an empty spool")
+    wait_for(lambda: server.status()["segments_uploaded"] == len(batches), 5, "every upload")
     status = server.status()
     assert status["batches_received"] == len(batches)
     assert status["spool"]["files"] == 0
@@ -328,7 +177,7 @@ def test_only_clients_with_a_certificate_from_the_ca_get_in(servers, connect, ce
     agent = connect(server, tenant)
     agent.send_batch(make_batch(tenant, 1))
     assert collect_acks(agent, 1) == {(1, 1)}
-    wait_for(lambda: server.status()["connections_refused"] == 2, 5)
+    wait_for(lambda: server.status()["connections_refused"] == 2, 5, "two refusals")
 
 
 def test_an_agent_certificate_speaks_only_for_its_own_tenant_and_machine(
@@ -494,7 +343,7 @@ def test_full_spool_stalls_the_agent_instead_of_failing(servers, certs, azurite,
             break
     assert 3 <= len(acked) <= 5, "the server reads one frame past the limit, then waits"
     assert server.proc.poll() is None
-    wait_for(lambda: server.status()["throttling"], 5)
+    wait_for(lambda: server.status()["throttling"], 5, "throttling")
     assert "throttling" in server.tail()
 
     # Storage comes back (a restart with the real one); the agent reconnects and resends.
@@ -525,7 +374,7 @@ def test_a_damaged_spool_file_is_set_aside_and_the_rest_uploaded(servers, connec
     assert (
         server.state_dir / "quarantine" / tenant / DISK / "00000001-000000000001.batch"
     ).exists()
-    wait_for(lambda: server.status()["batches_quarantined"] == 1, 5)
+    wait_for(lambda: server.status()["batches_quarantined"] == 1, 5, "a quarantined batch")
     assert "needs a resync" in server.tail()
     # The agent is told, so that a resync closes the gap (it once waited forever).
     deadline = time.monotonic() + 20

@@ -200,7 +200,7 @@ def test_passphrases_cannot_take_over_a_registered_component(api):
 
 
 def test_operator_tokens_can_be_rotated_and_revoked(api):
-    from functions_support import ADMIN_KEY
+    from support.api import ADMIN_KEY
 
     tenant, operator = api.tenant()
     status = f"/tenants/{tenant}/status"
