@@ -17,6 +17,7 @@ A job keeps its ``history`` as ``[{state, at, detail}]``.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,13 @@ TRANSITIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "test-failover": {"requested": ("ready", "failed"), "ready": ("cleaned", "failed")},
 }
 """kind → state → the states it may move to (a state not listed is final)."""
+
+RECORDED = ("passphrase", "acknowledge")
+"""Operator actions done at once, recorded as jobs in state ``done`` so that every action
+shows in the jobs list (never with a secret in it)."""
+
+for _kind in RECORDED:
+    TRANSITIONS[_kind] = {}
 
 ACTIVE = {"protect": ("running", "protected"), "cutover": ("requested", "draining", "applied"),
           "test-failover": ("requested", "ready")}  # fmt: skip
@@ -66,6 +74,15 @@ def _new_job(kind: str, job_id: str, machine: str, key: str, state: str, now: fl
     }  # fmt: skip
     _history(job, state, now, detail)
     return job
+
+
+def record_action(ctx: Context, tenant: str, kind: str, detail: str, machine: str = "-") -> str:
+    """Record an operator action that is done at once (``RECORDED``) as a job; its id."""
+    now = ctx.now()
+    job_id = f"job-{uuid.uuid4().hex[:24]}"
+    job = _new_job(kind, job_id, machine, "-", "done", now, detail[: defaults.MAX_TEXT])
+    ctx.store.create("jobs", tenant, job_id, job)
+    return job_id
 
 
 def _machine(ctx: Context, tenant: str, machine_id: str) -> dict[str, Any]:

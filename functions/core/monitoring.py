@@ -260,6 +260,10 @@ def acknowledge(ctx: Context, caller: Caller, tenant: str, alert_id: str, body: 
         return {**alert, "acknowledged_at": now, "acknowledged_by": by}
 
     alert = ctx.store.mutate("alerts", tenant, alert_id, change, what=f"alert {alert_id}")
+    if alert.get("acknowledged_at") == now:  # this request acknowledged it: record the action
+        from functions.core import jobs
+
+        jobs.record_action(ctx, tenant, "acknowledge", f"alert {alert_id} acknowledged by {by}")
     return {"alert": alert}
 
 

@@ -92,6 +92,10 @@ def create_passphrase(ctx: Context, caller: Caller, tenant: str, body: Any) -> d
     record = {"created_at": now, "expires_at": now + ttl, "used_at": None, "used_by": None,
               "for_component": bound}  # fmt: skip
     ctx.store.create("passphrases", tenant, digest(passphrase), record)
+    from functions.core import jobs  # jobs imports components, which imports this module
+
+    jobs.record_action(ctx, tenant, "passphrase", f"one-time passphrase made for "
+                       f"{bound or 'a new component'}, valid until {iso(now + ttl)}")  # fmt: skip
     answer = {"passphrase": passphrase, "expires_at": now + ttl}
     return answer | ({"for_component": bound} if bound else {})
 
