@@ -92,3 +92,34 @@ STATE_DIR = "/var/lib/ferry/master-target"
 
 TARGETS_SUBDIR = "targets"
 """Server mode: a disk the settings give no target is applied to ``<state_dir>/targets/<disk>.img``."""
+
+GUESTFS_LAUNCH_TIMEOUT = 900.0
+"""How long the libguestfs appliance may take to start, in seconds (TCG on a busy host: minutes)."""
+
+GUESTFS_COMMAND_TIMEOUT = 1800.0
+"""How long one command inside the appliance may take, in seconds (update-initramfs under TCG)."""
+
+ADAPT_AGENT_PATHS = (
+    "/etc/systemd/system/ferry-*.service",
+    "/etc/systemd/system/*.wants/ferry-*.service",
+    "/opt/ferry",
+    "/etc/ferry",
+    "/var/lib/ferry",
+    "/var/log/ferry",
+)
+"""What roles/mobility_agent (through ferry_daemon) installs on a source, as glob patterns."""
+
+HYPERV_MODULES = ("hv_vmbus", "hv_storvsc", "hv_netvsc")
+"""Kernel modules a Linux guest needs in its initramfs to boot and reach the network on Azure."""
+
+SERIAL_CONSOLE = "console=ttyS0,115200"
+"""Kernel argument for Azure's serial console (and the boot check, which reads it)."""
+
+BOOT_CHECK_TIMEOUT = 900.0
+"""How long a boot check may take from QEMU's start to the check's report, in seconds (TCG)."""
+
+BOOT_CHECK_KVM_PROBE = 30.0
+"""Seconds a boot under KVM gets to print the kernel's first line before TCG is used instead."""
+
+BOOT_CHECK_MEMORY_MIB = 1024
+"""Memory of the boot check's guest, in MiB."""
