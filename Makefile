@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CONTROLLER := .venv-controller
 ANSIBLE := ANSIBLE_CONFIG=$(CURDIR)/ansible.cfg PATH=$(CURDIR)/$(CONTROLLER)/bin:$$PATH
 
-.PHONY: setup controller-azure demo-direct test lint demo bench bench-quick bench-deps bench-replication clean system-deps
+.PHONY: setup controller-azure demo-direct test lint demo lab bench bench-quick bench-deps bench-replication clean system-deps
 
 setup: $(VENV)/.stamp $(CONTROLLER)/.stamp node_modules/.stamp system-deps
 
@@ -33,7 +33,8 @@ node_modules/.stamp: package.json package-lock.json
 	touch $@
 
 # Debian tools the tests and demo use (installed only when missing, and only as root).
-SYSTEM_TOOLS := mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fsfreeze:util-linux losetup:mount qemu-img:qemu-utils
+SYSTEM_TOOLS := mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fsfreeze:util-linux losetup:mount qemu-img:qemu-utils \
+  qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap sfdisk:fdisk ssh:openssh-client socat:socat
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
@@ -60,6 +61,13 @@ demo: setup
 # The same main job without Ansible: the daemons straight from ferry/embedded.py.
 demo-direct: setup
 	$(PY) -m devkit.demo
+
+# The lab (docs/lab.md): build or reuse the cached Debian 12 image, boot it under QEMU, run
+# the lab tests (pytest -m qemu) against it, power it off and print the figures.
+# LAB_ARGS=--keep leaves the guest up and prints how to SSH in (`python -m lab down` stops it).
+LAB_ARGS ?=
+lab: setup
+	$(PY) -m lab test $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CONTROLLER) node_modules run .pytest_cache

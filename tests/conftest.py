@@ -14,7 +14,7 @@ from devkit.azurite import Azurite
 from ferry import pki
 from ferry.storage import Storage
 
-pytest_plugins = ["functions_support"]
+pytest_plugins = ["functions_support", "support.lab"]
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0

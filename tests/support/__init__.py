@@ -1,0 +1,1 @@
+"""Test harnesses shared by test modules (pytest plugins and helpers)."""
