@@ -33,7 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -98,7 +101,7 @@ class Adapter:
     ) -> str:
         kind, _, value = spec.partition("=")
         if kind in ("UUID", "LABEL", "PARTUUID") and value:
-            if value.strip('"') not in known[kind]:
+            if kind in known and value.strip('"') not in known[kind]:
                 nofail = len(fields) > 3 and "nofail" in fields[3].split(",")
                 self.warnings.append(
                     f"fstab: {spec} ({mountpoint}) is on none of the machine's disks"
@@ -121,17 +124,13 @@ class Adapter:
         return spec in self.facts.setdefault("lvs", self.g.lines("lvs"))
 
     def filesystem_ids(self) -> dict[str, set[str]]:
-        """The UUIDs, labels and partition UUIDs of every filesystem on the disks."""
-        ids: dict[str, set[str]] = {"UUID": set(), "LABEL": set(), "PARTUUID": set()}
+        """The UUIDs and labels of every filesystem on the disks."""
+        ids: dict[str, set[str]] = {"UUID": set(), "LABEL": set()}
         for device in self.g.mapping("list-filesystems"):
             for kind, command in (("UUID", "vfs-uuid"), ("LABEL", "vfs-label")):
                 found = self.g.attempt(command, device)
                 if found and found.strip():
                     ids[kind].add(found.strip())
-            if re.search(r"\d$", device) and not device.startswith("/dev/mapper"):
-                found = self.g.attempt("part-get-gpt-guid", *_part(device))
-                if found and found.strip():
-                    ids["PARTUUID"].add(found.strip().lower())
         return ids
 
     # -- the Ferry agent ----------------------------------------------------------------
@@ -262,10 +261,40 @@ class Adapter:
         new = text + ("" if text.endswith("\n") or not text else "\n")
         new += "# Hyper-V (Azure), added by Ferry's cutover\n" + "".join(f"{m}\n" for m in missing)
         self.write("initramfs", path, new, f"added {', '.join(missing)}")
-        self.note("initramfs", "/boot/initrd.img-*", "rebuilt inside the guest (update-initramfs)")
+        # Debian's MODULES=most often has them in already: then rebuilding (minutes under
+        # TCG) changes nothing, and the list keeps them in every later rebuild.
+        lacking = self._initrds_lacking()
+        if not lacking:
+            return
+        self.note("initramfs", ", ".join(lacking), "rebuilt inside the guest (update-initramfs)")
         if not self.dry_run:
             self.g.shell("update-initramfs -u -k all 2>&1")
-            self._check_initrds()
+            for initrd, missing in self._initrds_lacking().items():
+                self.warnings.append(
+                    f"initramfs: {initrd} lacks {', '.join(missing)} after rebuild"
+                )
+
+    def _initrds_lacking(self) -> dict[str, list[str]]:
+        """Each initramfs that lacks a Hyper-V module, and which."""
+        lacking = {}
+        for initrd in self.g.glob("/boot/initrd.img-*"):
+            found = set(re.findall(r"hv_vmbus|hv_storvsc|hv_netvsc", self._initrd_listing(initrd)))
+            missing = sorted(set(defaults.HYPERV_MODULES) - found)
+            if missing:
+                lacking[initrd] = missing
+        return lacking
+
+    def _initrd_listing(self, initrd: str) -> str:
+        """The file list of an initramfs: on this host if it has lsinitramfs (native speed,
+        where the appliance is emulated), else inside the guest."""
+        tool = shutil.which("lsinitramfs")
+        if not tool:
+            return self.g.shell(f"lsinitramfs {initrd} || true")
+        with tempfile.TemporaryDirectory(prefix="ferry-initrd-") as tmp:
+            local = Path(tmp) / "initrd"
+            self.g.run("download", initrd, str(local))
+            listed = subprocess.run([tool, str(local)], capture_output=True, text=True)
+            return listed.stdout
 
     def _dracut(self) -> None:
         path = "/etc/dracut.conf.d/50-ferry-hyperv.conf"
@@ -276,16 +305,6 @@ class Adapter:
         self.note("initramfs", "/boot/initramfs-*", "rebuilt inside the guest (dracut)")
         if not self.dry_run:
             self.g.shell("dracut -f --regenerate-all 2>&1")
-
-    def _check_initrds(self) -> None:
-        for initrd in self.g.glob("/boot/initrd.img-*"):
-            found = self.g.shell(f"lsinitramfs {initrd} | grep -oE 'hv_(vmbus|storvsc|netvsc)' "
-                                 "| sort -u || true").split()  # fmt: skip
-            missing = sorted(set(defaults.HYPERV_MODULES) - set(found))
-            if missing:
-                self.warnings.append(
-                    f"initramfs: {initrd} lacks {', '.join(missing)} after rebuild"
-                )
 
     # -- Azure guest agent ----------------------------------------------------------------
 
@@ -314,12 +333,6 @@ class Adapter:
         return bool(self.g.glob(f"/etc/systemd/system/*.wants/{unit}"))
 
 
-def _part(device: str) -> tuple[str, str]:
-    """``/dev/sda2`` -> (``/dev/sda``, ``2``)."""
-    found = re.match(r"(.*?)(\d+)$", device)
-    return (found[1], found[2]) if found else (device, "0")
-
-
 def _networkd_dhcp_on_eth0(text: str) -> bool:
     name = re.search(r"^\s*Name\s*=\s*(.+)$", text, re.M)
     dhcp = re.search(r"^\s*DHCP\s*=\s*(yes|true|ipv4|both)\s*$", text, re.M | re.I)
@@ -330,7 +343,8 @@ def _networkd_dhcp_on_eth0(text: str) -> bool:
 def _grub_defaults(text: str) -> tuple[str, list[str]]:
     """``/etc/default/grub`` with the serial console, eth0 naming and root by UUID."""
     said: list[str] = []
-    found = re.search(r'^GRUB_CMDLINE_LINUX="([^"]*)"', text, re.M)
+    # A shell file: the last assignment wins, and only it is edited.
+    found = ([None] + list(re.finditer(r'^GRUB_CMDLINE_LINUX="([^"]*)"', text, re.M)))[-1]
     args = found[1].split() if found else []
     for arg, why in (
         (defaults.SERIAL_CONSOLE, "serial console on ttyS0"),
@@ -341,7 +355,8 @@ def _grub_defaults(text: str) -> tuple[str, list[str]]:
             args.append(arg)
             said.append(f"kernel command line gains {arg} ({why})")
     line = f'GRUB_CMDLINE_LINUX="{" ".join(args)}"'
-    text = text.replace(found[0], line) if found else text.rstrip("\n") + f"\n{line}\n"
+    head, tail = (text[: found.start()], text[found.end() :]) if found else (text, "")
+    text = head + line + tail if found else head.rstrip("\n") + f"\n{line}\n"
     if re.search(r"^GRUB_DISABLE_LINUX_UUID=true", text, re.M):
         text = re.sub(r"^GRUB_DISABLE_LINUX_UUID=true.*$", "GRUB_DISABLE_LINUX_UUID=false", text,
                       flags=re.M)  # fmt: skip

@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,10 +73,14 @@ class Guestfish:
         for path, fmt in self.disks:
             argv += [f"--format={fmt}", "-a", path]
         started = time.monotonic()
-        out = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=60)
-        found = re.search(r"GUESTFISH_PID=(\d+)", out.stdout)
-        if out.returncode != 0 or not found:
-            raise GuestfsError(detail=f"guestfish --listen failed: {out.stderr.strip()}")
+        # The server forks and keeps the parent's stdout: read files, not pipes, or wait forever.
+        with tempfile.TemporaryFile("w+") as said, tempfile.TemporaryFile("w+") as err:
+            status = subprocess.run(argv, stdout=said, stderr=err, env=self.env, timeout=60)
+            said.seek(0)
+            err.seek(0)
+            found = re.search(r"GUESTFISH_PID=(\d+)", said.read())
+            if status.returncode != 0 or not found:
+                raise GuestfsError(detail=f"guestfish --listen failed: {err.read().strip()}")
         self.pid = int(found[1])
         try:
             self.run("run", timeout=defaults.GUESTFS_LAUNCH_TIMEOUT)
