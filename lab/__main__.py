@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from ferry.errors import FerryError
-from lab.image import ensure_image
+from lab.cache import built_image, ensure_image
+from lab.errors import LabError
 from lab.machine import Machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,12 +50,17 @@ def cmd_down(args) -> int:
 
 def cmd_test(args) -> int:
     machine = _boot(detach=args.keep)
+    extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    env = {**os.environ, "FERRY_LAB_ATTACH": str(RUNDIR)}
+    pytest = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-m", "qemu", *extra], cwd=ROOT, env=env
+    )
     try:
-        env = {**os.environ, "FERRY_LAB_ATTACH": str(RUNDIR)}
-        status = subprocess.call(
-            [sys.executable, "-m", "pytest", "-m", "qemu", *args.pytest_args], cwd=ROOT, env=env
-        )
+        status = pytest.wait()
     finally:
+        if pytest.poll() is None:  # interrupted: the tests must not outlive their machine
+            pytest.terminate()
+            pytest.wait()
         if args.keep:
             _print_access(machine)
         else:
@@ -64,7 +70,9 @@ def cmd_test(args) -> int:
 
 
 def cmd_report(args) -> int:
-    image = ensure_image(log=lambda _: None)
+    image = built_image()
+    if image is None:
+        raise LabError(detail="no image built for this recipe yet (python -m lab build)")
     figures, facts = image.figures(), image.facts
     print(f"lab report (image {image.dir.name}, Debian {facts['suite']}, {facts['built_at']})")
     rows = [

@@ -15,7 +15,6 @@ under test listens on one of :attr:`Machine.host_ports`.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -25,8 +24,9 @@ import time
 from pathlib import Path
 
 from lab import qemu
+from lab.cache import Image
 from lab.errors import GuestGone, GuestNotReady, LabError
-from lab.image import HOST_ALIAS, Image
+from lab.image import HOST_ALIAS
 
 GUEST_HOST_ADDRESS = "10.0.2.100"
 """Where the guest reaches the host's forwarded ports (as ``ferry-host`` in its /etc/hosts)."""
@@ -36,6 +36,9 @@ READY_SECONDS = 600
 
 STOP_SECONDS = 60
 """How long a clean poweroff may take before QEMU is told to quit, then killed."""
+
+CPUS = 1
+"""One vCPU: under TCG on a busy host, a second one stalls the first (soft lockups, stuck boots)."""
 
 DISKS = (("system", "ferry-sys"), ("data", "ferry-data"))
 """Image disk name and the serial the guest sees it by (/dev/disk/by-id/virtio-<serial>)."""
@@ -49,7 +52,7 @@ class Machine:
         image: Image,
         rundir: Path,
         memory_mib: int = 1536,
-        cpus: int = 2,
+        cpus: int = CPUS,
         forwards: int = 2,
         detach: bool = False,
     ) -> None:
@@ -67,6 +70,7 @@ class Machine:
         self.host_ports: list[int] = []
         self.pid = 0
         self.accel = ""
+        self.ready = False  # has answered SSH with systemd up at least once
         self._proc: subprocess.Popen | None = None
 
     # -- life cycle ---------------------------------------------------------
@@ -104,11 +108,12 @@ class Machine:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=self.detach,
-                preexec_fn=None if self.detach else _die_with_parent,
+                preexec_fn=None if self.detach else qemu.die_with_parent,
             )
         self.pid = self._proc.pid
         self._save()
         self.wait_ready()
+        self.ready = True
         seconds = time.monotonic() - started
         self.image.record(boot_to_ssh_s=round(seconds, 1), accel=self.accel)
         self._write_inventory()
@@ -131,8 +136,10 @@ class Machine:
         if not self.running():
             self._reap()
             return
-        self.ssh("systemctl poweroff --no-block", check=False, timeout=20)
-        if not self._wait_exit(STOP_SECONDS):
+        asked = self.ready and (  # a guest that does not answer will not power off either
+            self.ssh("systemctl poweroff --no-block", check=False, timeout=20).returncode == 0
+        )
+        if not asked or not self._wait_exit(STOP_SECONDS):
             try:
                 self.qmp("quit")
             except OSError:
@@ -141,6 +148,10 @@ class Machine:
                 os.kill(self.pid, signal.SIGKILL)
                 self._wait_exit(10)
         self._reap()
+        self._close_master()
+
+    def _close_master(self) -> None:
+        """End the shared SSH connection (after a reboot it would hang on a dead peer)."""
         subprocess.run([*self._ssh_base(), "-O", "exit", "lab"], capture_output=True)
 
     def running(self) -> bool:
@@ -187,7 +198,7 @@ class Machine:
             words = result.stdout.split()
             if len(words) == 2 and words[0] != not_boot and words[1] in ("running", "degraded"):
                 return words[0]
-            last = " ".join(words) or result.stderr.strip().splitlines()[-1:] or last
+            last = " ".join(words) or (result.stderr.strip().splitlines() or [last])[-1]
             time.sleep(2)
         raise GuestNotReady(seconds=seconds, last=last, console=self.console)
 
@@ -199,6 +210,7 @@ class Machine:
         before = self.boot_id()
         started = time.monotonic()
         self.ssh("systemctl reboot --no-block", check=False)
+        self._close_master()
         self.wait_ready(not_boot=before)
         seconds = time.monotonic() - started
         self.image.record(reboot_s=round(seconds, 1))
@@ -209,6 +221,7 @@ class Machine:
         before = self.boot_id()
         started = time.monotonic()
         self.qmp("system_reset")
+        self._close_master()
         self.wait_ready(not_boot=before)
         seconds = time.monotonic() - started
         self.image.record(crash_s=round(seconds, 1))
@@ -298,6 +311,7 @@ class Machine:
         machine.host_ports, machine.accel = state["host_ports"], state["accel"]
         if not machine.running():
             raise LabError(detail=f"the lab machine in {rundir} is not running")
+        machine.ready = True
         return machine
 
     def _write_inventory(self) -> None:
@@ -335,9 +349,3 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGKILL QEMU when its parent dies, so no test failure leaves one behind."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -77,7 +79,9 @@ def _kvm_boots(kernel: Path) -> bool:
         console = Path(tmp) / "console.log"
         cmd = [binary(), *common_args("kvm", 256, 1, console), "-no-reboot"]
         cmd += ["-kernel", str(kernel), "-append", "console=ttyS0 panic=-1"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
+        )
         deadline = time.monotonic() + KVM_PROBE_SECONDS
         try:
             while time.monotonic() < deadline:
@@ -89,3 +93,9 @@ def _kvm_boots(kernel: Path) -> bool:
                 proc.kill()
             proc.wait()
         return "Kernel panic" in console.read_text(errors="replace")
+
+
+def die_with_parent() -> None:
+    """In the child: SIGKILL QEMU when its parent dies, so no failure leaves one behind."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.image import ensure_image
+from lab.cache import ensure_image
 from lab.machine import Machine
 
 LAB_TIMEOUT = 1800
