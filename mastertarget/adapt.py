@@ -385,15 +385,20 @@ def adapt(disks: list[str | Path], dry_run: bool = False, fmt: str = "vpc") -> d
         adapter = Adapter(g, facts, dry_run)
         for step in STEPS:
             getattr(adapter, step)()
+        # Azure boots a UEFI guest only as a generation 2 VM (hyperVGeneration V2).
+        uefi = "/boot/efi" in facts["mountpoints"] or g.glob("/boot/efi/EFI/*")
+        boot_mode = "uefi" if uefi else "bios"
         if not dry_run:
             g.run("sync")
             g.run("umount-all")
         launch_s = g.launch_s
+    facts["boot_mode"] = boot_mode
     for mountpoint, why in facts["unmounted"].items():
         adapter.warnings.append(f"could not mount {mountpoint}: {why}")
     return {
         "disks": [str(d) for d in disks], "dry_run": dry_run,
-        "os": {k: facts[k] for k in ("type", "distro", "product", "version", "root")},
+        "os": {k: facts[k] for k in ("type", "distro", "product", "version", "root", "boot_mode")},
+        "hyper_v_generation": "V2" if boot_mode == "uefi" else "V1",
         "changes": adapter.changes, "warnings": adapter.warnings,
         "launch_s": round(launch_s, 1), "duration_s": round(time.monotonic() - started, 1),
     }  # fmt: skip

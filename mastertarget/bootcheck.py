@@ -113,23 +113,30 @@ def make_overlays(disks: list[Path], work: Path, fmt: str) -> list[Path]:
     overlays = []
     for i, disk in enumerate(disks):
         overlay = work / f"disk{i}.qcow2"
-        subprocess.run(
+        made = subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(disk.resolve()), "-F", fmt,
              str(overlay)],
-            check=True, capture_output=True, text=True,
+            capture_output=True, text=True,
         )  # fmt: skip
+        if made.returncode != 0:
+            raise BootCheckError(detail=f"cannot put an overlay on {disk}: {made.stderr.strip()}")
         overlays.append(overlay)
     return overlays
 
 
-def inject(overlays: list[Path], markers: list[dict[str, str | None]]) -> float:
-    """Put the check's unit into the guest's root filesystem, in the overlay; seconds taken."""
+def inject(overlays: list[Path], markers: list[dict[str, str | None]], root: str | None) -> float:
+    """Put the check's unit into the guest's root filesystem, in the overlay; seconds taken.
+
+    ``root`` (the appliance's name for it, as adaptation found it) spares an
+    inspection, which takes a minute in an emulated appliance.
+    """
     started = time.monotonic()
     with Guestfish([(o, "qcow2") for o in overlays], readonly=False) as g:
-        roots = g.lines("inspect-os")
-        if not roots:
-            raise BootCheckError(detail="no operating system found on the disks")
-        g.run("mount", roots[0], "/")
+        if not (root and g.attempt("mount", root, "/") is not None):
+            roots = g.lines("inspect-os")
+            if not roots:
+                raise BootCheckError(detail="no operating system found on the disks")
+            g.run("mount", roots[0], "/")
         if g.attempt("is-dir", "/usr/local/sbin") != "true\n":
             g.run("mkdir-p", "/usr/local/sbin")
         g.write(SCRIPT, check_script(markers))
@@ -304,6 +311,7 @@ def boot_check(
     fmt: str = "vpc",
     accel: str = "auto",
     console_log: str | Path | None = None,
+    root: str | None = None,
 ) -> dict[str, Any]:
     """Boot ``disks`` (OS disk first) on throw-away overlays; the report (``passed``, ``reason``)."""
     disks = [Path(d) for d in disks]
@@ -312,7 +320,7 @@ def boot_check(
     work = Path(tempfile.mkdtemp(prefix=".ferry-boot-check-", dir=disks[0].resolve().parent))
     try:
         overlays = make_overlays(disks, work, fmt)
-        inject_s = inject(overlays, wanted)
+        inject_s = inject(overlays, wanted, root)
         console = work / "console.log"
         seen, boot = boot_and_watch(overlays, console, accel, timeout)
         result = verdict(seen, wanted)

@@ -266,11 +266,13 @@ def finish(record: dict[str, Any], spec: dict[str, Any], started: float) -> None
     try:
         if spec.get("adapt", False):
             record["adaptation"] = adapt.adapt(vhds)
+            if "vm" in record:  # the generation Azure must boot it as, from its boot mode
+                record["vm"]["hyper_v_generation"] = record["adaptation"]["hyper_v_generation"]
             record["timings"]["adapted_s"] = round(time.time() - started, 1)
         if spec.get("boot_check", False):
-            check = bootcheck.boot_check(
-                vhds, spec.get("markers") or [], spec.get("boot_check_timeout") or 900.0
-            )
+            root = (record.get("adaptation") or {}).get("os", {}).get("root")
+            timeout = spec.get("boot_check_timeout") or 900.0
+            check = bootcheck.boot_check(vhds, spec.get("markers") or [], timeout, root=root)
             record["boot_check"] = check
             record["timings"]["boot_checked_s"] = round(time.time() - started, 1)
             if not check["passed"]:

@@ -99,9 +99,15 @@ GUESTFS_LAUNCH_TIMEOUT = 900.0
 GUESTFS_COMMAND_TIMEOUT = 1800.0
 """How long one command inside the appliance may take, in seconds (update-initramfs under TCG)."""
 
+FERRY_UNITS = tuple(
+    f"ferry-{c}.service"
+    for c in ("agent", "process-server", "master-target", "config-server", "azurite")
+)
+"""The systemd units roles/ferry_daemon writes (its _ferry_daemon_components), and no others."""
+
 ADAPT_AGENT_PATHS = (
-    "/etc/systemd/system/ferry-*.service",
-    "/etc/systemd/system/*.wants/ferry-*.service",
+    *(f"/etc/systemd/system/{unit}" for unit in FERRY_UNITS),
+    *(f"/etc/systemd/system/*.wants/{unit}" for unit in FERRY_UNITS),
     "/opt/ferry",
     "/etc/ferry",
     "/var/lib/ferry",

@@ -114,7 +114,15 @@ class Guestfish:
     def attempt(self, *args: str, timeout: float = defaults.GUESTFS_COMMAND_TIMEOUT) -> str | None:
         """One command whose failure is an answer: None (and the session goes on), else its output."""
         argv = ["guestfish", f"--remote={self.pid}", "--", f"-{args[0]}", *args[1:]]
-        out = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=timeout)
+        try:
+            out = subprocess.run(
+                argv, capture_output=True, text=True, env=self.env, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise GuestfsError(
+                detail=f"{args[0]} took over {timeout:.0f} s; the appliance was stopped"
+            )
         if out.returncode != 0 or "libguestfs: error:" in out.stderr:
             self.last_error = " ".join(out.stderr.replace("libguestfs: error:", "").split())
             return None
