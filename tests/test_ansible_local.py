@@ -76,10 +76,6 @@ class Deployment:
             "process_server_port": free_port(),
             "cutover_pre_hooks": [f"touch {self.hook_mark}"],
             "cutover_progress_interval": 2,
-            # The protected disk is a bare ext4 filesystem, not a bootable machine:
-            # adaptation and the boot check are tested on the lab (tests/test_bootcheck.py).
-            "cutover_adapt": False,
-            "cutover_boot_check": False,
         } | ({} if SERVER_MODE else {"ferry_config_server_url": ""})
 
     @property
