@@ -49,6 +49,7 @@ system-deps:
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(ANSIBLE) $(CONTROLLER)/bin/yamllint -s roles playbooks inventory .github .yamllint .ansible-lint
 	$(ANSIBLE) $(CONTROLLER)/bin/ansible-lint --offline
 
@@ -58,7 +59,7 @@ test: setup lint
 demo: setup
 	$(ANSIBLE) $(CONTROLLER)/bin/ansible-playbook playbooks/demo.yml
 
-# The same main job without Ansible: the daemons straight from ferry/embedded.py.
+# The same main job without Ansible: the daemons straight from devkit/embedded.py.
 demo-direct: setup
 	$(PY) -m devkit.demo
 
@@ -70,7 +71,7 @@ lab: setup
 	$(PY) -m lab test $(LAB_ARGS)
 
 clean:
-	rm -rf $(VENV) $(CONTROLLER) node_modules run .pytest_cache
+	rm -rf $(VENV) $(CONTROLLER) node_modules run .pytest_cache .mypy_cache
 
 # Benchmarks against cp, rsync, casync and rdiff (docs/performance.md); needs root, about
 # 20 minutes. Writes bench/results/<date>-<host>.{json,md} and charts, and refreshes the

@@ -28,7 +28,7 @@ class _Handler(socketserver.StreamRequestHandler):
         for line in self.rfile:
             try:
                 request = json.loads(line)
-                answer = self.server.dispatch(request)  # type: ignore[attr-defined]
+                answer = self.server.dispatch(request)  # type: ignore[attr-defined]  # a ControlServer
             except (ValueError, TypeError, KeyError) as exc:
                 answer = {"ok": False, "error": f"bad request: {exc}"}
             self.wfile.write(agentsocket.encode(answer))
@@ -45,6 +45,7 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             os.unlink(path)
         super().__init__(path, _Handler)
         os.chmod(path, 0o600)
+        self.path = path
         self.replicator = replicator
         self.thread = threading.Thread(target=self.serve_forever, name="control", daemon=True)
 
@@ -57,7 +58,7 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.shutdown()
         self.server_close()
         try:
-            os.unlink(self.server_address)
+            os.unlink(self.path)
         except OSError:
             pass
 

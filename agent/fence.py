@@ -25,14 +25,14 @@ from typing import Any
 from agent import defaults
 from ferry import agentsocket
 from ferry.diskio import device_size, sha256_of
-from ferry.errors import FerryError, PeerUnavailable
+from ferry.errors import Exit, FerryError, PeerUnavailable
 from ferry.process import run_main
 
 
 class FenceFailed(FerryError):
     """fence: {detail}"""
 
-    exit_code = 8
+    exit_code = Exit.CUTOVER
 
 
 def digest(device: str, size: int | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from agent.session import Session
 from agent.settings import Settings
 from ferry import settings as ferry_settings
 from ferry.control import frame
-from ferry.errors import ConfigError
+from ferry.errors import ConfigError, Exit
 from ferry.process import StopFlag
 
 log = logging.getLogger("ferry.agent")
@@ -40,7 +40,7 @@ def serve(settings: Settings, stop: StopFlag) -> int:
         # The replicator died (its traceback is above): exit non-zero so a
         # supervisor restarts the agent, which then resyncs.
         log.error("replication stopped unexpectedly; exiting")
-        return 1
+        return Exit.BUG
     return 0
 
 
@@ -51,15 +51,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     frame.add_state_dir(parser, defaults.STATE_DIR)
     frame.add_tls_files(parser, defaults, ca="CA of the process server", cert="client certificate")
+    local = parser.add_argument_group("server mode, set only on this host")
+    local.add_argument("--control-socket", help="the agent's control socket (its own default)")
+    local.add_argument("--pre-hook", help="shell line run as root before an app-consistent tag")
+    local.add_argument("--post-hook", help="shell line run as root after it")
     frame.add_verbose(parser)
     return parser.parse_args(argv)
 
 
 def local_settings(args: argparse.Namespace) -> dict[str, str]:
     """What server mode takes from this host; ConfigError if a file cannot be read."""
-    return frame.local_paths(
+    local = frame.local_paths(
         args.state_dir or defaults.STATE_DIR, **frame.tls_files(args, defaults)
     )
+    for key in sorted(Settings.LOCAL_ONLY):
+        if getattr(args, key, None):
+            local[key] = getattr(args, key)
+    return local
 
 
 def main(argv: list[str] | None = None) -> int:

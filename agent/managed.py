@@ -28,21 +28,18 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from agent import defaults
 from agent.session import Session
 from agent.settings import Settings
 from ferry import __version__
-from ferry.control.commands import CommandPoller
 from ferry.control.credentials import Credentials
-from ferry.control.daemon import ManagedDaemon, load_credentials, start_up
-from ferry.control.errors import CommandFailed, ControlRefused
-from ferry.control.heartbeat import Heartbeat
+from ferry.control.daemon import ManagedDaemon, start_up
+from ferry.control.errors import CommandFailed
 from ferry.control.reporting import Reporter
-from ferry.control.threads import running
 from ferry.durable import write_json
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 from ferry.process import StopFlag
 
 log = logging.getLogger("ferry.agent")
@@ -51,17 +48,18 @@ log = logging.getLogger("ferry.agent")
 class ReplicatorDied(FerryError):
     """the replicator thread stopped unexpectedly (its traceback is in the log above)"""
 
-    exit_code = 70  # EX_SOFTWARE
+    exit_code = Exit.BUG
 
 
-def protected(raw: dict[str, Any] | None) -> bool:
+def protected(raw: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     """True if the server's settings name disks and a process server to replicate to."""
-    return bool(raw) and bool(raw.get("disks")) and bool(raw.get("process_server"))
+    return raw is not None and bool(raw.get("disks")) and bool(raw.get("process_server"))
 
 
 class ManagedAgent(ManagedDaemon):
     """Runs sessions as the configuration server directs."""
 
+    kind = "agent"
     shared = False  # a machine's stop is the agent's own
 
     def __init__(
@@ -100,14 +98,8 @@ class ManagedAgent(ManagedDaemon):
             self._apply(raw)
         except FerryError:
             pass  # logged; reported in heartbeats; a protect may fix it
-        poller = CommandPoller(self.client, storage, self.state_dir, self.handlers())
-        threads = (
-            Heartbeat(self.client, self.heartbeat),
-            poller,
-            Reporter(self.client, self.metrics),
-        )
         try:
-            with running(*threads):
+            with self.control_threads(storage, self.state_dir, Reporter(self.client, self.metrics)):
                 while not event.wait(defaults.STATUS_INTERVAL):
                     self._write_status()
         finally:
@@ -316,10 +308,4 @@ class ManagedAgent(ManagedDaemon):
 
 def run(credentials_path: str, local: dict[str, Any], stop: StopFlag) -> int:
     """Server mode's entry: load the credentials and serve (see the module docstring)."""
-    credentials = load_credentials(credentials_path, "agent")
-    try:
-        return ManagedAgent(credentials, local, stop, credentials_path).run()
-    except ControlRefused as exc:
-        if exc.status in (401, 403):
-            log.error("the configuration server does not accept these credentials any more")
-        raise
+    return ManagedAgent.serve(credentials_path, local, stop)

@@ -26,7 +26,7 @@ from agent.shipper import Shipper
 from agent.tracker import DiskTrack, Tracker, mono
 from ferry import blockio
 from ferry.batch import DATA, ZERO, Batch
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 
 log = logging.getLogger("ferry.agent")
 
@@ -95,7 +95,27 @@ def resync_block(configured: int, disk_size: int) -> int:
 class TagFailed(FerryError):
     """no tag: {problem}"""
 
-    exit_code = 9
+    exit_code = Exit.NO_TAG
+
+
+class HookFailed(TagFailed):
+    """the {which}-freeze hook failed ({problem}); no app-consistent tag"""
+
+
+def run_hook(command: str, which: str, timeout: float) -> None:
+    """Run an app-consistency hook through the shell; HookFailed if it fails or overruns."""
+    try:
+        result = subprocess.run(
+            command, shell=True, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise HookFailed(which=which, problem=f"still running after {timeout:g} s")
+    except OSError as exc:
+        raise HookFailed(which=which, problem=str(exc))
+    if result.returncode != 0:
+        stderr = result.stderr.strip().splitlines()
+        last = stderr[-1][:200] if stderr else "no output on stderr"
+        raise HookFailed(which=which, problem=f"exit status {result.returncode}: {last}")
 
 
 class Replicator:
@@ -220,9 +240,9 @@ class Replicator:
                 raise TagFailed(problem="the agent is stopping")
             if time.monotonic() > deadline:
                 raise TagFailed(problem=f"none within {timeout:.0f} s")
-        if request.error:
-            raise TagFailed(problem=request.error)
         tag = request.result
+        if request.error or tag is None:
+            raise TagFailed(problem=request.error or "no tag was taken")
         deadline = time.monotonic() + max(1.0, timeout)  # the acks get a timeout of their own
         for disk in tag["disks"]:
             state = self.disks[disk]
@@ -254,7 +274,7 @@ class Replicator:
                 event = self.shipper.inbox.get_nowait()
             except queue.Empty:
                 return
-            disk = self.disks.get(event.get("disk"))
+            disk = self.disks.get(event.get("disk", ""))
             if disk is None:
                 continue
             if event["type"] == "resync-answer" and event.get("request_id") == disk.request_id:
@@ -362,6 +382,8 @@ class Replicator:
                 disk.phase = "replicating"
 
     def _new_batch(self, disk: DiskState) -> Batch:
+        if disk.gen is None:  # batches are made only within a generation
+            raise RuntimeError(f"disk {disk.id} has no generation to ship in")
         return Batch(
             tenant=self.settings.tenant,
             disk=disk.id,
@@ -382,7 +404,8 @@ class Replicator:
         track = disk.track
         limit = self.settings.batch_bytes
         reader = self._reader_for(disk)
-        batch, payload = self._new_batch(disk), []
+        batch = self._new_batch(disk)
+        payload: list[bytes] = []
         size = 0
         disk.pass_remaining = len(blocks) * track.block
         for first, count in _runs(blocks, max(1, limit // track.block)):
@@ -424,7 +447,7 @@ class Replicator:
     ) -> list[tuple[int, int, str, bytes | None]]:
         """Split a read run into data and zero extents, skipping zeros the target has."""
         block = disk.track.block
-        out = []
+        out: list[tuple[int, int, str, bytes | None]] = []
         for start, count, is_zero in blockio.runs(blockio.zero_mask(view, block)):
             b0 = first + start
             lo, hi = start * block, min((start + count) * block, len(view))
@@ -475,16 +498,9 @@ class Replicator:
         return self._run_pass(freeze=True, force=True, final=final)
 
     def _hook(self, command: str | None, which: str) -> None:
-        if not command:
-            return
-        log.info("running the %s-freeze hook", which)
-        result = subprocess.run(
-            command, shell=True, capture_output=True, text=True, timeout=self.settings.hook_timeout
-        )
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"{which} hook exited with status {result.returncode}: {result.stderr.strip()[:200]}"
-            )
+        if command:
+            log.info("running the %s-freeze hook", which)
+            run_hook(command, which, self.settings.hook_timeout)
 
     @contextlib.contextmanager
     def _frozen(self, disks: list[DiskState]):

@@ -76,9 +76,6 @@ class Session:
             settings.trace_buffer_kb,
         )
         log.info("tracking %s with %s", ", ".join(d.id for d in disks), self.tracker.description)
-        self.shipper: Shipper | None = None
-        self.control: ControlServer | None = None
-        self.worker: threading.Thread | None = None
         try:
             self.shipper = Shipper(
                 settings.address,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from agent import defaults
 from ferry.naming import check_id
@@ -21,7 +22,11 @@ class DiskSettings:
 
 @dataclasses.dataclass
 class Settings:
-    """Everything the agent needs; the configuration server will supply the same shape."""
+    """Everything the agent needs; in server mode the configuration server supplies it."""
+
+    LOCAL_ONLY: ClassVar[frozenset[str]] = frozenset({"pre_hook", "post_hook", "control_socket"})
+    """Keys only the host may set (hooks run as root; the socket's file is replaced at start):
+    the local settings file, or in server mode the command line."""
 
     tenant: str
     machine: str
@@ -60,8 +65,8 @@ class Settings:
         if len({d.id for d in self.disks}) != len(self.disks):
             return "disk ids must be unique"
         host, _, port = self.process_server.rpartition(":")
-        if not host or not port.isdigit():
-            return f"process_server must be host:port, not {self.process_server!r}"
+        if not host or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+            return f"process_server must be host:port with a port of 1-65535, not {self.process_server!r}"
         if self.tracker not in ("auto", "tracefs", "scan"):
             return f"tracker must be auto, tracefs or scan, not {self.tracker!r}"
         if self.block_size < 512 or self.block_size & (self.block_size - 1):

@@ -106,7 +106,7 @@ class Shipper:
         with self._cv:
             return sum(1 for k in self._unacked if disk is None or k[0] == disk)
 
-    def wait_acked(self, disk: str, gen: int, seq: int, timeout: float) -> bool:
+    def wait_acked(self, disk: str, gen: int | None, seq: int, timeout: float) -> bool:
         """Wait until batch ``(disk, gen, seq)`` is acknowledged; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cv:
@@ -204,14 +204,16 @@ class Shipper:
     def _handle(self, header: dict[str, Any], payload: bytes) -> None:
         kind = header["type"]
         if kind == "ack":
-            key = (header.get("disk"), header.get("gen"), header.get("seq"))
+            # As the peer sent them: a key that matches nothing acknowledges nothing.
+            key: tuple[Any, Any, Any] = (header.get("disk"), header.get("gen"), header.get("seq"))
             with self._cv:
                 if self._unacked.pop(key, None) is not None:
                     self.batches_acked += 1
                 self._cv.notify_all()
         elif kind == "resync-answer":
             with self._cv:
-                pending = self._requests.get(header.get("disk"))
+                disk: Any = header.get("disk")  # as the peer sent it
+                pending = self._requests.get(disk)
                 if pending and pending["request_id"] == header.get("request_id"):
                     del self._requests[header["disk"]]
             self.inbox.put({**header, "digests": payload})

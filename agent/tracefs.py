@@ -204,8 +204,11 @@ class TraceInstance:
     def _read_loop(self) -> None:
         pending = b""
         while not self._stop:
+            fd = self._fd
+            if fd is None:  # closed
+                return
             try:
-                chunk = os.read(self._fd, 1 << 16)
+                chunk = os.read(fd, 1 << 16)
             except OSError as exc:
                 log.error("trace pipe read failed: %s", exc)
                 return

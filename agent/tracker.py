@@ -164,13 +164,14 @@ class TraceTracker(Tracker):
         # Called with the lock held.  Reads go in rising block order, so the
         # last pass block inside the write's range is the last one read: if
         # it was read before the write was queued, all of them were.
-        if disk.collided:
+        pass_set = disk.pass_set
+        if disk.collided or pass_set is None:
             return
         first, end = self._blocks(disk, sector, n)
-        rank = disk.pass_set.rank(end - 1)
+        rank = pass_set.rank(end - 1)
         if rank == 0:
             return
-        last = disk.pass_set[rank - 1]
+        last = pass_set[rank - 1]
         if last < first:
             return
         i = bisect.bisect_right(disk.read_ends, last)
@@ -205,9 +206,9 @@ class TraceTracker(Tracker):
                 disk.read_ends, disk.read_times, disk.collided = [], [], False
             early, self._early, self._collecting = self._early, [], False
             for dev, sector, n, ts in early:
-                disk = self.by_dev.get(dev)
-                if disk is not None and disk.pass_set is not None:
-                    self._check_collision(disk, sector, n, ts)
+                track = self.by_dev.get(dev)
+                if track is not None and track.pass_set is not None:
+                    self._check_collision(track, sector, n, ts)
         return taken
 
     def chunk_read(self, disk: str, end_block: int) -> None:
@@ -321,6 +322,6 @@ def choose(kind: str, disks: list[DiskTrack], root: str, name: str, buffer_kb: i
         if kind == "tracefs":
             raise TrackerUnavailable(device=", ".join(d.device for d in disks), problem=problem)
         log.warning("using the scan tracker: %s", problem)
-    tracker = ScanTracker(disks)
-    tracker.start()
-    return tracker
+    scan = ScanTracker(disks)
+    scan.start()
+    return scan

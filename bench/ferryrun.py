@@ -137,7 +137,14 @@ class Measure:
 
     def __init__(self, meter: Meter) -> None:
         self.meter = meter
-        self.window: Window | None = None
+        self._window: Window | None = None
+
+    @property
+    def window(self) -> Window:
+        """What the ``with`` block cost (read it after the block)."""
+        if self._window is None:
+            raise RuntimeError("the measured block has not ended yet")
+        return self._window
 
     def __enter__(self) -> Measure:
         self.meter.reset_peaks()
@@ -147,7 +154,7 @@ class Measure:
 
     def __exit__(self, *exc: object) -> None:
         after = self.meter.read()
-        self.window = Window(
+        self._window = Window(
             time.monotonic() - self.t,
             {k: after[k]["cpu_s"] - self.before.get(k, {}).get("cpu_s", 0.0) for k in after},
             {k: after[k]["hwm_mib"] for k in after},
@@ -235,7 +242,7 @@ class TagWatcher(threading.Thread):
         return sorted(out.values(), key=lambda a: a.t0_wall)
 
     def _logged(self) -> list[tuple[str, float]]:
-        found = []
+        found: list[tuple[str, float]] = []
         try:
             text = self.log.read_text(errors="replace")
         except OSError:
@@ -365,7 +372,8 @@ class FerryRun:
     def meter(self) -> Meter:
         """A meter over the daemons running now and Azurite."""
         pids = {name: [p.pid] for name, p in self.emb.procs.items() if p.poll() is None}
-        pids["azurite"] = group_members(self.emb.azurite.proc.pid)
+        azurite = self.emb.azurite
+        pids["azurite"] = group_members(azurite.proc.pid) if azurite and azurite.proc else []
         return Meter(pids)
 
     def start_servers(self) -> None:

@@ -79,6 +79,8 @@ class Live:
     """A mounted source under Ferry, with a fio file of ``fio_size`` bytes on it."""
 
     def __init__(self, run: FerryRun, fio_size: int) -> None:
+        if run.mnt is None:
+            raise ValueError("a live run needs a mounted source (FerryRun(mount=True))")
         self.run = run
         self.fio_file = run.mnt / "fio.dat"
         self.fio_size = fio_size

@@ -46,7 +46,11 @@ def timed(steps: list[tuple[str, Callable[[], None]]]) -> dict[str, float]:
 
 def run(*cmd: str) -> Callable[[], None]:
     """A step that runs ``cmd``."""
-    return lambda: sh(*cmd)
+
+    def step() -> None:
+        sh(*cmd)
+
+    return step
 
 
 def fsync(path: Path) -> Callable[[], None]:
@@ -123,7 +127,7 @@ def digest_scan(source: Path, dest: Path, block: int = SCAN_BLOCK) -> dict[str, 
     digests: dict[str, list[bytes]] = {}
 
     def hash_side(name: str, path: Path) -> None:
-        out = []
+        out: list[bytes] = []
         with open(path, "rb", buffering=0) as f:
             while chunk := f.read(8 * MiB):
                 view = memoryview(chunk)

@@ -232,7 +232,8 @@ def assemble(
         "timeline": mid["timeline"],
         "stages": stages(mid["timeline"]),
     }
-    delta_peers, speedup = {}, {}
+    delta_peers: dict[str, dict[str, Any]] = {}
+    speedup: dict[str, float] = {}
     ds = [r["ferry_delta"]["seconds"] for r in runs]
     for name in ("rsync", "rdiff", "scan"):
         xs = [r["delta_peers"][name]["total"] for r in runs]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from azure.storage.blob._shared.parser import DEVSTORE_ACCOUNT_KEY
 
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 
 ACCOUNT = "devstoreaccount1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class AzuriteError(FerryError):
     """Azurite did not start: {problem}"""
 
-    exit_code = 69
+    exit_code = Exit.DEVKIT
 
 
 def free_port() -> int:
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.env_file).write_text(f"FERRY_STORAGE='{azurite.connection_string}'\n")
         print(azurite.connection_string, flush=True)
         try:
-            while not stop["now"] and azurite.proc.poll() is None:
+            while not stop["now"] and azurite.proc is not None and azurite.proc.poll() is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass

@@ -91,8 +91,8 @@ class Demo:
         t_start = time.monotonic()
         device = self.make_source()
         self.embedded = Embedded(self.base / "ferry", tenant="demo", machine="web01")
-        self.embedded.start_storage()
-        say(f"Azurite serving on ports {self.embedded.azurite.ports}")
+        azurite = self.embedded.start_storage()
+        say(f"Azurite serving on ports {azurite.ports}")
         target = self.base / "target.img"
         self.embedded.configure(
             [{"id": "web01-disk0", "device": device}],
@@ -127,11 +127,18 @@ class Demo:
         self.report(sync_rate, rpo, time.monotonic() - t_start)
         return 0 if ok else 1
 
+    @property
+    def live(self) -> Embedded:
+        """The embedded deployment, made at the start of :meth:`run`."""
+        if self.embedded is None:
+            raise RuntimeError("the embedded deployment is not made yet")
+        return self.embedded
+
     def progress_line(self) -> None:
-        status = self.embedded.agent_status() or {}
+        status = self.live.agent_status() or {}
         disks = status.get("disks") or [{}]
         d = disks[0]
-        state = self.embedded.target_state("web01-disk0") or {}
+        state = self.live.target_state("web01-disk0") or {}
         togo = d.get("bytes_to_go")
         shipped = d.get("bytes_shipped", 0)
         say(
@@ -146,10 +153,10 @@ class Demo:
         deadline = time.monotonic() + timeout
         last_print = 0.0
         while time.monotonic() < deadline:
-            self.embedded.check_alive()
-            status = self.embedded.agent_status() or {}
+            self.live.check_alive()
+            status = self.live.agent_status() or {}
             disk = (status.get("disks") or [{}])[0]
-            state = self.embedded.target_state("web01-disk0") or {}
+            state = self.live.target_state("web01-disk0") or {}
             applied = (state.get("last_tag") or {}).get("t0_mono_ns", -1)
             tag = disk.get("last_tag") or {}
             if (
@@ -172,7 +179,7 @@ class Demo:
         deadline = time.monotonic() + seconds
         last_print = 0.0
         while time.monotonic() < deadline:
-            state = self.embedded.target_state("web01-disk0") or {}
+            state = self.live.target_state("web01-disk0") or {}
             tag = state.get("last_tag") or {}
             if tag.get("t0_wall"):
                 samples.append(time.time() - tag["t0_wall"])
@@ -186,36 +193,37 @@ class Demo:
         """Freeze, snapshot the source, tag, stop the agent, thaw; wait for the target."""
         size = self.size
         if not self.root:
-            tag = self.embedded.tag("crash")
-            self.embedded.stop("agent")
+            tag = self.live.tag("crash")
+            self.live.stop("agent")
             expected = digest(device, size)
         else:
             say("freezing the source filesystem to snapshot it at the tag")
             run("fsfreeze", "-f", str(self.mnt))
             try:
                 expected = digest(device, size)
-                tag = self.embedded.tag("crash", timeout=120)
+                tag = self.live.tag("crash", timeout=120)
                 say(f"tag {tag['id']} taken and durable at the process server")
-                self.embedded.stop("agent")
+                self.live.stop("agent")
             finally:
                 run("fsfreeze", "-u", str(self.mnt))
-            self.writer.stop.set()
+            if self.writer is not None:
+                self.writer.stop.set()
         say(f"waiting for the target to apply tag {tag['id']}")
         last = [0.0]
 
         def tick() -> None:
             if time.monotonic() - last[0] > 1:
-                state = self.embedded.target_state("web01-disk0") or {}
+                state = self.live.target_state("web01-disk0") or {}
                 say(f"target: applied seq={state.get('applied_seq')} staged={state.get('staged')}")
                 last[0] = time.monotonic()
 
-        applied_at = self.embedded.wait_applied(tag["id"], progress=tick)
+        applied_at = self.live.wait_applied(tag["id"], progress=tick)
         self.lag = applied_at - tag["t0_wall"]
         return expected, size
 
     def verify(self, target: str, expected: tuple[str, int]) -> bool:
         want, size = expected
-        self.embedded.stop("master-target")
+        self.live.stop("master-target")
         got = digest(target, size)
         same = got == want
         say(

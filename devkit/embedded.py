@@ -27,7 +27,7 @@ from typing import Any
 from devkit.azurite import ROOT, Azurite, free_port
 from ferry import naming, pki
 from ferry.blockio import DirectReader
-from ferry.errors import FerryError, NotFound
+from ferry.errors import Exit, FerryError, NotFound
 from ferry.storage import Storage
 
 DAEMONS = {
@@ -40,12 +40,18 @@ DAEMONS = {
 class EmbeddedError(FerryError):
     """{detail}"""
 
+    exit_code = Exit.DEVKIT
+
 
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
 
 
@@ -95,8 +101,8 @@ class Embedded:
 
     # -- setup ----------------------------------------------------------------------
 
-    def start_storage(self) -> None:
-        """Start Azurite (unless one was handed in) and make the certificates."""
+    def start_storage(self) -> Azurite:
+        """Start Azurite (unless one was handed in) and make the certificates; return Azurite."""
         if self.azurite is None:
             # On disk for long runs: Azurite's in-memory store grows with churn
             # until the emulator stalls for minutes (seen in the benchmarks).
@@ -107,12 +113,21 @@ class Embedded:
             self.azurite = Azurite(location=location, log=str(self.base / "azurite.log")).start()
         pki.make_ca(self.pki / "ca")
         pki.issue(self.pki / "ca", self.pki, "process-server", ["localhost", "127.0.0.1"])
-        pki.issue(self.pki / "ca", self.pki, f"agent-{self.machine}", tenants=[self.tenant])
+        pki.issue(self.pki / "ca", self.pki, f"agent-{self.machine}", tenants=[self.tenant],
+                  machine=self.machine)  # fmt: skip
+        return self.azurite
+
+    @property
+    def connection_string(self) -> str:
+        """The storage account's connection string; storage must be started first."""
+        if self.azurite is None:
+            raise EmbeddedError(detail="storage is not started: call start_storage() first")
+        return self.azurite.connection_string
 
     @property
     def storage(self) -> Storage:
         """A storage client for the deployment's account."""
-        return Storage(self.azurite.connection_string)
+        return Storage(self.connection_string)
 
     def configure(
         self,
@@ -136,6 +151,8 @@ class Embedded:
                 "cert": str(self.pki / "process-server.pem"),
                 "key": str(self.pki / "process-server.key"),
                 "state_dir": str(self.base / "process-server"),
+                "tenant": self.tenant,
+                "agents": {self.machine: [d["id"] for d in disks]},
                 **(process_server or {}),
             },
         )
@@ -170,7 +187,7 @@ class Embedded:
     def env(self) -> dict[str, str]:
         """Environment for the daemons: the storage connection string and the code path."""
         env = dict(os.environ)
-        env["FERRY_STORAGE"] = self.azurite.connection_string
+        env["FERRY_STORAGE"] = self.connection_string
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env["PYTHONUNBUFFERED"] = "1"
         return env

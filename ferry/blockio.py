@@ -98,7 +98,8 @@ def zero_mask(view: memoryview, block: int) -> np.ndarray:
     """Boolean array: True where the ``block``-sized piece of ``view`` is all zeros."""
     arr = np.frombuffer(view, dtype=np.uint8)
     whole = len(arr) // block
-    mask = ~arr[: whole * block].reshape(whole, block).any(axis=1) if whole else np.zeros(0, bool)
+    rows = arr[: whole * block].reshape(whole, block)
+    mask = np.logical_not(rows.any(axis=1)) if whole else np.zeros(0, bool)
     if len(arr) % block:
         mask = np.append(mask, not arr[whole * block :].any())
     return mask

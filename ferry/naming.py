@@ -39,7 +39,7 @@ def control_container(tenant: str) -> str:
     return f"ferry-{tenant}-control"
 
 
-def check_id(kind: str, value: str) -> str | None:
+def check_id(kind: str, value: object) -> str | None:
     """Return a problem line if ``value`` is not a valid id of ``kind``, else None."""
     if not isinstance(value, str) or not ID_RE.match(value):
         return (
@@ -49,16 +49,32 @@ def check_id(kind: str, value: str) -> str | None:
     return None
 
 
+HASH_CHARS = 20
+"""Hex digits of the sha256 that ends a shortened name: 80 bits, beyond a second-preimage search."""
+
+
 def _bounded(name: str, limit: int = 63) -> str:
     if len(name) <= limit:
         return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
-    return f"{name[: limit - 11].rstrip('-')}-{digest}"
+    digest = hashlib.sha256(name.encode()).hexdigest()[:HASH_CHARS]
+    return f"{name[: limit - HASH_CHARS - 1].rstrip('-')}-{digest}"
+
+
+def _pair(kind: str, first: str, second: str, limit: int) -> str:
+    """``<kind>-<len(first)>-<first>-<second>``: the length makes the pair decodable.
+
+    Ids may contain dashes, so ``fd-acme-prod-web01`` alone could be tenant
+    ``acme`` with disk ``prod-web01`` or tenant ``acme-prod`` with disk
+    ``web01``.  With the first id's length in front, each name decodes to one
+    pair only (collision-free by construction); a name too long for Azure is
+    shortened with a hash of the whole, unambiguous name.
+    """
+    return _bounded(f"{kind}-{len(first)}-{first}-{second}", limit)
 
 
 def disk_queue(tenant: str, disk: str) -> str:
     """The queue on which segment notices for one disk are announced."""
-    return _bounded(f"fd-{tenant}-{disk}", 63 - len(POISON_SUFFIX))
+    return _pair("fd", tenant, disk, 63 - len(POISON_SUFFIX))
 
 
 def poison_queue(queue: str) -> str:
@@ -68,7 +84,7 @@ def poison_queue(queue: str) -> str:
 
 def command_queue(tenant: str, component: str) -> str:
     """The queue on which a component receives its commands."""
-    return _bounded(f"fc-{tenant}-{component}")
+    return _pair("fc", tenant, component, 63)
 
 
 def segment_blob(tenant: str, disk: str, gen: int, seq: int) -> str:

@@ -11,10 +11,11 @@ import ipaddress
 import os
 import ssl
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_DAYS = 825
@@ -28,6 +29,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.NoEncryption(),
     )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: tighten it
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -69,6 +71,17 @@ def make_ca(directory: str | Path, name: str = "Ferry CA") -> tuple[Path, Path]:
 TENANT_URI = "urn:ferry:tenant:"
 """Prefix of the URI subject alternative names that bind an agent certificate to tenants."""
 
+_SHA256_SIGNERS = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, dsa.DSAPrivateKey)
+
+MACHINE_URI = "urn:ferry:machine:"
+"""Prefix of the URI subject alternative name naming the machine an agent certificate is for."""
+
+
+ROLES = ("agent", "server")
+"""What a certificate may do, decided by the issuer: an ``agent`` authenticates as a TLS
+client only, bound to its tenants and machine; a ``server`` (process server, a local
+configuration server) as a TLS server only, for its host names."""
+
 
 def issue(
     ca_dir: str | Path,
@@ -76,27 +89,44 @@ def issue(
     name: str,
     hosts: list[str] | None = None,
     tenants: list[str] | None = None,
+    role: str | None = None,
+    machine: str | None = None,
 ) -> tuple[Path, Path]:
     """Issue ``<name>.pem``/``<name>.key`` signed by the CA in ``ca_dir``; return their paths.
 
-    ``hosts`` become subject alternative names (DNS names or IP addresses);
-    each of ``tenants`` a URI ``urn:ferry:tenant:<tenant>`` (``*``: any
-    tenant), which a process server requires of an agent's certificate.
-    The certificate is valid for both server and client authentication.
+    The role decides usage and names, never the caller's wishes: an
+    ``agent`` certificate is for client authentication only and carries
+    ``urn:ferry:tenant:<t>`` for each of ``tenants`` and
+    ``urn:ferry:machine:<machine>`` (a process server takes the machine from
+    it), and no host names; a ``server`` certificate is for server
+    authentication only and carries ``hosts`` (DNS names or IP addresses).
+    ``role`` defaults to ``agent`` when ``tenants`` or ``machine`` are given.
     """
+    role = role or ("agent" if tenants or machine else "server")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if role == "agent" and (hosts or not tenants or not machine):
+        raise ValueError("an agent certificate needs its tenants and machine, and no host names")
+    if role == "server" and (tenants or machine):
+        raise ValueError("a server certificate binds no tenant or machine")
     ca_dir, out_dir = Path(ca_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    if not isinstance(ca_key, _SHA256_SIGNERS):  # what .sign(..., SHA256) can use
+        raise ValueError(f"{ca_dir / 'ca.key'} is a {type(ca_key).__name__}, not an EC or RSA key")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     sans: list[x509.GeneralName] = []
-    for host in hosts or ["localhost", "127.0.0.1"]:
+    for host in (hosts or ["localhost", "127.0.0.1"]) if role == "server" else []:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
     sans += [x509.UniformResourceIdentifier(TENANT_URI + t) for t in tenants or []]
+    if machine:
+        sans.append(x509.UniformResourceIdentifier(MACHINE_URI + machine))
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH if role == "agent" else ExtendedKeyUsageOID.SERVER_AUTH
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -106,12 +136,7 @@ def issue(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
@@ -143,20 +168,30 @@ def client_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+def _peer_uris(sock: ssl.SSLSocket, prefix: str) -> set[str]:
+    cert = sock.getpeercert() or {}
+    # ssl documents subjectAltName as pairs ("DNS", "name"), ("URI", "urn:..."), ...
+    names = cast("tuple[tuple[str, str], ...]", cert.get("subjectAltName", ()))
+    return {value.removeprefix(prefix) for kind, value in names
+            if kind == "URI" and value.startswith(prefix)}  # fmt: skip
+
+
 def peer_tenants(sock: ssl.SSLSocket) -> set[str]:
     """The tenants the verified peer certificate is bound to (``*``: any); empty if none."""
-    cert = sock.getpeercert() or {}
-    return {
-        value.removeprefix(TENANT_URI)
-        for kind, value in cert.get("subjectAltName", ())
-        if kind == "URI" and value.startswith(TENANT_URI)
-    }
+    return _peer_uris(sock, TENANT_URI)
+
+
+def peer_machines(sock: ssl.SSLSocket) -> set[str]:
+    """The machines the verified peer certificate is bound to (``*``: any); empty if none."""
+    return _peer_uris(sock, MACHINE_URI)
 
 
 def peer_name(sock: ssl.SSLSocket) -> str:
     """Common name of the verified peer certificate."""
     cert = sock.getpeercert() or {}
-    for rdn in cert.get("subject", ()):
+    # ssl documents subject as relative distinguished names of (key, value) pairs.
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]", cert.get("subject", ()))
+    for rdn in subject:
         for key, value in rdn:
             if key == "commonName":
                 return value

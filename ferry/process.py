@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 
 log = logging.getLogger("ferry")
 
@@ -32,10 +32,10 @@ def run_main(component: str, body: Callable[[], int | None]) -> int:
         return int(body() or 0)
     except FerryError as exc:
         print(f"{component}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return int(exc.exit_code)
     except KeyboardInterrupt:
         print(f"{component}: interrupted", file=sys.stderr)
-        return 130
+        return int(Exit.INTERRUPTED)
 
 
 class StopFlag:

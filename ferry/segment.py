@@ -148,12 +148,12 @@ def _open_segment(
 
 def _open(body: bytes, flags: int, hbytes: bytes, key: bytes | None, name: str) -> bytes:
     sealed = bool(flags & FLAG_SEALED)
-    if key is None and sealed:
-        raise SegmentCorrupt(name=name, why="segment is encrypted but no key is configured")
-    if key is not None and not sealed:
-        raise SegmentCorrupt(name=name, why="segment is not encrypted but a key is configured")
     if not sealed:
+        if key is not None:
+            raise SegmentCorrupt(name=name, why="segment is not encrypted but a key is configured")
         return body
+    if key is None:
+        raise SegmentCorrupt(name=name, why="segment is encrypted but no key is configured")
     try:
         return ChaCha20Poly1305(key).decrypt(body[:12], body[12:], hbytes)
     except (InvalidTag, ValueError):

@@ -4,8 +4,9 @@ Each component declares its settings as a dataclass whose fields carry a type
 and a default (taken from the component's ``defaults`` module).  ``load``
 reads a TOML file, rejects unknown keys, checks every type and range, and
 raises one :class:`ConfigError` naming the file, the key and the problem.
-The configuration server will later hand out the same shapes as JSON, so
-``from_mapping`` is the real entry point and files are only one source.
+The configuration server hands out the same shapes as JSON (server mode:
+ferry/control/settingsource.py), so ``from_mapping`` is the real entry point
+and files are only one source.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def load(path: str | Path, schema: type[T]) -> T:
@@ -80,7 +84,12 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(path=source, problem=f"{key} must be a list")
         return [_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
+    if origin is dict:
+        key_type, item = typing.get_args(hint)
+        if not isinstance(value, dict) or not all(isinstance(k, key_type) for k in value):
+            raise ConfigError(path=source, problem=f"{key} must be a table")
+        return {k: _coerce(v, item, source, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(value, hint, source, prefix=f"{key}.")
     if hint is bool:
         if not isinstance(value, bool):

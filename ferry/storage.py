@@ -30,6 +30,7 @@ Two ways in, one set of methods:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import datetime as dt
@@ -91,7 +92,7 @@ class GrantInvalid(StorageUnavailable):
 # The storage SDKs build their own ExponentialRetry from these (its defaults of
 # 15 s initial backoff and base 3 made one call to unreachable storage take
 # about 85 s, hiding outages from status and retry loops).
-_CLIENT_OPTS = {
+_CLIENT_OPTS: dict[str, Any] = {
     "retry_total": 3,
     "initial_backoff": 1,
     "increment_base": 2,
@@ -131,7 +132,7 @@ def _translate(endpoint: str, access: _GrantAccess | None = None):
         try:
             yield
         except ResourceNotFoundError as exc:
-            if access is not None and exc.error_code in _ABSENT_PARENT:
+            if access is not None and getattr(exc, "error_code", None) in _ABSENT_PARENT:
                 raise NotProvisioned(endpoint=endpoint, what=_parent(what))
             raise NotFound(what=what)
         except (ServiceRequestError, ServiceResponseError) as exc:
@@ -187,8 +188,9 @@ class Storage:
         self = cls.__new__(cls)
         access = _GrantAccess(grant, renew)
         self._access = access
-        self.blobs = _GrantedBlobs(access)
-        self.queues = _GrantedQueues(access)
+        # Stand-ins with the few methods Storage calls on the account's clients.
+        self.blobs = _GrantedBlobs(access)  # type: ignore[assignment]
+        self.queues = _GrantedQueues(access)  # type: ignore[assignment]
         self.endpoint = access.blob_endpoint
         self._guard = _translate(self.endpoint, access)
         self._known = set()
@@ -230,7 +232,10 @@ class Storage:
         self.ensure_container(container)
         with self._guard(f"blob {container}/{name}"):
             self.blobs.get_blob_client(container, name).upload_blob(
-                data, overwrite=True, lease=lease, max_concurrency=2
+                data,
+                overwrite=True,
+                lease=lease,  # type: ignore[arg-type]  # the SDK documents a lease id str too
+                max_concurrency=2,
             )
 
     def get(self, container: str, name: str) -> bytes:
@@ -333,7 +338,7 @@ class Storage:
         with self._guard(f"queue {queue}"):
             self._queue(queue).send_message(text)
 
-    def receive(self, queue: str, count: int = 32, visibility: int = 60) -> list[Message]:
+    def receive(self, queue: str, count: int = 32, visibility: int = 60) -> builtins.list[Message]:
         """Up to ``count`` messages, hidden for ``visibility`` seconds. Empty if none."""
         self.ensure_queue(queue)
         out = []

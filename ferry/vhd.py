@@ -16,7 +16,7 @@ from typing import Any
 
 from ferry.diskio import copy_sparse
 from ferry.durable import fsync_dir
-from ferry.errors import FerryError, UsageError
+from ferry.errors import Exit, FerryError, UsageError
 
 MiB = 1 << 20
 SECTOR = 512
@@ -43,7 +43,7 @@ assert _FOOTER.size == FOOTER_SIZE
 class VhdInvalid(FerryError):
     """{detail}"""
 
-    exit_code = 8
+    exit_code = Exit.VHD_INVALID
 
 
 def chs_geometry(size: int) -> tuple[int, int, int]:

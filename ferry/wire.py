@@ -17,8 +17,9 @@ Frame types (``header["type"]``):
   spool.  Acks may come in any order.
 * agent -> server ``resync``: ``{disk, request_id, block_size}``; the server
   relays it to the master target and answers ``resync-answer {disk,
-  request_id, gen, block_size, digest_blob, empty}`` + payload (the digest
-  map, see :mod:`ferry.digests`).
+  request_id, gen, block_size, target_size, digest_blob, empty}`` + payload
+  (the digest map: docs/design.md, "Storage layout"; made by
+  :func:`ferry.blockio.digest_map`).
 * server -> agent ``resync-required {disk, gen, reason}``: the master target
   cannot go on with generation ``gen`` (poisoned segment); the agent MUST
   start a new generation.
@@ -30,7 +31,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from typing import Any
+from typing import Any, Literal, overload
 
 from ferry.errors import ProtocolError
 
@@ -42,7 +43,7 @@ MAX_PAYLOAD = 256 << 20
 """Largest payload accepted, in bytes."""
 
 
-def encode(header: dict[str, Any], payload: bytes | memoryview = b"") -> list[bytes]:
+def encode(header: dict[str, Any], payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
     """The byte strings of one frame (send them in order)."""
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     return [_FRAME.pack(MAGIC, len(hbytes), len(payload)), hbytes, payload]
@@ -76,7 +77,14 @@ def recv(sock: socket.socket, peer: str = "peer") -> tuple[dict[str, Any], bytes
     return header, payload
 
 
+@overload
+def _recv_exact(
+    sock: socket.socket, n: int, peer: str, allow_eof: Literal[False] = False
+) -> bytes: ...
+@overload
+def _recv_exact(sock: socket.socket, n: int, peer: str, allow_eof: bool) -> bytes | None: ...
 def _recv_exact(sock: socket.socket, n: int, peer: str, allow_eof: bool = False) -> bytes | None:
+    """``n`` bytes; None only if ``allow_eof`` and the stream ends before the first."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0

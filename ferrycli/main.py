@@ -14,16 +14,29 @@ import os
 import socket
 import sys
 import time
+import urllib.parse
+import uuid
 from typing import Any
 
-from ferry import pki
-from ferry.errors import FerryError, PeerUnavailable, UsageError
+from ferry import __version__, pki, tokens
+from ferry.errors import Exit, FerryError, PeerUnavailable, UsageError
 from ferry.process import run_main
+from ferrycli import render
+from ferrycli.render import Bar, Table
 
 MiB = 1 << 20
 
 
-def _agent_call(socket_path: str, request: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
+class TagRefused(FerryError):
+    """no tag: {problem}"""
+
+    exit_code = Exit.NO_TAG
+
+
+def _agent_call(
+    socket_path: str, request: dict[str, Any], timeout: float = 180, refused: type = UsageError
+) -> dict[str, Any]:
+    """One request to the agent's control socket; ``refused`` (a FerryError) if it says no."""
     from ferry.agentsocket import call
 
     try:
@@ -31,7 +44,9 @@ def _agent_call(socket_path: str, request: dict[str, Any], timeout: float = 180)
     except (OSError, ValueError) as exc:
         raise PeerUnavailable(peer=f"agent control socket {socket_path}", problem=str(exc))
     if not answer.get("ok"):
-        raise UsageError(detail=f"agent refused: {answer.get('error')}")
+        if refused is UsageError:
+            raise UsageError(detail=f"agent refused: {answer.get('error')}")
+        raise refused(problem=f"agent refused: {answer.get('error')}")
     return answer
 
 
@@ -41,9 +56,10 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n / MiB:.1f} MiB" if n < 1 << 30 else f"{n / (1 << 30):.2f} GiB"
 
 
-def agent_table(status: dict[str, Any]) -> str:
-    """A table a person can read, one row per disk."""
-    rows = [("DISK", "PHASE", "GEN", "TO GO", "SHIPPED", "BACKLOG", "LAST TAG", "TAG AGE")]
+def agent_view(status: dict[str, Any]) -> list[render.Part]:
+    """A line on the tracker and the connection, then a table with one row per disk."""
+    columns = ("DISK", "PHASE", "GEN", "TO GO", "SHIPPED", "BACKLOG", "LAST TAG", "TAG AGE")
+    rows = []
     now = time.time()
     for d in status.get("disks", []):
         tag = d.get("last_tag") or {}
@@ -60,25 +76,24 @@ def agent_table(status: dict[str, Any]) -> str:
                 age,
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     head = (
         f"tracker: {status.get('tracker_description', status.get('tracker'))}; "
         f"process server {'connected' if status.get('connected') else 'NOT connected'}"
         f"{': ' + status['last_error'] if status.get('last_error') else ''}"
     )
-    return head + "\n" + "\n".join(lines)
+    return [head, Table(columns, rows)]
 
 
 def cmd_agent_status(args: argparse.Namespace) -> int:
     status = _agent_call(args.socket, {"cmd": "status"}, 10)["status"]
-    print(json.dumps(status, indent=1) if args.json else agent_table(status))
+    render.show(args.json, status, *agent_view(status))
     return 0
 
 
 def cmd_agent_tag(args: argparse.Namespace) -> int:
     request = {"cmd": "tag", "kind": args.kind, "timeout": args.timeout, "final": args.final}
-    tag = _agent_call(args.socket, request, args.timeout + 30)["tag"]
+    with render.busy(f"waiting up to {args.timeout:.0f} s for a {args.kind} tag to be durable"):
+        tag = _agent_call(args.socket, request, args.timeout + 30, refused=TagRefused)["tag"]
     final = "; final: the agent ships nothing more" if tag.get("final") else ""
     print(
         json.dumps(tag)
@@ -95,9 +110,11 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_issue(args: argparse.Namespace) -> int:
-    cert, key = pki.issue(
-        args.ca_dir, args.out_dir, args.name, args.host or None, args.tenant or None
-    )
+    try:
+        cert, key = pki.issue(args.ca_dir, args.out_dir, args.name, args.host or None,
+                              args.tenant or None, args.role, args.machine)  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(detail=str(exc))
     print(f"certificate: {cert}\nkey: {key}")
     return 0
 
@@ -105,94 +122,73 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
 # -- the configuration server's API ------------------------------------------------------
 
 
-class ApiError(FerryError):
-    """{detail}"""
-
-    exit_code = 8
-
-
 def _server(args: argparse.Namespace) -> tuple[str, str | None, str | bool]:
+    """The server URL, the token and what to verify its TLS certificate with; UsageError if unusable."""
     server = args.server or os.environ.get("FERRY_SERVER")
     if not server:
         raise UsageError(detail="no configuration server: pass --server URL or set FERRY_SERVER")
+    if not server.startswith(("http://", "https://")):
+        raise UsageError(
+            detail=f"the server URL must start with http:// or https://, not {server!r}"
+        )
     token = args.token or os.environ.get("FERRY_TOKEN")
     verify: str | bool = args.ca or os.environ.get("FERRY_CA") or True
+    if isinstance(verify, str) and not os.access(verify, os.R_OK):
+        raise UsageError(detail=f"cannot read the CA file {verify}")
     return server.rstrip("/"), token, verify
 
 
 def api(
-    args: argparse.Namespace, method: str, path: str, body: dict | None = None, **params
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: dict | None = None,
+    idempotent: bool = True,
+    **params: Any,
 ) -> Any:
-    """Call the configuration server; one clear error line when it cannot be reached or refuses."""
-    import requests
+    """Call the configuration server through the daemons' transport (retries, secrets scrubbed).
+
+    A refusal raises ControlRefused, an unreachable server ControlUnavailable,
+    an untrusted certificate ControlUntrusted: each prints one line.
+    """
+    from ferry.control.transport import Transport
 
     server, token, verify = _server(args)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        answer = requests.request(
-            method,
-            f"{server}{path}",
-            json=body,
-            params={k: v for k, v in params.items() if v is not None},
-            headers=headers,
-            timeout=30,
-            verify=verify,
-        )
-    except requests.RequestException as exc:
-        raise PeerUnavailable(peer=f"configuration server {server}", problem=type(exc).__name__)
-    if answer.status_code >= 400:
-        try:
-            message = answer.json().get("error") or answer.text
-        except ValueError:
-            message = answer.text.strip()[:200]
-        raise ApiError(detail=f"configuration server refused ({answer.status_code}): {message}")
-    if answer.status_code == 204 or not answer.content:
-        return {}
-    return answer.json()
+    query = {k: v for k, v in params.items() if v is not None}
+    if query:
+        path = f"{path}?{urllib.parse.urlencode(query)}"
+    answer = Transport(server, verify, token).call(method, path, body, idempotent=idempotent)
+    return {} if answer is None else answer
+
+
+def _request_key(what: str) -> str:
+    """An idempotency key for one invocation, so the transport may retry its POST."""
+    return f"cli-{what}-{uuid.uuid4().hex[:16]}"
 
 
 def _tenant(args: argparse.Namespace) -> str:
     tenant = args.tenant or os.environ.get("FERRY_TENANT")
-    if not tenant and args.token and args.token.startswith("op."):
-        tenant = args.token.split(".")[1]
-    if not tenant and os.environ.get("FERRY_TOKEN", "").startswith("op."):
-        tenant = os.environ["FERRY_TOKEN"].split(".")[1]
+    for token in (args.token, os.environ.get("FERRY_TOKEN")):
+        claim = tokens.claim(token or "")
+        if not tenant and claim is not None and claim.kind == "operator":
+            tenant = claim.tenant
     if not tenant:
         raise UsageError(detail="no tenant: pass --tenant or use an operator token")
     return tenant
 
 
-def _bar(fraction: float | None, width: int = 20) -> str:
-    if fraction is None:
-        return " " * (width + 2)
-    fraction = min(max(fraction, 0.0), 1.0)
-    full = int(fraction * width)
-    return "[" + "#" * full + "." * (width - full) + "]"
-
-
-def status_table(status: dict[str, Any], bars: bool = False) -> str:
-    """Machines and disks as a table a person can read."""
-    head = [
-        "MACHINE",
-        "DISK",
-        "PHASE",
-        "GEN",
-        "TO GO",
-        "BACKLOG",
-        "THROUGHPUT",
-        "RPO",
-        "LAST TAG",
-        "HEALTH",
-    ]
+def status_view(status: dict[str, Any], bars: bool = False) -> list[render.Part]:
+    """Machines and disks, then components, as tables a person can read."""
+    columns = ["MACHINE", "DISK", "PHASE", "GEN", "TO GO", "BACKLOG", "THROUGHPUT", "RPO",
+               "LAST TAG", "HEALTH"]  # fmt: skip
     if bars:
-        head.insert(3, "PROGRESS")
-    rows = [head]
+        columns.insert(3, "PROGRESS")
+    rows = []
     for m in status.get("machines", []):
-        disks = m.get("disks") or [{}]
-        for d in disks:
+        for d in m.get("disks") or [{}]:
             rpo = d.get("rpo_s")
             tput = d.get("throughput")
-            row = [
+            row: list[Any] = [
                 m.get("machine", "-"),
                 d.get("disk", "-"),
                 d.get("phase") or m.get("state") or "-",
@@ -201,16 +197,14 @@ def status_table(status: dict[str, Any], bars: bool = False) -> str:
                 str(d.get("backlog", "-")),
                 "-" if tput is None else f"{tput / MiB:.1f} MiB/s",
                 "-" if rpo is None else f"{rpo:.1f} s",
-                ((d.get("last_tag") or {}).get("id") or "-")
-                if isinstance(d.get("last_tag"), dict)
-                else str(d.get("last_tag") or "-"),
+                _tag_id(d.get("last_tag")),
                 d.get("health") or m.get("health") or "-",
             ]
             if bars:
                 size, togo = d.get("size"), d.get("bytes_to_go")
-                row.insert(3, _bar(1 - togo / size if size and togo is not None else None))
+                row.insert(3, Bar(1 - togo / size if size and togo is not None else None))
             rows.append(row)
-    comps = [("COMPONENT", "KIND", "STATE", "LAST HEARTBEAT")]
+    comps = []
     now = time.time()
     for c in status.get("components", []):
         beat = c.get("last_heartbeat")
@@ -218,7 +212,10 @@ def status_table(status: dict[str, Any], bars: bool = False) -> str:
             (c.get("component_id", "-"), c.get("kind", "-"), c.get("state", "-"),
              f"{now - beat:.0f} s ago" if isinstance(beat, int | float) else str(beat or "-"))
         )  # fmt: skip
-    return _table(rows) + "\n\n" + _table(comps)
+    return [
+        Table(columns, rows),
+        Table(("COMPONENT", "KIND", "STATE", "LAST HEARTBEAT"), comps),
+    ]
 
 
 def _tag_id(tag: Any) -> str:
@@ -227,42 +224,30 @@ def _tag_id(tag: Any) -> str:
     return str(tag or "-")
 
 
-def _table(rows: list) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     _server(args)
     path = f"/tenants/{_tenant(args)}/status"
     if not args.watch:
         status = api(args, "GET", path)
-        print(json.dumps(status, indent=1) if args.json else status_table(status))
+        render.show(args.json, status, *status_view(status))
         return 0
     try:
-        while True:
-            status = api(args, "GET", path)
-            text = json.dumps(status) if args.json else status_table(status, bars=True)
-            if not args.json:
-                print(
-                    "\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + "ferry status (Ctrl-C to stop)\n"
-                )
-            print(text, flush=True)
-            time.sleep(args.interval)
+        if args.json:
+            while True:
+                print(json.dumps(api(args, "GET", path)), flush=True)
+                time.sleep(args.interval)
+        render.watch(lambda: status_view(api(args, "GET", path), bars=True), args.interval,
+                     "ferry status")  # fmt: skip
     except KeyboardInterrupt:
         return 0
-
-
-def _print(args: argparse.Namespace, value: Any, text: str) -> None:
-    print(json.dumps(value, indent=1) if args.json else text)
+    return 0
 
 
 def cmd_tenant_create(args: argparse.Namespace) -> int:
-    answer = api(args, "POST", "/tenants", {"tenant": args.name, "display_name": args.display_name})
-    _print(
-        args,
+    body = {"tenant": args.name, "display_name": args.display_name}
+    answer = api(args, "POST", "/tenants", body, idempotent=False)
+    render.show(
+        args.json,
         answer,
         f"tenant {answer['tenant']} created\noperator token (shown once): {answer['operator_token']}",
     )
@@ -270,9 +255,10 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
 
 
 def cmd_passphrase(args: argparse.Namespace) -> int:
-    answer = api(args, "POST", f"/tenants/{_tenant(args)}/passphrases", {"ttl_seconds": args.ttl})
-    _print(
-        args,
+    path = f"/tenants/{_tenant(args)}/passphrases"
+    answer = api(args, "POST", path, {"ttl_seconds": args.ttl}, idempotent=False)
+    render.show(
+        args.json,
         answer,
         f"passphrase (single use, expires {answer['expires_at']}): {answer['passphrase']}",
     )
@@ -307,12 +293,9 @@ def _disk_arg(text: str) -> dict[str, Any]:
         raise UsageError(detail=f"--disk must be ID=DEVICE, not {text!r}")
     from ferry.blockio import DirectReader
 
-    try:
-        reader = DirectReader(device, 4096)
-        size = reader.size
-        reader.close()
-    except FerryError:
-        raise
+    reader = DirectReader(device, 4096)
+    size = reader.size
+    reader.close()
     return {"id": disk_id, "device": device, "size": size}
 
 
@@ -322,8 +305,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
         body["rpo_threshold_s"] = args.rpo_threshold
     answer = api(args, "POST", f"/tenants/{_tenant(args)}/machines/{args.machine}/protect", body)
     job = answer.get("job", answer)
-    _print(
-        args,
+    render.show(
+        args.json,
         answer,
         f"protect job {job.get('id', job.get('job_id', '?'))}: {job.get('state', '?')}",
     )
@@ -331,43 +314,43 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    body = {"command": "tag", "args": {"kind": args.kind}}
+    body = {"command": "tag", "args": {"kind": args.kind}, "idempotency_key": _request_key("tag")}
     answer = api(args, "POST", f"/tenants/{_tenant(args)}/machines/{args.machine}/commands", body)
-    _print(
-        args, answer, f"{args.kind}-consistent tag requested (command {answer.get('command_id')})"
+    render.show(
+        args.json,
+        answer,
+        f"{args.kind}-consistent tag requested (command {answer.get('command_id')})",
     )
     return 0
 
 
+def _when(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return str(seconds or "-")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
 def cmd_recovery_points(args: argparse.Namespace) -> int:
-    answer = api(
-        args,
-        "GET",
-        f"/tenants/{_tenant(args)}/recovery-points",
-        machine=args.machine,
-        disk=args.disk,
-        limit=args.limit,
-    )
-    rows = [("DISK", "TAG", "KIND", "TAKEN", "GEN", "SEQ")]
+    path = f"/tenants/{_tenant(args)}/recovery-points"
+    answer = api(args, "GET", path, machine=args.machine, disk=args.disk, limit=args.limit)
+    rows = []
     for rp in answer.get("recovery_points", []):
         tag = rp.get("tag") or {}
-        when = tag.get("t0_wall")
         rows.append((rp.get("disk", "-"), tag.get("id", "-"), tag.get("kind", "-"),
-                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "-",
-                     str(rp.get("gen", "-")), str(rp.get("seq", "-"))))  # fmt: skip
-    _print(args, answer, _table(rows))
+                     _when(tag.get("t0_wall")), str(rp.get("gen", "-")), str(rp.get("seq", "-"))))  # fmt: skip
+    render.show(args.json, answer, Table(("DISK", "TAG", "KIND", "TAKEN", "GEN", "SEQ"), rows))
     return 0
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    answer = api(
-        args, "GET", f"/tenants/{_tenant(args)}/alerts", open="true" if args.open else None
-    )
-    rows = [("SEVERITY", "KIND", "SUBJECT", "RAISED", "CLEARED", "MESSAGE")]
+    path = f"/tenants/{_tenant(args)}/alerts"
+    answer = api(args, "GET", path, open="true" if args.open else None)
+    rows = []
     for a in answer.get("alerts", []):
         rows.append((a.get("severity", "-"), a.get("kind", "-"), a.get("subject", "-"),
-                     str(a.get("raised_at", "-")), str(a.get("cleared_at") or "-"), a.get("message", "")))  # fmt: skip
-    _print(args, answer, _table(rows))
+                     _when(a.get("raised_at")), _when(a.get("cleared_at")), a.get("message", "")))  # fmt: skip
+    columns = ("SEVERITY", "KIND", "SUBJECT", "RAISED", "CLEARED", "MESSAGE")
+    render.show(args.json, answer, Table(columns, rows))
     return 0
 
 
@@ -375,49 +358,45 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.job:
         answer = api(args, "GET", f"/tenants/{_tenant(args)}/jobs/{args.job}")
         job = answer.get("job", answer)
-        lines = [
-            f"job {job.get('id')} ({job.get('kind')}, {job.get('machine')}): {job.get('state')}"
-        ]
-        lines += [
-            f"  {h.get('at')}  {h.get('state'):<18} {h.get('detail') or ''}"
+        head = (
+            f"job {job.get('job_id')} ({job.get('kind')}, {job.get('machine')}): {job.get('state')}"
+        )
+        rows = [
+            (_when(h.get("at")), h.get("state") or "-", h.get("detail") or "")
             for h in job.get("history", [])
         ]
-        _print(args, answer, "\n".join(lines))
+        render.show(args.json, answer, head, Table(("AT", "STATE", "DETAIL"), rows))
         return 0
     answer = api(args, "GET", f"/tenants/{_tenant(args)}/jobs")
-    rows = [("JOB", "KIND", "MACHINE", "STATE", "UPDATED")]
-    for j in answer.get("jobs", []):
-        rows.append(
-            (
-                j.get("id", "-"),
-                j.get("kind", "-"),
-                j.get("machine", "-"),
-                j.get("state", "-"),
-                str(j.get("updated_at", "-")),
-            )
-        )
-    _print(args, answer, _table(rows))
+    job_rows = [
+        (j.get("job_id", "-"), j.get("kind", "-"), j.get("machine", "-"), j.get("state", "-"),
+         _when(j.get("updated_at")))
+        for j in answer.get("jobs", [])
+    ]  # fmt: skip
+    render.show(args.json, answer, Table(("JOB", "KIND", "MACHINE", "STATE", "UPDATED"), job_rows))
     return 0
 
 
 def cmd_component(args: argparse.Namespace) -> int:
-    body = {"command": args.command}
+    body = {"command": args.command, "idempotency_key": _request_key(args.command)}
     path = f"/tenants/{_tenant(args)}/components/{args.component}/commands"
     answer = api(args, "POST", path, body)
-    _print(args, answer, f"{args.command} sent to {args.component} (command {answer.get('command_id')}; "
-                         f"ferry command {answer.get('command_id')} shows its outcome)")  # fmt: skip
+    command_id = answer.get("command_id")
+    render.show(args.json, answer, f"{args.command} sent to {args.component} (command "
+                f"{command_id}; ferry command {command_id} shows its outcome)")  # fmt: skip
     return 0
 
 
 def cmd_command(args: argparse.Namespace) -> int:
     answer = api(args, "GET", f"/tenants/{_tenant(args)}/commands/{args.command_id}")
     command = answer.get("command", {})
-    rows = [("TARGET", "STATE", "AT", "DETAIL")]
-    for target, outcome in sorted(command.get("targets", {}).items()):
-        rows.append((target, outcome.get("state", "-"), str(outcome.get("at", "-")),
-                     (outcome.get("detail") or "")[:200]))  # fmt: skip
+    rows = [
+        (target, outcome.get("state", "-"), _when(outcome.get("at")),
+         (outcome.get("detail") or "")[:200])
+        for target, outcome in sorted(command.get("targets", {}).items())
+    ]  # fmt: skip
     head = f"command {command.get('command_id')} ({command.get('type')}, {command.get('machine')})"
-    _print(args, answer, head + "\n" + _table(rows))
+    render.show(args.json, answer, head, Table(("TARGET", "STATE", "AT", "DETAIL"), rows))
     return 0
 
 
@@ -520,9 +499,33 @@ def _add_api_commands(sub) -> None:
     command.set_defaults(func=cmd_command)
 
 
+SHELLS = ("bash", "zsh", "fish", "tcsh")
+"""Shells ``--print-completion`` writes a script for (argcomplete's)."""
+
+
+class _PrintCompletion(argparse.Action):
+    """Print the completion script for a shell and exit (like ``--version``, before subcommands)."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=1, metavar="SHELL", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import argcomplete
+
+        print(argcomplete.shellcode([parser.prog], shell=values[0]), end="")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferry", description="Ferry: replicate running Linux servers to Azure"
+    )
+    parser.add_argument("--version", action="version", version=f"ferry {__version__}")
+    parser.add_argument(
+        "--print-completion",
+        action=_PrintCompletion,
+        choices=SHELLS,
+        help='print the shell completion script (e.g. eval "$(ferry --print-completion bash)")',
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_api_commands(sub)
@@ -565,13 +568,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="bind an agent's certificate to this tenant (repeatable; * for any)",
     )
+    issue.add_argument("--machine", help="the machine an agent's certificate is for")
+    issue.add_argument(
+        "--role", choices=pki.ROLES,
+        help="agent (client only: --tenant and --machine) or server (server only: --host); "
+        "by default agent when --tenant or --machine is given",
+    )  # fmt: skip
     issue.set_defaults(func=cmd_pki_issue)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ferry``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv is None and "_ARGCOMPLETE" in os.environ:
+        import argcomplete
+
+        argcomplete.autocomplete(parser)  # answers the shell's completion request and exits
+    args = parser.parse_args(argv)
     return run_main("ferry", lambda: args.func(args))
 
 

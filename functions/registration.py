@@ -5,7 +5,7 @@ from __future__ import annotations
 import azure.functions as func
 
 from functions import web
-from functions.core import components, tenants
+from functions.core import commands, components, tenants
 
 bp = func.Blueprint()
 
@@ -23,6 +23,16 @@ def create_passphrase(req: func.HttpRequest) -> func.HttpResponse:
     return web.handle(
         req, lambda ctx, caller, body: tenants.create_passphrase(ctx, caller, tenant, body),
         status=201, body=True,
+    )  # fmt: skip
+
+
+@bp.route(route="tenants/{tenant}/operator-token", methods=["POST"])
+def rotate_operator_token(req: func.HttpRequest) -> func.HttpResponse:
+    """Operator (or admin): a new operator token; the old one dies at once."""
+    tenant = web.route_param(req, "tenant")
+    return web.handle(
+        req, lambda ctx, caller, body: tenants.rotate_operator_token(ctx, caller, tenant, body),
+        status=201,
     )  # fmt: skip
 
 
@@ -57,3 +67,9 @@ def component_storage(req: func.HttpRequest) -> func.HttpResponse:
 def component_heartbeat(req: func.HttpRequest) -> func.HttpResponse:
     """Component: I am alive (with my status)."""
     return web.handle(req, components.heartbeat, body=True)
+
+
+@bp.route(route="components/self/credentials", methods=["POST"])
+def component_credentials(req: func.HttpRequest) -> func.HttpResponse:
+    """Component: a new token, fetched with the current one (rotation; never through a queue)."""
+    return web.handle(req, commands.new_token, status=201)

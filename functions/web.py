@@ -15,7 +15,7 @@ import logging
 import traceback
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import azure.functions as func
 from azure.core.exceptions import AzureError
@@ -26,7 +26,11 @@ from functions.core.redact import redact
 
 log = logging.getLogger("ferry.functions")
 
-Action = Callable[[context.Context, "auth.Caller | None", Any], Any]
+Action = Callable[[context.Context, auth.Caller, Any], Any]
+"""``action(ctx, caller, body)`` of an authenticated route."""
+
+PublicAction = Callable[[context.Context, None, Any], Any]
+"""``action(ctx, None, body)`` of a route anyone may call (``public=True``)."""
 
 
 def json_response(status: int, payload: Any = None, headers: dict[str, str] | None = None):
@@ -50,6 +54,26 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+MAX_INT_DIGITS = 19
+"""Most digits of an integer in a body (an int64, as Azure Tables and every counter fit)."""
+
+MAX_FLOAT = 1e18
+"""Largest magnitude of a number with a fraction or exponent in a body."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"the number {text[:24]}... has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _bounded_float(text: str) -> float:
+    value = float(text)
+    if not abs(value) <= MAX_FLOAT:  # also refuses inf (1e400) and nan
+        raise ValueError(f"the number {text[:24]} is not finite or not within ±{MAX_FLOAT:g}")
+    return value
+
+
 def read_json(req: func.HttpRequest) -> Any:
     """The request body parsed as JSON; None when empty; BadRequest naming the problem."""
     raw = req.get_body() or b""
@@ -62,7 +86,12 @@ def read_json(req: func.HttpRequest) -> Any:
     except UnicodeDecodeError:
         raise BadRequest("the body is not UTF-8 text")
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_int=_bounded_int,
+            parse_float=_bounded_float,
+        )
     except RecursionError:
         raise BadRequest("the body is nested too deeply")
     except ValueError as exc:
@@ -88,9 +117,27 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+@overload
 def handle(
     req: func.HttpRequest,
     action: Action,
+    *,
+    status: int = 200,
+    public: Literal[False] = False,
+    body: bool = False,
+) -> func.HttpResponse: ...
+@overload
+def handle(
+    req: func.HttpRequest,
+    action: PublicAction,
+    *,
+    status: int = 200,
+    public: Literal[True],
+    body: bool = False,
+) -> func.HttpResponse: ...
+def handle(
+    req: func.HttpRequest,
+    action: Callable[[context.Context, Any, Any], Any],
     *,
     status: int = 200,
     public: bool = False,

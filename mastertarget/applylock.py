@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 
 POLL = 0.02
 """Seconds between tries while waiting for the worker to finish its group."""
@@ -26,7 +26,8 @@ POLL = 0.02
 class HoldTimeout(FerryError):
     """disk {disk}: the master target has been applying one group for over {wait:.0f} s; try again later"""
 
-    exit_code = 75
+    exit_code = Exit.RETRY_LATER
+    retryable = True
 
 
 def open_lock(path: str | Path) -> int:

@@ -37,7 +37,7 @@ from typing import Any
 from ferry import durable
 from ferry import fence as fences
 from ferry.diskio import copy_sparse, device_size, sha256_of, sha256_of_range
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 from ferry.vhd import image_to_vhd, read_footer, vhd_size
 from mastertarget import applylock, layout, staging
 
@@ -48,7 +48,7 @@ HOLD_WAIT = 300.0
 class CutoverError(FerryError):
     """cutover: {detail}"""
 
-    exit_code = 8
+    exit_code = Exit.CUTOVER
 
 
 def qemu_info(path: str | Path) -> dict[str, Any]:
@@ -137,7 +137,7 @@ def applied(state_dir: str | Path, disk: str, t0_mono_ns: int | None) -> dict[st
 
 
 def wait_applied(
-    state_dir: str | Path, disk: str, t0_mono_ns: int, wait: float, poll: float = 0.2
+    state_dir: str | Path, disk: str, t0_mono_ns: int | None, wait: float, poll: float = 0.2
 ) -> dict[str, Any]:
     """:func:`applied`, waiting up to ``wait`` seconds for the tag (one progress round)."""
     deadline = time.monotonic() + wait

@@ -78,12 +78,6 @@ CHECKSUM_CHUNK = 8 << 20
 DIGEST_CHUNK = 8 << 20
 """Bytes read at a time when computing the target's digest map."""
 
-RESYNC_MIN_BLOCK = 512
-"""Smallest block size a resync may ask for, in bytes."""
-
-RESYNC_MAX_BLOCK = 16 << 20
-"""Largest block size a resync may ask for, in bytes."""
-
 STOP_JOIN_TIMEOUT = 600.0
 """How long a first SIGTERM waits for the disks to finish the group in hand, in seconds."""
 

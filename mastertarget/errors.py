@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 
 
 class LeaseLost(FerryError):
     """lost the owner lease of disk {disk} ({problem}); stopped applying to it"""
 
-    exit_code = 6
+    exit_code = Exit.LEASE_LOST
 
 
 class StateInUse(FerryError):
     """state directory {path} is in use by another master target process on this host"""
 
-    exit_code = 6
+    exit_code = Exit.HELD
 
 
 class CursorUnreadable(FerryError):
     """cursor {path} is unreadable ({problem}); restore it or remove the disk's state to resync"""
 
-    exit_code = 8
+    exit_code = Exit.STATE_UNREADABLE
 
 
 class BadNotice(Exception):

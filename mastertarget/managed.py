@@ -30,12 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ferry import __version__, segment
-from ferry.control.commands import CommandPoller
 from ferry.control.credentials import Credentials
-from ferry.control.daemon import ManagedDaemon, load_credentials, start_up
-from ferry.control.heartbeat import Heartbeat
+from ferry.control.daemon import ManagedDaemon, start_up
+from ferry.control.errors import CommandFailed
 from ferry.control.reporting import Reporter
-from ferry.control.threads import running
 from ferry.process import StopFlag
 from ferry.storage import Storage
 from mastertarget import defaults
@@ -43,9 +41,6 @@ from mastertarget.service import Service
 from mastertarget.settings import Settings
 
 log = logging.getLogger("ferry.mastertarget")
-
-SERVER_ONLY = ("storage_env",)
-"""Settings keys that mean nothing with a grant (storage comes from the server)."""
 
 REPORTED = (
     "gen",
@@ -66,6 +61,8 @@ REPORTED = (
 class ManagedMasterTarget(ManagedDaemon):
     """One master target run as the configuration server directs."""
 
+    kind = "master-target"
+
     def __init__(
         self,
         credentials: Credentials,
@@ -84,7 +81,6 @@ class ManagedMasterTarget(ManagedDaemon):
         self._key: bytes | None = None
 
     def _adapt(self, raw: dict[str, Any]) -> dict[str, Any]:
-        raw = {k: v for k, v in raw.items() if k not in SERVER_ONLY}
         raw.setdefault("tenant", self.credentials.tenant)
         disks = raw.get("disks")
         if isinstance(disks, list):
@@ -107,8 +103,7 @@ class ManagedMasterTarget(ManagedDaemon):
             return 0
         self._storage, raw = started
         self._serve_listed(raw)
-        poller = CommandPoller(self.client, self._storage, self.state_dir, self.handlers())
-        with running(Heartbeat(self.client, self.heartbeat), poller, self.reporter):
+        with self.control_threads(self._storage, self.state_dir, self.reporter):
             while not event.wait(0.5):
                 service = self.service
                 if service is not None and service.failed.is_set():
@@ -128,7 +123,7 @@ class ManagedMasterTarget(ManagedDaemon):
             if self.service is None:
                 if self._key is None and settings.segment_key_file:
                     self._key = segment.load_key(settings.segment_key_file)
-                storage = self._storage
+                storage = self._granted()
                 self.service = Service(
                     settings,
                     lambda: storage,
@@ -146,6 +141,12 @@ class ManagedMasterTarget(ManagedDaemon):
             log.info("serving %s", ", ".join(added))
         return added
 
+    def _granted(self) -> Storage:
+        """The storage of the grant; it is fetched at start, before disks or commands."""
+        if self._storage is None:
+            raise CommandFailed(detail="the master target has not started yet")
+        return self._storage
+
     # -- commands -----------------------------------------------------------------------
 
     def commands(self) -> dict[str, Any]:
@@ -154,7 +155,7 @@ class ManagedMasterTarget(ManagedDaemon):
 
     def cmd_protect(self, _args: dict[str, Any]) -> str:
         """Fetch the settings again and serve newly listed disks (the grant is renewed first)."""
-        self._storage.renew_grant()
+        self._granted().renew_grant()
         added = self._serve_listed(self.source.fetch_raw())
         served = self.service.serving() if self.service else []
         if added:
@@ -193,6 +194,5 @@ class ManagedMasterTarget(ManagedDaemon):
 
 def run(credentials_path: str, local: dict[str, Any], targets: str | None, stop: StopFlag) -> int:
     """Server mode's entry: load the credentials and serve."""
-    credentials = load_credentials(credentials_path, "master-target")
     where = Path(targets) if targets else Path(local["state_dir"]) / defaults.TARGETS_SUBDIR
-    return ManagedMasterTarget(credentials, local, where, stop, credentials_path).run()
+    return ManagedMasterTarget.serve(credentials_path, local, stop, targets=where)

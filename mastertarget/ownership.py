@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ferry import durable, naming
 from ferry.errors import LeaseHeld, RetryableError
-from ferry.storage import Storage
+from ferry.storage import Lease, Storage
 from mastertarget import defaults
 from mastertarget.errors import LeaseLost, StateInUse
 
@@ -53,7 +53,7 @@ class Ownership:
         self.renew_every = min(renew_every, seconds / 3)
         self.state_dir = Path(state_dir) if state_dir else None
         self._stack = contextlib.ExitStack()
-        self._lease = None
+        self._lease: Lease | None = None
         self._renewed = 0.0
         self._lost: str | None = None
         self._done = threading.Event()
@@ -103,16 +103,13 @@ class Ownership:
 
     def _reclaim(self) -> bool:
         """Release a lease left by a dead predecessor with this state; True if done."""
-        saved = durable.read_json(self._lease_file()) if self.state_dir else None
+        saved = durable.read_json(_lease_file(self.state_dir)) if self.state_dir else None
         if not isinstance(saved, dict) or not isinstance(saved.get("lease_id"), str):
             return False
         if not self.storage.release_lease(self.container, self.blob, saved["lease_id"]):
             return False  # the lease carries another id: a live owner elsewhere
         log.info("disk %s: released the owner lease left by a previous run", self.disk)
         return True
-
-    def _lease_file(self) -> Path:
-        return self.state_dir / "lease.json"
 
     def _take(self) -> None:
         lease = self._stack.enter_context(
@@ -121,17 +118,17 @@ class Ownership:
         self._lease = lease
         self._renewed = time.monotonic()
         if self.state_dir is not None:
-            durable.write_json(self._lease_file(), {"lease_id": lease.id})
+            durable.write_json(_lease_file(self.state_dir), {"lease_id": lease.id})
         self._thread = threading.Thread(
-            target=self._renew_loop, name=f"lease-{self.disk}", daemon=True
+            target=self._renew_loop, args=(lease,), name=f"lease-{self.disk}", daemon=True
         )
         self._thread.start()
 
-    def _renew_loop(self) -> None:
+    def _renew_loop(self, lease: Lease) -> None:
         delay = self.renew_every
         while not self._done.wait(delay):
             try:
-                self._lease.renew()
+                lease.renew()
                 self._renewed = time.monotonic()
                 delay = self.renew_every
             except RetryableError as exc:
@@ -178,3 +175,8 @@ def _first_clause(exc: Exception) -> str:
 def _describe(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _lease_file(state_dir: Path) -> Path:
+    """Where the id of the lease taken with this state is kept."""
+    return state_dir / "lease.json"

@@ -48,9 +48,16 @@ class Target:
             self.fd = None
 
     @property
+    def _open_fd(self) -> int:
+        """The descriptor; using a target before :meth:`open` is a bug."""
+        if self.fd is None:
+            raise RuntimeError(f"target {self.path} is not open")
+        return self.fd
+
+    @property
     def size(self) -> int:
         """Current size in bytes."""
-        return blockio.device_size(self.fd)
+        return blockio.device_size(self._open_fd)
 
     def ensure_size(self, disk_size: int) -> None:
         """Make room for ``disk_size`` bytes: extend an image file (sparse); check a device."""
@@ -62,7 +69,7 @@ class Target:
                 device=self.path,
                 problem=f"device holds {size} bytes, the source disk has {disk_size}",
             )
-        os.ftruncate(self.fd, disk_size)
+        os.ftruncate(self._open_fd, disk_size)
 
     def write_batch(self, batch: Batch, check: Callable[[], None] = lambda: None) -> int:
         """Write every extent of ``batch``; return the bytes written.
@@ -83,7 +90,7 @@ class Target:
 
     def _write(self, offset: int, data: memoryview) -> None:
         while data:
-            n = os.pwrite(self.fd, data, offset)
+            n = os.pwrite(self._open_fd, data, offset)
             data = data[n:]
             offset += n
 
@@ -98,7 +105,7 @@ class Target:
 
     def sync(self) -> None:
         """fsync the target: everything written so far is on stable storage."""
-        os.fsync(self.fd)
+        os.fsync(self._open_fd)
 
     def digest_map(self, block_size: int) -> tuple[bytes, bool]:
         """The target's digest map and whether it reads as zeros everywhere."""

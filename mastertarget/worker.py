@@ -22,7 +22,7 @@ tag is refused.
 
 Hold (a test failover): each group is applied holding an exclusive
 ``flock`` on ``<state_dir>/<disk>/apply.lock``.  Whoever else holds that lock
-(``ferry.cutover.clone_at_tag``) sees the target sitting exactly on the
+(``mastertarget.cutover.clone_at_tag``) sees the target sitting exactly on the
 cursor's tag; meanwhile notices are still received and staged, so
 replication goes on and only applying waits.
 """
@@ -498,8 +498,8 @@ class DiskWorker:
         """True (and the disk fenced where it stands) if the group closing at ``end`` is newer
         than the fence's tag: the fence's own tag can no longer arrive in order."""
         wanted = (self.fence or {}).get("tag") or {}
-        tag = self.staging.tag(gen, end)
-        t0, fence_t0 = (tag or {}).get("t0_mono_ns"), wanted.get("t0_mono_ns")
+        tag = self.staging.tag(gen, end) or {}
+        t0, fence_t0 = tag.get("t0_mono_ns"), wanted.get("t0_mono_ns")
         if not (isinstance(t0, int) and isinstance(fence_t0, int)):
             return False
         if tag.get("id") == wanted.get("id") or t0 <= fence_t0:

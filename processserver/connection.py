@@ -200,24 +200,55 @@ class Connection:
             raise Rejected(f"expected hello, got {header['type']!r}")
         tenant, machine, disks = header.get("tenant"), header.get("machine"), header.get("disks")
         problem = check_id("tenant", tenant) or check_id("machine", machine)
-        if not problem and (not isinstance(disks, list) or not disks):
-            problem = "disks must be a non-empty list of disk ids"
+        if not isinstance(disks, list) or not disks:
+            raise Rejected(problem or "disks must be a non-empty list of disk ids")
         for disk in disks if not problem else []:
             problem = problem or check_id("disk", disk)
         if problem:
             raise Rejected(problem)
-        bound = pki.peer_tenants(self.sock)
-        if "*" not in bound and tenant not in bound:
-            raise Rejected(
-                f"certificate {self.peer} is not bound to tenant {tenant}"
-                if bound
-                else f"certificate {self.peer} is bound to no tenant (issue agent certificates "
-                "with their tenant: ferry pki issue --tenant)"
-            )
+        assert isinstance(tenant, str) and isinstance(machine, str)  # check_id said so
+        problem = self._identity_problem(tenant, machine, disks)
+        if problem:
+            raise Rejected(problem)
         self.tenant, self.machine, self.disks = tenant, machine, frozenset(disks)
         self.send({"type": "welcome", "server": SERVER_NAME})
         log.info("agent %s/%s (%s, certificate %s) connected with disks %s",
                  tenant, machine, self.address, self.peer, ", ".join(sorted(disks)))  # fmt: skip
+
+    def _identity_problem(self, tenant: str, machine: str, disks: list[str]) -> str | None:
+        """Why this agent may not send for ``tenant``/``machine``/``disks``, or None.
+
+        The tenant and the machine come from the certificate, never from the
+        hello alone; the disks from what the configuration server registered
+        for the machine (``agents``), when the process server was told.
+        """
+        bound = pki.peer_tenants(self.sock)
+        if not bound:
+            return (
+                f"certificate {self.peer} is bound to no tenant (issue agent certificates "
+                "with their tenant and machine: ferry pki issue --tenant T --machine M)"
+            )
+        if "*" not in bound and tenant not in bound:
+            return f"certificate {self.peer} is not bound to tenant {tenant}"
+        settings = self.ctx.settings
+        if settings.tenant is not None and tenant != settings.tenant:
+            return f"this process server serves tenant {settings.tenant}, not {tenant}"
+        machines = pki.peer_machines(self.sock)
+        if "*" not in machines and machine not in machines:
+            return (
+                f"certificate {self.peer} is for machine {', '.join(sorted(machines))}, "
+                f"not {machine}"
+                if machines
+                else f"certificate {self.peer} names no machine (reissue it with --machine)"
+            )
+        if settings.agents is not None:
+            known = settings.agents.get(machine)
+            if known is None:
+                return f"machine {machine} is not protected through this process server"
+            unknown = sorted(set(disks) - set(known))
+            if unknown:
+                return f"disk(s) {', '.join(unknown)} are not registered for machine {machine}"
+        return None
 
     def _on_batch(self, header: dict[str, Any], payload: bytes) -> None:
         """Validate, spool durably, then (and only then) acknowledge."""

@@ -29,21 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from ferry import __version__, naming, segment
-from ferry.control.commands import CommandPoller
 from ferry.control.credentials import Credentials
-from ferry.control.daemon import ManagedDaemon, load_credentials, start_up
+from ferry.control.daemon import ManagedDaemon, start_up
 from ferry.control.errors import CommandFailed
-from ferry.control.heartbeat import Heartbeat
-from ferry.control.threads import running
 from ferry.process import StopFlag
 from processserver import defaults
 from processserver.server import Server, tls_context
 from processserver.settings import Settings
 
 log = logging.getLogger("ferry.processserver")
-
-SERVER_ONLY = ("storage_env",)
-"""Settings keys that mean nothing with a grant (storage comes from the server)."""
 
 DRAIN_TIMEOUT = 600.0
 """Longest a ``drain`` waits for a machine's spooled batches to be uploaded, in seconds."""
@@ -55,6 +49,8 @@ DRAIN_POLL = 0.5
 class ManagedProcessServer(ManagedDaemon):
     """One process server run as the configuration server directs."""
 
+    kind = "process-server"
+
     def __init__(
         self,
         credentials: Credentials,
@@ -62,7 +58,7 @@ class ManagedProcessServer(ManagedDaemon):
         stop: StopFlag,
         credentials_path: str | None = None,
     ) -> None:
-        super().__init__(credentials, local, stop, credentials_path, Settings, _adapt)
+        super().__init__(credentials, local, stop, credentials_path, Settings)
         self.local = local
         self.server: Server | None = None
         self._machines: dict[str, set[str]] = {}
@@ -79,9 +75,8 @@ class ManagedProcessServer(ManagedDaemon):
         key = segment.load_key(settings.segment_key_file)
         self.server = Server(settings, storage, tls_context(settings, self.source.source), key)
         self.server.start()
-        poller = CommandPoller(self.client, storage, settings.state_dir, self.handlers())
         try:
-            with running(Heartbeat(self.client, self.heartbeat), poller):
+            with self.control_threads(storage, settings.state_dir):
                 while not event.wait(1.0):
                     self._learn_machines()
         finally:
@@ -96,9 +91,16 @@ class ManagedProcessServer(ManagedDaemon):
     # -- commands -----------------------------------------------------------------------
 
     def cmd_protect(self, _args: dict[str, Any]) -> str:
-        """Renew the storage grant, so that newly protected disks' queues are in it."""
-        self.server.ctx.storage.renew_grant()
-        return "storage grant renewed"
+        """Renew the storage grant (newly protected disks' queues are only in the next one)
+        and learn which machines and disks this process server now accepts."""
+        server = self._started()
+        server.ctx.storage.renew_grant()
+        raw = self.source.fetch_raw()
+        if raw is not None:
+            fresh = self.source.build(raw)
+            server.settings.agents = fresh.agents
+        machines = ", ".join(sorted(server.settings.agents or {})) or "none"
+        return f"storage grant renewed; accepting machines: {machines}"
 
     def cmd_drain(self, args: dict[str, Any]) -> str:
         """Wait until the batches of ``args.machine`` spooled now are uploaded and announced."""
@@ -117,15 +119,22 @@ class ManagedProcessServer(ManagedDaemon):
             pending = {p for p in pending if p.exists()}
         return f"nothing of {machine} left in the spool ({', '.join(disks) or 'no disks seen'})"
 
+    def _started(self) -> Server:
+        """The server; commands run only once it is started."""
+        if self.server is None:
+            raise CommandFailed(detail="the process server is not started yet")
+        return self.server
+
     def _learn_machines(self) -> None:
         if self.server is None:
             return
         for peer in self.server.ctx.peers.live():
-            if peer.tenant == self.credentials.tenant and getattr(peer, "machine", None):
-                self._machines.setdefault(peer.machine, set()).update(peer.disks)
+            machine = getattr(peer, "machine", None)
+            if peer.tenant == self.credentials.tenant and machine:
+                self._machines.setdefault(machine, set()).update(peer.disks)
 
     def _spooled(self, disks: list[str]) -> set[Path]:
-        root = self.server.settings.spool_dir / self.credentials.tenant
+        root = self._started().settings.spool_dir / self.credentials.tenant
         found: set[Path] = set()
         for disk in disks:
             if naming.check_id("disk", disk) is None:
@@ -169,11 +178,6 @@ def _filesystem(path: str) -> dict[str, Any]:
     return {"fs_free_bytes": usage.free, "fs_total_bytes": usage.total}
 
 
-def _adapt(raw: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in raw.items() if k not in SERVER_ONLY}
-
-
 def run(credentials_path: str, local: dict[str, Any], stop: StopFlag) -> int:
     """Server mode's entry: load the credentials and serve."""
-    credentials = load_credentials(credentials_path, "process-server")
-    return ManagedProcessServer(credentials, local, stop, credentials_path).run()
+    return ManagedProcessServer.serve(credentials_path, local, stop)

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from ferry import naming
+from ferry import naming, notice
 from ferry.errors import NotFound, StorageUnavailable
 from processserver import defaults
 from processserver.context import Context
@@ -84,13 +84,7 @@ class ResyncRelay:
         """Send the resync notice, unless the master target has answered this request already."""
         if self._patiently("looking for a resync answer", self._answer_exists):
             return  # the agent asked again after a reconnect: the answer stands
-        body = {
-            "type": "resync",
-            "tenant": self.tenant,
-            "disk": self.disk,
-            "request_id": self.request_id,
-            "block_size": self.block_size,
-        }
+        body = notice.resync(self.tenant, self.disk, self.request_id, self.block_size)
         queue = naming.disk_queue(self.tenant, self.disk)
         self._patiently("sending a resync notice", lambda: self.ctx.storage.send(queue, body))
         self.ctx.stats.add(resync_requests=1)

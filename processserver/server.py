@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ferry import pki
-from ferry.errors import ConfigError, FerryError
+from ferry.errors import ConfigError, Exit, FerryError
 from ferry.storage import Storage
 from processserver import defaults
 from processserver.connection import Connection
@@ -32,7 +32,7 @@ log = logging.getLogger("ferry.processserver")
 class ListenError(FerryError):
     """cannot listen on {address}: {problem}"""
 
-    exit_code = 69  # EX_UNAVAILABLE
+    exit_code = Exit.CANNOT_LISTEN
 
 
 def tls_context(settings: Settings, source: str) -> ssl.SSLContext:

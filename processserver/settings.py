@@ -47,6 +47,12 @@ class Settings:
     """Environment variable holding the storage connection string (never put it in the file)."""
     state_poll_interval: float = defaults.STATE_POLL_INTERVAL
     """How often the master target's disk states are read, in seconds."""
+    tenant: str | None = None
+    """The one tenant served (server mode: the process server's own); None accepts any
+    tenant its agents' certificates are bound to."""
+    agents: dict[str, list[str]] | None = None
+    """Machine → its registered disks (server mode: from the configuration server); an agent
+    may send only for these. None: any disk its hello names."""
 
     def validate(self) -> str | None:
         """Problem line, or None when the settings are usable."""

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 from ferry import durable
 from ferry.batch import Batch
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 from ferry.naming import check_id
 
 log = logging.getLogger("ferry.processserver.spool")
@@ -44,7 +44,7 @@ _STRIPES = 64
 class SpoolError(FerryError):
     """cannot use the spool {path}: {problem}"""
 
-    exit_code = 73  # EX_CANTCREAT
+    exit_code = Exit.SPOOL
 
 
 class SpoolKey(NamedTuple):

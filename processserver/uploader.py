@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from ferry import naming, segment
+from ferry import notice as disk_notice
 from ferry.batch import Batch
 from ferry.errors import StorageUnavailable
 from processserver import defaults
@@ -56,20 +57,10 @@ class TokenBucket:
             stop.wait(debt / self.rate)
 
 
-def notice(batch: Batch, blob: str, checksum: str, size: int) -> dict[str, Any]:
-    """The queue message announcing the segment of ``batch`` (docs/design.md, "Storage layout")."""
+def notice(batch: Batch, checksum: str, size: int) -> dict[str, Any]:
+    """The queue message announcing the segment of ``batch`` (its format: ferry/notice.py)."""
     tag = batch.tag.get("id") if isinstance(batch.tag, dict) else None
-    return {
-        "type": "segment",
-        "tenant": batch.tenant,
-        "disk": batch.disk,
-        "gen": batch.gen,
-        "seq": batch.seq,
-        "blob": blob,
-        "checksum": checksum,
-        "bytes": size,
-        "tag": tag,
-    }
+    return disk_notice.segment(batch.tenant, batch.disk, batch.gen, batch.seq, checksum, size, tag)
 
 
 class _Packed:
@@ -157,7 +148,7 @@ class Uploader:
                 self.bucket.take(len(packed.data), ctx.stopping)
                 ctx.storage.put(naming.segments_container(batch.tenant), packed.blob, packed.data)
                 packed.stored = True
-            body = notice(batch, packed.blob, packed.checksum, len(packed.data))
+            body = notice(batch, packed.checksum, len(packed.data))
             ctx.storage.send(naming.disk_queue(batch.tenant, batch.disk), body)
         except StorageUnavailable as exc:
             ctx.health.failed(f"uploading {packed.blob}", exc)

@@ -55,7 +55,7 @@ def certs(tmp_path_factory):
     base = tmp_path_factory.mktemp("pki")
     pki.make_ca(base / "ca")
     pki.issue(base / "ca", base, "process-server", ["localhost", "127.0.0.1"])
-    pki.issue(base / "ca", base, "agent", tenants=["*"])  # tests use a tenant each
+    pki.issue(base / "ca", base, "agent", tenants=["*"], machine="*")  # a tenant each
     pki.make_ca(base / "rogue-ca", name="Rogue CA")
     pki.issue(base / "rogue-ca", base, "stranger")
     return base

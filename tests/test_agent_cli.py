@@ -78,3 +78,33 @@ def test_missing_config_file(tmp_path):
     result = run_agent(tmp_path / "nope.toml")
     assert result.returncode == 2
     assert "file not found" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_failing_freeze_hook_is_a_ferry_error_with_the_no_tag_code():
+    from agent.replicator import HookFailed, TagFailed, run_hook
+    from ferry.errors import Exit
+
+    with pytest.raises(HookFailed) as failed:
+        run_hook("echo starting; echo database refused to quiesce >&2; exit 3", "pre", 10)
+    assert str(failed.value) == (
+        "the pre-freeze hook failed (exit status 3: database refused to quiesce); "
+        "no app-consistent tag"
+    )
+    assert isinstance(failed.value, TagFailed) and failed.value.exit_code == Exit.NO_TAG == 9
+
+    with pytest.raises(HookFailed, match=r"post-freeze hook failed \(still running after 0.3 s\)"):
+        run_hook("sleep 5", "post", 0.3)
+    run_hook("true", "pre", 10)  # a hook that succeeds raises nothing
+
+
+def test_agent_commands_without_an_agent_are_one_line_and_retry_later(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ferrycli.main", "agent", "tag", "--socket", str(tmp_path / "no")],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 75, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"ferry: error: cannot reach agent control socket {tmp_path / 'no'}: "
+        "[Errno 2] No such file or directory"
+    ]

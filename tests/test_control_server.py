@@ -196,10 +196,11 @@ def test_credentials_file_is_private_and_never_shows_the_token(tmp_path):
     assert "SECRET" not in repr(creds) and "SECRET" not in str(creds)
     assert creds.kind == "agent" and creds.name == "web01"
     assert creds.command_queue == naming.command_queue("demo", "ag-web01")
-    path.chmod(0o644)
-    with pytest.raises(CredentialsInvalid, match="chmod 600") as err:
-        Credentials.load(path)
-    assert "SECRET" not in str(err.value)
+    for mode in (0o644, 0o640):  # group-readable was once accepted
+        path.chmod(mode)
+        with pytest.raises(CredentialsInvalid, match="chmod 600") as err:
+            Credentials.load(path)
+        assert "SECRET" not in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -491,6 +492,25 @@ def test_details_are_sent_as_one_bounded_line(faulty):
     assert server.requests[0][3] == {"state": "done", "detail": '{"tag": {"id": "t-1"}}'}
     detail = server.requests[1][3]["detail"]
     assert "\n" not in detail and len(detail) == control.defaults.DETAIL_MAX
+
+
+def test_hooks_and_control_socket_are_never_taken_from_the_server(faulty, tmp_path, caplog):
+    """A server (or a stolen operator credential) once made every agent run a shell line as
+    root and delete a file of its choosing: only the host sets hooks and the socket."""
+    from agent.settings import Settings as AgentSettings
+
+    server = faulty((200, {
+        "tenant": "demo", "machine": "web01", "process_server": "127.0.0.1:7443",
+        "disks": [{"id": "web01-disk0", "device": "/dev/loop9"}],
+        "pre_hook": f"touch {tmp_path}/pwned", "post_hook": "true",
+        "control_socket": "/etc/passwd",
+    }, 0))  # fmt: skip
+    local = {"state_dir": str(tmp_path), "ca": "ca", "cert": "c", "key": "k", "post_hook": "sync"}
+    source = SettingsSource(Client(creds_for(server.url)), AgentSettings, local=local)
+    settings = source.fetch()
+    assert settings.pre_hook is None and settings.control_socket is None
+    assert settings.post_hook == "sync"  # the host's own
+    assert "ignoring pre_hook from the configuration server" in caplog.text
 
 
 def test_settings_source_fills_local_keys_and_ignores_unknown_ones(faulty):

@@ -230,12 +230,16 @@ def test_commands_are_queued_once_per_key_and_reported(api):
     assert bad.status_code == 400 and "final" in bad.json()["error"]
 
 
-def test_credentials_rotate_through_the_command_queue(api):
+def test_rotation_sends_no_credential_through_the_queue(api):
     estate = api.estate()
     path = f"/tenants/{estate.tenant}/machines/{estate.machine}/commands"
     assert api.post(path, estate.operator, {"command": "rotate-credentials"}).status_code == 202
     (message,) = take_commands(api, estate.tenant, "ag-web01")
-    new = message["args"]["token"]
+    assert message["args"] == {"machine": "web01"}  # "rotate", and nothing secret
+    answer = api.post("/components/self/credentials", estate.agent, {})
+    assert answer.status_code == 201, answer
+    new = answer.json()["token"]
+    assert api.post("/components/self/credentials", estate.operator, {}).status_code == 403
     assert new != estate.agent and new.startswith(f"c.{estate.tenant}.ag-web01.")
     assert api.get("/components/self", estate.agent).status_code == 200  # old works until...
     assert api.get("/components/self", new).status_code == 200  # ...the new one is used
@@ -254,10 +258,12 @@ def test_a_process_server_or_master_target_is_stopped_or_rotated_on_its_own(api)
     assert first.status_code == 202
     assert api.post(path, estate.operator, body).json() == first.json()
     (message,) = take_commands(api, estate.tenant, "mt-mt1")
-    assert message["args"]["token"].startswith(f"c.{estate.tenant}.mt-mt1.")
+    assert message["type"] == "rotate-credentials" and message["args"] == {}
     assert take_commands(api, estate.tenant, "ps-ps1") == []
     assert take_commands(api, estate.tenant, "ag-web01") == []
-    assert api.get("/components/self", message["args"]["token"]).status_code == 200
+    new = api.post("/components/self/credentials", estate.mt, {}).json()["token"]
+    assert new.startswith(f"c.{estate.tenant}.mt-mt1.")
+    assert api.get("/components/self", new).status_code == 200
     stop = api.post(f"/tenants/{estate.tenant}/components/ps-ps1/commands", estate.operator,
                     {"command": "stop"}).json()  # fmt: skip
     (message,) = take_commands(api, estate.tenant, "ps-ps1")

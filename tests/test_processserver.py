@@ -167,8 +167,8 @@ class Agent:
             raise item
         return item
 
-    def hello(self, tenant: str, disks: tuple[str, ...] = (DISK,)) -> dict:
-        self.send({"type": "hello", "tenant": tenant, "machine": "web01", "disks": list(disks)})
+    def hello(self, tenant: str, disks: tuple[str, ...] = (DISK,), machine: str = "web01") -> dict:
+        self.send({"type": "hello", "tenant": tenant, "machine": machine, "disks": list(disks)})
         frame = self.recv()
         assert frame is not None
         return frame[0]
@@ -327,19 +327,22 @@ def test_only_clients_with_a_certificate_from_the_ca_get_in(servers, connect, ce
     wait_for(lambda: server.status()["connections_refused"] == 2, 5)
 
 
-def test_an_agent_certificate_speaks_only_for_its_own_tenants(servers, certs, tenant, tmp_path):
+def test_an_agent_certificate_speaks_only_for_its_own_tenant_and_machine(
+    servers, certs, tenant, tmp_path
+):
+    """A certificate issued for web01 once claimed machine db02 and got its batches acked."""
     server = servers()
-    pki.issue(certs / "ca", tmp_path, "agent-web01", tenants=[tenant])
-    pki.issue(certs / "ca", tmp_path, "agent-unbound")
+    pki.issue(certs / "ca", tmp_path, "agent-web01", tenants=[tenant], machine="web01")
+    pki.issue(certs / "ca", tmp_path, "server-cert", ["localhost"])
     ca = str(certs / "ca" / "ca.pem")
 
-    def hello(name: str, as_tenant: str) -> dict:
+    def hello(name: str, as_tenant: str, machine: str = "web01") -> dict:
         context = pki.client_context(
             ca, str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key")
         )
         agent = Agent(server.port, context)
         try:
-            return agent.hello(as_tenant)
+            return agent.hello(as_tenant, machine=machine)
         finally:
             agent.close()
 
@@ -349,8 +352,29 @@ def test_an_agent_certificate_speaks_only_for_its_own_tenants(servers, certs, te
         "type": "error",
         "message": "certificate agent-web01 is not bound to tenant someone-else",
     }
-    refused = hello("agent-unbound", tenant)
-    assert refused["type"] == "error" and "bound to no tenant" in refused["message"]
+    refused = hello("agent-web01", tenant, machine="db02")
+    assert refused["type"] == "error" and "is for machine web01, not db02" in refused["message"]
+    # A certificate issued for a server cannot act as an agent: TLS refuses it.
+    with pytest.raises((ssl.SSLError, OSError, ConnectionError)):
+        hello("server-cert", tenant)
+
+
+def test_only_the_served_tenant_and_registered_disks_are_spooled(servers, connect, certs, tenant):
+    """Agents of another tenant signed by the same CA once had their batches spooled (never
+    uploadable, filling the spool for everyone); a machine's unregistered disk was taken too."""
+    server = servers(tenant=tenant, agents={"web01": [DISK]})
+    agent = connect(server, tenant)
+    agent.close()
+    for hello in ((f"{tenant}x", (DISK,), "web01"), (tenant, (DISK, "web01-other"), "web01"),
+                  (tenant, (DISK,), "db02")):  # fmt: skip
+        stranger = Agent(server.port, pki.client_context(
+            str(certs / "ca" / "ca.pem"), str(certs / "agent.pem"), str(certs / "agent.key")))  # fmt: skip
+        try:
+            answer = stranger.hello(hello[0], hello[1], machine=hello[2])
+        finally:
+            stranger.close()
+        assert answer["type"] == "error", hello
+    assert not list(Path(server.base, "spool").rglob("*.batch"))
 
 
 def _bad_payload(tenant: str) -> list:

@@ -18,7 +18,8 @@ The modules, each one concern:
 =================  =================================================================
 ``defaults``       tunables, each with its unit
 ``errors``         ControlRefused (fatal, the server's one line), ControlUnavailable
-                   (retryable), CommandFailed, CredentialsInvalid
+                   (retryable), ControlUntrusted (TLS failed), CommandFailed,
+                   CredentialsInvalid
 ``credentials``    the credentials file
 ``transport``      the one HTTP transport (timeouts, retries, secrets kept out of
                    errors), shared by the daemons and the ``ferry`` CLI

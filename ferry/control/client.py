@@ -163,10 +163,23 @@ class Client:
             body["detail"] = detail_text(detail)
         self._http.call("POST", f"/components/self/commands/{_quote(command_id)}", body)
 
-    def rotate(self, token: str, path: str | Path | None) -> None:
-        """Switch to a new token (from ``rotate-credentials``), saved in ``path`` first.
+    def new_token(self) -> str:
+        """A new token for this component, asked for with the current one (rotation).
 
-        The server accepts a rotated token as soon as it sends it, and the
+        Never idempotent (each call makes another pending token), so never retried blindly.
+        """
+        answer = self._http.call("POST", "/components/self/credentials", {}, idempotent=False)
+        token = answer.get("token") if isinstance(answer, dict) else None
+        if not isinstance(token, str) or not token.startswith("c."):
+            raise ControlUnavailable(
+                server=self.credentials.server, problem="no token in the answer"
+            )
+        return token
+
+    def rotate(self, token: str, path: str | Path | None) -> None:
+        """Switch to a new token (from :meth:`new_token`), saved in ``path`` first.
+
+        The server accepts a new token as soon as it sends it, and the
         old one until the new one is first used: so the new token is saved,
         then used (``GET /components/self``).  Only if the server refuses it
         are the old credentials put back (and ControlRefused raised).

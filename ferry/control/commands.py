@@ -17,7 +17,7 @@ from ferry.control.defaults import (
     POLL_MAX,
     POLL_MIN,
 )
-from ferry.control.errors import CommandFailed, ControlRefused
+from ferry.control.errors import ControlRefused
 from ferry.control.threads import Quiet, jittered
 from ferry.durable import read_json, write_json
 from ferry.errors import FerryError
@@ -224,13 +224,14 @@ class CommandPoller(threading.Thread):
 
 
 def rotate_handler(client: Client, path: str | Path | None) -> Handler:
-    """The ``rotate-credentials`` command handler: the new token is in ``args.token``."""
+    """The ``rotate-credentials`` command handler: fetch a new token over HTTPS, save, switch.
 
-    def rotate(args: dict[str, Any]) -> str:
-        token = args.get("token")
-        if not isinstance(token, str) or not token.strip():
-            raise CommandFailed(detail="rotate-credentials carried no token")
-        client.rotate(token.strip(), path)
+    The command carries no credential (nothing secret travels through a
+    queue); the current token authenticates the request for the new one.
+    """
+
+    def rotate(_args: dict[str, Any]) -> str:
+        client.rotate(client.new_token(), path)
         return "credentials rotated"
 
     return rotate

@@ -89,9 +89,10 @@ def _read_private(path: Path) -> Any:
         raise CredentialsInvalid(path=path, problem="file not found (register first)")
     except OSError as exc:
         raise CredentialsInvalid(path=path, problem=exc.strerror or str(exc))
-    if mode & 0o007:
+    if mode & 0o077:
         raise CredentialsInvalid(
-            path=path, problem=f"other users may access it (mode {mode & 0o777:04o}); chmod 600 it"
+            path=path,
+            problem=f"its group or other users may access it (mode {mode & 0o777:04o}); chmod 600 it",
         )
     try:
         return json.loads(text)

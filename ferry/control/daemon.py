@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ferry.control.client import Client
-from ferry.control.commands import Handler, rotate_handler
+from ferry.control.commands import CommandPoller, Handler, rotate_handler
 from ferry.control.credentials import Credentials
 from ferry.control.defaults import STARTUP_RETRY_MAX
+from ferry.control.errors import ControlRefused
+from ferry.control.heartbeat import Heartbeat
 from ferry.control.settingsource import SettingsSource
+from ferry.control.threads import running
 from ferry.errors import ConfigError, RetryableError
 from ferry.storage import Storage
 
@@ -79,8 +84,14 @@ class ManagedDaemon:
     ``rotate-credentials``).  Subclasses add theirs in :meth:`commands`.
     """
 
+    kind = ""
+    """The component kind (``agent``, ``process-server``, ``master-target``) its credentials are of."""
+
     shared = True
     """A process server or master target serves many machines: a machine's ``stop`` is not its."""
+
+    server_only: tuple[str, ...] = ("storage_env",)
+    """Settings keys dropped from the server's settings: storage comes from the grant."""
 
     def __init__(
         self,
@@ -95,7 +106,46 @@ class ManagedDaemon:
         self.credentials_path = credentials_path
         self.client = Client(credentials)
         self.stop = stop
-        self.source = SettingsSource(self.client, schema, local=local, adapt=adapt)
+
+        def from_server(raw: dict[str, Any]) -> dict[str, Any]:
+            raw = {k: v for k, v in raw.items() if k not in self.server_only}
+            return adapt(raw) if adapt else raw
+
+        # Any: each subclass knows its own settings dataclass (``schema``).
+        self.source: SettingsSource[Any] = SettingsSource(
+            self.client, schema, local=local, adapt=from_server
+        )
+
+    @classmethod
+    def serve(cls, credentials_path: str, local: dict[str, Any], stop: Any, **extra: Any) -> int:
+        """Server mode's entry: load the credentials (of :attr:`kind`), run, return the exit status.
+
+        ``extra`` goes to the subclass's constructor.  A token the server no
+        longer accepts ends the daemon with ControlRefused (exit 8).
+        """
+        credentials = load_credentials(credentials_path, cls.kind)
+        daemon = cls(credentials, local, stop=stop, credentials_path=credentials_path, **extra)
+        try:
+            return daemon.run()
+        except ControlRefused as exc:
+            if exc.status in (401, 403):
+                log.error("the configuration server does not accept these credentials any more")
+            raise
+
+    def run(self) -> int:
+        """Serve until stopped; the exit status (subclasses)."""
+        raise NotImplementedError
+
+    def control_threads(
+        self, storage: Storage, state_dir: str | Path, *more: Any
+    ) -> contextlib.AbstractContextManager:
+        """The heartbeat, the command poller and ``more``, running for a ``with`` block."""
+        poller = CommandPoller(self.client, storage, state_dir, self.handlers())
+        return running(Heartbeat(self.client, self.heartbeat), poller, *more)
+
+    def heartbeat(self) -> dict[str, Any]:
+        """The status sent with each heartbeat (subclasses)."""
+        raise NotImplementedError
 
     def commands(self) -> dict[str, Handler]:
         """The daemon's own command handlers, by command type."""

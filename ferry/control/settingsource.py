@@ -6,13 +6,16 @@ import dataclasses
 import logging
 import typing
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ferry import settings as ferry_settings
 from ferry.control.client import Client
 from ferry.control.errors import ControlRefused
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 log = logging.getLogger("ferry.control")
 
@@ -20,13 +23,15 @@ log = logging.getLogger("ferry.control")
 # -- settings ---------------------------------------------------------------------------
 
 
-class SettingsSource:
+class SettingsSource(Generic[T]):
     """Builds a daemon's settings dataclass from ``GET /components/self/settings``.
 
     ``local`` holds what only the host knows (state directory, certificate
     paths) and wins over the server.  Keys the dataclass does not know (a
     newer server, ``storage`` which the grant covers) are dropped and logged
-    once; types and ranges are checked as for a TOML file.
+    once; types and ranges are checked as for a TOML file.  Keys the schema
+    names in ``LOCAL_ONLY`` (an agent's hooks, which run as root, and its
+    control socket) are never taken from the server: only the host sets them.
     """
 
     def __init__(
@@ -41,6 +46,7 @@ class SettingsSource:
         self.local = dict(local or {})
         self.adapt = adapt
         self._ignored: set[str] = set()
+        self._refused: set[str] = set()
 
     @property
     def source(self) -> str:
@@ -61,7 +67,15 @@ class SettingsSource:
                 raise
             log.info("%s", exc.fields.get("message"))
             return None
-        raw = {**{k: v for k, v in raw.items() if v is not None}, **self.local}
+        local_only: frozenset[str] = getattr(self.schema, "LOCAL_ONLY", frozenset())
+        for key in sorted(local_only & raw.keys()):
+            if key not in self._refused:
+                self._refused.add(key)
+                log.warning(
+                    "ignoring %s from the configuration server: only this host sets it", key
+                )
+        raw = {k: v for k, v in raw.items() if v is not None and k not in local_only}
+        raw = {**raw, **self.local}
         return self.adapt(raw) if self.adapt else raw
 
     def build(self, raw: dict[str, Any]) -> T:
@@ -105,7 +119,7 @@ def _known_only(raw: Any, schema: type, prefix: str, dropped: Callable[[str], No
 
 def _dataclass_in(hint: Any) -> type | None:
     """The dataclass a field holds (directly, in a list or optional), if any."""
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return hint
     for arg in typing.get_args(hint):
         found = _dataclass_in(arg)

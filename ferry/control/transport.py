@@ -13,7 +13,7 @@ import requests
 
 from ferry import __version__
 from ferry.control import defaults
-from ferry.control.errors import ControlRefused, ControlUnavailable
+from ferry.control.errors import ControlRefused, ControlUnavailable, ControlUntrusted
 
 # -- HTTP -------------------------------------------------------------------------------
 
@@ -60,7 +60,7 @@ class Transport:
                     allow_redirects=False,
                 )
             except requests.exceptions.SSLError as exc:
-                raise ControlUnavailable(server=self.server, problem=self._clean(_reason(exc)))
+                raise ControlUntrusted(server=self.server, problem=self._clean(_reason(exc)))
             except requests.RequestException as exc:
                 if attempt == defaults.ATTEMPTS or not (idempotent or _not_sent(exc)):
                     raise ControlUnavailable(
@@ -91,12 +91,22 @@ class Transport:
             raise ControlUnavailable(server=self.server, problem=f"{what}: answer is not JSON")
 
     def _message(self, answer: requests.Response) -> str:
+        """One line from an error answer: the server's ``error``, else what the body allows."""
         try:
             error = answer.json().get("error")
         except (ValueError, AttributeError):
             error = None
-        text = str(error) if error else (answer.text.strip().splitlines() or [answer.reason])[0]
-        return self._clean(text)[:300]
+        kind = answer.headers.get("Content-Type", "").split(";")[0].strip()
+        if error:
+            text = str(error)
+        elif kind in ("", "text/plain") and answer.text.strip():
+            text = answer.text.strip().splitlines()[0]
+        elif kind and kind != "application/json":
+            # HTML or XML: not the configuration server (a proxy, storage, a wrong port).
+            text = f"{answer.reason or 'no reason'} ({kind}, not Ferry's JSON: is the URL right?)"
+        else:
+            text = answer.reason or "no reason given"
+        return " ".join(self._clean(text).split())[:300]
 
     def _clean(self, text: str) -> str:
         for secret in self._secrets:

@@ -35,7 +35,7 @@ from azure.storage.queue import (
 from ferry import naming
 
 # Short SDK retries, as in ferry.storage: a request must not hang for a minute.
-_CLIENT_OPTS = {
+_CLIENT_OPTS: dict[str, Any] = {
     "retry_total": 3,
     "initial_backoff": 1,
     "increment_base": 2,
@@ -73,6 +73,8 @@ class Account:
         queues = QueueServiceClient.from_connection_string(text, **_CLIENT_OPTS)
         tables = TableServiceClient.from_connection_string(text)
         key = getattr(blobs.credential, "account_key", None)
+        if not blobs.account_name:
+            raise ValueError("the storage connection string names no account")
         return cls(blobs.account_name, blobs, queues, tables, key)
 
     @classmethod
@@ -157,9 +159,10 @@ class Account:
             now = dt.datetime.now(dt.UTC)
             until = now + dt.timedelta(days=1)
             start = now - dt.timedelta(minutes=5)
-            if service == "blob":
-                key = self.blobs.get_user_delegation_key(start, until)
-            else:
-                key = self.queues.get_user_delegation_key(start=start, expiry=until)
+            key = (
+                self.blobs.get_user_delegation_key(start, until)
+                if service == "blob"
+                else self.queues.get_user_delegation_key(start=start, expiry=until)
+            )
             self._delegation[service] = (key, until)
             return key

@@ -1,6 +1,7 @@
 """Credentials: who is calling, and may they.
 
-Three kinds of bearer token (docs/api.md, "Credentials"):
+Three kinds of bearer token (docs/api.md, "Credentials"; the format's owner
+is ferry/tokens.py):
 
 * admin: the app setting ``FERRY_ADMIN_KEY``; may only create tenants.
 * operator: ``op.<tenant>.<secret>``; everything within its tenant.
@@ -16,16 +17,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import secrets
 from typing import Any
 
-from ferry import naming
+from ferry import tokens
+from ferry.tokens import MAX_LENGTH as MAX_TOKEN
+from ferry.tokens import component_token, operator_token
 from functions.core.context import Context
 from functions.core.errors import Forbidden, Unauthorized
 from functions.core.store import TENANTS_PARTITION
 
-MAX_TOKEN = 512
-"""Longest bearer token looked at, in characters."""
+__all__ = ["MAX_TOKEN", "Caller", "component_token", "digest", "operator_token"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,16 +35,13 @@ class Caller:
 
     kind: str
     """``admin``, ``operator`` or ``component``."""
-    tenant: str | None = None
-    component_id: str | None = None
-    component_kind: str | None = None
-    record: dict[str, Any] | None = None
-    """The component's record, as read when authenticating."""
-
-
-def new_secret() -> str:
-    """32 random bytes, urlsafe base64 (no padding, no dots)."""
-    return secrets.token_urlsafe(32)
+    tenant: str = ""
+    """Empty for the admin."""
+    component_id: str = ""
+    """Empty but for a component, as is ``component_kind``."""
+    component_kind: str = ""
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The component's record, as read when authenticating (empty but for a component)."""
 
 
 def digest(token: str) -> str:
@@ -51,18 +49,10 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def operator_token(tenant: str) -> str:
-    """A new operator token for ``tenant``."""
-    return f"op.{tenant}.{new_secret()}"
-
-
-def component_token(tenant: str, component_id: str) -> str:
-    """A new component token."""
-    return f"c.{tenant}.{component_id}.{new_secret()}"
-
-
 def _same(stored: str | None, presented: str) -> bool:
-    return bool(stored) and hmac.compare_digest(stored, digest(presented))
+    if not stored:
+        return False
+    return hmac.compare_digest(stored, digest(presented))
 
 
 def bearer(header: str | None) -> str:
@@ -85,17 +75,12 @@ def authenticate(ctx: Context, header: str | None) -> Caller:
         ctx.admin_key_sha256, hashlib.sha256(token.encode()).digest()
     ):
         return Caller("admin")
-    parts = token.split(".")
-    if parts[0] == "op" and len(parts) == 3 and naming.ID_RE.match(parts[1]):
-        return _operator(ctx, parts[1], token)
-    if (
-        parts[0] == "c"
-        and len(parts) == 4
-        and naming.ID_RE.match(parts[1])
-        and naming.ID_RE.match(parts[2])
-    ):
-        return _component(ctx, parts[1], parts[2], token)
-    raise Unauthorized("unknown credential")
+    claim = tokens.claim(token)
+    if claim is None:
+        raise Unauthorized("unknown credential")
+    if claim.component_id is None:
+        return _operator(ctx, claim.tenant, token)
+    return _component(ctx, claim.tenant, claim.component_id, token)
 
 
 def _operator(ctx: Context, tenant: str, token: str) -> Caller:

@@ -4,15 +4,17 @@ A command message is ``{"id", "type", "args", "created_at"}`` (docs/api.md,
 "Commands").  The server records each command in the ``commands`` table
 with the state each target reported; a command is sent once (the record
 says so) and components skip ids they have already run, so a retried
-request never runs a command twice.  ``rotate-credentials`` carries the new
-token in its message (the queue is readable only by its component and the
-server); the table keeps only the token's digest, and the old token works
-until the new one is first used.
+request never runs a command twice.  No credential ever travels through a
+queue: ``rotate-credentials`` only says "rotate"; the component then fetches
+its new token over HTTPS with its current one (:func:`new_token`,
+``POST /components/self/credentials``), and the old token dies at the new
+one's first use.
 """
 
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import Any
 
 from ferry import naming
@@ -45,7 +47,7 @@ def issue(
 ) -> dict[str, Any]:
     """Record command ``command_id`` and send it to each target's queue, once."""
     now = ctx.now()
-    record = {
+    record: dict[str, Any] = {
         "command_id": command_id, "type": kind, "args": args, "machine": machine,
         "job_id": job_id, "created_at": now, "sent": [],
         "targets": {t: {"state": "queued", "detail": None, "at": now} for t in targets},
@@ -55,20 +57,26 @@ def issue(
     for target in targets:
         if target in record.get("sent", []):
             continue
-        message_args = dict(args)
-        if kind == "rotate-credentials":
-            message_args["token"] = _rotate(ctx, tenant, target)
-        message = {"id": command_id, "type": kind, "args": message_args, "created_at": now}
+        message = {"id": command_id, "type": kind, "args": dict(args), "created_at": now}
         ctx.account.send(naming.command_queue(tenant, target), message)
-        record = ctx.store.mutate(
-            "commands", tenant, command_id,
-            lambda r, target=target: {**r, "sent": sorted({*r.get("sent", []), target})},
-        )  # fmt: skip
+        record = ctx.store.mutate("commands", tenant, command_id, partial(_sent, target))
     return record
 
 
-def _rotate(ctx: Context, tenant: str, component_id: str) -> str:
-    """A new token for ``component_id``, valid beside the current one until first used."""
+def _sent(target: str, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with ``target`` among the targets its message was sent to."""
+    return {**record, "sent": sorted({*record.get("sent", []), target})}
+
+
+def new_token(ctx: Context, caller: Caller, _body: Any = None) -> dict[str, Any]:
+    """A component asks for a new token with its current one (``POST /components/self/credentials``).
+
+    The new token is valid beside the current one until its first use, when
+    the current one stops working: a component that dies before saving the
+    new token still holds a working one and asks again.
+    """
+    require_component(caller)
+    tenant, component_id = caller.tenant, caller.component_id
     token = component_token(tenant, component_id)
 
     def change(record: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +85,7 @@ def _rotate(ctx: Context, tenant: str, component_id: str) -> str:
         return record
 
     ctx.store.mutate("components", tenant, component_id, change, what=f"component {component_id}")
-    return token
+    return {"component_id": component_id, "token": token}
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:

@@ -129,9 +129,7 @@ def settings(ctx: Context, caller: Caller, _body: Any = None) -> dict[str, Any]:
     elif kind == "master-target":
         result = _master_target_settings(ctx, caller)
     else:
-        result = {}
-        if caller.record.get("listen"):
-            result["listen"] = caller.record["listen"]
+        result = _process_server_settings(ctx, caller)
     result["storage"] = storage(ctx, caller)
     return result
 
@@ -154,6 +152,17 @@ def _agent_settings(ctx: Context, caller: Caller) -> dict[str, Any]:
         process_server=address,
         disks=[{"id": d["disk"], "device": d["device"]} for d in protected],
     )
+    return result
+
+
+def _process_server_settings(ctx: Context, caller: Caller) -> dict[str, Any]:
+    """Its listen address, its tenant and each machine's registered disks it may accept."""
+    agents: dict[str, list[str]] = {}
+    for disk in assigned_disks(ctx, caller):
+        agents.setdefault(disk["machine"], []).append(disk["disk"])
+    result: dict[str, Any] = {"tenant": caller.tenant, "agents": agents}
+    if caller.record.get("listen"):
+        result["listen"] = caller.record["listen"]
     return result
 
 

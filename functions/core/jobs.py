@@ -82,6 +82,31 @@ def _blocking_job(ctx: Context, tenant: str, machine: dict[str, Any], kind: str,
     return None
 
 
+def _claim(ctx: Context, tenant: str, machine_id: str, kind: str, job: dict[str, Any]) -> None:
+    """Make ``job`` the machine's open job of its kind, or refuse (409) and withdraw it.
+
+    The job exists before it is claimed, so a pointer always names a real job;
+    the claim is one ETag-checked write of the machine record, so of several
+    requests racing with different idempotency keys exactly one wins.
+    """
+    job_id = job["job_id"]
+
+    def change(machine: dict[str, Any]) -> dict[str, Any] | None:
+        blocking = _blocking_job(ctx, tenant, machine, kind, job_id)
+        if blocking:
+            raise Conflict(f"{kind} job {blocking['job_id']} is already {blocking['state']} "
+                           f"for machine {machine_id}")  # fmt: skip
+        if machine.get(POINTER[kind]) == job_id:
+            return None
+        return {**machine, POINTER[kind]: job_id}
+
+    try:
+        ctx.store.mutate("machines", tenant, machine_id, change, what=machine_id)
+    except Conflict:
+        ctx.store.delete("jobs", tenant, job_id)  # never opened: only the winner's job exists
+        raise
+
+
 # -- protect ------------------------------------------------------------------------------
 
 
@@ -136,6 +161,7 @@ def _start_protect(ctx, tenant, machine, job_id, key, wanted_ps, wanted_mt, thre
     )  # fmt: skip
     if not ctx.store.create("jobs", tenant, job_id, job):
         return ctx.store.get("jobs", tenant, job_id) or job
+    _claim(ctx, tenant, machine_id, "protect", job)
     return job
 
 
@@ -241,7 +267,7 @@ def failover(ctx: Context, caller: Caller, tenant: str, machine_id: str, body: A
         job = _new_job(kind, job_id, machine_id, key, "requested", ctx.now(), f"{kind} requested")
         if not ctx.store.create("jobs", tenant, job_id, job):
             job = ctx.store.get("jobs", tenant, job_id) or job
-        ctx.store.mutate("machines", tenant, machine_id, lambda m: {**m, POINTER[kind]: job_id})
+        _claim(ctx, tenant, machine_id, kind, job)
     return 202, {"job": job}
 
 

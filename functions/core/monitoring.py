@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any
 
 from functions.core import defaults, health, validate
@@ -45,12 +46,16 @@ def sweep_tenant(ctx: Context, tenant: str) -> dict[str, int]:
     now = ctx.now()
     components = ctx.store.partition("components", tenant)
     lost = 0
+    unreadable: Conditions = {}
     for component in components:
-        if component.get("state") != "lost" and health.is_lost(component, now):
-            _mark_lost(ctx, tenant, component["component_id"], now)
-            component["state"] = "lost"
-            lost += 1
-    conditions = _conditions(ctx, tenant, components, now)
+        try:
+            if component.get("state") != "lost" and health.is_lost(component, now):
+                _mark_lost(ctx, tenant, component["component_id"], now)
+                component["state"] = "lost"
+                lost += 1
+        except BAD_RECORD as exc:
+            unreadable.update(_unreadable("component", component.get("component_id"), exc))
+    conditions = _conditions(ctx, tenant, components, now) | unreadable
     raised, cleared = _reconcile(ctx, tenant, conditions, now)
     _prune(ctx, tenant, now)
     return {"lost": lost, "raised": raised, "cleared": cleared}
@@ -66,43 +71,78 @@ def _mark_lost(ctx: Context, tenant: str, component_id: str, now: float) -> None
     ctx.store.mutate("components", tenant, component_id, change)
 
 
+BAD_RECORD = (TypeError, ValueError, KeyError, OverflowError, AttributeError)
+"""What a record the monitor cannot read raises: it is alerted on, never stops the sweep."""
+
+
+def _unreadable(what: str, subject: Any, exc: BaseException) -> Conditions:
+    """An alert for one record the rules cannot read; the tenant's other alerts go on."""
+    subject = str(subject or "unknown")[:80]
+    log.warning(
+        "monitoring: %s %s has an unreadable record (%s)", what, subject, type(exc).__name__
+    )
+    return {("unreadable", subject): {
+        "severity": "warning",
+        "message": f"{what} {subject} reported a record the monitor cannot read "
+                   f"({type(exc).__name__}); its own alerts are off until it reports again",
+    }}  # fmt: skip
+
+
 def _conditions(ctx: Context, tenant: str, components: list[dict], now: float) -> Conditions:
     found: Conditions = {}
     for c in components:
-        cid = c["component_id"]
-        if c.get("state") == "lost":
-            found[("heartbeat-lost", cid)] = {
-                "severity": "critical",
-                "message": f"{c['kind']} {cid} sent no heartbeat since {iso(c['last_heartbeat'])}",
-            }
-        elif c.get("kind") == "process-server":
-            free = health.spool_free(c.get("status"))
-            severity = health.spool_severity(free)
-            if severity:
-                found[("spool", cid)] = {
-                    "severity": severity,
-                    "message": f"process server {cid} spool has {free:.0%} free",
-                }
-    disks = {d["disk"]: d for d in ctx.store.partition("disks", tenant)}
+        try:
+            found.update(_component_conditions(c))
+        except BAD_RECORD as exc:
+            found.update(_unreadable("component", c.get("component_id"), exc))
+    disks = {d.get("disk"): d for d in ctx.store.partition("disks", tenant)}
     for machine in ctx.store.partition("machines", tenant):
-        if not machine.get("protect_job") or machine.get("state") in ("cut-over", "stopped"):
+        try:
+            found.update(_machine_conditions(machine, disks))
+        except BAD_RECORD as exc:
+            found.update(_unreadable("machine", machine.get("machine"), exc))
+    return found
+
+
+def _component_conditions(c: dict[str, Any]) -> Conditions:
+    found: Conditions = {}
+    cid = c["component_id"]
+    if c.get("state") == "lost":
+        found[("heartbeat-lost", cid)] = {
+            "severity": "critical",
+            "message": f"{c['kind']} {cid} sent no heartbeat since {iso(c['last_heartbeat'])}",
+        }
+    elif c.get("kind") == "process-server":
+        free = health.spool_free(c.get("status"))
+        severity = health.spool_severity(free)
+        if severity:
+            found[("spool", cid)] = {
+                "severity": severity,
+                "message": f"process server {cid} spool has {free:.0%} free",
+            }
+    return found
+
+
+def _machine_conditions(machine: dict[str, Any], disks: dict[Any, dict]) -> Conditions:
+    found: Conditions = {}
+    if not machine.get("protect_job") or machine.get("state") in ("cut-over", "stopped"):
+        return found
+    threshold = machine.get("rpo_threshold_s", defaults.RPO_THRESHOLD)
+    for disk_id in machine.get("protected_disks") or machine.get("disks", []):
+        if disk_id not in disks:
             continue
-        threshold = machine.get("rpo_threshold_s", defaults.RPO_THRESHOLD)
-        for disk_id in machine.get("protected_disks") or machine.get("disks", []):
-            if disk_id not in disks:
-                continue
-            view = health.disk_view(disks[disk_id], threshold)
-            where = f"disk {disk_id} of machine {machine['machine']}"
-            if health.over_rpo(view, threshold):
-                found[("rpo", disk_id)] = {
-                    "severity": "warning",
-                    "message": f"{where}: RPO {view['rpo_s']:.0f} s is over {threshold} s",
-                }
-            if health.needs_resync(view):
-                found[("resync", disk_id)] = {
-                    "severity": "warning",
-                    "message": f"{where} needs a resync",
-                }
+        view = health.disk_view(disks[disk_id], threshold)
+        where = f"disk {disk_id} of machine {machine['machine']}"
+        if health.over_rpo(view, threshold):
+            found[("rpo", disk_id)] = {
+                "severity": "warning",
+                "message": f"{where}: RPO {view['rpo_s']:.0f} s is over {threshold} s",
+            }
+        if health.needs_resync(view):
+            found[("resync", disk_id)] = {
+                "severity": "warning",
+                "message": f"{where} needs a resync",
+            }
     return found
 
 
@@ -112,6 +152,7 @@ def _alert_id(kind: str, subject: str, n: int) -> str:
 
 def _reconcile(ctx: Context, tenant: str, conditions: Conditions, now: float) -> tuple[int, int]:
     latest: dict[tuple[str, str], dict[str, Any]] = {}
+    alert: dict[str, Any] | None
     for alert in ctx.store.partition("alerts", tenant):
         key = (alert["kind"], alert["subject"])
         if key not in latest or alert["n"] > latest[key]["n"]:
@@ -177,9 +218,12 @@ def _prune(ctx: Context, tenant: str, now: float) -> None:
         for row_key, _ in rows[keep:]:
             ctx.store.delete("recoverypoints", tenant, row_key)
         count = min(len(rows), keep)
-        ctx.store.mutate(
-            "disks", tenant, disk["disk"], lambda d, n=count: {**d, "recovery_points": n}
-        )
+        ctx.store.mutate("disks", tenant, disk["disk"], partial(_counted, count))
+
+
+def _counted(count: int, disk: dict[str, Any]) -> dict[str, Any]:
+    """``disk`` keeping ``count`` recovery points."""
+    return {**disk, "recovery_points": count}
 
 
 def list_alerts(ctx: Context, caller: Caller, tenant: str, params: Mapping[str, str]):

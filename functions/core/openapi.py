@@ -52,8 +52,11 @@ SCHEMAS: dict[str, Any] = {
                           ["tenant", "operator_token"]),
     "PassphraseRequest": _obj({"ttl_seconds": {
         "type": "integer", "minimum": defaults.PASSPHRASE_TTL_MIN,
-        "maximum": defaults.PASSPHRASE_TTL_MAX, "default": defaults.PASSPHRASE_TTL}}),
-    "Passphrase": _obj({"passphrase": {"type": "string"}, "expires_at": TIME},
+        "maximum": defaults.PASSPHRASE_TTL_MAX, "default": defaults.PASSPHRASE_TTL},
+        "kind": {"type": "string", "enum": ["agent", "process-server", "master-target"]},
+        "name": ID}),
+    "Passphrase": _obj({"passphrase": {"type": "string"}, "expires_at": TIME,
+                        "for_component": {"type": "string"}},
                        ["passphrase", "expires_at"]),
     "Register": _obj({
         "tenant": ID,
@@ -74,6 +77,8 @@ SCHEMAS: dict[str, Any] = {
     "Registered": _obj({"component_id": {"type": "string"}, "token": {"type": "string"},
                         "command_queue": {"type": "string"}},
                        ["component_id", "token", "command_queue"]),
+    "NewToken": _obj({"component_id": {"type": "string"}, "token": {"type": "string"}},
+                     ["component_id", "token"]),
     "Component": _obj({"component_id": {"type": "string"}, "kind": {"type": "string"},
                        "state": {"type": "string"}}, ["component_id", "kind"], extra=True),
     "Storage": _obj({
@@ -183,9 +188,15 @@ PATHS: dict[str, Any] = {
     "/tenants/{tenant}/passphrases": {"post": _op(
         "a single-use registration passphrase (operator)", (201, "Passphrase"),
         "PassphraseRequest", [TENANT])},
+    "/tenants/{tenant}/operator-token": {"post": _op(
+        "a new operator token; the old one stops working at once (operator or admin)",
+        (201, "TenantCreated"), params=[TENANT])},
     "/register": {"post": _op("register a component with a passphrase", (201, "Registered"),
                               "Register", public=True)},
     "/components/self": {"get": _op("the component's record", (200, "Component"))},
+    "/components/self/credentials": {"post": _op(
+        "a new token, asked for with the current one; the old one dies at its first use",
+        (201, "NewToken"))},
     "/components/self/settings": {"get": _op("the daemon's settings", (200, "Settings"))},
     "/components/self/storage": {"get": _op("SAS tokens for what it needs", (200, "Storage"))},
     "/components/self/heartbeat": {"post": _op("alive, with status", (204, None), "Heartbeat")},

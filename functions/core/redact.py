@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import re
 
+from ferry import tokens
+
 _PATTERNS = [
     (re.compile(r"(?i)\b(bearer)\s+\S+"), r"\1 <redacted>"),
-    (re.compile(r"\bop\.([a-z0-9-]+)\.[A-Za-z0-9_-]{16,}"), r"op.\1.<redacted>"),
-    (re.compile(r"\bc\.([a-z0-9-]+)\.([a-z0-9-]+)\.[A-Za-z0-9_-]{16,}"), r"c.\1.\2.<redacted>"),
     (re.compile(r"(?i)\b(AccountKey|SharedAccessSignature|sig|FERRY_ADMIN_KEY)=[^;&\s'\"]+"),
      r"\1=<redacted>"),
     (re.compile(r"(?i)(['\"](?:passphrase|token|operator_token|admin_key|authorization)['\"]\s*:\s*)"
@@ -26,7 +26,7 @@ def redact(text: str) -> str:
     """``text`` with every credential-looking part replaced by ``<redacted>``."""
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
-    return text
+    return tokens.redact(text)
 
 
 class RedactingFormatter(logging.Formatter):

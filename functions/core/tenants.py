@@ -3,18 +3,29 @@
 An operator's passphrase is random, shown once, stored only as its SHA-256,
 expires, and is spent by the first registration that presents it (the
 ``used`` mark is written under ETag concurrency, so two registrations racing
-with one passphrase cannot both win).  Wrong guesses are counted per tenant
-in the ``guesses`` table; ``GUESS_LIMIT`` of them within ``GUESS_WINDOW``
-lock the tenant's registration for ``GUESS_LOCKOUT`` seconds.  The lock is
-checked before a passphrase is looked at; guesses already in flight when it
-falls are still judged (so at most one extra guess per concurrent request).
+with one passphrase cannot both win).  A passphrase carries 192 random bits:
+that, not a lockout, is what defeats guessing.  Wrong guesses are counted per
+existing tenant in the ``guesses`` table; past ``GUESS_LIMIT`` within
+``GUESS_WINDOW`` further *wrong* guesses are answered 429 (Retry-After) for
+``GUESS_LOCKOUT`` seconds, so clients back off; the right passphrase is
+looked at first and always registers, so guessing never locks out its holder.
+Guesses against a tenant that does not exist write nothing and get the same
+answer as a wrong passphrase.
+
+A passphrase may be bound to one component (``kind`` and ``name``): it then
+registers only that one.  A component id that is already registered can be
+registered again (a host that lost its credentials) only with a passphrase
+bound to it, so no passphrase takes over a process server or another host.
+The operator token is rotated by ``POST /tenants/{tenant}/operator-token``
+(the operator itself, or the admin when it is lost or leaked): the old one
+dies at once.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import secrets
-from typing import Any
+from typing import Any, NoReturn
 
 from ferry import naming
 from ferry.naming import KIND_PREFIX
@@ -28,7 +39,7 @@ from functions.core.auth import (
     require_operator,
 )
 from functions.core.context import Context
-from functions.core.errors import BadRequest, Conflict, TooManyGuesses, Unauthorized
+from functions.core.errors import BadRequest, Conflict, Forbidden, TooManyGuesses, Unauthorized
 from functions.core.store import TENANTS_PARTITION
 
 MAX_DISKS = 64
@@ -65,16 +76,41 @@ def create_tenant(ctx: Context, caller: Caller, body: Any) -> dict[str, Any]:
 def create_passphrase(ctx: Context, caller: Caller, tenant: str, body: Any) -> dict[str, Any]:
     """A new single-use registration passphrase for ``tenant`` (shown only here)."""
     require_operator(caller, tenant)
-    body = validate.body_object({} if body is None else body, {"ttl_seconds"})
+    body = validate.body_object({} if body is None else body, {"ttl_seconds", "kind", "name"})
     ttl = validate.integer(
         body, "ttl_seconds", defaults.PASSPHRASE_TTL_MIN, defaults.PASSPHRASE_TTL_MAX,
         default=defaults.PASSPHRASE_TTL,
     )  # fmt: skip
+    bound = None
+    if body.get("kind") is not None or body.get("name") is not None:
+        kind = validate.choice(body, "kind", list(KIND_PREFIX))
+        name = validate.ident(body, "name", "component name")
+        bound = f"{KIND_PREFIX[kind]}-{name}"
     passphrase = secrets.token_urlsafe(24)
     now = ctx.now()
-    record = {"created_at": now, "expires_at": now + ttl, "used_at": None, "used_by": None}
+    record = {"created_at": now, "expires_at": now + ttl, "used_at": None, "used_by": None,
+              "for_component": bound}  # fmt: skip
     ctx.store.create("passphrases", tenant, digest(passphrase), record)
-    return {"passphrase": passphrase, "expires_at": now + ttl}
+    answer = {"passphrase": passphrase, "expires_at": now + ttl}
+    return answer | ({"for_component": bound} if bound else {})
+
+
+def rotate_operator_token(ctx: Context, caller: Caller, tenant: str, _body: Any = None):
+    """A new operator token for ``tenant`` (shown only here); the old one stops working at once.
+
+    The tenant's operator rotates its own token; the admin key may do it too
+    (a lost or leaked token), which revokes the old one.
+    """
+    if caller.kind != "admin":
+        require_operator(caller, tenant)
+    validate.check_route_id("tenant", tenant)
+    token = operator_token(tenant)
+
+    def change(record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "operator_token_sha256": digest(token), "operator_rotated_at": ctx.now()}
+
+    ctx.store.mutate("tenants", TENANTS_PARTITION, tenant, change, what=f"tenant {tenant}")
+    return {"tenant": tenant, "operator_token": token}
 
 
 # -- registration ------------------------------------------------------------------------
@@ -86,9 +122,9 @@ def register(ctx: Context, body: Any) -> dict[str, Any]:
     """Spend a passphrase: record the component and return its credential (shown only here)."""
     request = _registration(body)
     tenant = request["tenant"]
-    _check_not_locked(ctx, tenant)
     key = digest(request["passphrase"])
-    _check_passphrase(ctx, tenant, key)
+    passphrase = _check_passphrase(ctx, tenant, key)
+    _check_bound(ctx, tenant, request["component_id"], passphrase)
     if request["kind"] == "agent":
         _check_disks_free(ctx, tenant, request["name"], request["disks"])
     component_id = request["component_id"]
@@ -164,6 +200,8 @@ def _target_dir(body: dict[str, Any]) -> str | None:
     value = validate.text(body, "target_dir", limit=255)
     if value is not None and not value.startswith("/"):
         raise BadRequest("target_dir must be an absolute path")
+    if value is not None and ".." in value.split("/"):
+        raise BadRequest("target_dir must not contain '..'")
     return value
 
 
@@ -190,27 +228,43 @@ def _check_not_locked(ctx: Context, tenant: str) -> None:
     if until > now:
         wait = int(until - now) + 1
         raise TooManyGuesses(
-            f"registration for tenant {tenant} is locked after {defaults.GUESS_LIMIT} wrong "
-            f"passphrases; retry in {wait} s",
+            f"too many wrong passphrases for tenant {tenant}; wrong ones are refused for "
+            f"{wait} s more (a valid passphrase still registers)",
             {"Retry-After": str(wait)},
         )
 
 
-def _check_passphrase(ctx: Context, tenant: str, key: str) -> None:
+def _check_passphrase(ctx: Context, tenant: str, key: str) -> dict[str, Any]:
     record = ctx.store.get("passphrases", tenant, key)
     now = ctx.now()
+    if record is not None and not record.get("used_at") and record["expires_at"] > now:
+        return record  # the holder of a valid passphrase is never throttled
+    if ctx.store.get("tenants", TENANTS_PARTITION, tenant) is None:
+        raise Unauthorized("registration refused: wrong passphrase")  # and nothing written
+    _check_not_locked(ctx, tenant)
     if record is None:
         _refuse(ctx, tenant, "wrong passphrase")
-    elif record.get("used_at"):
+    if record.get("used_at"):
         _refuse(ctx, tenant, "this passphrase was already used; ask the operator for a new one")
-    elif record["expires_at"] <= now:
-        _refuse(
-            ctx, tenant,
-            f"this passphrase expired at {iso(record['expires_at'])}; ask the operator for a new one",
-        )  # fmt: skip
+    _refuse(
+        ctx, tenant,
+        f"this passphrase expired at {iso(record['expires_at'])}; ask the operator for a new one",
+    )  # fmt: skip
 
 
-def _refuse(ctx: Context, tenant: str, why: str) -> None:
+def _check_bound(ctx: Context, tenant: str, component_id: str, passphrase: dict) -> None:
+    """A bound passphrase registers its component only; an existing id needs a bound one."""
+    bound = passphrase.get("for_component")
+    if bound and bound != component_id:
+        raise Forbidden(f"this passphrase is for {bound}, not {component_id}")
+    if not bound and ctx.store.get("components", tenant, component_id) is not None:
+        raise Conflict(
+            f"{component_id} is already registered; to register it again, create a "
+            f"passphrase for it (kind and name)"
+        )
+
+
+def _refuse(ctx: Context, tenant: str, why: str) -> NoReturn:
     """Count one wrong guess (locking the tenant at the limit) and refuse."""
     now = ctx.now()
 

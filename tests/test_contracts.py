@@ -1,0 +1,115 @@
+"""Contracts two parts share, checked where both sides meet: one owner, no drifting copies.
+
+The queue notices (ferry/notice.py: the process server writes, the master
+target reads), the bearer tokens (ferry/tokens.py: the configuration server
+issues and reads, the CLI reads) and the id pattern (ferry/naming.py, copied
+into the Ansible roles, which cannot import it).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ferry import naming, notice, segment, tokens
+from ferry.batch import Batch
+from ferry.naming import ID_RE
+from functions.core.redact import redact
+from mastertarget import notices
+from mastertarget.errors import BadNotice
+from processserver import uploader
+
+ROOT = Path(__file__).resolve().parent.parent
+ROLE_YAML = sorted((ROOT / "roles").glob("*/**/*.yml"))
+
+_ID_PATTERN_COPY = re.compile(r"'(\^\[a-z0-9\]\(\?:.*?\$)'")
+"""A quoted regex in role YAML that starts like ID_RE: a copy of it."""
+
+
+def role_id_vars() -> dict[str, str]:
+    """Every role variable named ``*_id_re``, by ``<file>:<name>``."""
+    found = {}
+    for path in ROLE_YAML:
+        data = yaml.safe_load(path.read_text())
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if name.endswith("_id_re"):
+                    found[f"{path.relative_to(ROOT)}:{name}"] = value
+    return found
+
+
+def test_role_id_variables_equal_the_id_pattern():
+    found = role_id_vars()
+    assert found, "no role defines an *_id_re variable: the check has nothing to compare"
+    differ = {where: value for where, value in found.items() if value != ID_RE.pattern}
+    assert not differ, f"these differ from ferry.naming.ID_RE ({ID_RE.pattern}): {differ}"
+
+
+def test_inline_id_patterns_in_roles_equal_the_id_pattern():
+    copies = {}
+    for path in ROLE_YAML:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for copy in _ID_PATTERN_COPY.findall(line):
+                copies[f"{path.relative_to(ROOT)}:{number}"] = copy
+    assert copies, "no copy of the id pattern found in roles/: the check has nothing to compare"
+    differ = {where: copy for where, copy in copies.items() if copy != ID_RE.pattern}
+    assert not differ, f"these differ from ferry.naming.ID_RE ({ID_RE.pattern}): {differ}"
+
+
+def batch(gen: int = 3, seq: int = 7, tag: dict | None = None) -> Batch:
+    return Batch("demo", "web01-disk0", gen, seq, 1 << 20, [(0, 4096, "data")], b"x" * 4096, tag)
+
+
+def test_the_segment_notice_the_process_server_writes_is_what_the_master_target_reads():
+    packed, checksum = segment.pack(batch(tag={"id": "t-1", "reason": "fence"}))
+    body = uploader.notice(batch(tag={"id": "t-1", "reason": "fence"}), checksum, len(packed))
+    parsed = notices.parse(body, "demo", "web01-disk0")
+    blob = naming.segment_blob("demo", "web01-disk0", 3, 7)
+    assert parsed == notice.SegmentNotice(3, 7, blob, checksum, "t-1")
+    assert body["blob"] == blob and body["bytes"] == len(packed)
+
+
+@pytest.mark.parametrize(
+    ("change", "segment_claimed"),
+    [
+        ({"blob": "demo/other-disk/00000003/000000000007.seg"}, True),
+        ({"checksum": "0" * 31}, True),
+        ({"seq": 0}, True),
+        ({"gen": True}, True),
+        ({"disk": "other-disk"}, False),
+        ({"type": "apply"}, False),
+    ],
+)
+def test_a_tampered_segment_notice_is_refused(change, segment_claimed):
+    body = {**uploader.notice(batch(), "ab" * 16, 100), **change}
+    with pytest.raises(BadNotice) as refused:
+        notices.parse(body, "demo", "web01-disk0")
+    assert refused.value.segment is segment_claimed
+
+
+def test_the_resync_notice_round_trips_and_its_block_size_is_bounded():
+    body = notice.resync("demo", "web01-disk0", "req-1", 65536)
+    assert notices.parse(body, "demo", "web01-disk0") == notice.ResyncNotice("req-1", 65536)
+    for block in (notice.RESYNC_MIN_BLOCK - 1, notice.RESYNC_MAX_BLOCK + 512, 1000):
+        with pytest.raises(BadNotice, match="block_size"):
+            notices.parse({**body, "block_size": block}, "demo", "web01-disk0")
+
+
+def test_tokens_claim_who_they_were_issued_to():
+    assert tokens.claim(tokens.operator_token("demo")) == tokens.Claim("operator", "demo")
+    issued = tokens.component_token("demo", "ag-web01")
+    assert tokens.claim(issued) == tokens.Claim("component", "demo", "ag-web01")
+    for bad in ("op.Demo.secret", "c.demo.ag.web01.secret", "x.demo.secret", "", "op..s"):
+        assert tokens.claim(bad) is None, bad
+
+
+def test_a_logged_token_keeps_who_it_is_and_loses_its_secret():
+    issued = tokens.component_token("demo", "ag-web01")
+    secret = issued.rsplit(".", 1)[1]
+    line = f"rotating to {issued} for demo/ag-web01"
+    for scrub in (tokens.redact, redact):
+        scrubbed = scrub(line)
+        assert secret not in scrubbed and "c.demo.ag-web01.<redacted>" in scrubbed
