@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 from mastertarget import defaults
 from mastertarget.guestfs import Guestfish
 
@@ -66,7 +66,7 @@ CLUES = ("Timed out waiting for device", "Dependency failed for", "Failed to mou
 class BootCheckError(FerryError):
     """boot check: {detail}"""
 
-    exit_code = 8
+    exit_code = Exit.CUTOVER
 
 
 def parse_marker(spec: str) -> dict[str, str | None]:

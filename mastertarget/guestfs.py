@@ -29,14 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from ferry.errors import FerryError
+from ferry.errors import Exit, FerryError
 from mastertarget import defaults
 
 
 class GuestfsError(FerryError):
     """libguestfs: {detail}"""
 
-    exit_code = 8
+    exit_code = Exit.CUTOVER
 
 
 def guestfs_env() -> dict[str, str]:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import FerryError, UsageError
+from ferry.errors import Exit, FerryError, UsageError
 from ferry.vhd import FOOTER_SIZE, SECTOR, read_footer
 
 PUT_PAGE_MAX = 4 << 20
@@ -35,7 +35,7 @@ PUT_PAGE_MAX = 4 << 20
 class UploadError(FerryError):
     """upload: {detail}"""
 
-    exit_code = 8
+    exit_code = Exit.CUTOVER
 
 
 def data_ranges(fd: int, size: int, chunk: int):
