@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -299,9 +300,15 @@ def verdict(seen: dict[str, Any], markers: list[dict[str, str | None]]) -> dict[
             "markers": results}  # fmt: skip
 
 
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+"""Colour and cursor sequences systemd writes to a console."""
+
+
 def console_clues(text: str, limit: int = 12) -> list[str]:
-    lines = [line.strip() for line in text.splitlines() if any(c in line for c in CLUES)]
-    return lines[-limit:] or [line.strip() for line in text.splitlines()[-limit:]]
+    """The console's telling lines (the last ones if none tells), without terminal codes."""
+    plain = [ANSI.sub("", line).strip() for line in text.splitlines()]
+    lines = [line for line in plain if any(c in line for c in CLUES)]
+    return lines[-limit:] or [line for line in plain[-limit:] if line]
 
 
 def boot_check(
