@@ -300,7 +300,7 @@ def verdict(seen: dict[str, Any], markers: list[dict[str, str | None]]) -> dict[
             "markers": results}  # fmt: skip
 
 
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]?")
 """Colour and cursor sequences systemd writes to a console."""
 
 

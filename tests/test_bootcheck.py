@@ -48,6 +48,15 @@ def test_the_check_passes_only_on_multi_user_and_the_marker_digest():
     )
 
 
+def test_console_clues_are_plain_text_even_where_systemd_cut_a_colour_code():
+    text = ("\x1b[K[\x1b[0;1;31m TIME \x1b[0m] Timed out waiting for device \x1b[0;1;…dc0de.\n"
+            "Welcome\n[\x1b[0;1;38;5;185mDEPEND\x1b[0m] Dependency failed for /srv/gone.\n")  # fmt: skip
+    assert bootcheck.console_clues(text) == [
+        "[ TIME ] Timed out waiting for device …dc0de.",
+        "[DEPEND] Dependency failed for /srv/gone.",
+    ]
+
+
 def test_a_marker_must_be_an_absolute_guest_path():
     assert bootcheck.parse_marker("/x") == {"path": "/x", "sha256": None}
     with pytest.raises(bootcheck.BootCheckError, match="absolute path"):
