@@ -196,13 +196,14 @@ class Boot:
 def watch(boot: Boot, deadline: float, probe_until: float | None = None) -> dict[str, Any]:
     """Read the console until the check reports, the boot fails, or time runs out."""
     while True:
+        exited = boot.proc.poll() is not None  # before reading: the log is then complete
         text = boot.text()
         if END in text:
             return {"outcome": "reported", "text": text}
         for needle, why in FAILURES:
             if needle in text:
                 return {"outcome": "failed", "reason": why, "text": text}
-        if boot.proc.poll() is not None:
+        if exited:
             said = (boot.proc.stderr.read() or b"").decode(errors="replace").strip()
             why = "QEMU exited before the check reported" + (f": {said}" if said else "")
             return {"outcome": "failed", "reason": why, "text": text}
