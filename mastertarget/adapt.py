@@ -111,7 +111,7 @@ class Adapter:
         if not spec.startswith("/dev/") or self._stable_path(spec):
             return spec
         device = mounted.get(mountpoint)
-        uuid = self.g.attempt("vfs-uuid", device).strip() if device else ""
+        uuid = (self.g.attempt("vfs-uuid", device) or "").strip() if device else ""
         if not uuid:
             self.warnings.append(f"fstab: {spec} ({mountpoint}) has no filesystem UUID; left as is")
             return spec

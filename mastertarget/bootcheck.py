@@ -204,7 +204,8 @@ def watch(boot: Boot, deadline: float, probe_until: float | None = None) -> dict
             if needle in text:
                 return {"outcome": "failed", "reason": why, "text": text}
         if exited:
-            said = (boot.proc.stderr.read() or b"").decode(errors="replace").strip()
+            stderr = boot.proc.stderr.read() if boot.proc.stderr else b""
+            said = stderr.decode(errors="replace").strip()
             why = "QEMU exited before the check reported" + (f": {said}" if said else "")
             return {"outcome": "failed", "reason": why, "text": text}
         if (
@@ -322,22 +323,22 @@ def boot_check(
     root: str | None = None,
 ) -> dict[str, Any]:
     """Boot ``disks`` (OS disk first) on throw-away overlays; the report (``passed``, ``reason``)."""
-    disks = [Path(d) for d in disks]
+    paths = [Path(d) for d in disks]
     wanted = [parse_marker(m) for m in markers or []]
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix=".ferry-boot-check-", dir=disks[0].resolve().parent))
+    work = Path(tempfile.mkdtemp(prefix=".ferry-boot-check-", dir=paths[0].resolve().parent))
     try:
-        overlays = make_overlays(disks, work, fmt)
+        overlays = make_overlays(paths, work, fmt)
         inject_s = inject(overlays, wanted, root)
         console = work / "console.log"
         seen, boot = boot_and_watch(overlays, console, accel, timeout)
         result = verdict(seen, wanted)
-        kept = Path(console_log) if console_log else disks[0].with_suffix(".boot-console.log")
+        kept = Path(console_log) if console_log else paths[0].with_suffix(".boot-console.log")
         shutil.copyfile(console, kept) if console.exists() else kept.write_text("")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
-        **result, "disks": [str(d) for d in disks], "accel": boot.accel,
+        **result, "disks": [str(d) for d in paths], "accel": boot.accel,
         "boot_s": round(boot.elapsed(), 1), "inject_s": round(inject_s, 1),
         "duration_s": round(time.monotonic() - started, 1), "console_log": str(kept),
         "console": [] if result["passed"] else console_clues(seen["text"]),

@@ -231,8 +231,8 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
     out_dir = Path(spec["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
-    previous = load_manifest(manifest_path)
-    same_tag = previous and previous.get("final_tag", {}).get("id") == spec["final_tag"]["id"]
+    previous = load_manifest(manifest_path) or {}
+    same_tag = previous.get("final_tag", {}).get("id") == spec["final_tag"]["id"]
     if same_tag and previous.get("complete"):
         return previous | {"changed": False}
     started = spec.get("started") or time.time()

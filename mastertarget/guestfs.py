@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from ferry.errors import Exit, FerryError
 from mastertarget import defaults
@@ -180,7 +181,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def inspect_and_mount(g: Guestfish) -> dict[str, object]:
+def inspect_and_mount(g: Guestfish) -> dict[str, Any]:
     """Find the guest's operating system and mount its filesystems as its fstab has them.
 
     Returns the inspection facts: ``root`` (appliance device), ``distro``,
@@ -193,7 +194,7 @@ def inspect_and_mount(g: Guestfish) -> dict[str, object]:
             detail="no operating system found on the disks (inspect-os found no root)"
         )
     root = roots[0]
-    facts: dict[str, object] = {
+    facts: dict[str, Any] = {
         "root": root,
         "roots": roots,
         "type": g.run("inspect-get-type", root).strip(),
@@ -204,11 +205,12 @@ def inspect_and_mount(g: Guestfish) -> dict[str, object]:
     }
     mountpoints = g.mapping("inspect-get-mountpoints", root)
     facts["mountpoints"] = mountpoints
-    facts["unmounted"] = {}
+    unmounted: dict[str, str] = {}
+    facts["unmounted"] = unmounted
     for mountpoint in sorted(mountpoints, key=len):
         how = ["mount-options", "ro"] if g.readonly else ["mount"]
         if g.attempt(*how, mountpoints[mountpoint], mountpoint) is None:
             if mountpoint == "/":
                 raise GuestfsError(detail=f"cannot mount the root filesystem: {g.last_error}")
-            facts["unmounted"][mountpoint] = g.last_error
+            unmounted[mountpoint] = g.last_error
     return facts
