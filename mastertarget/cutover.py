@@ -13,8 +13,11 @@ Every step prints one JSON object so Ansible can register it::
     python -m mastertarget.cutover fence --tenant demo --disk web01-disk0 --tag-json '{...}'
 
 ``convert`` is idempotent: a manifest that already records the same final tag
-with every disk verified is returned unchanged (``"changed": false``), so a
-cutover asked twice cuts over once.  The source's side (digest, final tag,
+as complete is returned unchanged (``"changed": false``), so a cutover asked
+twice cuts over once.  ``convert`` and ``test-failover`` also adapt the VHDs
+(mastertarget/adapt.py) and boot-check them (mastertarget/bootcheck.py) when
+asked; a cutover whose check fails is not complete, and running it again
+checks again.  The source's side (digest, final tag,
 stopping the agent for good) is ``python -m agent.fence``.
 """
 
@@ -215,22 +218,82 @@ def _copy(target: str | Path, tmp: Path, size: int) -> None:
 
 
 def convert(spec: dict[str, Any]) -> dict[str, Any]:
-    """Make the VHDs and the manifest of one machine; idempotent for the same final tag.
+    """Make the VHDs and the manifest of one machine, adapt and boot-check them; idempotent.
 
     ``spec``: ``{"machine", "tenant", "out_dir", "final_tag", "vm": {...},
-    "disks": [{"id", "lun"?}], "targets": {id: path}, "digests": {id: {"size", "sha256"}}}``;
-    a disk without a digest is checked by fsck only, at the target's size.
+    "disks": [{"id", "lun"?}], "targets": {id: path}, "digests": {id: {"size", "sha256"}},
+    "started"?: cutover start (Unix time), "adapt"?: bool, "boot_check"?: bool,
+    "markers"?: ["path[:sha256]"], "boot_check_timeout"?: s}``; a disk without a
+    digest is checked by fsck only, at the target's size.
+
+    The manifest is ``complete`` (the cutover is committed) only when every
+    VHD is verified, adapted and boot-checked (each as asked); otherwise
+    ``reason`` says why.  Asked again for the same final tag, a complete
+    manifest is returned unchanged; an incomplete one keeps its verified VHDs
+    (an operator may have fixed them) and adapts and checks them again.
     """
     out_dir = Path(spec["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
-    previous = load_manifest(manifest_path)
-    if (
-        previous
-        and previous.get("final_tag", {}).get("id") == spec["final_tag"]["id"]
-        and all(d.get("verified") for d in previous.get("disks", []))
-    ):
+    previous = load_manifest(manifest_path) or {}
+    same_tag = previous.get("final_tag", {}).get("id") == spec["final_tag"]["id"]
+    if same_tag and previous.get("complete"):
         return previous | {"changed": False}
+    started = spec.get("started") or time.time()
+    keep = same_tag and _kept_disks(previous)
+    disks = previous["disks"] if keep else _convert_disks(out_dir, spec)
+    verified = all(d["verified"] for d in disks)
+    manifest = {
+        "format": "ferry-vm-manifest/1", "provider": "local",
+        "tenant": spec["tenant"], "machine": spec["machine"], "vm": spec.get("vm") or {},
+        "final_tag": spec["final_tag"], "created_at": time.time(), "disks": disks,
+        "verified": verified, "complete": False,
+        "reason": None if verified else "a VHD does not match the source at the final tag",
+        "timings": {"disks_ready_s": round(time.time() - float(started), 1)},
+    }  # fmt: skip
+    if verified:
+        finish(manifest, spec, float(started))
+    _write_manifest(manifest_path, manifest)
+    return manifest | {"changed": True}
+
+
+def finish(record: dict[str, Any], spec: dict[str, Any], started: float) -> None:
+    """Adapt and boot-check the VHDs of ``record`` as ``spec`` asks; set ``complete`` and ``reason``.
+
+    Shared by the cutover and the test failover, so both make the same copy.
+    """
+    from mastertarget import adapt, bootcheck
+    from mastertarget.guestfs import GuestfsError
+
+    vhds = [d["vhd"] for d in record["disks"]]
+    record["reason"] = None
+    try:
+        if spec.get("adapt", False):
+            record["adaptation"] = adapt.adapt(vhds)
+            if "vm" in record:  # the generation Azure must boot it as, from its boot mode
+                record["vm"]["hyper_v_generation"] = record["adaptation"]["hyper_v_generation"]
+            record["timings"]["adapted_s"] = round(time.time() - started, 1)
+        if spec.get("boot_check", False):
+            root = (record.get("adaptation") or {}).get("os", {}).get("root")
+            timeout = spec.get("boot_check_timeout") or 900.0
+            check = bootcheck.boot_check(vhds, spec.get("markers") or [], timeout, root=root)
+            record["boot_check"] = check
+            record["timings"]["boot_checked_s"] = round(time.time() - started, 1)
+            if not check["passed"]:
+                record["reason"] = f"boot check failed: {check['reason']}"
+        else:
+            record["boot_check"] = {"skipped": True}
+    except (GuestfsError, bootcheck.BootCheckError) as exc:
+        record["reason"] = str(exc)
+    record["complete"] = record["reason"] is None
+
+
+def _kept_disks(previous: dict[str, Any]) -> bool:
+    disks = previous.get("disks") or []
+    return bool(disks) and all(d.get("verified") and Path(d["vhd"]).exists() for d in disks)
+
+
+def _convert_disks(out_dir: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
     targets, digests = spec.get("targets") or {}, spec.get("digests") or {}
     disks = []
     for lun, disk in enumerate(spec["disks"]):
@@ -241,16 +304,13 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
         disk.setdefault("size", digest.get("size"))
         disk.setdefault("source_sha256", digest.get("sha256"))
         disks.append(_convert_disk(out_dir, disk))
-    manifest = {
-        "format": "ferry-vm-manifest/1", "provider": "local",
-        "tenant": spec["tenant"], "machine": spec["machine"], "vm": spec.get("vm") or {},
-        "final_tag": spec["final_tag"], "created_at": time.time(), "disks": disks,
-        "verified": all(d["verified"] for d in disks), "complete": all(d["verified"] for d in disks),
-    }  # fmt: skip
-    tmp = manifest_path.with_name(".manifest.json.tmp")
+    return disks
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, manifest_path)
-    return manifest | {"changed": True}
+    os.replace(tmp, path)
 
 
 def _convert_disk(out_dir: Path, disk: dict[str, Any]) -> dict[str, Any]:
@@ -283,10 +343,14 @@ def test_failover(
     machine: str,
     targets: dict[str, str],
     out_dir: str | Path,
+    checks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Clone every target of ``machine`` at its latest tag into fixed VHDs under ``out_dir``.
 
-    Replication goes on meanwhile (see :func:`clone_at_tag`).  ``out_dir`` gets
+    Replication goes on meanwhile (see :func:`clone_at_tag`).  ``checks``
+    (``{"adapt", "boot_check", "markers", "boot_check_timeout"}``) makes the
+    same adapted, boot-checked copy a cutover makes (:func:`finish`); the
+    record's ``passed`` says whether it boots.  ``out_dir`` gets
     ``test-failover.json`` naming exactly the files made, which is all that
     :func:`test_failover_cleanup` removes.  A test failover that exists is
     returned unchanged.
@@ -296,15 +360,25 @@ def test_failover(
     if record_path.exists():
         return json.loads(record_path.read_text()) | {"changed": False}
     out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     record: dict[str, Any] = {
         "machine": machine,
         "made": [],
         "disks": [],
-        "created_at": time.time(),
+        "created_at": started,
+        "timings": {},
     }
     try:
         for disk, target in targets.items():
             _test_failover_disk(state_dir, disk, target, out_dir, record)
+        record["timings"]["disks_ready_s"] = round(time.time() - started, 1)
+        checks = checks or {}
+        if checks.get("boot_check"):
+            record["made"].append(
+                str(Path(record["disks"][0]["vhd"]).with_suffix(".boot-console.log"))
+            )
+        finish(record, checks, started)
+        record["passed"] = record.pop("complete")
     except BaseException:
         for name in record["made"]:  # a failed test failover leaves nothing behind
             Path(name).unlink(missing_ok=True)
@@ -398,6 +472,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--machine", required=True)
     p.add_argument("--targets-json", required=True, help='{"disk id": "target path", ...}')
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--adapt", action="store_true", help="adapt the copies (mastertarget.adapt)")
+    p.add_argument("--boot-check", action="store_true", help="boot-check the copies")
+    p.add_argument("--marker", action="append", default=[], help="PATH[:SHA256]; repeat")
+    p.add_argument("--boot-check-timeout", type=float, default=900.0)
     p = sub.add_parser("test-failover-cleanup", help="remove what test-failover made")
     p.add_argument("--out-dir", required=True)
     p = sub.add_parser("fence", help="record that nothing after the final tag is applied")
@@ -422,7 +500,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         return clone_at_tag(args.state_dir, args.disk, args.target, args.out, args.size)
     if args.command == "test-failover":
         targets = json.loads(args.targets_json)
-        return test_failover(args.state_dir, args.machine, targets, args.out_dir)
+        checks = {"adapt": args.adapt, "boot_check": args.boot_check, "markers": args.marker,
+                  "boot_check_timeout": args.boot_check_timeout}  # fmt: skip
+        return test_failover(args.state_dir, args.machine, targets, args.out_dir, checks)
     if args.command == "test-failover-cleanup":
         return test_failover_cleanup(args.out_dir)
     return fence(args.tenant, args.disk, json.loads(args.tag_json), args.storage_env)
@@ -437,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         result = _run(args)
         print(json.dumps(result))
-        return 0 if result.get("verified", True) is not False else 1
+        failed = [result.get(k, True) is False for k in ("verified", "complete", "passed")]
+        return 1 if any(failed) else 0
 
     return run_main("cutover", body)
 

@@ -96,3 +96,40 @@ KEY_REFRESH_EVERY = 60.0
 
 CUTOVER_FENCE_WAIT = 900.0
 """Server mode: how long a ``cutover`` command waits for every disk to be fenced, in seconds."""
+
+GUESTFS_LAUNCH_TIMEOUT = 900.0
+"""How long the libguestfs appliance may take to start, in seconds (TCG on a busy host: minutes)."""
+
+GUESTFS_COMMAND_TIMEOUT = 1800.0
+"""How long one command inside the appliance may take, in seconds (update-initramfs under TCG)."""
+
+FERRY_UNITS = tuple(
+    f"ferry-{c}.service"
+    for c in ("agent", "process-server", "master-target", "config-server", "azurite")
+)
+"""The systemd units roles/ferry_daemon writes (its _ferry_daemon_components), and no others."""
+
+ADAPT_AGENT_PATHS = (
+    *(f"/etc/systemd/system/{unit}" for unit in FERRY_UNITS),
+    *(f"/etc/systemd/system/*.wants/{unit}" for unit in FERRY_UNITS),
+    "/opt/ferry",
+    "/etc/ferry",
+    "/var/lib/ferry",
+    "/var/log/ferry",
+)
+"""What roles/mobility_agent (through ferry_daemon) installs on a source, as glob patterns."""
+
+HYPERV_MODULES = ("hv_vmbus", "hv_storvsc", "hv_netvsc")
+"""Kernel modules a Linux guest needs in its initramfs to boot and reach the network on Azure."""
+
+SERIAL_CONSOLE = "console=ttyS0,115200"
+"""Kernel argument for Azure's serial console (and the boot check, which reads it)."""
+
+BOOT_CHECK_TIMEOUT = 900.0
+"""How long a boot check may take from QEMU's start to the check's report, in seconds (TCG)."""
+
+BOOT_CHECK_KVM_PROBE = 30.0
+"""Seconds a boot under KVM gets to print the kernel's first line before TCG is used instead."""
+
+BOOT_CHECK_MEMORY_MIB = 1024
+"""Memory of the boot check's guest, in MiB."""
