@@ -333,16 +333,18 @@ def master_target_kills(work: Path, scale: Scale, rng: random.Random) -> Result:
             if applying.exists():
                 half += 1
             run.emb.start("master-target")
+            # The next kill only once the restart has replayed and closed that group.
+            _wait_for(applying, 0.0, exists=False, timeout=60)
         run.wait_replicating()
         run.converge(result)
         result.notes.append(f"{half} kills landed while a group was half-applied (applying.json)")
     return result
 
 
-def _wait_for(path: Path, then: float, timeout: float = 10) -> None:
-    """Poll every millisecond until ``path`` exists (or ``timeout``), then sleep ``then`` s."""
+def _wait_for(path: Path, then: float, exists: bool = True, timeout: float = 10) -> None:
+    """Poll every millisecond until ``path`` exists (or is gone; or ``timeout``), sleep ``then``."""
     deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline:
+    while path.exists() != exists and time.monotonic() < deadline:
         time.sleep(0.001)
     time.sleep(then)
 
