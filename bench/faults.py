@@ -411,9 +411,11 @@ def spool_full(work: Path, scale: Scale, rng: random.Random) -> Result:
                 worst = severity
         azurite.start()
         run.converge(result)
-        spooling_errors = (run.emb.base / "process-server.log").read_text().count("cannot spool")
+        log = (run.emb.base / "process-server.log").read_text()
+        spooling_errors = log.count("cannot spool")
         result.notes.append(f"least free {least / MiB:.1f} MiB, full for {full_for:.0f} s")
-        result.notes.append(f"{spooling_errors} batches refused for want of space (resent)")
+        result.notes.append(f"{spooling_errors} batches refused for want of space")
+        result.notes.append(f"{log.count('filesystem is full')} throttles on a full filesystem")
         result.notes.append(f"monitor's worst spool alert: {worst or 'none'}")
     return result
 
@@ -505,14 +507,19 @@ def bandwidth_churn(work: Path, scale: Scale, rng: random.Random) -> Result:
     with Run(work, scale, "bandwidth", process_server={"bandwidth_limit": limit}) as run:
         run.start()
         run.wait_replicating()
-        most = 0
+        most, spooled = 0, 0
+        status = run.emb.base / "process-server" / "status.json"
         end = time.monotonic() + churn
         while time.monotonic() < end:
             most = max(most, run.disk().get("bytes_to_go", 0))
+            with contextlib.suppress(OSError, ValueError):
+                spooled = max(spooled, json.loads(status.read_text())["spool"]["bytes"])
             time.sleep(1)
         result.times = 1
         run.converge(result)
-        result.notes.append(f"largest backlog at the agent {most / MiB:.1f} MiB")
+        result.notes.append(f"largest backlog: {spooled / MiB:.1f} MiB spooled")
+        result.notes.append(f"{most / MiB:.1f} MiB dirty at the agent")
+        result.notes.append("converge = draining that backlog at the limit")
     return result
 
 
