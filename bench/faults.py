@@ -797,7 +797,10 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{name}: {result}")
             results.append(result)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if all(r.lost == "nothing" for r in results):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            say(f"logs of the failed scenarios kept in {work}")
     if not args.no_report:
         command = "make faults-quick" if args.quick else "make faults"
         if args.only:
