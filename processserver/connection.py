@@ -50,6 +50,9 @@ class Connection:
         self.disks: frozenset[str] = frozenset()
         self.since = time.time()
         self.throttled = False
+        self._full_warned = (
+            -defaults.SPOOL_FULL_WARN_EVERY
+        )  # monotonic time of the last "filesystem is full"
         self.closed = threading.Event()
         self._send_lock = threading.Lock()
         self._demanded: set[tuple[str, int]] = set()
@@ -288,13 +291,20 @@ class Connection:
                 if full_since is None:
                     full_since = time.monotonic()
                     self.throttled = True
-                    log.warning("throttling %s/%s: the spool's filesystem is full; "
-                                "waiting for uploads to free space", self.tenant, self.machine)  # fmt: skip
+                    self._warn_full()
                 self.ctx.stopping.wait(defaults.SPOOL_FULL_RETRY)
         if full_since is not None:
             self.throttled = False
-            log.info("resumed receiving from %s/%s after %.1f s with the spool's filesystem full",
-                     self.tenant, self.machine, time.monotonic() - full_since)  # fmt: skip
+            log.debug("resumed receiving from %s/%s after %.1f s with the spool's filesystem full",
+                      self.tenant, self.machine, time.monotonic() - full_since)  # fmt: skip
+
+    def _warn_full(self) -> None:
+        """Say the filesystem is full, once a minute at most (it fills and frees by the batch)."""
+        now = time.monotonic()
+        if now - self._full_warned >= defaults.SPOOL_FULL_WARN_EVERY:
+            self._full_warned = now
+            log.warning("throttling %s/%s: the spool's filesystem is full; "
+                        "waiting for uploads to free space", self.tenant, self.machine)  # fmt: skip
 
     def _batch_problem(self, batch: Batch) -> str | None:
         """Why a well-formed batch is still not acceptable on this connection, or None."""
