@@ -122,6 +122,31 @@ class Source:
         detach(self.device)
 
 
+class Supervised(Embedded):
+    """The embedded default with systemd's ``Restart=on-failure``: what exits starts again.
+
+    Deployed, each daemon runs under a unit that restarts it 2 s after it
+    exits (roles/ferry_daemon); a master target that lost its owner lease
+    during a long storage outage exits 10 by design and is restarted so.
+    Every restart is recorded for the report.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.restarts: list[str] = []
+
+    def check_alive(self, *names: str) -> None:
+        """Restart (after 2 s, as the unit does) every daemon that has exited."""
+        for name in names or list(self.procs):
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                why = self.log_tail(name, 1)[-160:]
+                self.restarts.append(f"{name} exited {proc.returncode} ({why})")
+                say(f"restarting {name}: exited {proc.returncode}")
+                time.sleep(2)
+                self.start(name)
+
+
 # -- one scenario's deployment ---------------------------------------------------------
 
 
@@ -143,7 +168,7 @@ class Run:
         self.scale = scale
         self.source = Source(self.work, scale.disk)
         self.target = self.work / "target.img"
-        self.emb = Embedded(
+        self.emb = Supervised(
             self.work / "ferry", tenant="faults", machine=MACHINE, azurite_on_disk=True
         )
         self.writer = RawWriter(self.source.device, scale.disk, scale.write_rate, len(name))
@@ -252,6 +277,8 @@ class Run:
         if result.bytes_resent is None:
             result.bytes_resent = self.resent_seen
         result.notes.append(f"final tag {tag['id']}")
+        if self.emb.restarts:
+            result.notes.append("restarted as systemd would: " + "; ".join(self.emb.restarts))
 
 
 # -- scenarios --------------------------------------------------------------------------
@@ -398,6 +425,7 @@ def spool_full(work: Path, scale: Scale, rng: random.Random) -> Result:
         full_for = 0.0
         while time.monotonic() < deadline and full_for < scale.outage_s:
             time.sleep(0.5)
+            run.emb.check_alive()
             free = filesystem_space(state).get("fs_free_bytes", size)
             least = min(least, free)
             if free < size // 10:  # a batch no longer fits (ext4 keeps some for itself)
