@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CONTROLLER := .venv-controller
 ANSIBLE := ANSIBLE_CONFIG=$(CURDIR)/ansible.cfg PATH=$(CURDIR)/$(CONTROLLER)/bin:$$PATH
 
-.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication clean system-deps
+.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication faults faults-quick clean system-deps
 
 setup: $(VENV)/.stamp $(CONTROLLER)/.stamp node_modules/.stamp system-deps
 
@@ -120,3 +120,14 @@ bench-deps: $(VENV)/.bench-stamp
 $(VENV)/.bench-stamp: bench/requirements.txt $(VENV)/.stamp
 	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	touch $@
+
+# Issue #10's fault campaign (bench/faults.py): kills, storage outages and network faults
+# on the embedded default, each ending byte-identical; writes docs/reliability.md. Root,
+# about 20 minutes; `make faults-quick` is a few. FAULTS_ARGS passes options
+# (`--only ps-kill agent-kill`, `--seed N`; see `.venv/bin/python -m bench.faults --help`).
+FAULTS_ARGS ?=
+faults: setup
+	$(PY) -m bench.faults $(FAULTS_ARGS)
+
+faults-quick: setup
+	$(PY) -m bench.faults --quick $(FAULTS_ARGS)

@@ -631,6 +631,7 @@ class Replicator:
             "tracker_description": self.tracker.description,
             "connected": self.shipper.connected,
             "last_error": self.shipper.last_error,
+            "bytes_resent": self.shipper.bytes_resent,
             "passes": self.passes,
             "clean_passes": self.clean_passes,
             "frozen_passes": self.frozen_passes,

@@ -54,6 +54,8 @@ class Shipper:
         self.connected = False
         self.last_error = ""
         self.bytes_sent = 0
+        self.bytes_resent = 0
+        """Payload bytes sent again after a reconnection (batches not acknowledged before)."""
         self.batches_acked = 0
         self._thread = threading.Thread(target=self._run, name="shipper", daemon=True)
 
@@ -188,6 +190,7 @@ class Shipper:
             self._try_send(frame)
         for batch in batches:
             self._try_send({"type": "batch", "batch": batch.header()}, batch.payload)
+            self.bytes_resent += len(batch.payload)
 
     def _receive(self, sock: ssl.SSLSocket) -> None:
         while not self._stop:

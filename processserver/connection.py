@@ -8,6 +8,7 @@ touches the server or the other agents.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
@@ -49,6 +50,9 @@ class Connection:
         self.disks: frozenset[str] = frozenset()
         self.since = time.time()
         self.throttled = False
+        self._full_warned = (
+            -defaults.SPOOL_FULL_WARN_EVERY
+        )  # monotonic time of the last "filesystem is full"
         self.closed = threading.Event()
         self._send_lock = threading.Lock()
         self._demanded: set[tuple[str, int]] = set()
@@ -262,14 +266,45 @@ class Connection:
         problem = self._batch_problem(batch)
         if problem:
             raise Rejected(problem)
-        try:
-            self.ctx.spool.store(batch)
-        except OSError as exc:
-            log.error("cannot spool %s/%s gen %d seq %d: %s",
-                      batch.tenant, batch.disk, batch.gen, batch.seq, exc)  # fmt: skip
-            raise Rejected("the process server cannot spool the batch; it will be sent again")
+        self._store(batch)
         self.ctx.stats.add(batches_received=1, bytes_received=len(payload))
         self.send({"type": "ack", "disk": batch.disk, "gen": batch.gen, "seq": batch.seq})
+
+    def _store(self, batch: Batch) -> None:
+        """Spool ``batch``; while the spool's filesystem is full, wait for room as over the limit.
+
+        Refusing would close the connection, and the agent would send its whole
+        window again and again while the disk stays full.
+        """
+        full_since = None
+        while True:
+            try:
+                self.ctx.spool.store(batch)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or self.ctx.stopping.is_set():
+                    log.error("cannot spool %s/%s gen %d seq %d: %s",
+                              batch.tenant, batch.disk, batch.gen, batch.seq, exc)  # fmt: skip
+                    raise Rejected(
+                        "the process server cannot spool the batch; it will be sent again"
+                    )
+                if full_since is None:
+                    full_since = time.monotonic()
+                    self.throttled = True
+                    self._warn_full()
+                self.ctx.stopping.wait(defaults.SPOOL_FULL_RETRY)
+        if full_since is not None:
+            self.throttled = False
+            log.debug("resumed receiving from %s/%s after %.1f s with the spool's filesystem full",
+                      self.tenant, self.machine, time.monotonic() - full_since)  # fmt: skip
+
+    def _warn_full(self) -> None:
+        """Say the filesystem is full, once a minute at most (it fills and frees by the batch)."""
+        now = time.monotonic()
+        if now - self._full_warned >= defaults.SPOOL_FULL_WARN_EVERY:
+            self._full_warned = now
+            log.warning("throttling %s/%s: the spool's filesystem is full; "
+                        "waiting for uploads to free space", self.tenant, self.machine)  # fmt: skip
 
     def _batch_problem(self, batch: Batch) -> str | None:
         """Why a well-formed batch is still not acceptable on this connection, or None."""

@@ -6,6 +6,12 @@ LISTEN = "127.0.0.1:7443"
 SPOOL_LIMIT_BYTES = 1 << 30
 """Spool size above which agents are made to wait (backpressure), in bytes."""
 
+SPOOL_FULL_RETRY = 1.0
+"""While the spool's filesystem is full, how often a waiting batch is tried again, in seconds."""
+
+SPOOL_FULL_WARN_EVERY = 60.0
+"""Least time between two "the spool's filesystem is full" warnings of a connection, in seconds."""
+
 UPLOAD_THREADS = 4
 """Threads packing and uploading spooled batches, a count."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ class StatusWriter:
                 "bytes": spool_bytes,
                 "files": spool_files,
                 "limit_bytes": ctx.settings.spool_limit_bytes,
+                **filesystem_space(ctx.settings.state_dir),
             },
             **counts,
             "upload_bytes_per_second": self._throughput(counts["bytes_uploaded_compressed"]),
@@ -84,3 +86,15 @@ class StatusWriter:
             self._rate = (uploaded - before) / (now - then)
             self._last = (now, uploaded)
         return round(self._rate, 1)
+
+
+def filesystem_space(path: str | Path) -> dict[str, int]:
+    """``fs_free_bytes`` and ``fs_total_bytes`` of the filesystem holding ``path`` ({} if unknown).
+
+    The spool's filesystem may fill long before the spool reaches its limit.
+    """
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return {}
+    return {"fs_free_bytes": usage.free, "fs_total_bytes": usage.total}

@@ -407,6 +407,26 @@ def test_alerts_are_raised_and_cleared_by_the_timer(api):
     assert len(kept) == 3 and all(a["cleared_at"] for a in kept.values())
 
 
+def test_a_filling_spool_filesystem_raises_the_spool_alert(api):
+    # Far under its configured limit, but the filesystem under the spool is
+    # nearly full (the process server reports both): the alert must see the disk.
+    estate = _protected(api)
+    status = {"spool": {"bytes": 10, "limit_bytes": 100, "free_fraction": 0.9,
+                        "fs_free_bytes": 20 << 20, "fs_total_bytes": 100 << 20}}  # fmt: skip
+    api.post("/components/self/heartbeat", estate.ps, {"status": status})
+    monitoring.sweep(api.ctx, [estate.tenant])
+    alert = _alerts(api, estate)[("spool", "ps-ps1")]
+    assert alert["severity"] == "critical" and "20% free" in alert["message"]
+    status["spool"]["fs_free_bytes"] = 28 << 20
+    api.post("/components/self/heartbeat", estate.ps, {"status": status})
+    monitoring.sweep(api.ctx, [estate.tenant])
+    assert _alerts(api, estate)[("spool", "ps-ps1")]["severity"] == "warning"
+    status["spool"]["fs_free_bytes"] = 60 << 20
+    api.post("/components/self/heartbeat", estate.ps, {"status": status})
+    monitoring.sweep(api.ctx, [estate.tenant])
+    assert ("spool", "ps-ps1") not in _alerts(api, estate)
+
+
 def test_a_silent_component_is_lost_then_found(api):
     estate = _protected(api)
     api.post("/components/self/heartbeat", estate.agent, {})

@@ -361,6 +361,55 @@ def test_full_spool_stalls_the_agent_instead_of_failing(servers, certs, azurite,
     agent.close()
 
 
+@pytest.mark.root
+def test_a_full_spool_filesystem_stalls_the_agent_instead_of_refusing(
+    servers, certs, azurite, storage, tenant
+):
+    # Far below the spool limit, the filesystem under the spool fills: the
+    # server must wait for room (as over the limit), not refuse the batch and
+    # drop the connection, which made the agent resend its window in a loop.
+    size = 64 << 10
+    server = servers(storage=dead_storage(), start=False)
+    server.state_dir.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(server.state_dir)], check=True
+    )
+    try:
+        server.start()
+        agent = Agent(server.port, agent_context(certs))
+        agent.hello(tenant)
+        batches = {(1, s): make_batch(tenant, s, size=size) for s in range(1, 25)}
+        sender = threading.Thread(
+            target=lambda: [agent.send_batch(b) for b in batches.values()], daemon=True
+        )
+        sender.start()
+        acked: set[tuple[int, int]] = set()
+        while True:
+            try:
+                acked |= collect_acks(agent, 1, timeout=3)  # fails if the server hangs up
+            except TimeoutError:
+                break
+        assert 5 <= len(acked) < len(batches), len(acked)
+        wait_for(lambda: "spool's filesystem is full" in server.tail(), 5, server.tail)
+        spool = server.state_dir / "spool" / tenant / DISK
+        assert not list(spool.glob(".*tmp*")), "a failed write left its partial copy"
+        # Storage comes back: the server drains, and the waiting batches go through.
+        server.signal(signal.SIGKILL)
+        agent.close()
+        server.start(storage=azurite.connection_string)
+        agent = Agent(server.port, agent_context(certs))
+        assert agent.hello(tenant)["type"] == "welcome"
+        missing = [b for k, b in sorted(batches.items()) if k not in acked]
+        threading.Thread(target=lambda: [agent.send_batch(b) for b in missing], daemon=True).start()
+        assert collect_acks(agent, len(missing), timeout=60) == {(b.gen, b.seq) for b in missing}
+        notices = collect_notices(storage, tenant, len(batches))
+        verify_uploaded(storage, notices, batches, server.segment_key)
+        agent.close()
+    finally:
+        server.stop()
+        subprocess.run(["umount", "-l", str(server.state_dir)], capture_output=True)
+
+
 def test_a_damaged_spool_file_is_set_aside_and_the_rest_uploaded(servers, connect, storage, tenant):
     server = servers(start=False)
     spool_dir = server.state_dir / "spool" / tenant / DISK

@@ -88,27 +88,34 @@ def is_lost(component: dict[str, Any], now: float) -> bool:
 def spool_free(status: dict[str, Any] | None) -> float | None:
     """Free fraction of a process server's spool from its heartbeat status, or None.
 
-    Read from ``status.spool``: ``free_fraction``; or ``free_bytes`` and
-    ``total_bytes`` (the spool's filesystem); or ``bytes`` and
-    ``limit_bytes`` (the spool against its configured limit).
+    The smaller of what ``status.spool`` reports: ``free_fraction`` (of the
+    configured limit); ``free_bytes``/``total_bytes`` and
+    ``fs_free_bytes``/``fs_total_bytes`` (the spool's filesystem, which may
+    fill before the limit is reached); ``bytes``/``limit_bytes`` (used
+    against the configured limit).
     """
     spool = (status or {}).get("spool")
     if not isinstance(spool, dict):
         return None
-    number = (int, float)
-    value = spool.get("free_fraction")
-    if isinstance(value, number) and not isinstance(value, bool):
-        return max(0.0, min(1.0, float(value)))
+    found = []
+    value = _number(spool.get("free_fraction"))
+    if value is not None:
+        found.append(value)
     for free_key, total_key, inverted in (
-        ("free_bytes", "total_bytes", False), ("bytes", "limit_bytes", True),
+        ("free_bytes", "total_bytes", False), ("fs_free_bytes", "fs_total_bytes", False),
+        ("bytes", "limit_bytes", True),
     ):  # fmt: skip
-        part, total = spool.get(free_key), spool.get(total_key)
-        if (
-            isinstance(part, number) and isinstance(total, number)
-            and not isinstance(part, bool) and not isinstance(total, bool) and total > 0
-        ):  # fmt: skip
+        part, total = _number(spool.get(free_key)), _number(spool.get(total_key))
+        if part is not None and total is not None and total > 0:
             fraction = part / total
-            return max(0.0, min(1.0, 1 - fraction if inverted else fraction))
+            found.append(1 - fraction if inverted else fraction)
+    return max(0.0, min(1.0, min(found))) if found else None
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float if it is a JSON number (not a boolean), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
     return None
 
 
