@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import mmap
 import os
 import random
 import shutil
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.data import Mounted, attach, detach, say, sh
-from devkit.embedded import Embedded, digest
+from devkit.embedded import Embedded, RawWriter, digest
 
 MiB = 1 << 20
 MACHINE = "flt01"
@@ -77,31 +76,6 @@ class Result:
 
 
 # -- the source ------------------------------------------------------------------------
-
-
-class RawWriter(threading.Thread):
-    """Random O_DIRECT writes of 4-64 KiB all over a block device at about ``rate`` bytes/s."""
-
-    def __init__(self, device: str, size: int, rate: int, seed: int) -> None:
-        super().__init__(name="raw-writer", daemon=True)
-        self.device, self.size, self.rate = device, size, rate
-        self.stop = threading.Event()
-        self.rng = random.Random(seed)
-        self.written = 0
-
-    def run(self) -> None:
-        fd = os.open(self.device, os.O_WRONLY | os.O_DIRECT)
-        buf = mmap.mmap(-1, 64 * 1024)
-        try:
-            while not self.stop.is_set():
-                n = self.rng.choice([4096, 16384, 65536])
-                offset = self.rng.randrange(0, self.size - n) // 4096 * 4096
-                buf[:n] = self.rng.randbytes(n)
-                os.pwritev(fd, [memoryview(buf)[:n]], offset)
-                self.written += n
-                self.stop.wait(n / self.rate)
-        finally:
-            os.close(fd)
 
 
 class Source:

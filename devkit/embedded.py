@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import random
 import shutil
@@ -393,6 +394,35 @@ def digest(path: str, size: int) -> str:
     finally:
         reader.close()
     return h.hexdigest()
+
+
+class RawWriter(threading.Thread):
+    """Random O_DIRECT writes of 4-64 KiB all over a block device at about ``rate`` bytes/s.
+
+    ``writes`` counts them and ``written`` their bytes; ``stop`` ends the thread.
+    """
+
+    def __init__(self, device: str, size: int, rate: int, seed: int = 1) -> None:
+        super().__init__(name="raw-writer", daemon=True)
+        self.device, self.size, self.rate = device, size, rate
+        self.stop = threading.Event()
+        self.rng = random.Random(seed)
+        self.writes = self.written = 0
+
+    def run(self) -> None:
+        fd = os.open(self.device, os.O_WRONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 64 * 1024)  # page-aligned, as O_DIRECT needs
+        try:
+            while not self.stop.is_set():
+                n = self.rng.choice([4096, 16384, 65536])
+                offset = self.rng.randrange(0, self.size - n) // 4096 * 4096
+                buf[:n] = self.rng.randbytes(n)
+                os.pwritev(fd, [memoryview(buf)[:n]], offset)
+                self.writes += 1
+                self.written += n
+                self.stop.wait(n / self.rate)
+        finally:
+            os.close(fd)
 
 
 class FileWriter(threading.Thread):

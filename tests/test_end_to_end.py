@@ -9,48 +9,21 @@ from __future__ import annotations
 
 import mmap
 import os
-import random
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from support import wait_for
 
-from devkit.embedded import Embedded, FileWriter, digest
+from devkit.embedded import Embedded, FileWriter, RawWriter, digest
 
 pytestmark = [pytest.mark.root, pytest.mark.tracefs, pytest.mark.slow]
 
 MiB = 1 << 20
 DISK = "web01-disk0"
-
-
-class RawWriter(threading.Thread):
-    """Random O_DIRECT writes of 4-64 KiB all over a block device."""
-
-    def __init__(self, device: str, size: int, rate: int) -> None:
-        super().__init__(daemon=True)
-        self.device, self.size, self.rate = device, size, rate
-        self.stop = threading.Event()
-        self.rng = random.Random(1)
-        self.writes = 0
-
-    def run(self) -> None:
-        fd = os.open(self.device, os.O_WRONLY | os.O_DIRECT)
-        buf = mmap.mmap(-1, 64 * 1024)
-        try:
-            while not self.stop.is_set():
-                n = self.rng.choice([4096, 16384, 65536])
-                offset = self.rng.randrange(0, self.size - n) // 4096 * 4096
-                buf[:n] = self.rng.randbytes(n)
-                os.pwritev(fd, [memoryview(buf)[:n]], offset)
-                self.writes += 1
-                self.stop.wait(n / self.rate)
-        finally:
-            os.close(fd)
 
 
 def fill_with_files(mnt: Path, budget: int) -> None:
