@@ -18,8 +18,8 @@ log = logging.getLogger("ferry.functions.monitoring")
 def monitor(timer: func.TimerRequest) -> None:
     """Every minute: mark lost components, raise and clear alerts."""
     totals = monitoring.sweep(context.current())
-    if any(totals.values()):
-        log.info("monitoring: %(lost)d lost, %(raised)d raised, %(cleared)d cleared", totals)
+    # One line a sweep (a minute in Azure), also when nothing changed: the proof it ran.
+    log.info("monitoring: %(lost)d lost, %(raised)d raised, %(cleared)d cleared", totals)
 
 
 @bp.route(route="tenants/{tenant}/alerts", methods=["GET"])
