@@ -1,14 +1,8 @@
-"""The agent's local control socket, served (protocol: ferry/agentsocket.py).
+"""The agent's local control socket, served.
 
-Requests and answers, one JSON object per line::
-
-    {"cmd": "status"}                       -> {"ok": true, "status": {...}}
-    {"cmd": "tag", "kind": "crash"|"app",
-     "timeout": 120, "final": false}        -> {"ok": true, "tag": {...}} once the tagged
-                                               batches are durable at the process server
-
-``"final": true`` makes it a cutover's last tag: the agent ships nothing
-more, and the master target fences each disk once it has applied it.
+The requests and answers (JSON lines: ``status``, ``tag`` with ``final``)
+are the protocol that ``ferry/agentsocket.py`` owns and documents; this
+module only answers them for one replicator.
 """
 
 from __future__ import annotations
