@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,11 @@ def serve_config(tmp_path_factory, tls: bool = False):
 
 
 def start_local(env_extra: dict[str, str], *args: str) -> tuple[subprocess.Popen, str]:
-    """``python -m functions.local --port 0 *args``, its stderr piped; (process, its URL)."""
+    """``python -m functions.local --port 0 *args``; (process, its URL).
+
+    Its stderr is drained by a thread from the start (a full pipe would stall the
+    server), so a test can wait for a line with :func:`wait_logged` while it runs.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
     env.update(env_extra)
     env["PYTHONFAULTHANDLER"] = "1"
@@ -123,29 +128,58 @@ def start_local(env_extra: dict[str, str], *args: str) -> tuple[subprocess.Popen
         [sys.executable, "-m", "functions.local", "--port", "0", *args],
         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    lines: list[str] = []
+
+    def drain() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    _LOGS[proc.pid] = (lines, reader)
+    reader.start()
     deadline = time.monotonic() + 30
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"listening on (https?://\S+)", line)
+    while time.monotonic() < deadline and proc.poll() is None:
+        match = re.search(r"listening on (https?://\S+)", "".join(lines))
         if match:
             return proc, match.group(1)
+        time.sleep(0.05)
     proc.kill()
-    proc.communicate()
+    proc.wait()
+    reader.join(10)
     raise AssertionError("no 'listening on' line:\n" + "".join(lines))
+
+
+_LOGS: dict[int, tuple[list[str], threading.Thread]] = {}
+
+
+def wait_logged(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
+    """The first line the running server logged matching ``pattern``; fails after ``timeout`` s."""
+    lines, _ = _LOGS[proc.pid]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in list(lines):
+            if re.search(pattern, line):
+                return line
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(
+        f"no line matching {pattern!r} within {timeout:g} s:\n" + "".join(lines)[-3000:]
+    )
 
 
 def stop_local(proc: subprocess.Popen) -> str:
     """SIGTERM, then its stderr; fails unless it exits 0 within 20 s (SIGABRT shows where)."""
+    lines, reader = _LOGS.pop(proc.pid)
     proc.send_signal(signal.SIGTERM)
     try:
-        _, err = proc.communicate(timeout=20)
+        proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGABRT)
-        _, err = proc.communicate(timeout=20)
-        raise AssertionError(err[-6000:])
+        proc.wait(timeout=20)
+        reader.join(10)
+        raise AssertionError("".join(lines)[-6000:]) from None
+    reader.join(10)
+    err = "".join(lines)
     assert proc.returncode == 0, err
     return err
