@@ -133,3 +133,15 @@ BOOT_CHECK_KVM_PROBE = 30.0
 
 BOOT_CHECK_MEMORY_MIB = 1024
 """Memory of the boot check's guest, in MiB."""
+
+JOURNAL_KEEP_ALL_MINUTES = 60.0
+"""Recovery journal: every point younger than this is kept, in minutes."""
+
+JOURNAL_THIN_EVERY_MINUTES = 5.0
+"""Recovery journal: older points are thinned to one per this many minutes."""
+
+JOURNAL_WINDOW_HOURS = 24.0
+"""Recovery journal: no point older than this is kept (app-consistent ones all are), in hours."""
+
+JOURNAL_BUDGET_MIB = 10240
+"""Recovery journal: undo records of one disk take at most this many MiB; the oldest go first."""

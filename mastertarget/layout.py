@@ -3,7 +3,8 @@
 ``<state_dir>/<disk>/`` holds ``cursor.json`` (the durable cursor,
 mastertarget/cursor.py), ``staging/`` (verified segments waiting for their
 group, mastertarget/staging.py), ``apply.lock`` (mastertarget/applylock.py) and,
-while groups are being applied, ``applying.json`` (the target may be between two tags).
+while groups are being applied, ``applying.json`` (the target may be between two tags),
+and ``journal/`` (undo records of older recovery points, mastertarget/journal.py).
 The worker and the cutover tool both find them here.
 """
 
@@ -36,3 +37,8 @@ def applying_path(state_dir: str | Path, disk: str) -> Path:
     """Present (durably) from before a group's first write until the cursor is past it: the
     target may be torn, and a copy of it is no recovery point."""
     return disk_dir(state_dir, disk) / "applying.json"
+
+
+def journal_dir(state_dir: str | Path, disk: str) -> Path:
+    """The disk's recovery journal: undo records back to older points (mastertarget/journal.py)."""
+    return disk_dir(state_dir, disk) / "journal"

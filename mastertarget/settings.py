@@ -8,6 +8,12 @@ Example::
     storage_env = "FERRY_STORAGE"                 # variable holding the connection string
     lease_seconds = 60
 
+    journal = true                                # older recovery points (docs/design.md)
+    journal_keep_all_minutes = 60                 # every point this young
+    journal_thin_every_minutes = 5                # then one per 5 minutes ...
+    journal_window_hours = 24                     # ... for 24 hours (app-consistent: all)
+    journal_budget_mib = 10240                    # at most this much; the oldest go first
+
     [[disks]]
     id = "web01-disk0"
     target = "/dev/sdc"                           # a block device or a (sparse) image file
@@ -25,6 +31,7 @@ from pathlib import Path
 from ferry import naming, segment
 from ferry.errors import ConfigError
 from mastertarget import defaults
+from mastertarget.journal import Policy
 
 
 @dataclasses.dataclass
@@ -50,11 +57,38 @@ class Settings:
     """Accept segments that are not encrypted and authenticated (off: they are refused)."""
     storage_env: str = defaults.STORAGE_ENV
     lease_seconds: int = defaults.LEASE_SECONDS
+    journal: bool = True
+    """Keep older recovery points (mastertarget/journal.py); off: only the latest tag."""
+    journal_keep_all_minutes: float = defaults.JOURNAL_KEEP_ALL_MINUTES
+    journal_thin_every_minutes: float = defaults.JOURNAL_THIN_EVERY_MINUTES
+    journal_window_hours: float = defaults.JOURNAL_WINDOW_HOURS
+    journal_budget_mib: int = defaults.JOURNAL_BUDGET_MIB
 
     def validate(self) -> str | None:
         """Return the first problem of these settings as one line, or None."""
         return (
-            naming.check_id("tenant", self.tenant) or self._lease_problem() or self._disks_problem()
+            naming.check_id("tenant", self.tenant)
+            or self._lease_problem()
+            or self._journal_problem()
+            or self._disks_problem()
+        )
+
+    def _journal_problem(self) -> str | None:
+        for name in ("journal_keep_all_minutes", "journal_thin_every_minutes",
+                     "journal_window_hours", "journal_budget_mib"):  # fmt: skip
+            if getattr(self, name) < 0:
+                return f"{name} must not be negative, not {getattr(self, name)}"
+        return None
+
+    def journal_policy(self) -> Policy | None:
+        """The recovery journal's retention policy; None when the journal is off."""
+        if not self.journal:
+            return None
+        return Policy(
+            keep_all_s=self.journal_keep_all_minutes * 60,
+            thin_every_s=self.journal_thin_every_minutes * 60,
+            window_s=self.journal_window_hours * 3600,
+            budget_bytes=self.journal_budget_mib << 20,
         )
 
     def _lease_problem(self) -> str | None:

@@ -118,6 +118,10 @@ class Staging:
         tag = (_peek_header(self._index[(gen, seq)].path) or {}).get("tag")
         return tag if isinstance(tag, dict) else None
 
+    def header(self, gen: int, seq: int) -> dict:
+        """The staged segment's header (unverified: check :meth:`intact` before trusting it)."""
+        return _peek_header(self._index[(gen, seq)].path) or {}
+
     def read(self, gen: int, seq: int) -> bytes:
         """The staged segment of (gen, seq); KeyError if it is not staged."""
         return self._index[(gen, seq)].path.read_bytes()

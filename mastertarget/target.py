@@ -88,6 +88,10 @@ class Target:
             written += length
         return written
 
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (short past the end): the journal's before-images."""
+        return os.pread(self._open_fd, length, offset)
+
     def _write(self, offset: int, data: memoryview) -> None:
         while data:
             n = os.pwrite(self._open_fd, data, offset)

@@ -7,8 +7,10 @@ Write and delete ordering (docs/design.md, "Master target"; invariants 7-8):
   resync durably → notice to the poison queue → delete it from the queue.
 * resync: cursor ``(gen+1, 0)`` fsync'ed → drop older staged segments →
   digest map blob → answer blob → delete the notice.
-* apply: check every staged file of the group → write all extents in seq
-  order → fsync the target → cursor fsync'ed → delete blobs, then staged files.
+* apply: check every staged file of the group → undo record of the group
+  fsync'ed (mastertarget/journal.py) → write all extents in seq order →
+  fsync the target → cursor fsync'ed → retention of the journal → delete
+  blobs, then staged files.
 
 A crash between any two steps leaves work that the next start redoes
 harmlessly: notices come back, staged files replay (extents are absolute),
@@ -48,6 +50,7 @@ from ferry.errors import FerryError, NotFound, SegmentCorrupt
 from ferry.storage import Message, Storage
 from mastertarget import applylock, defaults, layout, notices
 from mastertarget import cursor as cursors
+from mastertarget import journal as journals
 from mastertarget.errors import BadNotice
 from mastertarget.ownership import Ownership
 from mastertarget.settings import DiskSettings, Settings
@@ -108,6 +111,9 @@ class DiskWorker:
         self.cursor = cursors.Cursor(self.tenant, self.disk)
         self.apply_lock_path = layout.apply_lock_path(settings.state_dir, self.disk)
         self.applying_path = layout.applying_path(settings.state_dir, self.disk)
+        self.journal = journals.Journal(
+            layout.journal_dir(settings.state_dir, self.disk), self.disk, settings.journal_policy()
+        )
         self.fence: dict[str, Any] | None = None
         self.held = False
         self._apply_lock: int | None = None
@@ -126,6 +132,9 @@ class DiskWorker:
         self._apply_lock = applylock.open_lock(self.apply_lock_path)
         for path in self.staging.scan():
             self._forget_unreadable(path)
+        with self._applying() as allowed:  # a copy being made reads the journal: not under it
+            if allowed:
+                self.journal.open(dataclasses.asdict(self.cursor))
         return self  # the fence record is read by the first step (storage may be down now)
 
     def close(self) -> None:
@@ -412,6 +421,7 @@ class DiskWorker:
         if not self._group_intact(gen, first, last):
             return False
         self._check_owner()
+        self._journal_group(gen, first, last)
         written, tag = 0, None
         for seq in range(first, last + 1):
             try:
@@ -435,6 +445,7 @@ class DiskWorker:
                 fenced=self._fence_reached(tag),
             )
         )
+        self.journal.after_group(dataclasses.asdict(self.cursor))
         self._discard_stale()
         if self.fenced:
             self._fenced_now()
@@ -450,6 +461,18 @@ class DiskWorker:
             (tag or {}).get("id"),
         )
         return True
+
+    def _journal_group(self, gen: int, first: int, last: int) -> None:
+        """Make the group's undo record durable before its first write (journal.py)."""
+        if not self.journal.enabled or self.cursor.last_tag is None:
+            return  # before the first tag there is no older point to keep
+        headers = [self.staging.header(gen, seq) for seq in range(first, last + 1)]
+        extents = [(int(o), int(n)) for h in headers for o, n, _ in h.get("extents", [])]
+        to = {"gen": gen, "seq": last, "tag": headers[-1].get("tag")}
+        disk_size = int(headers[-1].get("disk_size") or 0)
+        self.journal.before_group(
+            dataclasses.asdict(self.cursor), to, extents, self.target.read, disk_size
+        )
 
     def _group_intact(self, gen: int, first: int, last: int) -> bool:
         """Check every staged file of the group before the first write, re-fetching bad ones.
@@ -482,6 +505,7 @@ class DiskWorker:
     def _group_broken(self, gen: int, seq: int, why: str) -> None:
         self.staging.remove(gen, seq)
         reason = f"staged segment gen {gen} seq {seq}: {why}"
+        self.journal.reset(f"a group could not be finished ({reason})")  # the target is torn
         self._require_resync(gen, reason)
         log.error("disk %s: cannot apply %s; the disk needs a resync", self.disk, reason)
 
@@ -588,6 +612,7 @@ class DiskWorker:
             "bytes_applied": c.bytes_applied,
             "fenced": c.fenced,
             "held": self.held,
+            "journal": self.journal.state(dataclasses.asdict(c)),
             "updated_at": time.time(),
         }
 

@@ -1,0 +1,637 @@
+"""The recovery journal of one disk: undo records that take its target back to older points.
+
+The one owner of ``<state_dir>/<disk>/journal/`` (format and invariants in
+docs/design.md, "Recovery journal").  Before a group is written to the
+target, the worker asks :meth:`Journal.before_group` to save the
+*before-images* of every range the group will write (read from the target,
+which then sits on the cursor's tag) as one undo record, durably.  Applying
+the undo records newest first, down to the one whose ``from`` is a point,
+takes a copy of the target back to that point (:func:`rewind`).
+
+Why undo rather than redo over an older base: the target itself stays the
+latest point and is written exactly as before; an older point costs only the
+bytes each group overwrote, and the newest points (the ones most often
+wanted) are the cheapest to reach.  Redo would need a second full copy of
+every disk as its base.
+
+Record file ``<to_gen:08d>-<to_seq:012d>.undo`` (all integers big-endian)::
+
+    magic     8 bytes  b"FERRYUJ1"
+    hlen      u32      length of the header
+    header    hlen     JSON: {"format": 1, "disk", "from": {gen, seq, tag},
+                       "to": {gen, seq, tag}, "extents": [[offset, length], ...],
+                       "raw_len", "disk_size", "created_at"}
+    body      ...      one zstd frame: the before-image bytes of the extents, in order
+    checksum  16 bytes xxh3-128 of every byte before it
+
+``to`` is where the target stands after the group(s), ``from`` where it stood
+before: applying the record's extents to a copy at ``to`` gives ``from``.
+Extents are sorted and never overlap.  Records are written with a temporary
+file, fsync, rename and an fsync of the directory, so after a crash one is
+whole or absent.
+
+Everything that changes the journal (records, merges, pruning) runs in the
+worker while it holds ``apply.lock``; whoever holds that lock sees a chain
+that matches the target.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import xxhash
+import zstandard
+
+from ferry import durable
+
+log = logging.getLogger("ferry.mastertarget.journal")
+
+MAGIC = b"FERRYUJ1"
+FORMAT = 1
+_HEAD = struct.Struct(">8sI")
+_SUM = 16
+_MAX_HEADER = 256 << 20
+CHUNK = 4 << 20
+"""Bytes read from the target (or a record) at a time."""
+MERGE_MAX_BYTES = 256 << 20
+"""Largest pair of records merged (in memory) when a point is thinned out; larger pairs wait."""
+MAINTAIN_EVERY = 2.0
+"""Seconds between two retention passes of one disk (each pass runs inside one group's apply)."""
+MAX_MERGES = 8
+"""Merges per retention pass: thinning catches up over a few groups, never stalling one."""
+SUFFIX = ".undo"
+
+
+class JournalCorrupt(Exception):
+    """A record that fails its checksum or cannot be parsed."""
+
+
+# -- retention policy --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Which older points a disk keeps (settings ``journal_*``; docs/design.md)."""
+
+    keep_all_s: float = 3600.0
+    """Every point this young is kept."""
+    thin_every_s: float = 300.0
+    """Older points: the newest of each ``thin_every_s`` slice of wall-clock time is kept."""
+    window_s: float = 86400.0
+    """Nothing older is kept; app-consistent points are kept for the whole window."""
+    budget_bytes: int = 10 << 30
+    """Bytes of undo records at most; the oldest points go first when it is reached."""
+
+
+def retained(points: list[dict[str, Any]], now: float, policy: Policy) -> list[str]:
+    """The ids of ``points`` the policy keeps (before the byte budget), oldest first.
+
+    ``points`` are tags (``id``, ``kind``, ``t0_wall``), oldest first; the last
+    one is the target's own and always kept.  A point is kept when it is the
+    newest, or younger than ``keep_all_s``, or younger than ``window_s`` and
+    app-consistent or the newest point of its slice
+    ``floor(t0_wall / thin_every_s)``.
+    """
+    newest_of_slice: dict[int, str] = {}
+    if policy.thin_every_s > 0:
+        for p in points:  # oldest first: the last one written per slice wins
+            newest_of_slice[int(p["t0_wall"] // policy.thin_every_s)] = p["id"]
+    kept = []
+    for i, p in enumerate(points):
+        age = now - p["t0_wall"]
+        slice_ = int(p["t0_wall"] // policy.thin_every_s) if policy.thin_every_s > 0 else -1
+        if (
+            i == len(points) - 1
+            or age < policy.keep_all_s
+            or (
+                age < policy.window_s
+                and (p.get("kind") == "app" or newest_of_slice.get(slice_) == p["id"])
+            )
+        ):
+            kept.append(p["id"])
+    return kept
+
+
+# -- extents -----------------------------------------------------------------------------
+
+
+def coalesce(extents: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(offset, length)`` ranges sorted, overlaps and neighbours joined."""
+    out: list[list[int]] = []
+    for offset, length in sorted(e for e in extents if e[1] > 0):
+        if out and offset <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], offset + length - out[-1][0])
+        else:
+            out.append([offset, length])
+    return [(o, n) for o, n in out]
+
+
+def overlay(
+    below: list[tuple[int, bytes]], above: list[tuple[int, bytes]]
+) -> list[tuple[int, bytes]]:
+    """Pieces ``(offset, data)`` of ``below`` with ``above`` written over them; sorted, joined.
+
+    Each list is sorted and non-overlapping.  Used to merge two undo records:
+    the older record's before-images (``above``) win where both have a range.
+    """
+    starts = [o for o, _ in above]
+    out: list[tuple[int, bytes]] = []
+    for offset, data in below:
+        end = offset + len(data)
+        cursor = offset
+        i = max(0, bisect.bisect_right(starts, offset) - 1)
+        while cursor < end and i < len(above):
+            a_off, a_data = above[i]
+            a_end = a_off + len(a_data)
+            if a_end <= cursor:
+                i += 1
+                continue
+            if a_off >= end:
+                break
+            if a_off > cursor:
+                out.append((cursor, data[cursor - offset : a_off - offset]))
+            cursor = max(cursor, a_end)
+            i += 1
+        if cursor < end:
+            out.append((cursor, data[cursor - offset :]))
+    out.extend(above)
+    out.sort(key=lambda p: p[0])
+    joined: list[tuple[int, bytes]] = []
+    for offset, data in out:
+        if joined and joined[-1][0] + len(joined[-1][1]) == offset:
+            joined[-1] = (joined[-1][0], joined[-1][1] + data)
+        else:
+            joined.append((offset, data))
+    return joined
+
+
+# -- the record format -------------------------------------------------------------------
+
+
+def record_name(gen: int, seq: int) -> str:
+    """The file name of the record whose ``to`` is batch (gen, seq)."""
+    return f"{gen:08d}-{seq:012d}{SUFFIX}"
+
+
+def write_record(path: Path, header: dict[str, Any], chunks: Iterable[bytes]) -> int:
+    """Write one record durably (temporary file, fsync, rename, directory fsync); its size."""
+    hbytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    digest = xxhash.xxh3_128()
+    size = 0
+    try:
+        with open(tmp, "wb") as f:
+
+            def put(data: bytes) -> None:
+                nonlocal size
+                digest.update(data)
+                f.write(data)
+                size += len(data)
+
+            put(_HEAD.pack(MAGIC, len(hbytes)) + hbytes)
+            compressor = zstandard.ZstdCompressor(level=1).compressobj()
+            for chunk in chunks:
+                out = compressor.compress(chunk)
+                if out:
+                    put(out)
+            put(compressor.flush())
+            f.write(digest.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a full disk must not keep the partial copy
+        raise
+    durable.fsync_dir(path.parent)
+    return size + _SUM
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The header of the record at ``path`` (unverified; JournalCorrupt if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(_HEAD.size)
+            if len(prefix) != _HEAD.size:
+                raise JournalCorrupt(f"{path.name}: too short")
+            magic, hlen = _HEAD.unpack(prefix)
+            if magic != MAGIC or hlen > _MAX_HEADER:
+                raise JournalCorrupt(f"{path.name}: not an undo record")
+            header = json.loads(f.read(hlen))
+    except (OSError, ValueError) as exc:
+        raise JournalCorrupt(f"{path.name}: {exc}")
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise JournalCorrupt(f"{path.name}: unknown header")
+    return header
+
+
+def verify(path: Path) -> None:
+    """Check the record's checksum; JournalCorrupt if it does not hold."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size - _SUM
+            if size < _HEAD.size:
+                raise JournalCorrupt(f"{path.name}: too short")
+            digest = xxhash.xxh3_128()
+            left = size
+            while left:
+                chunk = f.read(min(left, CHUNK))
+                if not chunk:
+                    raise JournalCorrupt(f"{path.name}: truncated")
+                digest.update(chunk)
+                left -= len(chunk)
+            if digest.digest() != f.read(_SUM):
+                raise JournalCorrupt(f"{path.name}: checksum does not hold")
+    except OSError as exc:
+        raise JournalCorrupt(f"{path.name}: {exc}")
+
+
+def pieces(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(offset, before-image)`` of each extent of a verified record, in order, in bounded chunks."""
+    header = read_header(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        _, hlen = _HEAD.unpack(f.read(_HEAD.size))
+        f.seek(_HEAD.size + hlen)
+        body_left = size - _HEAD.size - hlen - _SUM
+        reader = zstandard.ZstdDecompressor().stream_reader(_Limited(f, body_left))  # type: ignore[arg-type]
+        for offset, length in header["extents"]:
+            while length:
+                n = min(length, CHUNK)
+                data = _read_exactly(reader, n, path)
+                yield offset, data
+                offset += n
+                length -= n
+
+
+class _Limited:
+    """A file object that ends after ``left`` bytes (the body, not the checksum)."""
+
+    def __init__(self, f: Any, left: int) -> None:
+        self.f, self.left = f, left
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(n)
+        self.left -= len(data)
+        return data
+
+
+def _read_exactly(reader: Any, n: int, path: Path) -> bytes:
+    parts, left = [], n
+    while left:
+        data = reader.read(left)
+        if not data:
+            raise JournalCorrupt(f"{path.name}: body shorter than its extents")
+        parts.append(data)
+        left -= len(data)
+    return b"".join(parts)
+
+
+# -- the chain ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Record:
+    """One undo record as the index knows it."""
+
+    path: Path
+    src: dict[str, Any]
+    """``from``: {gen, seq, tag}."""
+    dst: dict[str, Any]
+    """``to``: {gen, seq, tag}."""
+    size: int
+    raw_len: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.dst["gen"], self.dst["seq"])
+
+    @property
+    def from_id(self) -> str | None:
+        return (self.src.get("tag") or {}).get("id")
+
+    @property
+    def to_id(self) -> str | None:
+        return (self.dst.get("tag") or {}).get("id")
+
+
+def scan(directory: Path) -> list[Record]:
+    """Every readable record in ``directory``, by ``to`` (gen, seq); unreadable ones skipped."""
+    found: list[Record] = []
+    if not directory.is_dir():
+        return found
+    for path in directory.iterdir():
+        if not path.name.endswith(SUFFIX) or path.name.startswith("."):
+            continue
+        try:
+            header = read_header(path)
+            found.append(Record(path, header["from"], header["to"], path.stat().st_size,
+                                int(header["raw_len"])))  # fmt: skip
+        except (JournalCorrupt, KeyError, TypeError, ValueError, OSError):
+            log.warning("journal %s: unreadable record %s ignored", directory, path.name)
+    return sorted(found, key=lambda r: r.key)
+
+
+def is_pending(record: Record, cursor: dict[str, Any]) -> bool:
+    """True for the record of the group in hand: after the cursor, from the cursor's tag."""
+    gen, seq = cursor.get("gen", 0), cursor.get("applied_seq", 0)
+    after = record.key > (gen, seq)
+    return after and record.from_id == (cursor.get("last_tag") or {}).get("id")
+
+
+def chain(records: list[Record], cursor: dict[str, Any]) -> tuple[list[Record], Record | None]:
+    """``(chain newest first, pending record or None)`` for a disk whose cursor is ``cursor``.
+
+    The chain starts at the record whose ``to`` is the cursor's tag and goes on
+    while each record's ``from`` is the next one's ``to``.  Records in neither
+    are garbage (a merge or reset interrupted by a crash).
+    """
+    head = (cursor.get("last_tag") or {}).get("id")
+    pending = None
+    for r in records:
+        if is_pending(r, cursor):
+            pending = r
+    out: list[Record] = []
+    want = head
+    for r in sorted((r for r in records if r is not pending), key=lambda r: r.key, reverse=True):
+        if (
+            want is not None
+            and r.to_id == want
+            and r.key <= (cursor.get("gen", 0), cursor.get("applied_seq", 0))
+        ):
+            out.append(r)
+            want = r.from_id
+    return out, pending
+
+
+def points(chain_: list[Record], cursor: dict[str, Any]) -> list[dict[str, Any]]:
+    """The points a chain reaches, oldest first, the target's own (the cursor's tag) last."""
+    tags = [r.src["tag"] for r in reversed(chain_)]
+    if cursor.get("last_tag"):
+        tags.append(cursor["last_tag"])
+    return [t for t in tags if t]
+
+
+def rewind(fd: int, records: list[Record]) -> None:
+    """Apply ``records`` (newest first) to the copy open at ``fd``; each verified first."""
+    for r in records:
+        verify(r.path)
+        for offset, data in pieces(r.path):
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view = view[n:]
+                offset += n
+
+
+# -- the journal of one disk (the worker's side) -----------------------------------------
+
+
+class Journal:
+    """Writes and trims one disk's undo records; all calls from the worker, under ``apply.lock``."""
+
+    def __init__(self, directory: Path, disk: str, policy: Policy | None, now=time.time) -> None:
+        self.directory = Path(directory)
+        self.disk = disk
+        self.policy = policy
+        self.now = now
+        self.records: list[Record] = []
+        self.cut_short: dict[str, Any] | None = None
+        """Set when the budget (or a failure) cost points the policy would keep: the alert."""
+        self._maintained = float("-inf")
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy is not None
+
+    def open(self, cursor: dict[str, Any]) -> None:
+        """Index the records; remove garbage; with the journal off, remove every record."""
+        if not self.enabled:
+            shutil.rmtree(self.directory, ignore_errors=True)  # its chain would go stale
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for path in self.directory.glob(".*"):
+            path.unlink(missing_ok=True)  # a torn temporary
+        self.records = scan(self.directory)
+        self._drop_garbage(cursor)
+
+    def _drop_garbage(self, cursor: dict[str, Any]) -> None:
+        """Remove records outside the chain; reset if one says a group was begun and abandoned.
+
+        Such a record starts at the cursor's tag but is neither the chain nor
+        the group in hand (a group that broke, then a resync): the target
+        was written past the chain, so no older point is reachable any more.
+        """
+        kept, pending = chain(self.records, cursor)
+        keep = {id(r) for r in kept} | ({id(pending)} if pending else set())
+        head = (cursor.get("last_tag") or {}).get("id")
+        if any(id(r) not in keep and r.from_id == head for r in self.records):
+            self.reset("a group was begun and never finished (the target was resynced)")
+            return
+        for r in self.records:
+            if id(r) not in keep:
+                r.path.unlink(missing_ok=True)
+        self.records = sorted([r for r in self.records if id(r) in keep], key=lambda r: r.key)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.size for r in self.records)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def before_group(
+        self,
+        cursor: dict[str, Any],
+        to: dict[str, Any],
+        extents: list[tuple[int, int]],
+        read: Any,
+        disk_size: int,
+    ) -> None:
+        """Make the group's undo record durable before its first write; never raises.
+
+        ``to`` is ``{gen, seq, tag}`` after the group, ``read(offset, length)``
+        reads the target.  A record of this very group left by a crash is
+        kept as it is (the target may be torn now; the record was read before).
+        If the record cannot be written (too big for the budget, a full or
+        failing disk), every record is dropped first, so that no chain ever
+        spans a write it does not cover, and replication goes on.
+        """
+        if not self.enabled or not cursor.get("last_tag"):
+            return
+        head = (cursor["last_tag"] or {}).get("id")
+        mine = next(
+            (r for r in self.records if r.key == (to["gen"], to["seq"]) and r.from_id == head),
+            None,
+        )
+        if mine is not None:
+            return
+        _, pending = chain(self.records, cursor)
+        if pending is not None:  # another group was begun here: the target may be torn
+            self.reset(f"the group up to {pending.key} was begun and not finished")
+        self._drop_garbage(cursor)
+        ranges = coalesce(extents)
+        raw = sum(n for _, n in ranges)
+        assert self.policy is not None
+        if raw > self.policy.budget_bytes:
+            self.reset(f"a group overwrites {raw} bytes, more than the budget")
+            return
+        src = {
+            "gen": cursor.get("gen", 0),
+            "seq": cursor.get("applied_seq", 0),
+            "tag": cursor["last_tag"],
+        }
+        header = {"format": FORMAT, "disk": self.disk, "from": src, "to": to,
+                  "extents": [list(e) for e in ranges], "raw_len": raw,
+                  "disk_size": disk_size, "created_at": self.now()}  # fmt: skip
+        path = self.directory / record_name(to["gen"], to["seq"])
+        try:
+            size = write_record(path, header, _before_images(ranges, read))
+        except OSError as exc:
+            self.reset(f"cannot write an undo record: {exc}")
+            return
+        self.records.append(Record(path, src, to, size, raw))
+        self.records.sort(key=lambda r: r.key)
+
+    def reset(self, why: str) -> None:
+        """Drop every record (durably, newest first) because the next write goes unrecorded."""
+        lost = len(self.records)
+        for r in sorted(self.records, key=lambda r: r.key, reverse=True):
+            r.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            durable.fsync_dir(self.directory)
+        self.records = []
+        if lost:
+            self.cut_short = {"at": self.now(), "reason": why}
+        log.warning("disk %s: recovery journal dropped %d older points: %s", self.disk, lost, why)
+
+    # -- retention -----------------------------------------------------------------------
+
+    def after_group(self, cursor: dict[str, Any], force: bool = False) -> None:
+        """Thin and trim by the policy and the budget (at most every MAINTAIN_EVERY s)."""
+        now = self.now()
+        if not self.enabled or (not force and now - self._maintained < MAINTAIN_EVERY):
+            return
+        self._maintained = now
+        try:
+            self._maintain(cursor, now)
+        except (OSError, JournalCorrupt) as exc:
+            self.reset(f"retention failed: {exc}")
+
+    def _maintain(self, cursor: dict[str, Any], now: float) -> None:
+        assert self.policy is not None
+        self._drop_garbage(cursor)
+        links, _ = chain(self.records, cursor)
+        links = list(reversed(links))  # oldest first: links[i] leads to points()[i]
+        pts = points(list(reversed(links)), cursor)
+        keep = set(retained(pts, now, self.policy))
+        # The oldest points the policy drops: their records go.
+        while links and links[0].src["tag"]["id"] not in keep:
+            self._remove(links.pop(0))
+        # Points in between: merge the two records around each.
+        merges = 0
+        i = 1
+        while i < len(links) and merges < MAX_MERGES:
+            if links[i].src["tag"]["id"] in keep:
+                i += 1
+                continue
+            if links[i - 1].raw_len + links[i].raw_len > MERGE_MAX_BYTES:
+                i += 1
+                continue
+            links[i - 1 : i + 1] = [self._merge(links[i - 1], links[i])]
+            merges += 1
+        # The byte budget: the oldest points go first.
+        window = {p["id"] for p in pts if now - p["t0_wall"] < self.policy.window_s}
+        while links and self.total_bytes > self.policy.budget_bytes:
+            gone = links.pop(0)
+            self._remove(gone)
+            if gone.src["tag"]["id"] in window:
+                self.cut_short = {"at": now, "reason": f"budget of {self.policy.budget_bytes} bytes reached",
+                                  "oldest_t0_wall": links[0].src["tag"]["t0_wall"] if links else None}  # fmt: skip
+        if self.cut_short and now - self.cut_short["at"] > self.policy.window_s:
+            self.cut_short = None
+
+    def _remove(self, record: Record) -> None:
+        record.path.unlink(missing_ok=True)
+        self.records = [r for r in self.records if r is not record]
+
+    def _merge(self, older: Record, newer: Record) -> Record:
+        """One record from ``older.from`` to ``newer.to``, written over ``newer``'s file.
+
+        A crash after the rename leaves ``older`` outside the chain (garbage,
+        removed at the next start); before it, both as they were.
+        """
+        below = _load(newer.path)
+        above = _load(older.path)
+        merged = overlay(below, above)
+        raw = sum(len(d) for _, d in merged)
+        header = read_header(newer.path)
+        header.update({"from": older.src, "extents": [[o, len(d)] for o, d in merged],
+                       "raw_len": raw, "created_at": self.now()})  # fmt: skip
+        size = write_record(newer.path, header, (d for _, d in merged))
+        older.path.unlink(missing_ok=True)
+        record = Record(newer.path, older.src, newer.dst, size, raw)
+        self.records = sorted(
+            [r for r in self.records if r is not older and r is not newer] + [record],
+            key=lambda r: r.key,
+        )
+        return record
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def state(self, cursor: dict[str, Any]) -> dict[str, Any]:
+        """What the disk's state blob says of its retained points (compact)."""
+        if not self.enabled:
+            return {"enabled": False}
+        assert self.policy is not None
+        links, _ = chain(self.records, cursor)
+        pts = points(links, cursor)
+        # Points younger than keep_all are all kept: say where that run starts, list the rest.
+        young = [p for p in pts if self.now() - p["t0_wall"] < self.policy.keep_all_s]
+        older = [p for p in pts if p not in young]
+        return {
+            "enabled": True,
+            "points": len(pts),
+            "bytes": self.total_bytes,
+            "budget_bytes": self.policy.budget_bytes,
+            "oldest_t0_wall": pts[0]["t0_wall"] if pts else None,
+            "all_since": young[0]["t0_wall"] if young else None,
+            "kept": [
+                {"id": p["id"], "kind": p.get("kind"), "t0_wall": p["t0_wall"]} for p in older
+            ],
+            "cut_short": self.cut_short,
+        }
+
+
+def _before_images(ranges: list[tuple[int, int]], read: Any) -> Iterator[bytes]:
+    for offset, length in ranges:
+        while length:
+            n = min(length, CHUNK)
+            data = read(offset, n)
+            if len(data) < n:  # past the end of an image file that grows: zeros
+                data = data + bytes(n - len(data))
+            yield data
+            offset += n
+            length -= n
+
+
+def _load(path: Path) -> list[tuple[int, bytes]]:
+    verify(path)
+    out: list[tuple[int, bytes]] = []
+    for offset, data in pieces(path):
+        if out and out[-1][0] + len(out[-1][1]) == offset:
+            out[-1] = (out[-1][0], out[-1][1] + data)
+        else:
+            out.append((offset, data))
+    return out
