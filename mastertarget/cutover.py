@@ -11,6 +11,9 @@ Every step prints one JSON object so Ansible can register it::
     python -m mastertarget.cutover convert --spec spec.json          # VHDs + manifest, verified
     python -m mastertarget.cutover clone --state-dir ... --disk ... --target ... --size ... --out x.img
     python -m mastertarget.cutover fence --tenant demo --disk web01-disk0 --tag-json '{...}'
+    python -m mastertarget.cutover points --state-dir ... --disk web01-disk0 --disk web01-disk1
+    python -m mastertarget.cutover materialise --state-dir ... --machine web01 \
+        --targets-json '{"web01-disk0": "/dev/sdc", ...}' --out-dir x --point-time 2026-12-02T18:00
 
 ``convert`` is idempotent: a manifest that already records the same final tag
 as complete is returned unchanged (``"changed": false``), so a cutover asked
@@ -241,6 +244,8 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
         return previous | {"changed": False}
     started = spec.get("started") or time.time()
     keep = same_tag and _kept_disks(previous)
+    if not keep and (spec.get("point") or spec.get("point_time")):
+        spec = _at_point(spec, out_dir)
     disks = previous["disks"] if keep else _convert_disks(out_dir, spec)
     verified = all(d["verified"] for d in disks)
     manifest = {
@@ -255,6 +260,41 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
         finish(manifest, spec, float(started))
     _write_manifest(manifest_path, manifest)
     return manifest | {"changed": True}
+
+
+def _at_point(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """``spec`` made from the machine's disks materialised at an older point (a failover to it).
+
+    The source's digests are of the final tag, not of the point: the VHDs
+    are checked by their filesystems instead.
+    """
+    from mastertarget import recovery
+
+    targets = {d["id"]: spec["targets"][d["id"]] for d in spec["disks"]}
+    made = recovery.materialise(spec["state_dir"], spec["machine"], targets,
+                                out_dir / "point", spec.get("point") or None,
+                                parse_time(spec.get("point_time")), check=False)  # fmt: skip
+    images = {d["disk"]: d["image"] for d in made["disks"]}
+    return spec | {"targets": images, "digests": {}, "point": made["point"]}
+
+
+def parse_time(value: Any) -> float | None:
+    """A point's time: Unix seconds or ISO 8601 (UTC unless it says); None if empty."""
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        pass
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise CutoverError(detail=f"point time {value!r} is neither Unix seconds nor ISO 8601")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 def finish(record: dict[str, Any], spec: dict[str, Any], started: float) -> None:
@@ -344,10 +384,15 @@ def test_failover(
     targets: dict[str, str],
     out_dir: str | Path,
     checks: dict[str, Any] | None = None,
+    point: str | None = None,
+    point_time: float | None = None,
 ) -> dict[str, Any]:
-    """Clone every target of ``machine`` at its latest tag into fixed VHDs under ``out_dir``.
+    """Copy every target of ``machine`` at one point into fixed VHDs under ``out_dir``.
 
-    Replication goes on meanwhile (see :func:`clone_at_tag`).  ``checks``
+    With a recovery journal (mastertarget/recovery.py) all disks are copied
+    at one machine-wide point: ``point`` (a tag id), the newest at or before
+    ``point_time``, or the newest; without one, each at its latest tag (see
+    :func:`clone_at_tag`).  Replication goes on meanwhile.  ``checks``
     (``{"adapt", "boot_check", "markers", "boot_check_timeout"}``) makes the
     same adapted, boot-checked copy a cutover makes (:func:`finish`); the
     record's ``passed`` says whether it boots.  ``out_dir`` gets
@@ -369,8 +414,14 @@ def test_failover(
         "timings": {},
     }
     try:
-        for disk, target in targets.items():
-            _test_failover_disk(state_dir, disk, target, out_dir, record)
+        if _journaled(state_dir, list(targets)):
+            _test_failover_point(state_dir, machine, targets, out_dir, record, point, point_time)
+        elif point is not None or point_time is not None:
+            raise CutoverError(detail="the master target keeps no recovery journal for these "
+                               "disks (journal = false): only the latest point can be copied")  # fmt: skip
+        else:
+            for disk, target in targets.items():
+                _test_failover_disk(state_dir, disk, target, out_dir, record)
         record["timings"]["disks_ready_s"] = round(time.time() - started, 1)
         checks = checks or {}
         if checks.get("boot_check"):
@@ -407,6 +458,39 @@ def _test_failover_disk(
     record["disks"].append({"id": disk, "vhd": str(vhd), "tag": clone["tag"], "size": size,
                             "apply_held_s": clone["apply_held_s"],
                             "unique_id": footer["unique_id"], "fsck": fsck(vhd)})  # fmt: skip
+
+
+def _journaled(state_dir: str | Path, disks: list[str]) -> bool:
+    return bool(disks) and all(layout.journal_dir(state_dir, d).is_dir() for d in disks)
+
+
+def _test_failover_point(
+    state_dir: str | Path,
+    machine: str,
+    targets: dict[str, str],
+    out_dir: Path,
+    record: dict[str, Any],
+    point: str | None,
+    point_time: float | None,
+) -> None:
+    """All disks at one machine-wide point (mastertarget/recovery.py), each as a fixed VHD."""
+    from mastertarget import recovery
+
+    made = recovery.materialise(state_dir, machine, targets, out_dir / ".points", point,
+                                point_time, check=False)  # fmt: skip
+    record["point"] = made["point"]
+    try:
+        for disk in made["disks"]:
+            raw, vhd = Path(disk["image"]), out_dir / f"{disk['disk']}.vhd"
+            footer = image_to_vhd(raw, vhd, disk["size"])
+            record["made"].append(str(vhd))
+            record["disks"].append({
+                "id": disk["disk"], "vhd": str(vhd), "tag": made["point"], "size": disk["size"],
+                "apply_held_s": disk["apply_held_s"], "unique_id": footer["unique_id"],
+                "checks": recovery.check_filesystems(raw), "fsck": fsck(vhd),
+            })  # fmt: skip
+    finally:
+        shutil.rmtree(out_dir / ".points", ignore_errors=True)
 
 
 def test_failover_cleanup(out_dir: str | Path) -> dict[str, Any]:
@@ -476,6 +560,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-check", action="store_true", help="boot-check the copies")
     p.add_argument("--marker", action="append", default=[], help="PATH[:SHA256]; repeat")
     p.add_argument("--boot-check-timeout", type=float, default=900.0)
+    p.add_argument("--point", help="the recovery point's tag id (default: the newest)")
+    p.add_argument(
+        "--point-time", help="the newest point at or before this time (Unix s or ISO 8601)"
+    )
+    p = sub.add_parser("points", help="the recovery points every disk of a machine holds")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--disk", action="append", required=True, help="repeat for each disk")
+    p = sub.add_parser("materialise", help="copy a machine's disks at one recovery point")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--machine", required=True)
+    p.add_argument("--targets-json", required=True, help='{"disk id": "target path", ...}')
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--point", help="the recovery point's tag id (default: the newest)")
+    p.add_argument(
+        "--point-time", help="the newest point at or before this time (Unix s or ISO 8601)"
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the filesystem checks")
     p = sub.add_parser("test-failover-cleanup", help="remove what test-failover made")
     p.add_argument("--out-dir", required=True)
     p = sub.add_parser("fence", help="record that nothing after the final tag is applied")
@@ -502,7 +603,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         targets = json.loads(args.targets_json)
         checks = {"adapt": args.adapt, "boot_check": args.boot_check, "markers": args.marker,
                   "boot_check_timeout": args.boot_check_timeout}  # fmt: skip
-        return test_failover(args.state_dir, args.machine, targets, args.out_dir, checks)
+        return test_failover(args.state_dir, args.machine, targets, args.out_dir, checks,
+                             args.point, parse_time(args.point_time))  # fmt: skip
+    if args.command in ("points", "materialise"):
+        from mastertarget import recovery
+
+        if args.command == "points":
+            return {"points": recovery.machine_points(args.state_dir, args.disk)}
+        return recovery.materialise(args.state_dir, args.machine, json.loads(args.targets_json),
+                                    args.out_dir, args.point, parse_time(args.point_time),
+                                    check=not args.no_check)  # fmt: skip
     if args.command == "test-failover-cleanup":
         return test_failover_cleanup(args.out_dir)
     return fence(args.tenant, args.disk, json.loads(args.tag_json), args.storage_env)
@@ -517,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         result = _run(args)
         print(json.dumps(result))
-        failed = [result.get(k, True) is False for k in ("verified", "complete", "passed")]
+        failed = [result.get(k, True) is False
+                  for k in ("verified", "complete", "passed", "consistent")]  # fmt: skip
         return 1 if any(failed) else 0
 
     return run_main("cutover", body)
