@@ -355,13 +355,52 @@ def _when(seconds: Any) -> str:
 
 def cmd_recovery_points(args: argparse.Namespace) -> int:
     path = f"/tenants/{_tenant(args)}/recovery-points"
-    answer = api(args, "GET", path, machine=args.machine, disk=args.disk, limit=args.limit)
+    restorable = "true" if args.restorable else None
+    answer = api(args, "GET", path, machine=args.machine, disk=args.disk, limit=args.limit,
+                 restorable=restorable)  # fmt: skip
+    if args.machine and not args.disk:
+        machine_rows = [(p.get("tag_id", "-"), p.get("kind") or "-", _when(p.get("t0_wall")),
+                 ",".join(p.get("disks", [])), "yes" if p.get("restorable") else "no")
+                for p in answer.get("points", [])]  # fmt: skip
+        render.show(args.json, answer,
+                    Table(("TAG", "KIND", "TAKEN", "DISKS", "RESTORABLE"), machine_rows))  # fmt: skip
+        return 0
     rows = []
     for rp in answer.get("recovery_points", []):
         tag = rp.get("tag") or {}
         rows.append((rp.get("disk", "-"), tag.get("id", "-"), tag.get("kind", "-"),
-                     _when(tag.get("t0_wall")), str(rp.get("gen", "-")), str(rp.get("seq", "-"))))  # fmt: skip
-    render.show(args.json, answer, Table(("DISK", "TAG", "KIND", "TAKEN", "GEN", "SEQ"), rows))
+                     _when(tag.get("t0_wall")), str(rp.get("gen", "-")), str(rp.get("seq", "-")),
+                     "yes" if rp.get("restorable") else "no"))  # fmt: skip
+    columns = ("DISK", "TAG", "KIND", "TAKEN", "GEN", "SEQ", "RESTORABLE")
+    render.show(args.json, answer, Table(columns, rows))
+    return 0
+
+
+def _moment(text: str) -> float:
+    """Unix seconds or ISO 8601 (UTC unless it says) as Unix seconds; one-line error if neither."""
+    from datetime import UTC, datetime
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(detail=f"--point-time {text!r} is neither Unix seconds nor ISO 8601")
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def cmd_test_failover(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"idempotency_key": _request_key("test-failover"), "drive": True}
+    if args.point:
+        body["point"] = args.point
+    if args.point_time:
+        body["point_time"] = _moment(args.point_time)
+    path = f"/tenants/{_tenant(args)}/machines/{args.machine}/test-failover"
+    answer = api(args, "POST", path, body)
+    job = answer.get("job") or {}
+    render.show(args.json, answer, f"test failover job {job.get('job_id')} is {job.get('state')}")
     return 0
 
 
@@ -503,7 +542,17 @@ def _add_api_commands(sub) -> None:
     rp.add_argument("--machine")
     rp.add_argument("--disk")
     rp.add_argument("--limit", type=int, default=20)
+    rp.add_argument("--restorable", action="store_true", help="only points that can be restored")
     rp.set_defaults(func=cmd_recovery_points)
+
+    tf = sub.add_parser(
+        "test-failover", help="a test VM's disks at one recovery point (server-driven)"
+    )
+    _server_args(tf)
+    tf.add_argument("machine")
+    tf.add_argument("--point", help="the recovery point's tag id (default: the newest)")
+    tf.add_argument("--point-time", help="the newest point at or before (Unix s or ISO 8601)")
+    tf.set_defaults(func=cmd_test_failover)
 
     alerts = sub.add_parser("alerts", help="alerts raised by the monitoring timer")
     _server_args(alerts)

@@ -607,9 +607,7 @@ class Journal:
             "budget_bytes": self.policy.budget_bytes,
             "oldest_t0_wall": pts[0]["t0_wall"] if pts else None,
             "all_since": young[0]["t0_wall"] if young else None,
-            "kept": [
-                {"id": p["id"], "kind": p.get("kind"), "t0_wall": p["t0_wall"]} for p in older
-            ],
+            "kept": [p["id"] for p in older],
             "cut_short": self.cut_short,
         }
 

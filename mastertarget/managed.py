@@ -67,6 +67,7 @@ REPORTED = (
     "bytes_applied",
     "fenced",
     "held",
+    "journal",
 )
 """The fields of a disk's state (see mastertarget.worker) sent in its report."""
 
@@ -216,9 +217,12 @@ class ManagedMasterTarget(ManagedDaemon):
         return self.state_dir / what / machine
 
     def cmd_test_failover(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Clone the machine's disks at their latest tag into fixed VHDs; replication goes on."""
+        """Copy the machine's disks at one point (``point``, ``point_time`` or the newest) into
+        fixed VHDs; replication goes on."""
         out = self._out_dir("test-failover", args)
-        record = cutover.test_failover(self.state_dir, args["machine"], self._targets(args), out)
+        point, at = args.get("point") or None, cutover.parse_time(args.get("point_time"))
+        record = cutover.test_failover(self.state_dir, args["machine"], self._targets(args), out,
+                                       point=point, point_time=at)  # fmt: skip
         return {"dir": str(out), "disks": [
             {"id": d["id"], "vhd": d["vhd"], "tag": (d.get("tag") or {}).get("id"),
              "apply_held_s": d.get("apply_held_s")} for d in record["disks"]]}  # fmt: skip

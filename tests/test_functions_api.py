@@ -513,3 +513,57 @@ def test_passphrase_lifetimes_out_of_range_are_refused(api, ttl):
     tenant, operator = api.tenant()
     answer = api.post(f"/tenants/{tenant}/passphrases", operator, {"ttl_seconds": ttl})
     assert answer.status_code == 400 and "ttl_seconds" in answer.json()["error"]
+
+
+def test_recovery_points_are_listed_per_machine_and_only_retained_ones_are_restorable(api):
+    estate = _protected(api)
+    now = api.clock()  # the three tags come after the point _protected reached
+    # Three machine-wide tags; disk0's journal keeps all since the second, disk1's only its own.
+    for i, t0 in enumerate((now + 1, now + 2, now + 3), start=1):
+        for disk in estate.disks:
+            tag = {"id": f"web01-{i}", "kind": "app" if i == 2 else "crash", "t0_wall": t0}
+            answer = api.post("/components/self/recovery-points", estate.mt,
+                              {"disk": disk, "tag": tag, "gen": 1, "seq": 10 + i})  # fmt: skip
+            assert answer.status_code == 204
+    journal = {"enabled": True, "points": 2, "bytes": 10, "budget_bytes": 100,
+               "oldest_t0_wall": now + 2, "all_since": now + 2, "kept": [], "cut_short": None}  # fmt: skip
+    api.post(f"/components/self/disks/{estate.disks[0]}/report", estate.mt, {"journal": journal})
+    path = f"/tenants/{estate.tenant}/recovery-points"
+    answer = api.get(path, estate.operator, query={"machine": estate.machine}).json()
+    per_disk = {(p["disk"], p["tag_id"]): p["restorable"] for p in answer["recovery_points"]}
+    assert per_disk[(estate.disks[0], "web01-1")] is False
+    assert per_disk[(estate.disks[0], "web01-2")] is True
+    assert per_disk[(estate.disks[1], "web01-2")] is False, "disk1 reports no journal"
+    assert per_disk[(estate.disks[1], "web01-3")] is True, "the latest point always is"
+    points = answer["points"]
+    assert [p["tag_id"] for p in points][:3] == ["web01-3", "web01-2", "web01-1"]
+    assert points[1]["kind"] == "app" and points[1]["disks"] == sorted(estate.disks)
+    assert [p["restorable"] for p in points] == [True, False, False, False]
+    assert points[1]["restorable_on"] == [estate.disks[0]]
+    # disk1's journal now keeps web01-2 (thinned: listed in kept).
+    api.post(f"/components/self/disks/{estate.disks[1]}/report", estate.mt,
+             {"journal": journal | {"all_since": now + 3, "kept": ["web01-2"]}})  # fmt: skip
+    only = api.get(path, estate.operator,
+                   query={"machine": estate.machine, "restorable": "true"}).json()  # fmt: skip
+    assert [p["tag_id"] for p in only["points"]] == ["web01-3", "web01-2"]
+    assert all(p["restorable"] for p in only["recovery_points"])
+    # The budget cut retention short: an alert, cleared when the journal says so no more.
+    cut = journal | {"cut_short": {"at": now, "reason": "budget of 100 bytes reached"}}
+    api.post(f"/components/self/disks/{estate.disks[0]}/report", estate.mt, {"journal": cut})
+    monitoring.sweep(api.ctx, [estate.tenant])
+    alerts = _alerts(api, estate)
+    assert ("journal", estate.disks[0]) in alerts
+    assert "journal_budget_mib" in alerts[("journal", estate.disks[0])]["message"]
+    api.post(f"/components/self/disks/{estate.disks[0]}/report", estate.mt, {"journal": journal})
+    monitoring.sweep(api.ctx, [estate.tenant])
+    assert ("journal", estate.disks[0]) not in _alerts(api, estate)
+
+
+def test_a_test_failover_names_its_point(api):
+    estate = _protected(api)
+    path = f"/tenants/{estate.tenant}/machines/{estate.machine}/test-failover"
+    both = api.post(path, estate.operator, {"idempotency_key": "tf-x", "point": "web01-1",
+                                            "point_time": 5.0})  # fmt: skip
+    assert both.status_code == 400 and "not both" in both.json()["error"]
+    answer = api.post(path, estate.operator, {"idempotency_key": "tf-1", "point": "web01-1"})
+    assert answer.status_code == 202 and answer.json()["job"]["point"] == {"point": "web01-1"}

@@ -76,3 +76,6 @@ TARGET_DIR = "/var/lib/ferry/targets"
 
 SEGMENT_KEYS_KEPT = 4
 """Segment keys a tenant keeps (the newest seals, all open), a count."""
+
+JOURNAL_REPORT_MAX = 32000
+"""Characters of JSON a master target's ``journal`` summary in a disk report may take."""

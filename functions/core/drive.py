@@ -72,7 +72,9 @@ def start(ctx: Context, tenant: str, job: dict[str, Any]) -> dict[str, Any]:
         return job
     job = ctx.store.mutate("jobs", tenant, job["job_id"], lambda j: {**j, "driven": True})
     if job["kind"] == "test-failover":
-        _send(ctx, tenant, job, "test-failover", {"job_id": job["job_id"]})
+        _send(
+            ctx, tenant, job, "test-failover", {"job_id": job["job_id"], **(job.get("point") or {})}
+        )
         return job
     return jobs.progress_as_server(ctx, tenant, job["job_id"], "draining",
                                    "the configuration server sent the final drain")  # fmt: skip

@@ -269,8 +269,14 @@ def check_protected(ctx: Context, tenant: str, machine_id: str) -> None:
 def failover(ctx: Context, caller: Caller, tenant: str, machine_id: str, body: Any, kind: str):
     """Open a cutover or test-failover job (state ``requested``); answers 202 ``{job}``."""
     require_operator(caller, tenant)
-    body = validate.body_object(body, {"idempotency_key"})
+    allowed = (
+        {"idempotency_key", "point", "point_time"}
+        if kind == "test-failover"
+        else {"idempotency_key"}
+    )
+    body = validate.body_object(body, allowed)
     key = validate.pattern(body, "idempotency_key", validate.KEY_RE, KEY_WHAT)
+    point = _point(body)
     machine = _machine(ctx, tenant, machine_id)
     job_id = idempotency.derived_id("job", tenant, key)
     idempotency.claim(ctx, tenant, key, f"{kind} {machine_id}", {"job_id": job_id})
@@ -286,10 +292,24 @@ def failover(ctx: Context, caller: Caller, tenant: str, machine_id: str, body: A
             raise Conflict(f"{kind} job {blocking['job_id']} is already {blocking['state']} "
                            f"for machine {machine_id}")  # fmt: skip
         job = _new_job(kind, job_id, machine_id, key, "requested", ctx.now(), f"{kind} requested")
+        if point:
+            job["point"] = point
         if not ctx.store.create("jobs", tenant, job_id, job):
             job = ctx.store.get("jobs", tenant, job_id) or job
         _claim(ctx, tenant, machine_id, kind, job)
     return 202, {"job": job}
+
+
+def _point(body: dict[str, Any]) -> dict[str, Any]:
+    """The recovery point a test failover asks for: ``{point?: tag id, point_time?: Unix s}``."""
+    out: dict[str, Any] = {}
+    if body.get("point") is not None:
+        out["point"] = validate.pattern(body, "point", validate.TAG_ID_RE, "a tag id")
+    if body.get("point_time") is not None:
+        out["point_time"] = validate.number(body, "point_time", 0, 1e11)
+    if len(out) > 1:
+        raise BadRequest("give point or point_time, not both")
+    return out
 
 
 # -- progress, listing --------------------------------------------------------------------

@@ -145,7 +145,25 @@ def _machine_conditions(machine: dict[str, Any], disks: dict[Any, dict]) -> Cond
                 "severity": "warning",
                 "message": f"{where} needs a resync",
             }
+        found.update(_journal_conditions(disks[disk_id], disk_id, where))
     return found
+
+
+def _journal_conditions(disk: dict[str, Any], disk_id: str, where: str) -> Conditions:
+    """``journal``: the master target's recovery journal lost points its policy would keep."""
+    journal = (disk.get("master_target_report") or {}).get("journal") or {}
+    cut = journal.get("cut_short")
+    if not journal.get("enabled") or not isinstance(cut, dict):
+        return {}
+    oldest = journal.get("oldest_t0_wall")
+    since = (
+        f"; the oldest point left is from {iso(oldest)}" if isinstance(oldest, int | float) else ""
+    )
+    return {("journal", disk_id): {
+        "severity": "warning",
+        "message": f"{where}: the recovery journal keeps fewer points than its policy asks "
+                   f"({str(cut.get('reason'))[:120]}){since}; raise journal_budget_mib",
+    }}  # fmt: skip
 
 
 def _alert_id(kind: str, subject: str, n: int) -> str:

@@ -131,6 +131,11 @@ SCHEMAS: dict[str, Any] = {
             "detail": {"type": "string", "nullable": True}, "at": TIME})}},
         ["command_id", "type", "targets"], extra=True)}, ["command"]),
     "Failover": _obj({"idempotency_key": KEY, "drive": {"type": "boolean"}}, ["idempotency_key"]),
+    "TestFailover": _obj({"idempotency_key": KEY, "drive": {"type": "boolean"},
+                          "point": {"type": "string", "description": "a retained tag id"},
+                          "point_time": {"type": "number", "description":
+                                         "the newest retained point at or before (Unix s)"}},
+                         ["idempotency_key"]),
     "Progress": _obj({"state": {"type": "string", "enum": STATES},
                       "detail": {"type": "string", "maxLength": defaults.MAX_TEXT}}, ["state"]),
     "Job": _obj({"job_id": {"type": "string"}, "kind": {"type": "string"},
@@ -145,8 +150,14 @@ SCHEMAS: dict[str, Any] = {
                     "components": {"type": "array", "items": ANY_OBJECT}},
                    ["machines", "components"]),
     "Machines": _obj({"machines": {"type": "array", "items": ANY_OBJECT}}, ["machines"]),
-    "RecoveryPoints": _obj({"recovery_points": {"type": "array", "items": ANY_OBJECT}},
-                           ["recovery_points"]),
+    "RecoveryPoints": _obj({
+        "recovery_points": {"type": "array", "items": ANY_OBJECT},
+        "points": {"type": "array", "items": _obj({
+            "machine": {"type": "string"}, "tag_id": {"type": "string"},
+            "kind": {"type": "string", "nullable": True}, "t0_wall": {"type": "number", "nullable": True},
+            "disks": {"type": "array", "items": {"type": "string"}},
+            "restorable_on": {"type": "array", "items": {"type": "string"}},
+            "restorable": {"type": "boolean"}})}}, ["recovery_points", "points"]),
     "Alerts": _obj({"alerts": {"type": "array", "items": _obj({
         "id": {"type": "string"}, "kind": {"type": "string"},
         "severity": {"type": "string", "enum": ["warning", "critical"]},
@@ -232,10 +243,11 @@ PATHS: dict[str, Any] = {
     "/tenants/{tenant}/machines/{machine}/cutover": {"post": _op(
         "open a cutover job", (202, "JobAnswer"), "Failover", [TENANT, MACHINE])},
     "/tenants/{tenant}/machines/{machine}/test-failover": {"post": _op(
-        "open a test-failover job", (202, "JobAnswer"), "Failover", [TENANT, MACHINE])},
+        "open a test-failover job", (202, "JobAnswer"), "TestFailover", [TENANT, MACHINE])},
     "/tenants/{tenant}/recovery-points": {"get": _op(
-        "recovery points, newest first", (200, "RecoveryPoints"), params=[
+        "recovery points, newest first, per disk and per machine", (200, "RecoveryPoints"), params=[
             TENANT, _param("machine", ID, "query"), _param("disk", ID, "query"),
+            _param("restorable", {"type": "boolean"}, "query"),
             _param("limit", {"type": "integer", "minimum": 1,
                              "maximum": defaults.RECOVERY_POINTS_MAX}, "query")])},
     "/tenants/{tenant}/alerts": {"get": _op(

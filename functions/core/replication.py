@@ -67,6 +67,15 @@ def _report(body: Any) -> dict[str, Any]:
         if validate.json_size(fenced) > 2000:
             raise BadRequest("fenced is larger than 2000 characters of JSON")
         report["fenced"] = fenced
+    if "journal" in body:
+        summary = body["journal"]
+        if summary is not None and not isinstance(summary, dict):
+            raise BadRequest("journal must be an object or null")
+        if validate.json_size(summary) > defaults.JOURNAL_REPORT_MAX:
+            raise BadRequest(
+                f"journal is larger than {defaults.JOURNAL_REPORT_MAX} characters of JSON"
+            )
+        report["journal"] = summary
     if "last_tag" in body:
         tag = body["last_tag"]
         if tag is not None and not isinstance(tag, dict | str):
@@ -139,13 +148,60 @@ def _point_key(point: dict[str, Any]) -> tuple:
     return (point.get("t0_wall") or point.get("reported_at") or 0, point["gen"], point["seq"])
 
 
+def restorable(point: dict[str, Any], disk: dict[str, Any] | None) -> bool:
+    """Whether the master target can still materialise ``point`` of ``disk``.
+
+    Its own latest tag always; an older one only while the disk's recovery
+    journal keeps it (the report's ``journal``: every point from
+    ``all_since`` on, and those in ``kept``).
+    """
+    disk = disk or {}
+    if (disk.get("last_recovery_point") or {}).get("tag_id") == point.get("tag_id"):
+        return True
+    journal = (disk.get("master_target_report") or {}).get("journal") or {}
+    if not journal.get("enabled"):
+        return False
+    since, t0 = journal.get("all_since"), point.get("t0_wall")
+    if isinstance(since, int | float) and isinstance(t0, int | float) and t0 >= since:
+        return True
+    return point.get("tag_id") in (journal.get("kept") or [])
+
+
+def machine_points(
+    points: list[dict[str, Any]], machines: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Points per machine: one per tag, the disks holding it, restorable when all of them do."""
+    grouped: dict[tuple[str, str], dict[str, Any]] = {}
+    for p in points:
+        if not p.get("machine"):
+            continue
+        key = (p["machine"], p["tag_id"])
+        row = grouped.setdefault(key, {"machine": p["machine"], "tag_id": p["tag_id"],
+                                       "kind": p.get("kind"), "t0_wall": p.get("t0_wall"),
+                                       "disks": [], "restorable_on": []})  # fmt: skip
+        row["disks"].append(p["disk"])
+        if p.get("restorable"):
+            row["restorable_on"].append(p["disk"])
+    out = []
+    for (machine, _), row in grouped.items():
+        wanted = sorted((machines.get(machine) or {}).get("disks") or row["disks"])
+        row["disks"].sort()
+        row["restorable_on"].sort()
+        row["restorable"] = row["restorable_on"] == wanted
+        out.append(row)
+    out.sort(key=lambda r: (r.get("t0_wall") or 0, r["tag_id"]), reverse=True)
+    return out
+
+
 def list_recovery_points(
     ctx: Context, caller: Caller, tenant: str, params: Mapping[str, str]
 ) -> dict[str, Any]:
-    """Recovery points of a tenant (of one machine or disk), newest first."""
+    """Recovery points of a tenant (of one machine or disk), newest first, each marked
+    ``restorable``, and the machine-wide ``points`` (``restorable=true``: only those)."""
     require_operator(caller, tenant)
     machine = validate.query_param(params, "machine")
     disk = validate.query_param(params, "disk")
+    only_restorable = validate.query_bool(params, "restorable")
     limit = validate.query_int(
         params, "limit", 1, defaults.RECOVERY_POINTS_MAX, defaults.RECOVERY_POINTS_LIMIT
     )
@@ -158,8 +214,16 @@ def list_recovery_points(
         points = ctx.store.partition("recoverypoints", tenant)
     if machine is not None:
         points = [p for p in points if p.get("machine") == machine]
+    disks = {d["disk"]: d for d in ctx.store.partition("disks", tenant)}
+    for p in points:
+        p["restorable"] = restorable(p, disks.get(p.get("disk")))
+    machines = {m["machine"]: m for m in ctx.store.partition("machines", tenant)}
+    grouped = machine_points(points, machines)
+    if only_restorable:
+        points = [p for p in points if p["restorable"]]
+        grouped = [g for g in grouped if g["restorable"]]
     points.sort(key=_point_key, reverse=True)
-    return {"recovery_points": points[:limit]}
+    return {"recovery_points": points[:limit], "points": grouped[:limit]}
 
 
 # -- status and machines ------------------------------------------------------------------
