@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CONTROLLER := .venv-controller
 ANSIBLE := ANSIBLE_CONFIG=$(CURDIR)/ansible.cfg PATH=$(CURDIR)/$(CONTROLLER)/bin:$$PATH
 
-.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication faults faults-quick clean system-deps
+.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication bench-journal faults faults-quick clean system-deps
 
 setup: $(VENV)/.stamp $(CONTROLLER)/.stamp node_modules/.stamp system-deps
 
@@ -105,6 +105,12 @@ bench-quick: setup bench-deps
 	$(PY) -m bench.replication --quick $(BENCH_ARGS)
 
 bench-replication: bench
+
+# The recovery journal's cost (RPO, master target CPU, memory, disk at 5, 10 and 20 MB/s,
+# journal on against off) and the time to materialise a point an hour old; needs root,
+# about 8 minutes. Figures in docs/performance.md ("Recovery journal").
+bench-journal: setup bench-deps
+	$(PY) -m bench.journal $(BENCH_ARGS)
 
 bench-deps: $(VENV)/.bench-stamp
 	@missing=""; for pair in $(BENCH_TOOLS); do \

@@ -340,6 +340,7 @@ class FerryRun:
         agent: dict[str, Any] | None = None,
         process_server: dict[str, Any] | None = None,
         mount: bool = False,
+        master_target: dict[str, Any] | None = None,
     ) -> None:
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
@@ -361,6 +362,7 @@ class FerryRun:
             {DISK: str(self.target)},
             agent=agent,
             process_server=process_server,
+            master_target=master_target,
         )
         self.tags = TagWatcher(
             self.emb.base / "master-target" / "status.json",
