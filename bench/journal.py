@@ -97,8 +97,8 @@ def rates_run(image: Path, work: Path, on: bool, seconds: float) -> list[dict[st
                 "journal_mb": _du(layout.journal_dir(state_dir, DISK)) / 1e6,
                 "points": len(recovery.disk_points(state_dir, DISK)),
             }  # fmt: skip
-            say(f"journal {'on ' if on else 'off'} {rate:2d} MB/s: RPO p50 {row.get('p50')} "
-                f"p99 {row.get('p99')} s; master target {row['mt_core_share']:.2f} core, "
+            say(f"journal {'on ' if on else 'off'} {rate:2d} MB/s: RPO p50 {_s(row.get('p50_s'))} "
+                f"p99 {_s(row.get('p99_s'))}; master target {row['mt_core_share']:.2f} core, "
                 f"{row['mt_peak_rss_mib']:.0f} MiB, wrote {row['mt_write_mb']:.0f} MB; "
                 f"journal {row['journal_mb']:.0f} MB, {row['points']} points")  # fmt: skip
             out.append(row)
@@ -180,8 +180,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for r in result["rates"]:
         lines.append(
-            f"| {r['rate_mb_s']} MB/s | {'on' if r['journal'] else 'off'} | {_s(r.get('p50'))} "
-            f"| {_s(r.get('p99'))} | {r['mt_core_share']:.2f} | {r['mt_peak_rss_mib']:.0f} MiB "
+            f"| {r['rate_mb_s']} MB/s | {'on' if r['journal'] else 'off'} | {_s(r.get('p50_s'))} "
+            f"| {_s(r.get('p99_s'))} | {r['mt_core_share']:.2f} | {r['mt_peak_rss_mib']:.0f} MiB "
             f"| {r['mt_write_mb']:.0f} MB | {r['journal_mb']:.0f} MB | {r['points']} |"
         )
     h = result["hour"]
