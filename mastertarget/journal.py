@@ -65,10 +65,11 @@ _MAX_HEADER = 256 << 20
 CHUNK = 4 << 20
 """Bytes read from the target (or a record) at a time."""
 MERGE_MAX_BYTES = 256 << 20
-"""Largest pair of records merged (in memory) when a point is thinned out; larger pairs wait."""
+"""Largest run of records merged (in memory) when points are thinned out; a larger run stays
+as it is (its points stay restorable) until the window or the budget removes it."""
 MAINTAIN_EVERY = 2.0
 """Seconds between two retention passes of one disk (each pass runs inside one group's apply)."""
-MAX_MERGES = 8
+MAX_MERGES = 2
 """Merges per retention pass: thinning catches up over a few groups, never stalling one."""
 SUFFIX = ".undo"
 
@@ -539,18 +540,25 @@ class Journal:
         # The oldest points the policy drops: their records go.
         while links and links[0].src["tag"]["id"] not in keep:
             self._remove(links.pop(0))
-        # Points in between: merge the two records around each.
-        merges = 0
-        i = 1
+        # Points in between: each run of dropped points becomes one record, once the run is
+        # final (the kept point after it is past keep_all, so no later point joins it): every
+        # record is rewritten at most once, never grown one point at a time.
+        merges, i = 0, 1
         while i < len(links) and merges < MAX_MERGES:
             if links[i].src["tag"]["id"] in keep:
                 i += 1
                 continue
-            if links[i - 1].raw_len + links[i].raw_len > MERGE_MAX_BYTES:
-                i += 1
-                continue
-            links[i - 1 : i + 1] = [self._merge(links[i - 1], links[i])]
-            merges += 1
+            j = i
+            while j + 1 < len(links) and links[j + 1].src["tag"]["id"] not in keep:
+                j += 1
+            end = links[j].dst["tag"] or {}
+            final = now - end.get("t0_wall", now) >= self.policy.keep_all_s
+            run = links[i - 1 : j + 1]
+            if final and sum(r.raw_len for r in run) <= MERGE_MAX_BYTES:
+                links[i - 1 : j + 1] = [self._merge(run)]
+                merges += 1
+            else:
+                i = j + 1
         # The byte budget: the oldest points go first.
         window = {p["id"] for p in pts if now - p["t0_wall"] < self.policy.window_s}
         while links and self.total_bytes > self.policy.budget_bytes:
@@ -566,25 +574,28 @@ class Journal:
         record.path.unlink(missing_ok=True)
         self.records = [r for r in self.records if r is not record]
 
-    def _merge(self, older: Record, newer: Record) -> Record:
-        """One record from ``older.from`` to ``newer.to``, written over ``newer``'s file.
+    def _merge(self, run: list[Record]) -> Record:
+        """One record from ``run[0].from`` to ``run[-1].to``, written over the newest's file.
 
-        A crash after the rename leaves ``older`` outside the chain (garbage,
-        removed at the next start); before it, both as they were.
+        The older records' before-images win where ranges overlap.  A crash
+        after the rename leaves the older records outside the chain (garbage,
+        removed at the next start); before it, all as they were.
         """
-        below = _load(newer.path)
-        above = _load(older.path)
-        merged = overlay(below, above)
+        newer = run[-1]
+        merged = _load(newer.path)
+        for older in reversed(run[:-1]):
+            merged = overlay(merged, _load(older.path))
         raw = sum(len(d) for _, d in merged)
         header = read_header(newer.path)
-        header.update({"from": older.src, "extents": [[o, len(d)] for o, d in merged],
+        header.update({"from": run[0].src, "extents": [[o, len(d)] for o, d in merged],
                        "raw_len": raw, "created_at": self.now()})  # fmt: skip
         size = write_record(newer.path, header, (d for _, d in merged))
-        older.path.unlink(missing_ok=True)
-        record = Record(newer.path, older.src, newer.dst, size, raw)
+        for older in run[:-1]:
+            older.path.unlink(missing_ok=True)
+        record = Record(newer.path, run[0].src, newer.dst, size, raw)
+        gone = {id(r) for r in run}
         self.records = sorted(
-            [r for r in self.records if r is not older and r is not newer] + [record],
-            key=lambda r: r.key,
+            [r for r in self.records if id(r) not in gone] + [record], key=lambda r: r.key
         )
         return record
 

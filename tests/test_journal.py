@@ -199,9 +199,11 @@ def test_thinning_merges_records_and_older_points_stay_exact(journaled, storage,
     start(ps, worker)
     t0 = worker.journal.now() - 90 * 60  # one tag every 3 min, from 90 min ago
     images = run_groups(ps, worker, size, 31, random.Random(5), t0=t0, every=180.0, drain_every=8)
-    worker.journal.after_group(dataclasses.asdict(worker.cursor), force=True)
+    # Time moves on past the newest point's slice: every run of thinned points is final.
+    later = worker.journal.now() + 15 * 60
+    worker.journal.now = lambda: later
     pts = [{"id": tid, "kind": "crash", "t0_wall": t0 + i * 180.0} for i, tid in enumerate(images)]
-    expected = journal.retained(pts, worker.journal.now(), worker.journal.policy)
+    expected = journal.retained(pts, later, worker.journal.policy)
     while True:  # merges are bounded per pass: run passes until nothing changes
         before = len(worker.journal.records)
         worker.journal.after_group(dataclasses.asdict(worker.cursor), force=True)
