@@ -72,6 +72,8 @@ MAINTAIN_EVERY = 2.0
 MAX_MERGES = 2
 """Merges per retention pass: thinning catches up over a few groups, never stalling one."""
 SUFFIX = ".undo"
+KEPT_REPORTED = 600
+"""Older retained points named in a report at most (the newest): a report stays under 32 KB."""
 
 
 class JournalCorrupt(Exception):
@@ -618,7 +620,8 @@ class Journal:
             "budget_bytes": self.policy.budget_bytes,
             "oldest_t0_wall": pts[0]["t0_wall"] if pts else None,
             "all_since": young[0]["t0_wall"] if young else None,
-            "kept": [p["id"] for p in older],
+            "kept": [p["id"] for p in older][-KEPT_REPORTED:],
+            "kept_truncated": len(older) > KEPT_REPORTED,
             "cut_short": self.cut_short,
         }
 

@@ -42,15 +42,14 @@ def disk_points(state_dir: str | Path, disk: str) -> list[dict[str, Any]]:
 
 
 def machine_points(state_dir: str | Path, disks: list[str]) -> list[dict[str, Any]]:
-    """The points every one of ``disks`` reaches, oldest first: ``{id, kind, t0_wall, disks}``."""
+    """The points every one of ``disks`` reaches, oldest first: each tag, its ``disks`` these."""
     per_disk = [{p["id"]: p for p in disk_points(state_dir, d)} for d in disks]
     if not per_disk:
         return []
     common = set(per_disk[0]).intersection(*per_disk[1:])
     found = [per_disk[0][i] for i in common]
     found.sort(key=lambda p: (p.get("t0_wall", 0), p["id"]))
-    return [{"id": p["id"], "kind": p.get("kind"), "t0_wall": p.get("t0_wall"),
-             "disks": sorted(disks)} for p in found]  # fmt: skip
+    return [{**p, "disks": sorted(disks)} for p in found]
 
 
 def choose(points: list[dict[str, Any]], tag: str | None, at: float | None) -> dict[str, Any]:
