@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,35 @@ def test_kill_9_mid_journal_write_leaves_target_and_journal_agreeing(
     finally:
         for daemon in daemons:
             daemon.kill()
+
+
+# -- the checks of a materialised disk --------------------------------------------------------
+
+
+@pytest.mark.root
+def test_each_filesystem_of_a_materialised_disk_is_checked(tmp_path):
+    whole, parted = tmp_path / "whole.img", tmp_path / "parted.img"
+    for image in (whole, parted):
+        with open(image, "wb") as f:
+            f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(whole)], check=True)
+    table = "label: gpt\nstart=2048, size=40960\nstart=43008, size=40960\n"
+    subprocess.run(["sfdisk", "-q", str(parted)], input=table, text=True, check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", f"offset={2048 * 512}", str(parted),
+                    "20M"], check=True)  # fmt: skip
+    assert [(c["filesystem"], c["clean"]) for c in recovery.check_filesystems(whole)] == [
+        ("ext", True)
+    ]
+    checks = recovery.check_filesystems(parted)
+    assert [(c["offset"], c["filesystem"], c["clean"]) for c in checks] == [
+        (2048 * 512, "ext", True)
+    ], "the partition with a filesystem is checked, the empty one skipped"
+    # A damaged filesystem is reported, not hidden: zero its root directory's inode table.
+    with open(parted, "r+b") as f:
+        f.seek(2048 * 512 + 1024 + 4096)  # group descriptors follow the superblock
+        f.write(bytes(4096))
+    assert [c["clean"] for c in recovery.check_filesystems(parted)] == [False]
+    blank = tmp_path / "blank.img"
+    with open(blank, "wb") as f:
+        f.truncate(8 * MiB)
+    assert recovery.check_filesystems(blank)[0]["clean"] is None
