@@ -235,6 +235,10 @@ class ManagedMasterTarget(ManagedDaemon):
     def cmd_cutover(self, args: dict[str, Any]) -> dict[str, Any]:
         """Wait until every disk is fenced at the final tag, then make and check fixed VHDs.
 
+        With ``point`` or ``point_time`` (a failover to an older point) the
+        VHDs are made from the disks materialised at that point and checked
+        by their filesystems (mastertarget.cutover.convert).
+
         Each VHD's data is checked against the source's digest the agent took
         after the final tag (``args.digests``; the fenced target's own when
         absent), with qemu-img and fsck (mastertarget.cutover.convert); the
@@ -257,7 +261,8 @@ class ManagedMasterTarget(ManagedDaemon):
             "machine": args["machine"], "tenant": self.credentials.tenant,
             "out_dir": str(self._out_dir("cutover", args)),
             "final_tag": next(iter(fenced.values())), "disks": [{"id": d} for d in targets],
-            "targets": targets, "digests": digests,
+            "targets": targets, "digests": digests, "state_dir": str(self.state_dir),
+            "point": args.get("point"), "point_time": args.get("point_time"),
         }  # fmt: skip
         manifest = cutover.convert(spec)
         if not manifest.get("verified"):

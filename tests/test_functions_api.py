@@ -567,3 +567,8 @@ def test_a_test_failover_names_its_point(api):
     assert both.status_code == 400 and "not both" in both.json()["error"]
     answer = api.post(path, estate.operator, {"idempotency_key": "tf-1", "point": "web01-1"})
     assert answer.status_code == 202 and answer.json()["job"]["point"] == {"point": "web01-1"}
+    cut = f"/tenants/{estate.tenant}/machines/{estate.machine}/cutover"
+    answer = api.post(cut, estate.operator, {"idempotency_key": "co-1", "point_time": 1795671234.5})
+    assert answer.status_code == 202 and answer.json()["job"]["point"] == {
+        "point_time": 1795671234.5
+    }

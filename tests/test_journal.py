@@ -360,3 +360,24 @@ def test_each_filesystem_of_a_materialised_disk_is_checked(tmp_path):
     with open(blank, "wb") as f:
         f.truncate(8 * MiB)
     assert recovery.check_filesystems(blank)[0]["clean"] is None
+
+
+def test_a_cutover_to_an_older_point_makes_its_vhds_from_that_point(
+    journaled, storage, tenant, tmp_path
+):
+    from mastertarget import cutover
+
+    size = 2 * MiB
+    ps = SegmentShipper(storage, tenant, size)
+    worker = journaled()
+    start(ps, worker)
+    images = run_groups(ps, worker, size, 4, random.Random(13))
+    older, newest = list(images)[1], list(images)[-1]
+    spec = {"machine": "m", "tenant": tenant, "out_dir": str(tmp_path / "co"),
+            "final_tag": worker.cursor.last_tag, "disks": [{"id": DISK}],
+            "targets": {DISK: worker.target.path}, "digests": {}, "point": older,
+            "state_dir": str(worker.directory.parent)}  # fmt: skip
+    manifest = cutover.convert(spec)
+    assert manifest["verified"] and manifest["complete"], manifest
+    vhd = Path(manifest["disks"][0]["vhd"])
+    assert vhd.read_bytes()[:size] == images[older] != images[newest]

@@ -111,8 +111,8 @@ def after_report(ctx: Context, tenant: str, record: dict[str, Any] | None) -> No
         jobs.progress_as_server(ctx, tenant, job["job_id"], "cleaned", detail)
     elif kind == "cutover" and step == "drain" and job["state"] == "draining":
         final_tag, digests = _drained(record)
-        _send(ctx, tenant, job, "cutover",
-              {"job_id": job["job_id"], "final_tag": final_tag, "digests": digests})  # fmt: skip
+        _send(ctx, tenant, job, "cutover", {"job_id": job["job_id"], "final_tag": final_tag,
+                                             "digests": digests, **(job.get("point") or {})})  # fmt: skip
     elif kind == "cutover" and step == "cutover" and job["state"] == "draining":
         final = record["args"].get("final_tag")
         jobs.progress_as_server(ctx, tenant, job["job_id"], "applied",

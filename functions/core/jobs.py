@@ -269,12 +269,7 @@ def check_protected(ctx: Context, tenant: str, machine_id: str) -> None:
 def failover(ctx: Context, caller: Caller, tenant: str, machine_id: str, body: Any, kind: str):
     """Open a cutover or test-failover job (state ``requested``); answers 202 ``{job}``."""
     require_operator(caller, tenant)
-    allowed = (
-        {"idempotency_key", "point", "point_time"}
-        if kind == "test-failover"
-        else {"idempotency_key"}
-    )
-    body = validate.body_object(body, allowed)
+    body = validate.body_object(body, {"idempotency_key", "point", "point_time"})
     key = validate.pattern(body, "idempotency_key", validate.KEY_RE, KEY_WHAT)
     point = _point(body)
     machine = _machine(ctx, tenant, machine_id)
@@ -301,7 +296,7 @@ def failover(ctx: Context, caller: Caller, tenant: str, machine_id: str, body: A
 
 
 def _point(body: dict[str, Any]) -> dict[str, Any]:
-    """The recovery point a test failover asks for: ``{point?: tag id, point_time?: Unix s}``."""
+    """The recovery point a test failover or cutover asks for: ``{point?: tag id, point_time?: Unix s}``."""
     out: dict[str, Any] = {}
     if body.get("point") is not None:
         out["point"] = validate.pattern(body, "point", validate.TAG_ID_RE, "a tag id")

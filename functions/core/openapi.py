@@ -241,7 +241,7 @@ PATHS: dict[str, Any] = {
         f"send a command ({', '.join(TYPES[1:])})", (202, "CommandAccepted"), "MachineCommand",
         [TENANT, MACHINE])},
     "/tenants/{tenant}/machines/{machine}/cutover": {"post": _op(
-        "open a cutover job", (202, "JobAnswer"), "Failover", [TENANT, MACHINE])},
+        "open a cutover job", (202, "JobAnswer"), "TestFailover", [TENANT, MACHINE])},
     "/tenants/{tenant}/machines/{machine}/test-failover": {"post": _op(
         "open a test-failover job", (202, "JobAnswer"), "TestFailover", [TENANT, MACHINE])},
     "/tenants/{tenant}/recovery-points": {"get": _op(
