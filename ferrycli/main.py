@@ -203,7 +203,7 @@ def _tenant(args: argparse.Namespace) -> str:
 def status_view(status: dict[str, Any], bars: bool = False) -> list[render.Part]:
     """Machines and disks, then components, as tables a person can read."""
     columns = ["MACHINE", "DISK", "PHASE", "GEN", "TO GO", "BACKLOG", "THROUGHPUT", "RPO",
-               "LAST TAG", "HEALTH"]  # fmt: skip
+               "SHIPPED RPO", "LAST TAG", "VERIFY", "HEALTH"]  # fmt: skip
     if bars:
         columns.insert(3, "PROGRESS")
     rows = []
@@ -220,7 +220,9 @@ def status_view(status: dict[str, Any], bars: bool = False) -> list[render.Part]
                 str(d.get("backlog", "-")),
                 "-" if tput is None else f"{tput / MiB:.1f} MiB/s",
                 "-" if rpo is None else f"{rpo:.1f} s",
+                _seconds(d.get("shipped_rpo_s")),
                 _tag_id(d.get("last_tag")),
+                verify_cell(d.get("verify")),
                 d.get("health") or m.get("health") or "-",
             ]
             if bars:
@@ -239,6 +241,79 @@ def status_view(status: dict[str, Any], bars: bool = False) -> list[render.Part]
         Table(columns, rows),
         Table(("COMPONENT", "KIND", "STATE", "LAST HEARTBEAT"), comps),
     ]
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.1f} s" if isinstance(value, int | float) else "-"
+
+
+def verify_cell(report: Any) -> str:
+    """A disk's latest online verify in a few words: ``done: 3 differ``, ``running``, ``-``."""
+    if not isinstance(report, dict):
+        return "-"
+    if report.get("state") != "done":
+        return f"running ({report.get('compared_blocks', 0)} blocks)"
+    differ = report.get("differing_blocks", 0)
+    return "done: equal" if not differ else f"done: {differ} differ"
+
+
+def _runs_text(runs: Any) -> str:
+    if not isinstance(runs, list) or not runs:
+        return "-"
+    parts = [f"{a}" if n == 1 else f"{a}-{a + n - 1}" for a, n in runs[:20]]
+    return ",".join(parts) + (",..." if len(runs) > 20 else "")
+
+
+def verify_view(status: dict[str, Any], machine: str, verify_id: str | None) -> list[render.Part]:
+    """One row per disk of ``machine``: its latest verify and exactly which blocks differ."""
+    rows = []
+    for m in status.get("machines", []):
+        if m.get("machine") != machine:
+            continue
+        for d in m.get("disks") or []:
+            v = d.get("verify") or {}
+            if verify_id and v.get("id") != verify_id:
+                v = {}
+            rows.append((d.get("disk", "-"), v.get("id", "-"), v.get("state", "-"),
+                         str(v.get("compared_blocks", "-")), str(v.get("differing_blocks", "-")),
+                         _runs_text(v.get("differing")), str(v.get("block", "-"))))  # fmt: skip
+    columns = ("DISK", "VERIFY", "STATE", "COMPARED", "DIFFERING", "BLOCKS", "BLOCK SIZE")
+    return [Table(columns, rows)]
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Start an online verify of a machine's disks (``--wait``: until every one reports)."""
+    tenant = _tenant(args)
+    if args.show:
+        status = api(args, "GET", f"/tenants/{tenant}/status")
+        render.show(args.json, status, *verify_view(status, args.machine, None))
+        return 0
+    verify_args: dict[str, Any] = {"repair": args.repair}
+    if args.disk:
+        verify_args["disks"] = args.disk
+    body = {"command": "verify", "args": verify_args, "idempotency_key": _request_key("verify")}
+    answer = api(args, "POST", f"/tenants/{tenant}/machines/{args.machine}/commands", body)
+    verify_id = answer.get("verify_id")
+    if not args.wait:
+        render.show(args.json, answer, f"verify {verify_id} requested (command "
+                    f"{answer.get('command_id')}); ferry verify {args.machine} --show")  # fmt: skip
+        return 0
+    deadline = time.monotonic() + args.timeout
+    with render.busy(f"waiting for verify {verify_id}"):
+        while True:
+            status = api(args, "GET", f"/tenants/{tenant}/status")
+            disks = [d for m in status.get("machines", []) if m.get("machine") == args.machine
+                     for d in m.get("disks") or [] if not args.disk or d.get("disk") in args.disk]  # fmt: skip
+            if disks and all((d.get("verify") or {}).get("id") == verify_id
+                             and d["verify"].get("state") == "done" for d in disks):  # fmt: skip
+                break
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    detail=f"verify {verify_id} did not finish in {args.timeout:.0f} s"
+                )
+            time.sleep(2)
+    render.show(args.json, status, *verify_view(status, args.machine, verify_id))
+    return 0
 
 
 def _tag_id(tag: Any) -> str:
@@ -326,6 +401,10 @@ def cmd_protect(args: argparse.Namespace) -> int:
     body = {"idempotency_key": args.idempotency_key or f"protect-{args.machine}"}
     if args.rpo_threshold:
         body["rpo_threshold_s"] = args.rpo_threshold
+    if args.app_consistent_every is not None:
+        body["app_consistent_interval_s"] = args.app_consistent_every
+    if args.verify_every is not None:
+        body["verify_interval_s"] = args.verify_every
     answer = api(args, "POST", f"/tenants/{_tenant(args)}/machines/{args.machine}/protect", body)
     job = answer.get("job", answer)
     render.show(
@@ -490,7 +569,37 @@ def _add_api_commands(sub) -> None:
     protect.add_argument(
         "--rpo-threshold", type=float, help="alert when RPO exceeds this (seconds)"
     )
+    protect.add_argument(
+        "--app-consistent-every",
+        type=int,
+        metavar="SECONDS",
+        help="the agent takes an app-consistent point (freeze and hooks) this often",
+    )
+    protect.add_argument(
+        "--verify-every",
+        type=int,
+        metavar="SECONDS",
+        help="the agent runs an online verify of every disk this often",
+    )
     protect.set_defaults(func=cmd_protect)
+
+    verify = sub.add_parser(
+        "verify",
+        help="online verify: compare source and target at one tag "
+        "per range; report the blocks that differ (--repair ships them again)",
+    )
+    _server_args(verify)
+    verify.add_argument("machine")
+    verify.add_argument("--disk", action="append", default=[], help="only this disk (repeatable)")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="ship the blocks found differing again (nothing changes otherwise)",
+    )
+    verify.add_argument("--wait", action="store_true", help="wait for the report and show it")
+    verify.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
+    verify.add_argument("--show", action="store_true", help="show each disk's latest verify only")
+    verify.set_defaults(func=cmd_verify)
 
     tag = sub.add_parser("tag", help="ask a machine's agent for a crash- or app-consistent tag")
     _server_args(tag)

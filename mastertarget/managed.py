@@ -67,6 +67,7 @@ REPORTED = (
     "bytes_applied",
     "fenced",
     "held",
+    "verify",
 )
 """The fields of a disk's state (see mastertarget.worker) sent in its report."""
 

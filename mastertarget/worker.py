@@ -43,6 +43,7 @@ from azure.core.exceptions import AzureError
 
 from ferry import durable, naming, segment
 from ferry import fence as fences
+from ferry import verify as verify_format
 from ferry.batch import Batch
 from ferry.errors import FerryError, NotFound, SegmentCorrupt
 from ferry.storage import Message, Storage
@@ -54,6 +55,7 @@ from mastertarget.settings import DiskSettings, Settings
 from mastertarget.staging import Staging, file_name
 from mastertarget.status import StatusBoard
 from mastertarget.target import Target
+from mastertarget.verify import Checker
 
 log = logging.getLogger("ferry.mastertarget")
 
@@ -106,6 +108,7 @@ class DiskWorker:
         self.staging = Staging(layout.staging_dir(settings.state_dir, self.disk))
         self.target = Target(disk.target)
         self.cursor = cursors.Cursor(self.tenant, self.disk)
+        self.verify = Checker(self.disk, self.directory, str(disk.target))  # online verify
         self.apply_lock_path = layout.apply_lock_path(settings.state_dir, self.disk)
         self.applying_path = layout.applying_path(settings.state_dir, self.disk)
         self.fence: dict[str, Any] | None = None
@@ -412,7 +415,7 @@ class DiskWorker:
         if not self._group_intact(gen, first, last):
             return False
         self._check_owner()
-        written, tag = 0, None
+        written, tag, section = 0, None, None
         for seq in range(first, last + 1):
             try:
                 batch = self._verify(self.staging.read(gen, seq), file_name(gen, seq), gen, seq)
@@ -422,7 +425,7 @@ class DiskWorker:
                 self._group_broken(gen, seq, f"{exc} (after {seq - first} batches were written)")
                 return False
             written += self.target.write_batch(batch, check=self._check_owner)
-            tag = batch.tag
+            tag, section = verify_format.split(batch.tag)  # the verify digests are never recorded
             del batch  # one segment's data in memory at a time
         self.target.sync()
         self._save(
@@ -438,6 +441,9 @@ class DiskWorker:
         self._discard_stale()
         if self.fenced:
             self._fenced_now()
+        if section is not None:  # online verify: the target sits on the tag, apply.lock held
+            self.verify.check(section, tag)
+            self._changed = True
         if tag is not None and self.on_applied is not None:
             self.on_applied(self.disk, tag, gen, last)
         log.info(
@@ -588,6 +594,7 @@ class DiskWorker:
             "bytes_applied": c.bytes_applied,
             "fenced": c.fenced,
             "held": self.held,
+            "verify": self.verify.summary(),
             "updated_at": time.time(),
         }
 
