@@ -103,6 +103,38 @@ def cmd_agent_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent_verify(args: argparse.Namespace) -> int:
+    request = {"cmd": "verify", "disks": args.disk or None, "repair": False}
+    answer = _agent_call(args.socket, request, 30)
+    render.show(args.json, answer, f"verify {answer['verify_id']} started for "
+                f"{', '.join(answer['disks'])}; the master target reports what differs "
+                "(its status.json, disk 'verify')")  # fmt: skip
+    return 0
+
+
+def _block_runs(text: str) -> list[list[int]]:
+    """``10,12-15`` as ``[[10, 1], [12, 4]]``; UsageError if malformed."""
+    out = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            a, b = int(first), int(last or first)
+        except ValueError:
+            raise UsageError(detail=f"--blocks must be like 10,12-15, not {text!r}")
+        if a < 0 or b < a:
+            raise UsageError(detail=f"--blocks must be like 10,12-15, not {text!r}")
+        out.append([a, b - a + 1])
+    return out
+
+
+def cmd_agent_repair(args: argparse.Namespace) -> int:
+    request = {"cmd": "repair", "disk": args.disk, "blocks": _block_runs(args.blocks)}
+    answer = _agent_call(args.socket, request, 30)
+    render.show(args.json, answer, f"{answer['blocks']} block(s) of {args.disk} will be "
+                "shipped again with the next pass")  # fmt: skip
+    return 0
+
+
 def cmd_pki_init(args: argparse.Namespace) -> int:
     cert, _ = pki.make_ca(args.dir)
     print(f"CA certificate: {cert}")
@@ -279,6 +311,21 @@ def verify_view(status: dict[str, Any], machine: str, verify_id: str | None) -> 
                          _runs_text(v.get("differing")), str(v.get("block", "-"))))  # fmt: skip
     columns = ("DISK", "VERIFY", "STATE", "COMPARED", "DIFFERING", "BLOCKS", "BLOCK SIZE")
     return [Table(columns, rows)]
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    body = {}
+    if args.app_consistent_every is not None:
+        body["app_consistent_interval_s"] = args.app_consistent_every
+    if args.verify_every is not None:
+        body["verify_interval_s"] = args.verify_every
+    path = f"/tenants/{_tenant(args)}/machines/{args.machine}/schedule"
+    answer = api(args, "POST", path, body)
+    s = answer.get("schedule", {})
+    render.show(args.json, answer, f"{args.machine}: app-consistent point every "
+                f"{s.get('app_consistent_interval_s') or 'never'} s, verify every "
+                f"{s.get('verify_interval_s') or 'never'} s")  # fmt: skip
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -583,6 +630,17 @@ def _add_api_commands(sub) -> None:
     )
     protect.set_defaults(func=cmd_protect)
 
+    sched = sub.add_parser(
+        "schedule",
+        help="how often a machine's agent takes app-consistent "
+        "points and verifies its disks (0: never)",
+    )
+    _server_args(sched)
+    sched.add_argument("machine")
+    sched.add_argument("--app-consistent-every", type=int, metavar="SECONDS")
+    sched.add_argument("--verify-every", type=int, metavar="SECONDS")
+    sched.set_defaults(func=cmd_schedule)
+
     verify = sub.add_parser(
         "verify",
         help="online verify: compare source and target at one tag "
@@ -687,6 +745,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tag.add_argument("--json", action="store_true", help="machine-readable output")
     tag.set_defaults(func=cmd_agent_tag)
+
+    av = agent.add_parser("verify", help="start an online verify (settings-file mode)")
+    av.add_argument("--socket", required=True, help="the agent's control socket")
+    av.add_argument("--disk", action="append", default=[], help="only this disk (repeatable)")
+    av.add_argument("--json", action="store_true", help="machine-readable output")
+    av.set_defaults(func=cmd_agent_verify)
+    ar = agent.add_parser("repair", help="ship blocks again that a verify found differing")
+    ar.add_argument("--socket", required=True, help="the agent's control socket")
+    ar.add_argument("--disk", required=True)
+    ar.add_argument("--blocks", required=True, help="block numbers, e.g. 10,12-15")
+    ar.add_argument("--json", action="store_true", help="machine-readable output")
+    ar.set_defaults(func=cmd_agent_repair)
 
     pk = sub.add_parser("pki", help="certificates for mutual TLS").add_subparsers(
         dest="sub", required=True

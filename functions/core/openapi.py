@@ -156,6 +156,10 @@ SCHEMAS: dict[str, Any] = {
     "Status": _obj({"machines": {"type": "array", "items": ANY_OBJECT},
                     "components": {"type": "array", "items": ANY_OBJECT}},
                    ["machines", "components"]),
+    "Schedule": _obj({"app_consistent_interval_s": INTERVAL, "verify_interval_s": INTERVAL}),
+    "ScheduleAnswer": _obj({"schedule": ANY_OBJECT, "command_id": {"type": "string",
+                                                                  "nullable": True}},
+                           ["schedule"]),
     "Machines": _obj({"machines": {"type": "array", "items": ANY_OBJECT}}, ["machines"]),
     "RecoveryPoints": _obj({"recovery_points": {"type": "array", "items": ANY_OBJECT}},
                            ["recovery_points"]),
@@ -241,6 +245,9 @@ PATHS: dict[str, Any] = {
     "/tenants/{tenant}/machines/{machine}/commands": {"post": _op(
         f"send a command ({', '.join(TYPES[1:])})", (202, "CommandAccepted"), "MachineCommand",
         [TENANT, MACHINE])},
+    "/tenants/{tenant}/machines/{machine}/schedule": {"post": _op(
+        "how often the agent takes app-consistent points and verifies", (200, "ScheduleAnswer"),
+        "Schedule", [TENANT, MACHINE])},
     "/tenants/{tenant}/machines/{machine}/cutover": {"post": _op(
         "open a cutover job", (202, "JobAnswer"), "Failover", [TENANT, MACHINE])},
     "/tenants/{tenant}/machines/{machine}/test-failover": {"post": _op(

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from functions.core import commands, idempotency, validate
+from functions.core.auth import Caller, require_operator
 from functions.core.context import Context
 from functions.core.errors import BadRequest
 
@@ -116,3 +117,29 @@ def after_report(ctx: Context, tenant: str, disk: dict[str, Any] | None) -> None
     args = {"machine": machine["machine"], "verify_id": report.get("id"), **args}
     commands.issue(ctx, tenant, command_id, kind, args, [machine["agent"]],
                    machine=machine["machine"])  # fmt: skip
+
+
+def set_schedule(
+    ctx: Context, caller: Caller, tenant: str, machine_id: str, body: Any
+) -> tuple[int, dict[str, Any]]:
+    """Operator: change a machine's schedule; its agent fetches its settings again at once.
+
+    ``{app_consistent_interval_s?, verify_interval_s?}`` → 200 ``{schedule, command_id}``
+    (``command_id``: the ``protect`` that makes a protected machine's agent take the new
+    settings; null for a machine not protected yet, which gets them with ``protect``).
+    """
+    require_operator(caller, tenant)
+    validate.check_route_id("machine", machine_id)
+    body = validate.body_object(body, set(SCHEDULE))
+    wanted = schedule_body(body)
+
+    def change(machine: dict[str, Any]) -> dict[str, Any]:
+        return {**machine, "settings": {**(machine.get("settings") or {}), **wanted}}
+
+    machine = ctx.store.mutate("machines", tenant, machine_id, change, what=machine_id)
+    command_id = None
+    if machine.get("protect_job") and machine.get("agent"):
+        command_id = commands.new_id()
+        commands.issue(ctx, tenant, command_id, "protect", {"machine": machine_id},
+                       [machine["agent"]], machine=machine_id)  # fmt: skip
+    return 200, {"schedule": schedule_of(machine), "command_id": command_id}
