@@ -25,6 +25,11 @@ Hold (a test failover): each group is applied holding an exclusive
 (``mastertarget.cutover.clone_at_tag``) sees the target sitting exactly on the
 cursor's tag; meanwhile notices are still received and staged, so
 replication goes on and only applying waits.
+
+Online verify (mastertarget.verify): a tag carrying a verify section is
+applied as any other; then, still on that tag and holding ``apply.lock``,
+the section's ranges of the target are digested and compared.  The section
+is never recorded with the tag.
 """
 
 from __future__ import annotations
