@@ -464,7 +464,8 @@ class Replicator:
             t0 = self.tracker.t0
             t0_wall = time.time() - (mono() - t0)
             held = {d.id: self._ship_pass(d, taken[d.id]) for d in disks}
-            self.verifier.read_pass([d.id for d in disks])  # online verify: after t0, in the pass
+            if not freeze:  # online verify: after t0, in the pass (never lengthening a freeze)
+                self.verifier.read_pass([d.id for d in disks])
             clean = self.tracker.end_pass()
         if freeze and self._thawed_early:
             clean = False

@@ -37,6 +37,9 @@ log = logging.getLogger("ferry.agent.verify")
 RECHECK_ROUNDS = 3
 """Times unsettled blocks are tried again before they are reported unverified, a count."""
 
+READ_BYTES = 8 << 20
+"""Largest single read of a verify range, in bytes (the buffer each verified disk holds)."""
+
 
 def new_id() -> str:
     """A fresh verify id."""
@@ -83,8 +86,8 @@ class DiskVerify:
         ranges = self.next_ranges()
         digests: list[bytes] = []
         for offset, length in ranges:
-            for at in range(offset, offset + length, self.chunk):
-                n = min(self.chunk, offset + length - at)
+            for at in range(offset, offset + length, READ_BYTES):
+                n = min(READ_BYTES, offset + length - at)
                 digests += blockio.block_digests(reader.read(at, n), self.block)
         self.pending = (ranges, digests)
 
@@ -167,7 +170,7 @@ class Verifier:
                     continue
                 self.active[disk] = DiskVerify(verify_id, disk, size, block, self.chunk,
                                                repair=repair, scheduled=scheduled)  # fmt: skip
-                self._readers[disk] = blockio.DirectReader(device, self.chunk)
+                self._readers[disk] = blockio.DirectReader(device, min(self.chunk, READ_BYTES))
                 log.info("disk %s: verify %s started (%s%s)", disk, verify_id,
                          "scheduled" if scheduled else "on demand",
                          ", repair" if repair else "")  # fmt: skip

@@ -30,6 +30,9 @@ from ferry import verify as fmt
 
 log = logging.getLogger("ferry.mastertarget")
 
+READ_BYTES = 8 << 20
+"""Largest single read of the target while verifying, in bytes."""
+
 RUNS_KEPT = 10000
 """Differing ``[first, count]`` runs kept in ``verify.json``, a count (the count stays whole)."""
 
@@ -102,12 +105,14 @@ class Checker:
         }  # fmt: skip
 
     def _digests(self, ranges: list[list[int]], block: int) -> list[bytes]:
-        longest = max((length for _, length in ranges), default=block)
-        reader = blockio.DirectReader(self.target, longest)
+        step = READ_BYTES - READ_BYTES % block
+        reader = blockio.DirectReader(self.target, step)
         try:
             out: list[bytes] = []
             for offset, length in ranges:
-                out += blockio.block_digests(reader.read(offset, length), block)
+                for at in range(offset, offset + length, step):
+                    n = min(step, offset + length - at)
+                    out += blockio.block_digests(reader.read(at, n), block)
             return out
         finally:
             reader.close()
