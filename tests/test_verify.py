@@ -10,14 +10,17 @@ tracefs, the target an image file the master target applies to:
   (the process server still holds fresh points) and the monitoring timer
   raises an ``rpo`` alert; it clears once the target catches up;
 * garbage written into known blocks of the target is found by a verify
-  exactly, no more and no less, and nothing changes; a verify with repair
+  exactly, no more and no less, while the source is being written, and
+  nothing changes; a verify with repair
   ships exactly those blocks again, after which the target equals the source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import threading
 import uuid
 from typing import Any
 
@@ -128,7 +131,8 @@ def test_rpo_schedule_and_verify(fleet, loopdisk):
         os.close(fd)
     garbage = {b: _read_block(target, b) for b in corrupt}
 
-    found = run_verify(fleet)
+    with writing(source.mountpoint / "busy"):  # the source is written while it is verified
+        found = run_verify(fleet)
     blocks = {b for first, n in found["differing"] for b in range(first, first + n)}
     assert blocks == set(corrupt), (found, corrupt)  # no more and no less
     assert found["differing_blocks"] == len(corrupt)
@@ -160,6 +164,30 @@ def test_rpo_schedule_and_verify(fleet, loopdisk):
     fleet.wait("target equals source",
                lambda: digest(str(target), SIZE) == digest(source.device, SIZE), timeout=60)  # fmt: skip
     assert "Traceback" not in "".join(fleet.tail(k, 400) for k in fleet.procs)
+
+
+@contextlib.contextmanager
+def writing(directory):
+    """A writer making and syncing small files in ``directory`` until the block ends."""
+    directory.mkdir()
+    stop = threading.Event()
+
+    def run():
+        n = 0
+        while not stop.is_set():
+            with open(directory / f"w{n % 50}", "wb") as f:
+                f.write(os.urandom(64 * 1024))
+                os.fsync(f.fileno())
+            n += 1
+            stop.wait(0.02)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _read_block(path, block: int) -> bytes:
