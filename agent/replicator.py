@@ -290,11 +290,15 @@ class Replicator:
 
     def _scheduled_work(self) -> bool:
         """Take a scheduled app-consistent tag or start a scheduled verify; True if it did."""
-        if self.paused.is_set() or not self._replicating():
+        disks = self._replicating()
+        if self.paused.is_set() or not disks:
             return False
-        if self.app_every.due():
+        # Only on tags (an initial sync or resync would be read under the freeze), and
+        # after a pass without freeze, so the frozen one ships only the last moments.
+        if self.app_every.due() and all(d.phase == "replicating" for d in disks):
             self.app_every.done()
             try:
+                self._run_pass()
                 tag = self._tag_now("app")
             except Exception as exc:  # a failed hook: logged, tried again next interval
                 log.error("scheduled app-consistent tag failed: %s", exc)

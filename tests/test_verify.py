@@ -20,15 +20,18 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import threading
 import uuid
 from typing import Any
 
 import pytest
+from support import ROOT
 from support.config_server import serve_config
 from support.daemons import Fleet, write_files
 
 from devkit.embedded import digest
+from ferrycli.main import _runs_text
 from mastertarget import applylock
 
 pytestmark = [pytest.mark.root, pytest.mark.tracefs, pytest.mark.slow]
@@ -36,6 +39,7 @@ pytestmark = [pytest.mark.root, pytest.mark.tracefs, pytest.mark.slow]
 MiB = 1 << 20
 BLOCK = 4096
 SIZE = 96 * MiB  # two verify ranges of 64 MiB and 32 MiB
+THRESHOLD = 12  # seconds of RPO that raise the alert (app-consistent points come every 2 s)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,18 @@ def run_verify(fleet: Fleet, repair: bool = False) -> dict[str, Any]:
         {"command": "verify", "args": {"repair": repair}},
     )  # fmt: skip
     verify_id = answer["verify_id"]
-    return fleet.wait(f"verify {verify_id}", lambda: verified(fleet, verify_id), timeout=120)
+    return fleet.wait(f"verify {verify_id}", lambda: verified(fleet, verify_id), timeout=240)
+
+
+def ferry_cli(fleet: Fleet, *args: str) -> str:
+    """``ferry *args`` as the tenant's operator; its standard output."""
+    op = fleet.operator
+    env = {**os.environ, "FERRY_SERVER": op.server.url, "FERRY_TOKEN": op.token,
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "ferrycli", *args], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def file_blocks(path, count: int) -> list[int]:
@@ -98,7 +113,7 @@ def test_rpo_schedule_and_verify(fleet, loopdisk):
     disk = f"{machine}-disk0"
     for kind in ("process-server", "master-target", "agent"):
         fleet.start(kind)
-    job = op.protect(machine, rpo_threshold_s=8, app_consistent_interval_s=2)
+    job = op.protect(machine, rpo_threshold_s=THRESHOLD, app_consistent_interval_s=2)
     fleet.wait("protected", lambda: op.job(job["job_id"])["state"] == "protected", timeout=180)
     assert op.status()["machines"][0]["schedule"]["app_consistent_interval_s"] == 2
 
@@ -108,7 +123,7 @@ def test_rpo_schedule_and_verify(fleet, loopdisk):
         points = op.call("GET", f"/recovery-points?disk={disk}&limit=1000")["recovery_points"]
         return next((p for p in points if p["kind"] == "app"), None)
 
-    point = fleet.wait("a scheduled app-consistent point", app_point, timeout=60)
+    point = fleet.wait("a scheduled app-consistent point", app_point, timeout=120)
     assert point["tag"]["frozen"] == [str(source.mountpoint)]
 
     # A verify of an intact target finds nothing and compares every block.
@@ -137,32 +152,36 @@ def test_rpo_schedule_and_verify(fleet, loopdisk):
     assert blocks == set(corrupt), (found, corrupt)  # no more and no less
     assert found["differing_blocks"] == len(corrupt)
     assert {b: _read_block(target, b) for b in corrupt} == garbage  # nothing changed
+    # What an operator reads: the blocks in `ferry verify --show`, the verdict in `ferry status`.
+    shown = ferry_cli(fleet, "verify", machine, "--show")
+    assert _runs_text(found["differing"]) in shown and found["id"] in shown, shown
+    status = ferry_cli(fleet, "status")
+    assert "SHIPPED RPO" in status and f"done: {len(corrupt)} differ" in status, status
 
     # Repair ships exactly those blocks again: the target equals the source.
     mended = run_verify(fleet, repair=True)
     assert {b for first, n in mended["differing"] for b in range(first, first + n)} == set(corrupt)
     fleet.wait("the corrupt blocks repaired",
-               lambda: all(_read_block(target, b) != garbage[b] for b in corrupt), timeout=60)  # fmt: skip
-    assert run_verify(fleet)["differing_blocks"] == 0
+               lambda: all(_read_block(target, b) != garbage[b] for b in corrupt), timeout=240)  # fmt: skip
 
     # RPO is what the target holds: hold applying and it grows, while the process
     # server keeps getting fresh points; the monitoring timer alerts, then clears.
     lock = fleet.base / "master-target" / disk / "apply.lock"
     with applylock.hold(lock, disk, "test: hold applying", 60):
         view = fleet.wait("the RPO over its threshold", lambda: (v := disk_view(fleet))
-                          and (v.get("rpo_s") or 0) > 8 and v, timeout=60)  # fmt: skip
+                          and (v.get("rpo_s") or 0) > THRESHOLD and v, timeout=120)  # fmt: skip
         assert view["applied_rpo_s"] == view["rpo_s"]
         assert view["shipped_rpo_s"] < view["rpo_s"]
         assert view["health"] == "lagging"
-        (alert,) = fleet.wait("an rpo alert", lambda: open_alerts(fleet, disk), timeout=30)
+        (alert,) = fleet.wait("an rpo alert", lambda: open_alerts(fleet, disk), timeout=60)
         assert "master target applied" in alert["message"]
-    fleet.wait("the target caught up", lambda: (disk_view(fleet).get("rpo_s") or 99) < 8,
-               timeout=60)  # fmt: skip
-    fleet.wait("the rpo alert cleared", lambda: not open_alerts(fleet, disk), timeout=30)
+    fleet.wait("the target caught up", lambda: (disk_view(fleet).get("rpo_s") or 99) < THRESHOLD,
+               timeout=120)  # fmt: skip
+    fleet.wait("the rpo alert cleared", lambda: not open_alerts(fleet, disk), timeout=60)
 
     source.unmount()
     fleet.wait("target equals source",
-               lambda: digest(str(target), SIZE) == digest(source.device, SIZE), timeout=60)  # fmt: skip
+               lambda: digest(str(target), SIZE) == digest(source.device, SIZE), timeout=120)  # fmt: skip
     assert "Traceback" not in "".join(fleet.tail(k, 400) for k in fleet.procs)
 
 
