@@ -278,7 +278,7 @@ class ManagedAgent(ManagedDaemon):
                 verify_id=verify_id if isinstance(verify_id, str) else None,
             )  # fmt: skip
         except FerryError as exc:
-            raise CommandFailed(detail=str(exc))
+            raise CommandFailed(detail=str(exc.fields.get("problem", exc)))
 
     def cmd_repair(self, args: dict[str, Any]) -> str:
         """Ship the blocks a verify found differing again (marked dirty: the next pass)."""
@@ -291,7 +291,7 @@ class ManagedAgent(ManagedDaemon):
         try:
             n = self._current().replicator.repair_blocks(str(args.get("disk")), blocks)
         except FerryError as exc:
-            raise CommandFailed(detail=str(exc))
+            raise CommandFailed(detail=str(exc.fields.get("problem", exc)))
         return f"{n} block(s) of {args.get('disk')} will be shipped again"
 
     def _digests(self, session: Session) -> dict[str, dict[str, Any]]:

@@ -311,7 +311,10 @@ class Replicator:
             return True
         if self.verify_every.due():
             self.verify_every.done()
-            self.start_verify(scheduled=True)
+            try:
+                self.start_verify(scheduled=True)
+            except TagFailed as exc:  # no disk on its tags yet: the next interval tries again
+                log.warning("scheduled verify not started: %s", exc.fields.get("problem"))
         return False
 
     def start_verify(

@@ -159,15 +159,21 @@ class Verifier:
         scheduled: bool = False,
         verify_id: str | None = None,
     ) -> str:
-        """Verify each ``(disk, device, size, block)``; a disk already being verified goes on.
+        """Verify each ``(disk, device, size, block)``; the verify's id (all of them share it).
 
-        Returns the verify's id (every disk started now shares it).
+        An operator's verify replaces one in progress on the same disk (its report
+        would never finish otherwise); a scheduled one leaves a disk being verified alone.
         """
         verify_id = verify_id or new_id()
         with self._lock:
             for disk, device, size, block in disks:
                 if disk in self.active:
-                    continue
+                    if scheduled:
+                        continue
+                    log.info("disk %s: verify %s replaced by %s", disk, self.active[disk].id,
+                             verify_id)  # fmt: skip
+                    del self.active[disk]
+                    self._readers.pop(disk).close()
                 self.active[disk] = DiskVerify(verify_id, disk, size, block, self.chunk,
                                                repair=repair, scheduled=scheduled)  # fmt: skip
                 self._readers[disk] = blockio.DirectReader(device, min(self.chunk, READ_BYTES))

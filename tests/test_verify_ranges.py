@@ -10,7 +10,7 @@ import os
 
 from pyroaring import BitMap
 
-from agent.verify import RECHECK_ROUNDS, DiskVerify
+from agent.verify import RECHECK_ROUNDS, DiskVerify, Verifier
 from ferry import blockio
 from ferry import verify as fmt
 
@@ -74,3 +74,19 @@ def test_differing_leaves_out_unsettled_blocks():
     assert fmt.runs([13, 11, 12, 40]) == [[11, 3], [40, 1]]
     tag, section = fmt.split({"id": "t", "verify": {"id": "v"}})
     assert tag == {"id": "t"} and section == {"id": "v"}
+
+
+def test_an_operators_verify_replaces_one_in_progress_a_scheduled_one_does_not(tmp_path):
+    device = _image(tmp_path, 8)
+    verifier = Verifier(8 * BLOCK)
+    disk = [("d", device, 8 * BLOCK, BLOCK)]
+    first = verifier.start(disk, scheduled=True)
+    verifier.start(disk, scheduled=True)  # the schedule again: the one in progress goes on
+    assert verifier.status("d")["id"] == first
+    mine = verifier.start(disk, repair=True)  # an operator's: it replaces the scheduled one
+    assert mine != first and verifier.status("d")["id"] == mine
+    verifier.read_pass(["d"])
+    (section,) = verifier.end_pass(["d"], True, lambda _: BitMap()).values()
+    assert section["id"] == mine and section["repair"] and section["last"]
+    assert verifier.status("d")["state"] == "sent" and not verifier.busy()
+    verifier.close()
