@@ -15,7 +15,10 @@ latest verify only) and are published with the disk's state (``verify``)::
      "compared_blocks": 16384, "differing_blocks": 3,
      "differing": [[100, 1], [2049, 2]], "truncated": false,
      "unverified_blocks": 0, "repair": false, "scheduled": false,
-     "first_tag": "...", "last_tag": "...", "started_at": ..., "finished_at": ...}
+     "first_tag": "...", "last_tag": "...", "started_at": ..., "finished_at": ...,
+     "longest_hold_s": 0.081}
+
+``longest_hold_s`` is the longest time one range's digest held applying back.
 """
 
 from __future__ import annotations
@@ -71,7 +74,10 @@ class Checker:
         block = section["block"]
         blocks = fmt.blocks_of(section["ranges"], block)
         source = fmt.decode_digests(section["digests"])
+        began = time.monotonic()
         target = self._digests(section["ranges"], block)
+        held = time.monotonic() - began  # applying waits this long (apply.lock is held)
+        report["longest_hold_s"] = round(max(report.get("longest_hold_s", 0.0), held), 3)
         unsettled = fmt.expand(section.get("unsettled") or [])
         differ = fmt.differing(blocks, source, target, unsettled)
         found = fmt.expand(report["differing"]) | set(differ)

@@ -151,6 +151,7 @@ def test_rpo_schedule_and_verify(fleet, loopdisk):
     blocks = {b for first, n in found["differing"] for b in range(first, first + n)}
     assert blocks == set(corrupt), (found, corrupt)  # no more and no less
     assert found["differing_blocks"] == len(corrupt)
+    assert found["longest_hold_s"] > 0  # applying waited for one range's digest, not the disk's
     assert {b: _read_block(target, b) for b in corrupt} == garbage  # nothing changed
     # What an operator reads: the blocks in `ferry verify --show`, the verdict in `ferry status`.
     shown = ferry_cli(fleet, "verify", machine, "--show")
