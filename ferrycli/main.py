@@ -58,7 +58,8 @@ def _fmt_bytes(n: int | None) -> str:
 
 def agent_view(status: dict[str, Any]) -> list[render.Part]:
     """A line on the tracker and the connection, then a table with one row per disk."""
-    columns = ("DISK", "PHASE", "GEN", "TO GO", "SHIPPED", "BACKLOG", "LAST TAG", "TAG AGE")
+    columns = ("DISK", "PHASE", "GEN", "TO GO", "SHIPPED", "BACKLOG", "LAST TAG", "TAG AGE",
+               "VERIFY")  # fmt: skip
     rows = []
     now = time.time()
     for d in status.get("disks", []):
@@ -74,6 +75,7 @@ def agent_view(status: dict[str, Any]) -> list[render.Part]:
                 str(d.get("backlog_batches", 0)),
                 tag.get("id", "-"),
                 age,
+                _agent_verify(d.get("verify")),
             )
         )
     head = (
@@ -82,6 +84,15 @@ def agent_view(status: dict[str, Any]) -> list[render.Part]:
         f"{': ' + status['last_error'] if status.get('last_error') else ''}"
     )
     return [head, Table(columns, rows)]
+
+
+def _agent_verify(v: Any) -> str:
+    """The agent's side of a verify: how far it got, or that its last range was sent."""
+    if not isinstance(v, dict):
+        return "-"
+    if v.get("state") == "running" and v.get("size"):
+        return f"{v['id']} {100 * v.get('done_bytes', 0) / v['size']:.0f}%"
+    return f"{v.get('id')} sent"
 
 
 def cmd_agent_status(args: argparse.Namespace) -> int:
