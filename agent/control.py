@@ -67,6 +67,20 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 float(request.get("timeout", 120)),
                 bool(request.get("final", False)),
             )
+        if cmd == "verify":  # online verify (agent.verify); results are the master target's
+            try:
+                started = self.replicator.start_verify(
+                    request.get("disks"), repair=bool(request.get("repair", False))
+                )
+            except TagFailed as exc:
+                return {"ok": False, "error": str(exc.fields.get("problem", exc))}
+            return {"ok": True, **started}
+        if cmd == "repair":
+            try:
+                n = self.replicator.repair_blocks(str(request["disk"]), request["blocks"])
+            except TagFailed as exc:
+                return {"ok": False, "error": str(exc.fields.get("problem", exc))}
+            return {"ok": True, "blocks": n}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     def _tag(self, kind: str, timeout: float, final: bool = False) -> dict[str, Any]:

@@ -84,3 +84,13 @@ FINAL_TAG_TIMEOUT = 300.0
 STOP_ACK_WAIT = 10.0
 """At an orderly stop, how long the agent waits for the process server to acknowledge what
 it sent, in seconds; a disk with a batch still unacknowledged resyncs at the next start."""
+
+APP_TAG_INTERVAL = 0.0
+"""Seconds between scheduled app-consistent tags (freeze and hooks); 0 takes none."""
+
+VERIFY_INTERVAL = 0.0
+"""Seconds between scheduled online verifies of every disk (without repair); 0 runs none."""
+
+VERIFY_CHUNK_BYTES = 64 << 20
+"""Bytes of a disk an online verify digests per read pass, in bytes (a multiple of BLOCK_SIZE,
+at most 64 MiB: its digests ride in the pass's tag)."""

@@ -13,6 +13,8 @@ process server) only waits for ``protect``.  Commands:
 | ``pause`` / ``resume`` | stop / restart read passes; tracking goes on, so nothing is lost |
 | ``resync`` | a new generation of ``args.disks`` (default: all; compares source and target) |
 | ``drain`` | a last tag, durable at the process server, then no more shipping (see below) |
+| ``verify`` | an online verify of ``args.disks`` (default: all), ``args.repair`` to mend (agent.verify) |
+| ``repair`` | ship ``args.blocks`` (``[first, count]`` runs) of ``args.disk`` again: what a verify found differing |
 | ``stop`` | exit cleanly (status 0) |
 | ``rotate-credentials`` | switch to the new token in ``args.token`` and save it in the credentials file |
 
@@ -186,6 +188,8 @@ class ManagedAgent(ManagedDaemon):
             "resume": self.cmd_resume,
             "resync": self.cmd_resync,
             "drain": self.cmd_drain,
+            "verify": self.cmd_verify,
+            "repair": self.cmd_repair,
         }
 
     def cmd_protect(self, _args: dict[str, Any]) -> str:
@@ -259,6 +263,36 @@ class ManagedAgent(ManagedDaemon):
         if final and args.get("digest"):
             return {"tag": _short_tag(tag), "digests": self._digests(session)}
         return {"tag": tag}
+
+    def cmd_verify(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Start an online verify; done once it started (the master target reports results)."""
+        disks = args.get("disks")
+        if disks is not None and not (
+            isinstance(disks, list) and all(isinstance(d, str) for d in disks)
+        ):
+            raise CommandFailed(detail="args.disks must be a list of disk ids")
+        verify_id = args.get("verify_id")
+        try:
+            return self._current().replicator.start_verify(
+                disks, repair=bool(args.get("repair")),
+                verify_id=verify_id if isinstance(verify_id, str) else None,
+            )  # fmt: skip
+        except FerryError as exc:
+            raise CommandFailed(detail=str(exc.fields.get("problem", exc)))
+
+    def cmd_repair(self, args: dict[str, Any]) -> str:
+        """Ship the blocks a verify found differing again (marked dirty: the next pass)."""
+        blocks = args.get("blocks")
+        if not isinstance(blocks, list) or not all(
+            isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) and x >= 0 for x in b)
+            for b in blocks
+        ):  # fmt: skip
+            raise CommandFailed(detail="args.blocks must be [[first, count], ...]")
+        try:
+            n = self._current().replicator.repair_blocks(str(args.get("disk")), blocks)
+        except FerryError as exc:
+            raise CommandFailed(detail=str(exc.fields.get("problem", exc)))
+        return f"{n} block(s) of {args.get('disk')} will be shipped again"
 
     def _digests(self, session: Session) -> dict[str, dict[str, Any]]:
         """Each disk's sha256 and size as it stands now (a cutover: the source is quiet).

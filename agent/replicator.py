@@ -22,9 +22,11 @@ from pyroaring import BitMap
 
 from agent import defaults, state
 from agent.disks import filesystems_on, identity
+from agent.schedule import Every
 from agent.settings import Settings
 from agent.shipper import Shipper
 from agent.tracker import DiskTrack, Tracker, mono
+from agent.verify import Verifier
 from ferry import blockio
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import Exit, FerryError
@@ -151,6 +153,11 @@ class Replicator:
         self.started = time.time()
         self._reader = blockio.DirectReader
         self._buffers: dict[str, blockio.DirectReader] = {}
+        # Online verify and scheduled work (agent.verify, agent.schedule).
+        self.verifier = Verifier(settings.verify_chunk_bytes)
+        self.app_every = Every(settings.app_tag_interval)
+        self.verify_every = Every(settings.verify_interval)
+        self.scheduled_app_tags = 0
 
     # -- main loop ------------------------------------------------------------------
 
@@ -167,6 +174,8 @@ class Replicator:
                 if request is not None:
                     self._serve_tag(request)
                     continue
+                if self._scheduled_work():
+                    continue
                 if self.paused.is_set() or not self._work_waiting():
                     self.stop.wait(self._interval())
                     continue
@@ -181,6 +190,7 @@ class Replicator:
         finally:
             for reader in self._buffers.values():
                 reader.close()
+            self.verifier.close()
 
     def _interval(self) -> float:
         if self.tracker.kind == "scan":
@@ -197,7 +207,7 @@ class Replicator:
         disks = self._replicating()
         if not disks:
             return False
-        if self._idle_tag_due():
+        if self._idle_tag_due() or self.verifier.busy():
             return True
         if self.tracker.kind == "scan":
             return True  # only a scan can tell whether anything changed
@@ -276,6 +286,73 @@ class Replicator:
                 raise TagFailed(problem=f"tag {tag['id']} not acknowledged for {disk}")
         return tag
 
+    # -- scheduled work and online verify (agent.schedule, agent.verify) ---------------
+
+    def _scheduled_work(self) -> bool:
+        """Take a scheduled app-consistent tag or start a scheduled verify; True if it did."""
+        disks = self._replicating()
+        if self.paused.is_set() or not disks:
+            return False
+        # Only on tags (an initial sync or resync would be read under the freeze), and
+        # after a pass without freeze, so the frozen one ships only the last moments.
+        if self.app_every.due() and all(d.phase == "replicating" for d in disks):
+            self.app_every.done()
+            try:
+                self._run_pass()
+                tag = self._tag_now("app")
+            except Exception as exc:  # a failed hook: logged, tried again next interval
+                log.error("scheduled app-consistent tag failed: %s", exc)
+                return True
+            if tag is None:
+                log.warning("scheduled app-consistent tag: no clean pass; next interval")
+            else:
+                self.scheduled_app_tags += 1
+                log.info("scheduled app-consistent tag %s", tag["id"])
+            return True
+        if self.verify_every.due():
+            self.verify_every.done()
+            try:
+                self.start_verify(scheduled=True)
+            except TagFailed as exc:  # no disk on its tags yet: the next interval tries again
+                log.warning("scheduled verify not started: %s", exc.fields.get("problem"))
+        return False
+
+    def start_verify(
+        self, disks: list[str] | None = None, repair: bool = False, scheduled: bool = False,
+        verify_id: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Start an online verify of ``disks`` (every replicating disk if None); its id and disks.
+
+        Only a disk on its generation's tags (phase ``replicating``) can be verified:
+        in an initial sync or a resync the target is no recovery point yet.
+        """
+        wanted = [d for d in self.disks.values() if disks is None or d.id in disks]
+        ready = [d for d in wanted if d.gen is not None and d.phase == "replicating"]
+        if not ready:
+            raise TagFailed(problem="no disk to verify is replicating on its tags yet")
+        verify_id = self.verifier.start(
+            [(d.id, d.track.device, d.track.size, d.track.block) for d in ready],
+            repair=repair, scheduled=scheduled, verify_id=verify_id,
+        )  # fmt: skip
+        return {"verify_id": verify_id, "disks": sorted(d.id for d in ready)}
+
+    def repair_blocks(self, disk: str, blocks: list[list[int]]) -> int:
+        """Ship ``[first, count]`` runs of ``disk``'s blocks again (a verify found them
+        differing); the resync's own step: mark them dirty, the next pass reads and ships
+        them.  Returns how many blocks."""
+        state = self.disks.get(disk)
+        if state is None or state.gen is None:
+            raise TagFailed(problem=f"disk {disk} is not replicating here")
+        problem = self._identity_problem(state)
+        if problem:
+            raise TagFailed(problem=problem)
+        count = 0
+        for first, n in blocks:
+            self.tracker.mark_dirty(disk, int(first), int(first) + int(n))
+            count += int(n)
+        log.info("disk %s: %d block(s) marked for repair", disk, count)
+        return count
+
     # -- resync -----------------------------------------------------------------------
 
     def _identity_problem(self, disk: DiskState) -> str | None:
@@ -294,6 +371,7 @@ class Replicator:
         """Stop replicating ``disk``: its device is another disk (or gone)."""
         if disk.gen is not None:
             self.shipper.forget_disk(disk.id)
+        self.verifier.cancel(disk.id)
         disk.gen, disk.request_id = None, None
         if disk.problem != problem:
             log.error("disk %s: refused: %s; nothing is read or shipped for it", disk.id, problem)
@@ -309,6 +387,7 @@ class Replicator:
         disk.problem = None
         if disk.gen is not None:
             self.shipper.forget_disk(disk.id)
+        self.verifier.cancel(disk.id)
         disk.gen = None
         disk.request_id = uuid.uuid4().hex
         disk.phase = "resync-wait"
@@ -392,11 +471,16 @@ class Replicator:
             t0 = self.tracker.t0
             t0_wall = time.time() - (mono() - t0)
             held = {d.id: self._ship_pass(d, taken[d.id]) for d in disks}
+            if not freeze:  # online verify: after t0, in the pass (never lengthening a freeze)
+                self.verifier.read_pass([d.id for d in disks])
             clean = self.tracker.end_pass()
         if freeze and self._thawed_early:
             clean = False
         self.passes += 1
-        if self.tracker.lost():
+        lost = self.tracker.lost()
+        sections = self.verifier.end_pass([d.id for d in disks], clean and not lost,
+                                          self.tracker.touched)  # fmt: skip
+        if lost:
             for disk in disks:
                 self._request_resync(disk, "trace events were lost")
             return None
@@ -412,20 +496,27 @@ class Replicator:
             }
             if final:
                 tag["final"] = True
-        changed = force or any(len(taken[d.id]) for d in disks)
+        changed = force or bool(sections) or any(len(taken[d.id]) for d in disks)
         for disk in disks:
-            self._close_pass(disk, held[disk.id], tag if changed else None)
+            self._close_pass(disk, held[disk.id], tag if changed else None, sections.get(disk.id))
         if clean:
             self.clean_passes += 1
             self.last_clean = mono()
         return tag
 
-    def _close_pass(self, disk: DiskState, batch: Batch | None, tag: dict[str, Any] | None) -> None:
+    def _close_pass(
+        self, disk: DiskState, batch: Batch | None, tag: dict[str, Any] | None,
+        verify: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         if batch is None and tag is None:
             return
+        if verify is not None and tag is not None:
+            if batch is not None and batch.extents:
+                self._send(disk, batch)  # the verify digests ride alone, in an empty batch
+            batch = None
         if batch is None:
             batch = self._new_batch(disk)
-        batch.tag = tag
+        batch.tag = tag if verify is None or tag is None else {**tag, "verify": verify}
         self._send(disk, batch)
         if tag is not None:
             self.last_tag_sent = mono()
@@ -623,6 +714,7 @@ class Replicator:
                     "identity": disk.identity,
                     "problem": disk.problem,
                     "filesystems": self._filesystems([disk]),
+                    "verify": self.verifier.status(disk.id),
                 }
             )
         return {
@@ -637,6 +729,9 @@ class Replicator:
             "frozen_passes": self.frozen_passes,
             "longest_freeze_s": round(self.longest_freeze, 4),
             "uptime_s": round(time.time() - self.started, 1),
+            "app_tag_interval": self.settings.app_tag_interval,
+            "scheduled_app_tags": self.scheduled_app_tags,
+            "verify_interval": self.settings.verify_interval,
             "disks": disks,
         }
 

@@ -52,6 +52,9 @@ class Settings:
     pre_hook: str | None = None
     post_hook: str | None = None
     hook_timeout: float = defaults.HOOK_TIMEOUT
+    app_tag_interval: float = defaults.APP_TAG_INTERVAL
+    verify_interval: float = defaults.VERIFY_INTERVAL
+    verify_chunk_bytes: int = defaults.VERIFY_CHUNK_BYTES
 
     def validate(self) -> str | None:
         """Problem line, or None when the settings are usable."""
@@ -76,6 +79,12 @@ class Settings:
             return "resync_block_size must be a multiple of block_size"
         if self.batch_bytes < self.block_size:
             return "batch_bytes must be at least block_size"
+        for name in ("app_tag_interval", "verify_interval"):
+            if not getattr(self, name) >= 0:
+                return f"{name} must be 0 (off) or a number of seconds, not {getattr(self, name)}"
+        chunk = self.verify_chunk_bytes
+        if chunk < self.block_size or chunk % self.block_size or chunk > 64 << 20:
+            return "verify_chunk_bytes must be a multiple of block_size, at most 64 MiB"
         return positive(
             window=self.window,
             pass_interval=self.pass_interval,

@@ -53,6 +53,9 @@ class DiskTrack:
     read_ends: list[int] = field(default_factory=list)
     read_times: list[float] = field(default_factory=list)
     collided: bool = False
+    # Online verify (agent.verify): blocks written during the pass in hand, and during the last.
+    touched: BitMap | None = None
+    last_touched: BitMap = field(default_factory=BitMap)
 
     @property
     def blocks(self) -> int:
@@ -101,6 +104,11 @@ class Tracker:
     def lost(self) -> bool:
         """True if tracking lost events since the last call (the disks need a resync)."""
         return False
+
+    def touched(self, disk: str) -> BitMap:
+        """Blocks of ``disk`` written during the last pass: queued or completed after its t0."""
+        with self.lock:
+            return BitMap(self.disks[disk].last_touched)
 
 
 class TraceTracker(Tracker):
@@ -162,6 +170,7 @@ class TraceTracker(Tracker):
             return
         with self.lock:
             if disk.pass_set is not None:
+                self._touch(disk, sector, n)
                 self._check_collision(disk, sector, n, ts)
             elif self._collecting:
                 self._early.append((dev, sector, n, ts))
@@ -171,6 +180,12 @@ class TraceTracker(Tracker):
             self._marks[number] = ts
             self._collecting = True
             self._mark_cv.notify_all()
+
+    def _touch(self, disk: DiskTrack, sector: int, n: int) -> None:
+        # Called with the lock held: a write queued during the pass (online verify).
+        if disk.touched is not None:
+            first, end = self._blocks(disk, sector, n)
+            disk.touched.add_range(first, min(end, disk.blocks))
 
     def _check_collision(self, disk: DiskTrack, sector: int, n: int, ts: float) -> None:
         # Called with the lock held.  Reads go in rising block order, so the
@@ -216,10 +231,12 @@ class TraceTracker(Tracker):
                 taken[disk_id], disk.dirty = disk.dirty, BitMap()
                 disk.pass_set = taken[disk_id]
                 disk.read_ends, disk.read_times, disk.collided = [], [], False
+                disk.touched = BitMap()
             early, self._early, self._collecting = self._early, [], False
             for dev, sector, n, ts in early:
                 track = self.by_dev.get(dev)
                 if track is not None and track.pass_set is not None:
+                    self._touch(track, sector, n)
                     self._check_collision(track, sector, n, ts)
         return taken
 
@@ -237,7 +254,10 @@ class TraceTracker(Tracker):
             for disk in self.disks.values():
                 if disk.pass_set is not None:
                     clean = clean and not disk.collided
+                    # Completed after t0 (the new dirty map) or queued during the pass.
+                    disk.last_touched = disk.dirty | (disk.touched or BitMap())
                 disk.pass_set = None
+                disk.touched = None
                 disk.read_ends, disk.read_times = [], []
             self._collecting = False
             self._early = []
@@ -311,6 +331,8 @@ class ScanTracker(Tracker):
         clean = True
         for disk_id in self._pass_disks:
             changed = self._changes(disk_id)
+            with self.lock:
+                self.disks[disk_id].last_touched = changed
             if len(changed):
                 clean = False
                 with self.lock:

@@ -10,6 +10,11 @@ Requests and answers, one JSON object per line::
     {"cmd": "tag", "kind": "crash"|"app",
      "timeout": 120, "final": false}        -> {"ok": true, "tag": {...}} once the tagged
                                                batches are durable at the process server
+    {"cmd": "verify", "disks": [...]|null,
+     "repair": false}                       -> {"ok": true, "verify_id", "disks"} once started
+                                               (the master target reports the differences)
+    {"cmd": "repair", "disk": "...",
+     "blocks": [[first, count], ...]}       -> {"ok": true, "blocks": n}: shipped again
 
 ``"final": true`` makes it a cutover's last tag: the agent ships nothing
 more, and the master target fences each disk once it has applied it.

@@ -58,7 +58,8 @@ def _fmt_bytes(n: int | None) -> str:
 
 def agent_view(status: dict[str, Any]) -> list[render.Part]:
     """A line on the tracker and the connection, then a table with one row per disk."""
-    columns = ("DISK", "PHASE", "GEN", "TO GO", "SHIPPED", "BACKLOG", "LAST TAG", "TAG AGE")
+    columns = ("DISK", "PHASE", "GEN", "TO GO", "SHIPPED", "BACKLOG", "LAST TAG", "TAG AGE",
+               "VERIFY")  # fmt: skip
     rows = []
     now = time.time()
     for d in status.get("disks", []):
@@ -74,6 +75,7 @@ def agent_view(status: dict[str, Any]) -> list[render.Part]:
                 str(d.get("backlog_batches", 0)),
                 tag.get("id", "-"),
                 age,
+                _agent_verify(d.get("verify")),
             )
         )
     head = (
@@ -82,6 +84,15 @@ def agent_view(status: dict[str, Any]) -> list[render.Part]:
         f"{': ' + status['last_error'] if status.get('last_error') else ''}"
     )
     return [head, Table(columns, rows)]
+
+
+def _agent_verify(v: Any) -> str:
+    """The agent's side of a verify: how far it got, or that its last range was sent."""
+    if not isinstance(v, dict):
+        return "-"
+    if v.get("state") == "running" and v.get("size"):
+        return f"{v['id']} {100 * v.get('done_bytes', 0) / v['size']:.0f}%"
+    return f"{v.get('id')} sent"
 
 
 def cmd_agent_status(args: argparse.Namespace) -> int:
@@ -100,6 +111,38 @@ def cmd_agent_tag(args: argparse.Namespace) -> int:
         if args.json
         else f"tag {tag['id']} ({tag['kind']}) durable at the process server{final}"
     )
+    return 0
+
+
+def cmd_agent_verify(args: argparse.Namespace) -> int:
+    request = {"cmd": "verify", "disks": args.disk or None, "repair": False}
+    answer = _agent_call(args.socket, request, 30)
+    render.show(args.json, answer, f"verify {answer['verify_id']} started for "
+                f"{', '.join(answer['disks'])}; the master target reports what differs "
+                "(its status.json, disk 'verify')")  # fmt: skip
+    return 0
+
+
+def _block_runs(text: str) -> list[list[int]]:
+    """``10,12-15`` as ``[[10, 1], [12, 4]]``; UsageError if malformed."""
+    out = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            a, b = int(first), int(last or first)
+        except ValueError:
+            raise UsageError(detail=f"--blocks must be like 10,12-15, not {text!r}")
+        if a < 0 or b < a:
+            raise UsageError(detail=f"--blocks must be like 10,12-15, not {text!r}")
+        out.append([a, b - a + 1])
+    return out
+
+
+def cmd_agent_repair(args: argparse.Namespace) -> int:
+    request = {"cmd": "repair", "disk": args.disk, "blocks": _block_runs(args.blocks)}
+    answer = _agent_call(args.socket, request, 30)
+    render.show(args.json, answer, f"{answer['blocks']} block(s) of {args.disk} will be "
+                "shipped again with the next pass")  # fmt: skip
     return 0
 
 
@@ -203,7 +246,7 @@ def _tenant(args: argparse.Namespace) -> str:
 def status_view(status: dict[str, Any], bars: bool = False) -> list[render.Part]:
     """Machines and disks, then components, as tables a person can read."""
     columns = ["MACHINE", "DISK", "PHASE", "GEN", "TO GO", "BACKLOG", "THROUGHPUT", "RPO",
-               "LAST TAG", "HEALTH"]  # fmt: skip
+               "SHIPPED RPO", "LAST TAG", "VERIFY", "HEALTH"]  # fmt: skip
     if bars:
         columns.insert(3, "PROGRESS")
     rows = []
@@ -220,7 +263,9 @@ def status_view(status: dict[str, Any], bars: bool = False) -> list[render.Part]
                 str(d.get("backlog", "-")),
                 "-" if tput is None else f"{tput / MiB:.1f} MiB/s",
                 "-" if rpo is None else f"{rpo:.1f} s",
+                _seconds(d.get("shipped_rpo_s")),
                 _tag_id(d.get("last_tag")),
+                verify_cell(d.get("verify")),
                 d.get("health") or m.get("health") or "-",
             ]
             if bars:
@@ -239,6 +284,94 @@ def status_view(status: dict[str, Any], bars: bool = False) -> list[render.Part]
         Table(columns, rows),
         Table(("COMPONENT", "KIND", "STATE", "LAST HEARTBEAT"), comps),
     ]
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.1f} s" if isinstance(value, int | float) else "-"
+
+
+def verify_cell(report: Any) -> str:
+    """A disk's latest online verify in a few words: ``done: 3 differ``, ``running``, ``-``."""
+    if not isinstance(report, dict):
+        return "-"
+    if report.get("state") != "done":
+        return f"running ({report.get('compared_blocks', 0)} blocks)"
+    differ = report.get("differing_blocks", 0)
+    return "done: equal" if not differ else f"done: {differ} differ"
+
+
+def _runs_text(runs: Any) -> str:
+    if not isinstance(runs, list) or not runs:
+        return "-"
+    parts = [f"{a}" if n == 1 else f"{a}-{a + n - 1}" for a, n in runs[:20]]
+    return ",".join(parts) + (",..." if len(runs) > 20 else "")
+
+
+def verify_view(status: dict[str, Any], machine: str, verify_id: str | None) -> list[render.Part]:
+    """One row per disk of ``machine``: its latest verify and exactly which blocks differ."""
+    rows = []
+    for m in status.get("machines", []):
+        if m.get("machine") != machine:
+            continue
+        for d in m.get("disks") or []:
+            v = d.get("verify") or {}
+            if verify_id and v.get("id") != verify_id:
+                v = {}
+            rows.append((d.get("disk", "-"), v.get("id", "-"), v.get("state", "-"),
+                         str(v.get("compared_blocks", "-")), str(v.get("differing_blocks", "-")),
+                         _runs_text(v.get("differing")), str(v.get("block", "-"))))  # fmt: skip
+    columns = ("DISK", "VERIFY", "STATE", "COMPARED", "DIFFERING", "BLOCKS", "BLOCK SIZE")
+    return [Table(columns, rows)]
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    body = {}
+    if args.app_consistent_every is not None:
+        body["app_consistent_interval_s"] = args.app_consistent_every
+    if args.verify_every is not None:
+        body["verify_interval_s"] = args.verify_every
+    path = f"/tenants/{_tenant(args)}/machines/{args.machine}/schedule"
+    answer = api(args, "POST", path, body)
+    s = answer.get("schedule", {})
+    render.show(args.json, answer, f"{args.machine}: app-consistent point every "
+                f"{s.get('app_consistent_interval_s') or 'never'} s, verify every "
+                f"{s.get('verify_interval_s') or 'never'} s")  # fmt: skip
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Start an online verify of a machine's disks (``--wait``: until every one reports)."""
+    tenant = _tenant(args)
+    if args.show:
+        status = api(args, "GET", f"/tenants/{tenant}/status")
+        render.show(args.json, status, *verify_view(status, args.machine, None))
+        return 0
+    verify_args: dict[str, Any] = {"repair": args.repair}
+    if args.disk:
+        verify_args["disks"] = args.disk
+    body = {"command": "verify", "args": verify_args, "idempotency_key": _request_key("verify")}
+    answer = api(args, "POST", f"/tenants/{tenant}/machines/{args.machine}/commands", body)
+    verify_id = answer.get("verify_id")
+    if not args.wait:
+        render.show(args.json, answer, f"verify {verify_id} requested (command "
+                    f"{answer.get('command_id')}); ferry verify {args.machine} --show")  # fmt: skip
+        return 0
+    deadline = time.monotonic() + args.timeout
+    with render.busy(f"waiting for verify {verify_id}"):
+        while True:
+            status = api(args, "GET", f"/tenants/{tenant}/status")
+            disks = [d for m in status.get("machines", []) if m.get("machine") == args.machine
+                     for d in m.get("disks") or [] if not args.disk or d.get("disk") in args.disk]  # fmt: skip
+            if disks and all((d.get("verify") or {}).get("id") == verify_id
+                             and d["verify"].get("state") == "done" for d in disks):  # fmt: skip
+                break
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    detail=f"verify {verify_id} did not finish in {args.timeout:.0f} s"
+                )
+            time.sleep(2)
+    render.show(args.json, status, *verify_view(status, args.machine, verify_id))
+    return 0
 
 
 def _tag_id(tag: Any) -> str:
@@ -326,6 +459,10 @@ def cmd_protect(args: argparse.Namespace) -> int:
     body = {"idempotency_key": args.idempotency_key or f"protect-{args.machine}"}
     if args.rpo_threshold:
         body["rpo_threshold_s"] = args.rpo_threshold
+    if args.app_consistent_every is not None:
+        body["app_consistent_interval_s"] = args.app_consistent_every
+    if args.verify_every is not None:
+        body["verify_interval_s"] = args.verify_every
     answer = api(args, "POST", f"/tenants/{_tenant(args)}/machines/{args.machine}/protect", body)
     job = answer.get("job", answer)
     render.show(
@@ -529,7 +666,48 @@ def _add_api_commands(sub) -> None:
     protect.add_argument(
         "--rpo-threshold", type=float, help="alert when RPO exceeds this (seconds)"
     )
+    protect.add_argument(
+        "--app-consistent-every",
+        type=int,
+        metavar="SECONDS",
+        help="the agent takes an app-consistent point (freeze and hooks) this often",
+    )
+    protect.add_argument(
+        "--verify-every",
+        type=int,
+        metavar="SECONDS",
+        help="the agent runs an online verify of every disk this often",
+    )
     protect.set_defaults(func=cmd_protect)
+
+    sched = sub.add_parser(
+        "schedule",
+        help="how often a machine's agent takes app-consistent "
+        "points and verifies its disks (0: never)",
+    )
+    _server_args(sched)
+    sched.add_argument("machine")
+    sched.add_argument("--app-consistent-every", type=int, metavar="SECONDS")
+    sched.add_argument("--verify-every", type=int, metavar="SECONDS")
+    sched.set_defaults(func=cmd_schedule)
+
+    verify = sub.add_parser(
+        "verify",
+        help="online verify: compare source and target at one tag "
+        "per range; report the blocks that differ (--repair ships them again)",
+    )
+    _server_args(verify)
+    verify.add_argument("machine")
+    verify.add_argument("--disk", action="append", default=[], help="only this disk (repeatable)")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="ship the blocks found differing again (nothing changes otherwise)",
+    )
+    verify.add_argument("--wait", action="store_true", help="wait for the report and show it")
+    verify.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
+    verify.add_argument("--show", action="store_true", help="show each disk's latest verify only")
+    verify.set_defaults(func=cmd_verify)
 
     tag = sub.add_parser("tag", help="ask a machine's agent for a crash- or app-consistent tag")
     _server_args(tag)
@@ -627,6 +805,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tag.add_argument("--json", action="store_true", help="machine-readable output")
     tag.set_defaults(func=cmd_agent_tag)
+
+    av = agent.add_parser("verify", help="start an online verify (settings-file mode)")
+    av.add_argument("--socket", required=True, help="the agent's control socket")
+    av.add_argument("--disk", action="append", default=[], help="only this disk (repeatable)")
+    av.add_argument("--json", action="store_true", help="machine-readable output")
+    av.set_defaults(func=cmd_agent_verify)
+    ar = agent.add_parser("repair", help="ship blocks again that a verify found differing")
+    ar.add_argument("--socket", required=True, help="the agent's control socket")
+    ar.add_argument("--disk", required=True)
+    ar.add_argument("--blocks", required=True, help="block numbers, e.g. 10,12-15")
+    ar.add_argument("--json", action="store_true", help="machine-readable output")
+    ar.set_defaults(func=cmd_agent_repair)
 
     pk = sub.add_parser("pki", help="certificates for mutual TLS").add_subparsers(
         dest="sub", required=True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import azure.functions as func
 
 from functions import web
-from functions.core import replication
+from functions.core import replication, verify
 
 bp = func.Blueprint()
 
@@ -78,6 +78,17 @@ def machine_command(req: func.HttpRequest) -> func.HttpResponse:
     return web.handle(
         req,
         lambda ctx, caller, body: replication.machine_command(ctx, caller, tenant, machine, body),
+        body=True,
+    )
+
+
+@bp.route(route="tenants/{tenant}/machines/{machine}/schedule", methods=["POST"])
+def machine_schedule(req: func.HttpRequest) -> func.HttpResponse:
+    """Operator: how often the machine's agent takes app-consistent points and verifies."""
+    tenant, machine = web.route_param(req, "tenant"), web.route_param(req, "machine")
+    return web.handle(
+        req,
+        lambda ctx, caller, body: verify.set_schedule(ctx, caller, tenant, machine, body),
         body=True,
     )
 

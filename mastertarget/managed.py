@@ -68,6 +68,7 @@ REPORTED = (
     "fenced",
     "held",
     "journal",
+    "verify",
 )
 """The fields of a disk's state (see mastertarget.worker) sent in its report."""
 

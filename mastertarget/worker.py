@@ -27,6 +27,11 @@ Hold (a test failover): each group is applied holding an exclusive
 (``mastertarget.cutover.clone_at_tag``) sees the target sitting exactly on the
 cursor's tag; meanwhile notices are still received and staged, so
 replication goes on and only applying waits.
+
+Online verify (mastertarget.verify): a tag carrying a verify section is
+applied as any other; then, still on that tag and holding ``apply.lock``,
+the section's ranges of the target are digested and compared.  The section
+is never recorded with the tag.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from azure.core.exceptions import AzureError
 
 from ferry import durable, naming, segment
 from ferry import fence as fences
+from ferry import verify as verify_format
 from ferry.batch import Batch
 from ferry.errors import FerryError, NotFound, SegmentCorrupt
 from ferry.storage import Message, Storage
@@ -57,6 +63,7 @@ from mastertarget.settings import DiskSettings, Settings
 from mastertarget.staging import Staging, file_name
 from mastertarget.status import StatusBoard
 from mastertarget.target import Target
+from mastertarget.verify import Checker
 
 log = logging.getLogger("ferry.mastertarget")
 
@@ -109,6 +116,7 @@ class DiskWorker:
         self.staging = Staging(layout.staging_dir(settings.state_dir, self.disk))
         self.target = Target(disk.target)
         self.cursor = cursors.Cursor(self.tenant, self.disk)
+        self.verify = Checker(self.disk, self.directory, str(disk.target))  # online verify
         self.apply_lock_path = layout.apply_lock_path(settings.state_dir, self.disk)
         self.applying_path = layout.applying_path(settings.state_dir, self.disk)
         self.journal = journals.Journal(
@@ -422,7 +430,7 @@ class DiskWorker:
             return False
         self._check_owner()
         self._journal_group(gen, first, last)
-        written, tag = 0, None
+        written, tag, section = 0, None, None
         for seq in range(first, last + 1):
             try:
                 batch = self._verify(self.staging.read(gen, seq), file_name(gen, seq), gen, seq)
@@ -432,7 +440,7 @@ class DiskWorker:
                 self._group_broken(gen, seq, f"{exc} (after {seq - first} batches were written)")
                 return False
             written += self.target.write_batch(batch, check=self._check_owner)
-            tag = batch.tag
+            tag, section = verify_format.split(batch.tag)  # the verify digests are never recorded
             del batch  # one segment's data in memory at a time
         self.target.sync()
         self._save(
@@ -449,6 +457,9 @@ class DiskWorker:
         self._discard_stale()
         if self.fenced:
             self._fenced_now()
+        if section is not None:  # online verify: the target sits on the tag, apply.lock held
+            self.verify.check(section, tag)
+            self._changed = True
         if tag is not None and self.on_applied is not None:
             self.on_applied(self.disk, tag, gen, last)
         log.info(
@@ -468,7 +479,8 @@ class DiskWorker:
             return  # before the first tag there is no older point to keep
         headers = [self.staging.header(gen, seq) for seq in range(first, last + 1)]
         extents = [(int(o), int(n)) for h in headers for o, n, _ in h.get("extents", [])]
-        to = {"gen": gen, "seq": last, "tag": headers[-1].get("tag")}
+        tag, _ = verify_format.split(headers[-1].get("tag"))  # never the verify digests
+        to = {"gen": gen, "seq": last, "tag": tag}
         disk_size = int(headers[-1].get("disk_size") or 0)
         self.journal.before_group(
             dataclasses.asdict(self.cursor), to, extents, self.target.read, disk_size
@@ -613,6 +625,7 @@ class DiskWorker:
             "fenced": c.fenced,
             "held": self.held,
             "journal": self.journal.state(dataclasses.asdict(c)),
+            "verify": self.verify.summary(),
             "updated_at": time.time(),
         }
 

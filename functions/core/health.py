@@ -6,6 +6,16 @@ throughput and RPO, the master target knows what it applied.  Health, worst
 first: ``lost`` (the machine's agent sent no heartbeat for HEARTBEAT_TTL),
 ``resync`` (a disk waits for or needs a resync), ``lagging`` (a disk's RPO
 is over its machine's threshold), ``ok``.
+
+RPO is measured from what the target holds: ``rpo_s`` is the age of the
+newest tag the master target *applied* (its report's ``last_tag``), aged
+on the server's clock at the moment the status is read, so a master target
+that is stuck, held or gone shows an RPO that grows.  The agent's own
+figure, the age of its newest tag the process server holds durably, is
+``shipped_rpo_s``; the difference is what waits between the process server
+and the target.  The tag's time is the agent's clock: the agent's last
+report says how far its clock is from the server's, and that offset is
+taken off.
 """
 
 from __future__ import annotations
@@ -22,8 +32,8 @@ VIEW_FIELDS = (
 )  # fmt: skip
 
 
-def disk_view(record: dict[str, Any], threshold: float) -> dict[str, Any]:
-    """A disk as the status shows it: the reports merged, and its health."""
+def disk_view(record: dict[str, Any], threshold: float, now: float | None = None) -> dict[str, Any]:
+    """A disk as the status shows it: the reports merged, and its health (``now``: server time)."""
     agent = record.get("agent_report") or {}
     target = record.get("master_target_report") or {}
     view: dict[str, Any] = {"disk": record["disk"]}
@@ -42,10 +52,37 @@ def disk_view(record: dict[str, Any], threshold: float) -> dict[str, Any]:
     view["size"] = record.get("size")
     view["resync_required_gen"] = target.get("resync_required_gen")
     view["fenced"] = target.get("fenced")
+    view["shipped_rpo_s"] = view["rpo_s"]
+    applied = applied_rpo(agent, target, now)
+    view["applied_rpo_s"] = applied
+    if applied is not None:
+        view["rpo_s"] = applied
+    view["verify"] = target.get("verify")
     if view["fenced"]:
         view["phase"] = "fenced"  # cut over: the master target applies nothing more
     view["health"] = disk_health(view, threshold)
     return view
+
+
+def applied_rpo(agent: dict[str, Any], target: dict[str, Any], now: float | None) -> float | None:
+    """Seconds since the source time of the newest tag the master target applied, or None.
+
+    ``now`` is the server's clock; the agent's report (its ``rpo_s`` against
+    its tag's ``t0_wall``, received at ``reported_at``) gives the offset of
+    the agent's clock, in which tags are stamped.
+    """
+    tag = target.get("last_tag")
+    t0 = _number(tag.get("t0_wall")) if isinstance(tag, dict) else None
+    if now is None or t0 is None:
+        return None
+    offset = 0.0
+    agent_tag = agent.get("last_tag")
+    agent_t0 = agent_tag.get("t0_wall") if isinstance(agent_tag, dict) else None
+    parts = [_number(agent_t0), _number(agent.get("rpo_s")), _number(agent.get("reported_at"))]
+    if all(p is not None for p in parts):
+        sent_t0, sent_rpo, received = parts
+        offset = (sent_t0 + sent_rpo) - received  # type: ignore[operator]  # agent ahead by this
+    return round(max(0.0, now + offset - t0), 1)
 
 
 def needs_resync(view: dict[str, Any]) -> bool:

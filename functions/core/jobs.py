@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ferry import naming
-from functions.core import commands, components, defaults, idempotency, validate
+from functions.core import commands, components, defaults, idempotency, validate, verify
 from functions.core.auth import Caller, require_operator
 from functions.core.context import Context
 from functions.core.errors import BadRequest, Conflict, NotFound
@@ -135,23 +135,26 @@ def protect(ctx: Context, caller: Caller, tenant: str, machine_id: str, body: An
     """Protect every disk of a machine as one consistency group; answers 202 ``{job}``."""
     require_operator(caller, tenant)
     body = validate.body_object(
-        body, {"idempotency_key", "process_server", "master_target", "rpo_threshold_s"}
-    )
+        body, {"idempotency_key", "process_server", "master_target", "rpo_threshold_s",
+               *verify.SCHEDULE},
+    )  # fmt: skip
     key = validate.pattern(body, "idempotency_key", validate.KEY_RE, KEY_WHAT)
     wanted_ps = validate.ident(body, "process_server", required=False)
     wanted_mt = validate.ident(body, "master_target", required=False)
     threshold = validate.integer(body, "rpo_threshold_s", 1, 86400, default=defaults.RPO_THRESHOLD)
+    schedule = verify.schedule_body(body)
     machine = _machine(ctx, tenant, machine_id)
     job_id = idempotency.derived_id("job", tenant, key)
     idempotency.claim(ctx, tenant, key, f"protect {machine_id}", {"job_id": job_id})
     job = ctx.store.get("jobs", tenant, job_id)
     if job is None:
-        job = _start_protect(ctx, tenant, machine, job_id, key, wanted_ps, wanted_mt, threshold)
+        job = _start_protect(ctx, tenant, machine, job_id, key, wanted_ps, wanted_mt, threshold,
+                             schedule)  # fmt: skip
     _dispatch_protect(ctx, tenant, job)
     return 202, {"job": ctx.store.get("jobs", tenant, job_id) or job}
 
 
-def _start_protect(ctx, tenant, machine, job_id, key, wanted_ps, wanted_mt, threshold):
+def _start_protect(ctx, tenant, machine, job_id, key, wanted_ps, wanted_mt, threshold, schedule):
     machine_id = machine["machine"]
     if not machine.get("disks"):
         raise Conflict(f"machine {machine_id} registered no disks; nothing to protect")
@@ -179,6 +182,7 @@ def _start_protect(ctx, tenant, machine, job_id, key, wanted_ps, wanted_mt, thre
         process_server=ps["component_id"], master_target=mt["component_id"],
         process_server_address=address, disks=list(machine["disks"]),
         command_id=idempotency.derived_id("cmd", tenant, job_id), rpo_threshold_s=threshold,
+        schedule=schedule,
     )  # fmt: skip
     if not ctx.store.create("jobs", tenant, job_id, job):
         return ctx.store.get("jobs", tenant, job_id) or job
@@ -216,6 +220,7 @@ def _dispatch_protect(ctx: Context, tenant: str, job: dict[str, Any]) -> None:
             rpo_threshold_s=job["rpo_threshold_s"], protect_job=job["job_id"],
             protected_disks=job["disks"],
         )  # fmt: skip
+        m["settings"] = {**(m.get("settings") or {}), **job.get("schedule", {})}
         return m
 
     machine = ctx.store.mutate("machines", tenant, machine_id, change_machine, what=machine_id)

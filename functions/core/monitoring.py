@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any
@@ -100,7 +101,7 @@ def _conditions(ctx: Context, tenant: str, components: list[dict], now: float) -
     disks = {d.get("disk"): d for d in ctx.store.partition("disks", tenant)}
     for machine in ctx.store.partition("machines", tenant):
         try:
-            found.update(_machine_conditions(machine, disks))
+            found.update(_machine_conditions(machine, disks, now))
         except BAD_RECORD as exc:
             found.update(_unreadable("machine", machine.get("machine"), exc))
     return found
@@ -125,20 +126,24 @@ def _component_conditions(c: dict[str, Any]) -> Conditions:
     return found
 
 
-def _machine_conditions(machine: dict[str, Any], disks: dict[Any, dict]) -> Conditions:
+def _machine_conditions(
+    machine: dict[str, Any], disks: dict[Any, dict], now: float | None = None
+) -> Conditions:
     found: Conditions = {}
     if not machine.get("protect_job") or machine.get("state") in ("cut-over", "stopped"):
         return found
+    now = time.time() if now is None else now
     threshold = machine.get("rpo_threshold_s", defaults.RPO_THRESHOLD)
     for disk_id in machine.get("protected_disks") or machine.get("disks", []):
         if disk_id not in disks:
             continue
-        view = health.disk_view(disks[disk_id], threshold)
+        view = health.disk_view(disks[disk_id], threshold, now)
         where = f"disk {disk_id} of machine {machine['machine']}"
         if health.over_rpo(view, threshold):
             found[("rpo", disk_id)] = {
                 "severity": "warning",
-                "message": f"{where}: RPO {view['rpo_s']:.0f} s is over {threshold} s",
+                "message": f"{where}: RPO {view['rpo_s']:.0f} s is over {threshold} s"
+                + _behind(view),
             }
         if health.needs_resync(view):
             found[("resync", disk_id)] = {
@@ -164,6 +169,13 @@ def _journal_conditions(disk: dict[str, Any], disk_id: str, where: str) -> Condi
         "message": f"{where}: the recovery journal keeps fewer points than its policy asks "
                    f"({str(cut.get('reason'))[:120]}){since}; raise journal_budget_mib",
     }}  # fmt: skip
+def _behind(view: dict[str, Any]) -> str:
+    """Where the lag is, when the target lags what the process server holds (RPO is applied)."""
+    shipped = view.get("shipped_rpo_s")
+    if view.get("applied_rpo_s") is None or not isinstance(shipped, int | float):
+        return ""
+    return (f" (the newest point the master target applied; the process server holds one "
+            f"{shipped:.0f} s old)")  # fmt: skip
 
 
 def _alert_id(kind: str, subject: str, n: int) -> str:

@@ -16,6 +16,13 @@ ID = {"type": "string", "pattern": "^[a-z0-9]+(-[a-z0-9]+)*$", "minLength": 1, "
 KEY = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}
 TIME = {"type": "number", "description": "seconds since the epoch"}
 COUNT = {"type": "integer", "minimum": 0}
+INTERVAL = {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": 604800,
+    "default": 0,
+    "description": "seconds between scheduled runs; 0: none",
+}
 NULLABLE_COUNT = {"type": "integer", "minimum": 0, "nullable": True}
 ANY_OBJECT = {"type": "object", "additionalProperties": True}
 STATES = sorted({s for kind in jobs.TRANSITIONS.values() for steps in kind.values() for s in steps})
@@ -98,6 +105,7 @@ SCHEMAS: dict[str, Any] = {
         "reason": {"type": "string", "maxLength": 200, "nullable": True},
         "held": {"type": "boolean"},
         "fenced": {"nullable": True, **ANY_OBJECT},
+        "verify": {"nullable": True, **ANY_OBJECT},
     }, extra=True),
     "Tag": _obj({"id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
                  "kind": {"type": "string", "maxLength": 20}, "t0_wall": TIME},
@@ -109,15 +117,19 @@ SCHEMAS: dict[str, Any] = {
                           ["state"]),
     "Protect": _obj({"idempotency_key": KEY, "process_server": ID, "master_target": ID,
                      "rpo_threshold_s": {"type": "integer", "minimum": 1, "maximum": 86400,
-                                         "default": defaults.RPO_THRESHOLD}},
+                                         "default": defaults.RPO_THRESHOLD},
+                     "app_consistent_interval_s": INTERVAL, "verify_interval_s": INTERVAL},
                     ["idempotency_key"]),
     "MachineCommand": _obj({
         "command": {"type": "string", "enum": list(MACHINE_COMMANDS)},
         "args": _obj({"kind": {"type": "string", "enum": ["crash", "app"]},
-                      "disks": {"type": "array", "items": ID}, "final": {"type": "boolean"}}),
+                      "disks": {"type": "array", "items": ID}, "final": {"type": "boolean"},
+                      "repair": {"type": "boolean"}, "disk": ID,
+                      "blocks": {"type": "array", "items": {"type": "array", "items": COUNT}}}),
         "idempotency_key": KEY,
     }, ["command"]),
-    "CommandAccepted": _obj({"command_id": {"type": "string"}}, ["command_id"]),
+    "CommandAccepted": _obj({"command_id": {"type": "string"}, "verify_id": {"type": "string"}},
+                            ["command_id"]),
     "ComponentCommand": _obj({
         "command": {"type": "string", "enum": list(COMPONENT_COMMANDS)},
         "idempotency_key": KEY,
@@ -149,6 +161,10 @@ SCHEMAS: dict[str, Any] = {
     "Status": _obj({"machines": {"type": "array", "items": ANY_OBJECT},
                     "components": {"type": "array", "items": ANY_OBJECT}},
                    ["machines", "components"]),
+    "Schedule": _obj({"app_consistent_interval_s": INTERVAL, "verify_interval_s": INTERVAL}),
+    "ScheduleAnswer": _obj({"schedule": ANY_OBJECT, "command_id": {"type": "string",
+                                                                  "nullable": True}},
+                           ["schedule"]),
     "Machines": _obj({"machines": {"type": "array", "items": ANY_OBJECT}}, ["machines"]),
     "RecoveryPoints": _obj({
         "recovery_points": {"type": "array", "items": ANY_OBJECT},
@@ -240,6 +256,9 @@ PATHS: dict[str, Any] = {
     "/tenants/{tenant}/machines/{machine}/commands": {"post": _op(
         f"send a command ({', '.join(TYPES[1:])})", (202, "CommandAccepted"), "MachineCommand",
         [TENANT, MACHINE])},
+    "/tenants/{tenant}/machines/{machine}/schedule": {"post": _op(
+        "how often the agent takes app-consistent points and verifies", (200, "ScheduleAnswer"),
+        "Schedule", [TENANT, MACHINE])},
     "/tenants/{tenant}/machines/{machine}/cutover": {"post": _op(
         "open a cutover job", (202, "JobAnswer"), "TestFailover", [TENANT, MACHINE])},
     "/tenants/{tenant}/machines/{machine}/test-failover": {"post": _op(

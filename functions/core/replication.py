@@ -7,7 +7,7 @@ from typing import Any
 
 from ferry import naming
 from ferry.naming import KIND_PREFIX
-from functions.core import commands, defaults, drive, health, idempotency, jobs, validate
+from functions.core import commands, defaults, drive, health, idempotency, jobs, validate, verify
 from functions.core.auth import Caller, require_component, require_operator
 from functions.core.context import Context
 from functions.core.errors import BadRequest, NotFound
@@ -76,6 +76,8 @@ def _report(body: Any) -> dict[str, Any]:
                 f"journal is larger than {defaults.JOURNAL_REPORT_MAX} characters of JSON"
             )
         report["journal"] = summary
+    if "verify" in body:
+        report["verify"] = verify.checked_report(body["verify"])
     if "last_tag" in body:
         tag = body["last_tag"]
         if tag is not None and not isinstance(tag, dict | str):
@@ -98,7 +100,9 @@ def disk_report(ctx: Context, caller: Caller, disk_id: str, body: Any) -> None:
         record[field] = report
         return record
 
-    ctx.store.mutate("disks", caller.tenant, disk_id, change, what=f"disk {disk_id}")
+    record = ctx.store.mutate("disks", caller.tenant, disk_id, change, what=f"disk {disk_id}")
+    if caller.component_kind == "master-target":
+        verify.after_report(ctx, caller.tenant, record)
 
 
 # -- recovery points -----------------------------------------------------------------------
@@ -244,16 +248,18 @@ def status(ctx: Context, caller: Caller, tenant: str) -> dict[str, Any]:
     machines = ctx.store.partition("machines", tenant)
     disks = {d["disk"]: d for d in ctx.store.partition("disks", tenant)}
     components = {c["component_id"]: c for c in ctx.store.partition("components", tenant)}
+    now = ctx.now()
     out = []
     for machine in sorted(machines, key=lambda m: m["machine"]):
         threshold = machine.get("rpo_threshold_s", defaults.RPO_THRESHOLD)
         views = [disk_view for d in machine.get("disks", []) if d in disks
-                 for disk_view in [health.disk_view(disks[d], threshold)]]  # fmt: skip
+                 for disk_view in [health.disk_view(disks[d], threshold, now)]]  # fmt: skip
         agent = components.get(machine.get("agent")) or {}
         out.append({
             "machine": machine["machine"],
             "state": machine.get("state"),
             "health": health.machine_health(agent.get("state"), views),
+            "schedule": verify.schedule_of(machine),
             "disks": views,
         })  # fmt: skip
     return {
@@ -284,7 +290,8 @@ def machines(ctx: Context, caller: Caller, tenant: str) -> dict[str, Any]:
 
 # -- machine commands ---------------------------------------------------------------------
 
-MACHINE_COMMANDS = ("pause", "resume", "resync", "tag", "drain", "stop", "rotate-credentials")
+MACHINE_COMMANDS = ("pause", "resume", "resync", "tag", "drain", "stop", "rotate-credentials",
+                    "verify", "repair")  # fmt: skip
 FAN_OUT = ("drain", "stop")
 """Commands sent to the machine's process server and master target too."""
 
@@ -308,6 +315,8 @@ def _command_args(command: str, args: Any, machine: dict[str, Any]) -> dict[str,
         if unknown:
             raise BadRequest(f"args.disks: {unknown[0][:60]!r} is not a disk of this machine")
         return {"disks": wanted}
+    if command in ("verify", "repair"):
+        return verify.command_args(command, args, machine)
     if command == "drain":
         validate.body_object(args, {"final"})
         final = args.get("final", False)
@@ -348,12 +357,15 @@ def machine_command(
         raise NotFound(f"machine {machine_id} does not exist")
     args = _command_args(command, body.get("args"), machine)
     command_id = _command_id(ctx, tenant, key, f"command {command} {machine_id}")
+    answer = {"command_id": command_id}
+    if command == "verify":
+        answer["verify_id"] = args["verify_id"] = verify.verify_id(command_id)
     targets = [machine["agent"]]
     if command in FAN_OUT:
         targets += [c for c in (machine.get("process_server"), machine.get("master_target")) if c]
     args = {"machine": machine_id, **args}
     commands.issue(ctx, tenant, command_id, command, args, targets, machine=machine_id)
-    return 202, {"command_id": command_id}
+    return 202, answer
 
 
 COMPONENT_COMMANDS = ("stop", "rotate-credentials")
