@@ -169,6 +169,8 @@ def _journal_conditions(disk: dict[str, Any], disk_id: str, where: str) -> Condi
         "message": f"{where}: the recovery journal keeps fewer points than its policy asks "
                    f"({str(cut.get('reason'))[:120]}){since}; raise journal_budget_mib",
     }}  # fmt: skip
+
+
 def _behind(view: dict[str, Any]) -> str:
     """Where the lag is, when the target lags what the process server holds (RPO is applied)."""
     shipped = view.get("shipped_rpo_s")
