@@ -48,7 +48,8 @@ node_modules/.stamp: package.json package-lock.json
 # Debian tools the tests and demo use (installed only when missing, and only as root).
 SYSTEM_TOOLS := mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fsfreeze:util-linux losetup:mount qemu-img:qemu-utils \
   chromium:chromium \
-  qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap sfdisk:fdisk ssh:openssh-client socat:socat
+  qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap sfdisk:fdisk ssh:openssh-client socat:socat \
+  guestfish:libguestfs-tools
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair##*:}; \

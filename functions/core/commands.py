@@ -23,7 +23,8 @@ from functions.core.auth import Caller, component_token, digest, require_compone
 from functions.core.context import Context
 from functions.core.errors import NotFound
 
-TYPES = ("protect", "pause", "resume", "resync", "tag", "drain", "stop", "rotate-credentials")
+TYPES = ("protect", "pause", "resume", "resync", "tag", "drain", "stop", "rotate-credentials",
+         "resume-replication")  # fmt: skip
 """Every command type."""
 
 PENDING_TOKENS = 4

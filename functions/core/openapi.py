@@ -109,7 +109,13 @@ SCHEMAS: dict[str, Any] = {
                           ["state"]),
     "Protect": _obj({"idempotency_key": KEY, "process_server": ID, "master_target": ID,
                      "rpo_threshold_s": {"type": "integer", "minimum": 1, "maximum": 86400,
-                                         "default": defaults.RPO_THRESHOLD}},
+                                         "default": defaults.RPO_THRESHOLD},
+                     "targets": {"type": "object", "description": "disk id -> its target on the "
+                                 "master target (default: an image file in its target_dir)",
+                                 "additionalProperties": _obj({
+                                     "kind": {"type": "string", "enum": list(jobs.TARGET_KINDS)},
+                                     "path": {"type": "string", "maxLength": 255,
+                                              "pattern": "^/"}}, ["kind", "path"])}},
                     ["idempotency_key"]),
     "MachineCommand": _obj({
         "command": {"type": "string", "enum": list(MACHINE_COMMANDS)},
@@ -130,6 +136,7 @@ SCHEMAS: dict[str, Any] = {
             "state": {"type": "string", "enum": ["queued", "done", "failed"]},
             "detail": {"type": "string", "nullable": True}, "at": TIME})}},
         ["command_id", "type", "targets"], extra=True)}, ["command"]),
+    "ResumeReplication": _obj({"idempotency_key": KEY}),
     "Failover": _obj({"idempotency_key": KEY, "drive": {"type": "boolean"}}, ["idempotency_key"]),
     "Progress": _obj({"state": {"type": "string", "enum": STATES},
                       "detail": {"type": "string", "maxLength": defaults.MAX_TEXT}}, ["state"]),
@@ -229,6 +236,9 @@ PATHS: dict[str, Any] = {
     "/tenants/{tenant}/machines/{machine}/commands": {"post": _op(
         f"send a command ({', '.join(TYPES[1:])})", (202, "CommandAccepted"), "MachineCommand",
         [TENANT, MACHINE])},
+    "/tenants/{tenant}/machines/{machine}/resume-replication": {"post": _op(
+        "resume replicating a machine whose cutover was not committed (409 once cut over)",
+        (202, "CommandAccepted"), "ResumeReplication", [TENANT, MACHINE])},
     "/tenants/{tenant}/machines/{machine}/cutover": {"post": _op(
         "open a cutover job", (202, "JobAnswer"), "Failover", [TENANT, MACHINE])},
     "/tenants/{tenant}/machines/{machine}/test-failover": {"post": _op(
