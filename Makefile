@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CONTROLLER := .venv-controller
 ANSIBLE := ANSIBLE_CONFIG=$(CURDIR)/ansible.cfg PATH=$(CURDIR)/$(CONTROLLER)/bin:$$PATH
 
-.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication faults faults-quick clean system-deps
+.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication faults faults-quick cutover-figures clean system-deps
 
 setup: $(VENV)/.stamp $(CONTROLLER)/.stamp node_modules/.stamp system-deps
 
@@ -126,6 +126,11 @@ $(VENV)/.bench-stamp: bench/requirements.txt $(VENV)/.stamp
 # on the embedded default, each ending byte-identical; writes docs/reliability.md. Root,
 # about 20 minutes; `make faults-quick` is a few. FAULTS_ARGS passes options
 # (`--only ps-kill agent-kill`, `--seed N`; see `.venv/bin/python -m bench.faults --help`).
+# Cutover and test failover figures on the lab machine (docs/lab.md): root, QEMU, about
+# half an hour under TCG; writes bench/results/cutover-lab.json.
+cutover-figures: setup
+	$(PY) -m bench.cutover_lab
+
 FAULTS_ARGS ?=
 faults: setup
 	$(PY) -m bench.faults $(FAULTS_ARGS)
