@@ -388,9 +388,6 @@ def test_a_cutover_whose_boot_check_fails_is_not_committed_and_replication_resum
         if not SERVER_MODE:  # the master target's own record (server mode: the command's outcome)
             history = json.loads((manifest_path.parent / "resumed.json").read_text())["resumed"]
             assert [d["was_fenced_at"] for d in history[-1]["disks"]] == [final]
-        # A second resume changes nothing.
-        again = deployment.ok("cutover.yml", "-e", "machine=web01", "-e", "cutover_action=resume")
-        assert "agent" in deployment.running(), again.stdout[-2000:]
     finally:
         writer.stop()
 
