@@ -8,6 +8,7 @@ import os
 import pytest
 
 from ferry.errors import ConfigError, DeviceError
+from ferry.settings import from_mapping
 from mastertarget import targets
 from mastertarget.settings import DiskSettings, Settings
 from mastertarget.target import Target
@@ -92,3 +93,25 @@ def test_a_settings_file_names_the_kind_of_each_target(tmp_path):
     settings = Settings(tenant="demo", state_dir=tmp_path,
                         disks=[DiskSettings("d0", tmp_path / "d0.img", kind="tape")])  # fmt: skip
     assert settings.validate() == "disks[0].kind must be auto, device or file, not 'tape'"
+
+
+def test_the_master_target_serves_only_the_disks_whose_target_passes(tmp_path):
+    from ferry.control.credentials import Credentials
+    from ferry.process import StopFlag
+    from mastertarget.managed import ManagedMasterTarget
+
+    credentials = Credentials("https://127.0.0.1:9", "demo", "mt-mt1", "c.demo.mt-mt1.x")
+    daemon = ManagedMasterTarget(credentials, {"state_dir": str(tmp_path / "state")},
+                                 tmp_path / "targets", StopFlag())  # fmt: skip
+    lun = "/dev/disk/azure/scsi1/lun9"
+    raw = {"tenant": "demo", "disks": [
+        {"id": "d0", "target": lun, "kind": "device", "size": 1 << 30},
+        {"id": "d1", "target": str(tmp_path / "targets" / "d1.img"), "kind": "file", "size": 1 << 20},
+    ]}  # fmt: skip
+    checked = daemon._checked_disks(raw)
+    assert [d["id"] for d in checked["disks"]] == ["d1"]
+    assert daemon.target_problems == {
+        "d0": f"cannot use {lun}: no such device (is the data disk attached?)"
+    }
+    served = from_mapping({**checked, "state_dir": str(tmp_path)}, Settings)  # as served
+    assert [(d.id, d.kind, d.size) for d in served.disks] == [("d1", "file", 1 << 20)]
