@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CONTROLLER := .venv-controller
 ANSIBLE := ANSIBLE_CONFIG=$(CURDIR)/ansible.cfg PATH=$(CURDIR)/$(CONTROLLER)/bin:$$PATH
 
-.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication bench-journal faults faults-quick clean system-deps
+.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication bench-journal cutover-figures faults faults-quick clean system-deps
 
 setup: $(VENV)/.stamp $(CONTROLLER)/.stamp node_modules/.stamp system-deps
 
@@ -48,7 +48,8 @@ node_modules/.stamp: package.json package-lock.json
 # Debian tools the tests and demo use (installed only when missing, and only as root).
 SYSTEM_TOOLS := mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fsfreeze:util-linux losetup:mount qemu-img:qemu-utils \
   chromium:chromium \
-  qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap sfdisk:fdisk ssh:openssh-client socat:socat
+  qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap sfdisk:fdisk ssh:openssh-client socat:socat \
+  guestfish:libguestfs-tools
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
@@ -131,6 +132,11 @@ $(VENV)/.bench-stamp: bench/requirements.txt $(VENV)/.stamp
 # on the embedded default, each ending byte-identical; writes docs/reliability.md. Root,
 # about 20 minutes; `make faults-quick` is a few. FAULTS_ARGS passes options
 # (`--only ps-kill agent-kill`, `--seed N`; see `.venv/bin/python -m bench.faults --help`).
+# Cutover and test failover figures on the lab machine (docs/lab.md): root, QEMU, about
+# half an hour under TCG; writes bench/results/cutover-lab.json.
+cutover-figures: setup
+	$(PY) -m bench.cutover_lab
+
 FAULTS_ARGS ?=
 faults: setup
 	$(PY) -m bench.faults $(FAULTS_ARGS)

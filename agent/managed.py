@@ -19,7 +19,9 @@ process server) only waits for ``protect``.  Commands:
 | ``rotate-credentials`` | switch to the new token in ``args.token`` and save it in the credentials file |
 
 A drain with ``args.final`` (a cutover) marks its tag final: the master
-target fences the disks once it has applied it, and ``resume`` is refused.
+target fences the disks once it has applied it, and ``resume`` is refused;
+``resume-replication`` (a cutover that was not committed, sent with the
+master target's own) resumes even then.
 With ``args.digest`` as well (a cutover the configuration server runs), the
 agent then digests each disk (sha256, the source being quiet) and reports
 the digests with the tag, for the master target's check of its VHDs.
@@ -186,6 +188,7 @@ class ManagedAgent(ManagedDaemon):
             "tag": self.cmd_tag,
             "pause": self.cmd_pause,
             "resume": self.cmd_resume,
+            "resume-replication": self.cmd_resume_replication,
             "resync": self.cmd_resync,
             "drain": self.cmd_drain,
             "verify": self.cmd_verify,
@@ -226,6 +229,23 @@ class ManagedAgent(ManagedDaemon):
             if self.session is not None:
                 self.session.replicator.paused.clear()
         return "resumed"
+
+    def cmd_resume_replication(self, _args: dict[str, Any]) -> str:
+        """Read passes again after a cutover that was not committed (even after a final drain).
+
+        The master target lifts the disks' fence on the same command; batches
+        after the final tag continue its sequence, and tracking never stopped
+        (a restarted agent resyncs whatever it cannot vouch for, as always).
+        """
+        with self._lock:
+            drained = self.drained or {}
+            self.paused = False
+            self.drained = None
+            if self.session is not None:
+                self.session.replicator.paused.clear()
+        if drained.get("final"):
+            return f"replicating again after final tag {drained.get('id')}"
+        return "replicating"
 
     def cmd_resync(self, args: dict[str, Any]) -> str:
         """Start a new generation of ``args.disks`` (every disk if absent)."""

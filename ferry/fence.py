@@ -8,7 +8,8 @@ container, at :func:`ferry.naming.fence_blob`::
     {"tenant": "demo", "disk": "web01-disk0", "tag": {"id": "...", ...},
      "reason": "cutover", "fenced_at": 1764681234.5}
 
-Writing it twice is harmless; a record without a ``tag`` object is not a fence.
+Removed (``remove``) only when an operator resumes replication after a cutover
+that was not committed.  Writing it twice is harmless; a record without a ``tag`` object is not a fence.
 """
 
 from __future__ import annotations
@@ -46,3 +47,8 @@ def read(storage: Storage, tenant: str, disk: str) -> dict[str, Any] | str | Non
     if not (isinstance(raw, dict) and isinstance(raw.get("tag"), dict)):
         return f"no tag object: {json.dumps(raw)[:200]}"
     return raw
+
+
+def remove(storage: Storage, tenant: str, disk: str) -> None:
+    """Delete the disk's fence record (replication resumed after an uncommitted cutover)."""
+    storage.delete(naming.control_container(tenant), naming.fence_blob(tenant, disk))

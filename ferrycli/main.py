@@ -586,6 +586,17 @@ def cmd_component(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cutover_resume(args: argparse.Namespace) -> int:
+    body = {"idempotency_key": args.idempotency_key or _request_key("resume-replication")}
+    path = f"/tenants/{_tenant(args)}/machines/{args.machine}/resume-replication"
+    answer = api(args, "POST", path, body)
+    command_id = answer.get("command_id")
+    render.show(args.json, answer, f"replication of {args.machine} resumes: the fence of its "
+                f"uncommitted cutover is lifted (command {command_id}; ferry command "
+                f"{command_id} shows each component's outcome)")  # fmt: skip
+    return 0
+
+
 def cmd_command(args: argparse.Namespace) -> int:
     answer = api(args, "GET", f"/tenants/{_tenant(args)}/commands/{args.command_id}")
     command = answer.get("command", {})
@@ -749,6 +760,18 @@ def _add_api_commands(sub) -> None:
     component.add_argument("component", help="the component's id (ps-..., mt-..., ag-...)")
     component.add_argument("command", choices=["stop", "rotate-credentials"])
     component.set_defaults(func=cmd_component)
+
+    cut = sub.add_parser("cutover", help="a machine's cutover").add_subparsers(
+        dest="cutover_command", required=True
+    )
+    resume = cut.add_parser(
+        "resume",
+        help="resume replication after a cutover that was not committed (its boot check failed)",
+    )
+    _server_args(resume)
+    resume.add_argument("machine")
+    resume.add_argument("--idempotency-key", help="the same key asks once")
+    resume.set_defaults(func=cmd_cutover_resume)
 
     command = sub.add_parser("command", help="one command and each component's outcome")
     _server_args(command)

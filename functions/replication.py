@@ -93,6 +93,19 @@ def machine_schedule(req: func.HttpRequest) -> func.HttpResponse:
     )
 
 
+@bp.route(route="tenants/{tenant}/machines/{machine}/resume-replication", methods=["POST"])
+def resume_replication(req: func.HttpRequest) -> func.HttpResponse:
+    """Operator: resume replicating a machine whose cutover was not committed."""
+    tenant, machine = web.route_param(req, "tenant"), web.route_param(req, "machine")
+    return web.handle(
+        req,
+        lambda ctx, caller, body: replication.resume_replication(
+            ctx, caller, tenant, machine, body
+        ),
+        body=True,
+    )
+
+
 @bp.route(route="tenants/{tenant}/recovery-points", methods=["GET"])
 def list_recovery_points(req: func.HttpRequest) -> func.HttpResponse:
     """Operator: recovery points, newest first."""

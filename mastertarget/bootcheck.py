@@ -21,8 +21,9 @@ prompt or no bootable disk, and when the time limit passes; the report then
 says which, with the console's last lines (the whole log is kept).
 
 KVM is used when it works: the first boot under KVM must print the kernel's
-first line within ``BOOT_CHECK_KVM_PROBE`` seconds, or the check starts again
-under TCG (nested KVM hangs on some hosts).  ``--accel`` or
+first line within ``BOOT_CHECK_KVM_PROBE`` seconds without QEMU dying, or the
+check starts again under TCG (nested KVM hangs on some hosts, and on others
+QEMU aborts setting an MSR).  ``--accel`` or
 ``FERRY_BOOT_CHECK_ACCEL`` chooses instead.
 """
 
@@ -207,6 +208,9 @@ def watch(boot: Boot, deadline: float, probe_until: float | None = None) -> dict
             stderr = boot.proc.stderr.read() if boot.proc.stderr else b""
             said = stderr.decode(errors="replace").strip()
             why = "QEMU exited before the check reported" + (f": {said}" if said else "")
+            if probe_until is not None and "Linux version" not in text:
+                # Nested KVM may also kill QEMU outright (an MSR it cannot set): TCG then.
+                return {"outcome": "kvm-hangs", "reason": why, "text": text}
             return {"outcome": "failed", "reason": why, "text": text}
         if (
             probe_until is not None

@@ -13,7 +13,9 @@ cursor, never a torn one.  ``resync_request`` names the request that started
 ``gen``, so a crash between the cursor and the answer blob reuses the
 generation instead of starting another one.  ``fenced`` is set, in the same
 write as the cursor that reached it, when the disk's final tag (a cutover) is
-applied: from then on the disk is never served again.
+applied: from then on the disk is never served again, unless an operator
+resumes replication of a cutover that was not committed (``resumed``: the
+final tag it names fences no more; mastertarget/cutover.py ``resume``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Cursor:
     reason: str | None = None
     fenced: dict[str, Any] | None = None
     """Set once the disk is fenced (a cutover): ``{"tag", "reason", "at"}``; nothing is applied after."""
+    resumed: dict[str, Any] | None = None
+    """Set when an operator resumed replication after a cutover that was not committed:
+    ``{"tag", "reason", "at"}`` (``tag``: the id of the final tag that no longer fences)."""
 
     def is_stale(self, gen: int, seq: int) -> bool:
         """True when batch (gen, seq) is already applied or belongs to a finished generation."""

@@ -14,13 +14,15 @@ Every step prints one JSON object so Ansible can register it::
     python -m mastertarget.cutover points --state-dir ... --disk web01-disk0 --disk web01-disk1
     python -m mastertarget.cutover materialise --state-dir ... --machine web01 \
         --targets-json '{"web01-disk0": "/dev/sdc", ...}' --out-dir x --point-time 2026-12-02T18:00
+    python -m mastertarget.cutover resume --state-dir ... --tenant demo --disk web01-disk0 --out-dir ...
 
 ``convert`` is idempotent: a manifest that already records the same final tag
 as complete is returned unchanged (``"changed": false``), so a cutover asked
 twice cuts over once.  ``convert`` and ``test-failover`` also adapt the VHDs
 (mastertarget/adapt.py) and boot-check them (mastertarget/bootcheck.py) when
 asked; a cutover whose check fails is not complete, and running it again
-checks again.  The source's side (digest, final tag,
+checks again, or ``resume`` lifts the fence of a cutover that was not committed
+(replication goes on from the final tag).  The source's side (digest, final tag,
 stopping the agent for good) is ``python -m agent.fence``.
 """
 
@@ -42,7 +44,7 @@ from ferry import fence as fences
 from ferry.diskio import copy_sparse, device_size, sha256_of, sha256_of_range
 from ferry.errors import Exit, FerryError
 from ferry.vhd import image_to_vhd, read_footer, vhd_size
-from mastertarget import applylock, layout, staging
+from mastertarget import applylock, bootmode, layout, staging
 
 HOLD_WAIT = 300.0
 """Seconds a test failover waits for the master target to finish the group it is applying."""
@@ -249,7 +251,7 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
     disks = previous["disks"] if keep else _convert_disks(out_dir, spec)
     verified = all(d["verified"] for d in disks)
     manifest = {
-        "format": "ferry-vm-manifest/1", "provider": "local",
+        "format": "ferry-vm-manifest/1", "provider": spec.get("provider") or "local",
         "tenant": spec["tenant"], "machine": spec["machine"], "vm": spec.get("vm") or {},
         "final_tag": spec["final_tag"], "created_at": time.time(), "disks": disks,
         "verified": verified, "complete": False,
@@ -257,6 +259,8 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
         "timings": {"disks_ready_s": round(time.time() - float(started), 1)},
     }  # fmt: skip
     if verified:
+        manifest["vm"]["boot"] = bootmode.detect(disks[0]["vhd"])  # the first disk is the OS disk
+        manifest["vm"]["hyper_v_generation"] = manifest["vm"]["boot"]["hyper_v_generation"]
         finish(manifest, spec, float(started))
     _write_manifest(manifest_path, manifest)
     return manifest | {"changed": True}
@@ -310,8 +314,10 @@ def finish(record: dict[str, Any], spec: dict[str, Any], started: float) -> None
     try:
         if spec.get("adapt", False):
             record["adaptation"] = adapt.adapt(vhds)
-            if "vm" in record:  # the generation Azure must boot it as, from its boot mode
-                record["vm"]["hyper_v_generation"] = record["adaptation"]["hyper_v_generation"]
+            vm = record.get("vm")
+            if vm and vm.get("boot"):  # the guest's fstab settles a hybrid (BIOS and UEFI) disk
+                guest = record["adaptation"].get("os", {}).get("boot_mode")
+                vm["hyper_v_generation"] = bootmode.generation(vm["boot"], guest)
             record["timings"]["adapted_s"] = round(time.time() - started, 1)
         if spec.get("boot_check", False):
             root = (record.get("adaptation") or {}).get("os", {}).get("root")
@@ -516,12 +522,114 @@ def test_failover_cleanup(out_dir: str | Path) -> dict[str, Any]:
 
 def fence(tenant: str, disk: str, tag: dict[str, Any], storage_env: str) -> dict[str, Any]:
     """Record in storage that nothing after ``tag`` may ever be applied to ``disk`` (ferry/fence.py)."""
+    return fences.write(_storage(storage_env), tenant, disk, tag)
+
+
+def _storage(storage_env: str) -> Any:
+    """The storage whose connection string is in the environment variable ``storage_env``."""
     from ferry.storage import Storage
 
     secret = os.environ.get(storage_env, "").strip()
     if not secret:
         raise CutoverError(detail=f"environment variable {storage_env} is not set")
-    return fences.write(Storage(secret), tenant, disk, tag)
+    return Storage(secret)
+
+
+# -- resuming replication after a cutover that was not committed ---------------------------
+
+
+RESUMED_RECORD = "resumed.json"
+"""In a machine's cutover folder: each time replication was resumed after a failed cutover."""
+
+
+def unfence(
+    state_dir: str | Path, storage: Any, tenant: str, disk: str, why: str
+) -> dict[str, Any]:
+    """Let the master target apply to ``disk`` again after a cutover that was not committed.
+
+    Deletes the disk's fence record, then, holding the disk's state lock (so
+    no process serves it meanwhile: StateInUse-like CutoverError otherwise),
+    writes the cursor without ``fenced`` and with ``resumed`` naming the final
+    tag, which then fences no more (mastertarget/worker.py).  Idempotent: a
+    disk that is not fenced is left as it is.  The caller starts serving it.
+    """
+    import fcntl
+
+    from mastertarget import cursor as cursors
+
+    fences.remove(storage, tenant, disk)
+    lock = layout.state_lock_path(state_dir, disk)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CutoverError(detail=f"disk {disk} is being served by a master target; "
+                               "it is not fenced, or stop the master target first")  # fmt: skip
+        path = layout.cursor_path(state_dir, disk)
+        cursor = cursors.load(path, tenant, disk)
+        fenced = cursor.fenced
+        if fenced is None:
+            return {"disk": disk, "changed": False, "last_tag": (cursor.last_tag or {}).get("id")}
+        tag = (fenced.get("tag") or {}).get("id")
+        cursor.fenced = None
+        cursor.resumed = {"tag": tag, "reason": why, "at": time.time()}
+        cursors.save(path, cursor)
+    finally:
+        os.close(fd)  # drops the lock
+    return {
+        "disk": disk,
+        "changed": True,
+        "was_fenced_at": tag,
+        "fence_reason": fenced.get("reason"),
+    }
+
+
+def check_not_committed(out_dir: str | Path | None) -> dict[str, Any] | None:
+    """The machine's manifest in ``out_dir`` (None if none); CutoverError if it is complete."""
+    manifest = load_manifest(Path(out_dir) / "manifest.json") if out_dir else None
+    if manifest and manifest.get("complete"):
+        raise CutoverError(detail=f"{manifest.get('machine')} was cut over at tag "
+                           f"{manifest['final_tag'].get('id')}: a committed cutover is not resumed; "
+                           "protect the machine afresh to replicate it again")  # fmt: skip
+    return manifest
+
+
+def record_resume(out_dir: str | Path, entry: dict[str, Any]) -> None:
+    """Append ``entry`` to ``resumed.json`` in the machine's cutover folder."""
+    path = Path(out_dir) / RESUMED_RECORD
+    history = load_manifest(path) or {"resumed": []}
+    history["resumed"].append(entry)
+    _write_manifest(path, history)
+
+
+def resume(
+    state_dir: str | Path,
+    storage: Any,
+    tenant: str,
+    disks: list[str],
+    out_dir: str | Path | None,
+    why: str = "resumed by the operator",
+) -> dict[str, Any]:
+    """Unfence every disk of a machine whose cutover was not committed; record it in ``out_dir``.
+
+    Refused (CutoverError) when the machine's manifest in ``out_dir`` says the
+    cutover is complete: a committed cutover is never undone.  The record
+    (``resumed.json``, one entry per resume) keeps the reason the manifest
+    gave for not committing.  Run it while no master target serves the disks
+    (then start one); a running master target in server mode does the same on
+    its ``resume-replication`` command.
+    """
+    manifest = check_not_committed(out_dir) or {}
+    done = [unfence(state_dir, storage, tenant, disk, why) for disk in disks]
+    entry = {
+        "at": time.time(), "why": why, "disks": done, "cutover_reason": manifest.get("reason"),
+        "final_tag": (manifest.get("final_tag") or {}).get("id"),
+    }  # fmt: skip
+    if out_dir and Path(out_dir).is_dir():
+        record_resume(out_dir, entry)
+    return entry | {"changed": any(d["changed"] for d in done)}
 
 
 # -- command line ------------------------------------------------------------------------
@@ -579,6 +687,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the filesystem checks")
     p = sub.add_parser("test-failover-cleanup", help="remove what test-failover made")
     p.add_argument("--out-dir", required=True)
+    p = sub.add_parser("resume", help="unfence a machine's disks after an uncommitted cutover")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--disk", action="append", required=True, help="repeat for each disk")
+    p.add_argument("--out-dir", help="the machine's cutover folder (refused if it is complete)")
+    p.add_argument("--why", default="resumed by the operator")
+    p.add_argument("--storage-env", default="FERRY_STORAGE")
     p = sub.add_parser("fence", help="record that nothing after the final tag is applied")
     p.add_argument("--tenant", required=True)
     p.add_argument("--disk", required=True)
@@ -615,6 +730,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                                     check=not args.no_check)  # fmt: skip
     if args.command == "test-failover-cleanup":
         return test_failover_cleanup(args.out_dir)
+    if args.command == "resume":
+        storage = _storage(args.storage_env)
+        return resume(args.state_dir, storage, args.tenant, args.disk, args.out_dir, args.why)
     return fence(args.tenant, args.disk, json.loads(args.tag_json), args.storage_env)
 
 

@@ -1,6 +1,6 @@
 """Where the master target keeps each disk's state on its host (one owner of the layout).
 
-``<state_dir>/<disk>/`` holds ``cursor.json`` (the durable cursor,
+``<state_dir>/<disk>/`` holds ``lock`` (held while the disk is served), ``cursor.json`` (the durable cursor,
 mastertarget/cursor.py), ``staging/`` (verified segments waiting for their
 group, mastertarget/staging.py), ``apply.lock`` (mastertarget/applylock.py) and,
 while groups are being applied, ``applying.json`` (the target may be between two tags),
@@ -12,10 +12,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+STATE_LOCK = "lock"
+"""Name of the state lock in a disk's state directory (see :func:`state_lock_path`)."""
+
 
 def disk_dir(state_dir: str | Path, disk: str) -> Path:
     """The directory of one disk's state."""
     return Path(state_dir) / disk
+
+
+def state_lock_path(state_dir: str | Path, disk: str) -> Path:
+    """``flock``ed by the process serving the disk (mastertarget/ownership.py) for as long as
+    it serves it, and by whatever changes the disk's state while nothing serves it."""
+    return disk_dir(state_dir, disk) / STATE_LOCK
 
 
 def cursor_path(state_dir: str | Path, disk: str) -> Path:

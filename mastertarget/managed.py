@@ -3,9 +3,13 @@
 ``python -m mastertarget --server-credentials FILE`` loads the credentials
 written at registration, fetches its settings (``tenant``, ``disks``,
 ``lease_seconds``; the state directory and segment key are local) and its
-storage grant, and serves every listed disk.  A disk listed without a
-``target`` is applied to ``<targets-dir>/<disk>.img`` (a sparse image;
-``--targets-dir`` defaults to ``<state_dir>/targets``).  A lease held by
+storage grant, and serves every listed disk.  A disk's target follows its
+configuration (protect's ``targets``: a block device such as a data disk's
+LUN, or an image file); one listed without a ``target`` is applied to
+``<targets-dir>/<disk>.img`` (a sparse image; ``--targets-dir`` defaults to
+``<state_dir>/targets``).  Each target is checked first
+(mastertarget/targets.py): a bad one is not served and its one-line problem
+is logged, sent with heartbeats and fails the ``protect`` command.  A lease held by
 another master target is waited for (the server moved the disk here).
 
 Test failovers go to ``<state_dir>/test-failover/<machine>/``, cutovers to
@@ -25,6 +29,7 @@ machine's command never stops it):
 | ``test-failover`` | clone the machine's disks at their tag into fixed VHDs |
 | ``test-failover-cleanup`` | remove exactly what ``test-failover`` made |
 | ``cutover`` | wait until every disk is fenced at the final tag; fixed VHDs, checked |
+| ``resume-replication`` | lift the fence of a cutover that was not committed; serve the disks again |
 | ``stop`` | exit cleanly after the group in hand, unless it names a machine |
 | ``rotate-credentials`` | switch to the new token and save it in the credentials file |
 """
@@ -35,6 +40,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +54,7 @@ from ferry.errors import FerryError
 from ferry.naming import ID_RE
 from ferry.process import StopFlag
 from ferry.storage import Storage
-from mastertarget import cutover, defaults
+from mastertarget import cutover, defaults, targets
 from mastertarget.cutover import CutoverError
 from mastertarget.service import Service
 from mastertarget.settings import Settings
@@ -97,6 +103,8 @@ class ManagedMasterTarget(ManagedDaemon):
         """The tenant's segment keys by id, shared with every disk worker and refreshed in place."""
         self._keys_at = 0.0
         self._disk_targets: dict[str, str] = {}
+        self.target_problems: dict[str, str] = {}
+        """Disks not served because their target failed its checks: disk id -> the one line."""
 
     def _adapt(self, raw: dict[str, Any]) -> dict[str, Any]:
         raw.setdefault("tenant", self.credentials.tenant)
@@ -109,6 +117,30 @@ class ManagedMasterTarget(ManagedDaemon):
         if isinstance(disk, dict) and isinstance(disk.get("id"), str) and not disk.get("target"):
             return {**disk, "target": str(self.targets / f"{disk['id']}.img")}
         return disk
+
+    def _checked_disks(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """``raw`` with only the disks whose target passes mastertarget.targets' checks.
+
+        A disk whose target is wrong (a device that is missing, too small or
+        mounted, a file outside the targets directory) is not served: its
+        problem is logged once, kept for the heartbeat and the ``protect``
+        command's outcome, and checked again on the next ``protect``.
+        """
+        disks: list[Any] = []
+        taken: set[str] = set()
+        problems: dict[str, str] = {}
+        for disk in raw.get("disks") or []:
+            if not (isinstance(disk, dict) and isinstance(disk.get("id"), str)):
+                disks.append(disk)  # the settings' own checks refuse it
+                continue
+            try:
+                disks.append({**disk, **targets.resolve(disk, self.targets, taken)})
+            except FerryError as exc:
+                problems[disk["id"]] = str(exc)
+                if self.target_problems.get(disk["id"]) != str(exc):
+                    log.error("disk %s is not served: %s", disk["id"], exc)
+        self.target_problems = problems
+        return {**raw, "disks": disks}
 
     # -- life ---------------------------------------------------------------------------
 
@@ -148,6 +180,9 @@ class ManagedMasterTarget(ManagedDaemon):
         """Start serving the disks ``raw`` lists that are not served yet; their ids."""
         if not raw or not raw.get("disks"):
             log.info("no disks are assigned to this master target yet; waiting for protect")
+            return []
+        raw = self._checked_disks(raw)
+        if not raw["disks"]:
             return []
         settings = self.source.build(raw)
         with self._lock:
@@ -189,12 +224,16 @@ class ManagedMasterTarget(ManagedDaemon):
             "test-failover": self.cmd_test_failover,
             "test-failover-cleanup": self.cmd_test_failover_cleanup,
             "cutover": self.cmd_cutover,
+            "resume-replication": self.cmd_resume_replication,
         }
 
     def cmd_protect(self, _args: dict[str, Any]) -> str:
         """Fetch the settings again and serve newly listed disks (the grant is renewed first)."""
         self._granted().renew_grant()
         added = self._serve_listed(self.source.fetch_raw())
+        if self.target_problems:
+            raise CommandFailed(detail="; ".join(f"disk {d}: {p}" for d, p in sorted(
+                self.target_problems.items())) + (f" (now serving {', '.join(added)})" if added else ""))  # fmt: skip
         served = self.service.serving() if self.service else []
         if added:
             return f"now serving {', '.join(added)}"
@@ -273,6 +312,33 @@ class ManagedMasterTarget(ManagedDaemon):
                 "manifest": str(Path(spec["out_dir"]) / "manifest.json"),
                 "vhds": [d["vhd"] for d in manifest["disks"]]}  # fmt: skip
 
+    def cmd_resume_replication(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Lift the fence of a machine's disks after a cutover that was not committed; serve them.
+
+        Refused when the machine's cutover here is complete (committed).  The
+        outcome names each disk and the final tag it was fenced at.
+        """
+        disks = [d for d in args.get("disks") or [] if isinstance(d, str)]
+        if not disks or self.service is None:
+            raise CutoverError(detail=f"machine {args.get('machine')} has no disks served here")
+        why = "replication resumed by the operator (cutover not committed)"
+        out = self._out_dir("cutover", args)
+        storage, tenant = self._granted(), self.credentials.tenant
+        manifest = cutover.check_not_committed(out) or {}
+        done = []
+        unknown = sorted(set(disks) - set(self.service.serving()))
+        if unknown:
+            raise CutoverError(detail=f"disk {unknown[0]} is not served by this master target")
+        for disk in disks:
+            done.append(self.service.serve_again(disk, partial(cutover.unfence, self.state_dir,
+                                                               storage, tenant, disk, why)))  # fmt: skip
+        if out.is_dir():
+            cutover.record_resume(out, {"at": time.time(), "why": why, "disks": done,
+                                        "cutover_reason": manifest.get("reason")})  # fmt: skip
+        log.info("replication of %s resumed: %s", args.get("machine"), done)
+        return {"resumed": [{k: d.get(k) for k in ("disk", "changed", "was_fenced_at")}
+                            for d in done]}  # fmt: skip
+
     def _wait_fenced(self, disk: str, final_tag: str | None) -> dict[str, Any]:
         """The tag ``disk`` was fenced at, once it is (at ``final_tag`` when one is named)."""
         deadline = time.monotonic() + defaults.CUTOVER_FENCE_WAIT
@@ -301,6 +367,7 @@ class ManagedMasterTarget(ManagedDaemon):
             "resync_required": sorted(
                 d for d, s in disks.items() if s.get("resync_required_gen") is not None
             ),
+            "target_problems": dict(self.target_problems),
         }
 
     def metrics(self) -> dict[str, dict[str, Any]]:

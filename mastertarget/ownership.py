@@ -27,7 +27,7 @@ from pathlib import Path
 from ferry import durable, naming
 from ferry.errors import LeaseHeld, RetryableError
 from ferry.storage import Lease, Storage
-from mastertarget import defaults
+from mastertarget import defaults, layout
 from mastertarget.errors import LeaseLost, StateInUse
 
 log = logging.getLogger("ferry.mastertarget")
@@ -92,7 +92,9 @@ class Ownership:
         if self.state_dir is None or self._locked:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            self.state_dir / layout.STATE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -209,6 +209,25 @@ class Service:
             runner.start()
             return True
 
+    def serve_again(self, disk_id: str, unfence: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``unfence`` while ``disk_id``'s runner is not serving, then serve it again.
+
+        For a disk whose runner ended because it was fenced (a cutover that was
+        not committed); a disk still served is left alone (``serving: true``).
+        """
+        with self._lock:
+            runner = self.runners.get(disk_id)
+            if runner is None:
+                raise KeyError(disk_id)
+            if runner.is_alive():
+                return {"disk": disk_id, "changed": False, "serving": True}
+            done = unfence()
+            fresh = DiskRunner(runner.settings, runner.disk, self.storage, self.key, self.board,
+                               self.stop, self.failed, self.wait, self.on_applied)  # fmt: skip
+            self.runners[disk_id] = fresh
+            fresh.start()
+        return done | {"serving": True}
+
     def serving(self) -> list[str]:
         """Ids of the disks served."""
         with self._lock:

@@ -17,6 +17,7 @@ Example::
     [[disks]]
     id = "web01-disk0"
     target = "/dev/sdc"                           # a block device or a (sparse) image file
+    kind = "device"                               # optional: device, file or auto (the default)
 
 Per disk the master target keeps ``<state_dir>/<disk>/cursor.json`` and
 ``<state_dir>/<disk>/staging/``; ``<state_dir>/status.json`` reports every disk.
@@ -40,6 +41,10 @@ class DiskSettings:
 
     id: str
     target: Path
+    kind: str = "auto"
+    """``device`` (must exist), ``file`` (created sparse if missing) or ``auto`` (either)."""
+    size: int | None = None
+    """The source disk's size in bytes, when known (server mode): a device must hold it."""
 
 
 @dataclasses.dataclass
@@ -106,6 +111,8 @@ class Settings:
             problem = naming.check_id(f"disks[{i}].id", disk.id)
             if problem:
                 return problem
+            if disk.kind not in ("auto", "device", "file"):
+                return f"disks[{i}].kind must be auto, device or file, not {disk.kind!r}"
             target = os.path.abspath(disk.target)
             if disk.id in ids:
                 return f"disks[{i}].id {disk.id!r} is listed twice"

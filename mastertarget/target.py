@@ -23,22 +23,32 @@ _ZEROS = bytes(defaults.ZERO_CHUNK)
 class Target:
     """An open target; use :meth:`open` before writing and :meth:`close` when done."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, kind: str = "auto") -> None:
         self.path = str(path)
+        self.kind = kind
+        """``device``, ``file`` or ``auto``: a device target is never created (a missing
+        device must not become a regular file under /dev)."""
         self.fd: int | None = None
         self.is_device = False
 
     def open(self) -> Target:
         """Open the target for writing; a missing image file is created empty (sparse)."""
+        create = 0 if self.kind == "device" else os.O_CREAT
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.fd = os.open(self.path, os.O_RDWR | create | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise DeviceError(device=self.path, problem=exc.strerror or str(exc))
         mode = os.fstat(self.fd).st_mode
         self.is_device = stat.S_ISBLK(mode)
-        if not (self.is_device or stat.S_ISREG(mode)):
+        wanted = {"device": self.is_device, "file": stat.S_ISREG(mode)}.get(
+            self.kind, self.is_device or stat.S_ISREG(mode)
+        )
+        if not wanted:
             self.close()
-            raise DeviceError(device=self.path, problem="not a block device or a regular file")
+            what = {"device": "a block device", "file": "a regular file"}.get(
+                self.kind, "a block device or a regular file"
+            )
+            raise DeviceError(device=self.path, problem=f"not {what}")
         return self
 
     def close(self) -> None:

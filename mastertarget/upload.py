@@ -10,13 +10,16 @@ the VHD are skipped; the footer, the last 512 bytes, is always written::
     python -m mastertarget.upload --vhd web01-disk0.vhd --sas-url 'https://…/disk.vhd?sv=…'
 
 The SAS URL is read from ``--sas-url-env`` (an environment variable) when
-given, so it stays out of process listings.  Azurite implements page blobs
+given, so it stays out of process listings; with ``--connection-string-env``
+(and ``--container``, ``--blob``) a write SAS for that one blob, valid for
+6 hours, is made from the account key first (the cutover's Azure provider).  Azurite implements page blobs
 but not the 4 MiB limit: Ferry enforces it itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import errno
 import json
 import os
@@ -92,6 +95,53 @@ def upload_vhd(vhd: str | Path, sas_url: str, chunk: int = PUT_PAGE_MAX) -> dict
     }  # fmt: skip
 
 
+SAS_LIFETIME = 6 * 3600
+"""Seconds a write SAS made for one upload stays valid: long enough for a large disk."""
+
+
+def blob_sas_url(connection_string: str, container: str, name: str) -> str:
+    """A short-lived read/create/write SAS URL for one blob, made with the account's key.
+
+    The container is created if it does not exist.  This is what the cutover's
+    Azure provider gives the upload: the VHD travels through a SAS scoped to
+    its one blob, as through a managed disk's grant-access SAS.
+    """
+    from azure.core.exceptions import AzureError, ResourceExistsError
+    from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
+
+    fields = dict(p.split("=", 1) for p in connection_string.split(";") if "=" in p)
+    if not fields.get("AccountName") or not fields.get("AccountKey"):
+        raise UsageError(detail="the connection string names no AccountName and AccountKey")
+    service = BlobServiceClient.from_connection_string(connection_string)
+    try:
+        service.create_container(container)
+    except ResourceExistsError:
+        pass
+    except AzureError as exc:
+        raise UploadError(detail=f"cannot create container {container}: {exc}".splitlines()[0])
+    sas = generate_blob_sas(
+        fields["AccountName"], container, name, account_key=fields["AccountKey"],
+        permission=BlobSasPermissions(read=True, create=True, write=True),
+        expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=SAS_LIFETIME),
+    )  # fmt: skip
+    return f"{service.get_blob_client(container, name).url}?{sas}"
+
+
+def _url(args: argparse.Namespace) -> str:
+    """The page blob's SAS URL the command line names, one way or another."""
+    if args.sas_url:
+        return str(args.sas_url)
+    env = args.sas_url_env or args.connection_string_env
+    value = os.environ.get(env, "").strip()
+    if not value:
+        raise UsageError(detail=f"environment variable {env} is not set")
+    if args.sas_url_env:
+        return value
+    if not args.container:
+        raise UsageError(detail="--connection-string-env needs --container")
+    return blob_sas_url(value, args.container, args.blob or Path(args.vhd).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m mastertarget.upload``: what was written, as JSON."""
     from ferry.process import run_main
@@ -103,13 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--sas-url", help="the page blob's URL with a write SAS")
     where.add_argument("--sas-url-env", help="environment variable holding that URL")
+    where.add_argument(
+        "--connection-string-env",
+        help="environment variable holding the storage account's connection string: a write "
+        "SAS for --container/--blob is made from it",
+    )
+    parser.add_argument("--container", help="with --connection-string-env")
+    parser.add_argument("--blob", help="with --connection-string-env (default: the VHD's name)")
     args = parser.parse_args(argv)
 
     def body() -> int:
-        url = args.sas_url or os.environ.get(args.sas_url_env, "")
-        if not url:
-            raise UsageError(detail=f"environment variable {args.sas_url_env} is not set")
-        print(json.dumps(upload_vhd(args.vhd, url)))
+        print(json.dumps(upload_vhd(args.vhd, _url(args))))
         return 0
 
     return run_main("upload", body)

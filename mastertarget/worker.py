@@ -114,7 +114,7 @@ class DiskWorker:
         self.directory = layout.disk_dir(settings.state_dir, self.disk)
         self.cursor_path = layout.cursor_path(settings.state_dir, self.disk)
         self.staging = Staging(layout.staging_dir(settings.state_dir, self.disk))
-        self.target = Target(disk.target)
+        self.target = Target(disk.target, disk.kind)
         self.cursor = cursors.Cursor(self.tenant, self.disk)
         self.verify = Checker(self.disk, self.directory, str(disk.target))  # online verify
         self.apply_lock_path = layout.apply_lock_path(settings.state_dir, self.disk)
@@ -561,10 +561,11 @@ class DiskWorker:
         """The ``fenced`` record if ``tag`` is the disk's last tag (final, or the fence's)."""
         if not tag:
             return None
-        if tag.get("final"):
+        resumed = (self.cursor.resumed or {}).get("tag")
+        if tag.get("final") and tag.get("id") != resumed:
             return {"tag": tag, "reason": "final tag (cutover)", "at": time.time()}
         wanted = (self.fence or {}).get("tag") or {}
-        if wanted.get("id") is not None and tag.get("id") == wanted.get("id"):
+        if wanted.get("id") not in (None, resumed) and tag.get("id") == wanted.get("id"):
             reason = (self.fence or {}).get("reason") or "fence record"
             return {"tag": tag, "reason": reason, "at": time.time()}
         return None

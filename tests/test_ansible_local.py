@@ -346,6 +346,53 @@ def test_test_failover_clones_while_replication_goes_on(deployment):
 
 
 @pytest.mark.usefixtures("protected")
+def test_a_cutover_whose_boot_check_fails_is_not_committed_and_replication_resumes(deployment):
+    # The loop device holds a bare filesystem, no operating system: the boot
+    # check (asked for here, off in the local inventory) fails on its own.
+    writer = Writer(deployment.mountpoint)
+    writer.start()
+    try:
+        time.sleep(2)
+        failed = deployment.playbook("cutover.yml", "-e", "machine=web01",
+                                     "-e", "cutover_boot_check=true")  # fmt: skip
+        said = " ".join(failed.stdout.split())
+        assert failed.returncode != 0, said[-3000:]
+        assert f"{deployment.machine} is not cut over: boot check: no operating system" in said
+        manifest_path = deployment.base / "ferry" / "cutover" / deployment.machine / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        assert manifest["verified"] and not manifest["complete"]
+        final = manifest["final_tag"]["id"]
+        assert deployment.cursor()["fenced"]["tag"]["id"] == final
+        assert "agent" not in deployment.running()
+        if SERVER_MODE:
+            machines = deployment.api("/tenants/demo/machines")["machines"]
+            assert [m["state"] for m in machines if m["machine"] == deployment.machine] != [
+                "cut-over"
+            ]
+        # The operator resumes replication instead of fixing the source.
+        resumed = deployment.ok("cutover.yml", "-e", "machine=web01", "-e", "cutover_action=resume")
+        said = " ".join(resumed.stdout.split())
+        assert f"the cutover at tag {final} was not committed (boot check: no operating" in said
+        assert "replication resumed" in said
+        assert "agent" in deployment.running()
+        wait_for(
+            lambda: deployment.cursor()["last_tag"]["id"] != final,
+            120,
+            "a tag after the uncommitted cutover's final tag applied",
+        )
+        cursor = deployment.cursor()
+        assert cursor["fenced"] is None and cursor["resumed"]["tag"] == final
+        fence = f"demo/{deployment.disk}/fence.json"
+        assert not deployment.storage().exists(naming.control_container("demo"), fence)
+        assert [d["phase"] for d in deployment.agent_status()["disks"]] == ["replicating"]
+        if not SERVER_MODE:  # the master target's own record (server mode: the command's outcome)
+            history = json.loads((manifest_path.parent / "resumed.json").read_text())["resumed"]
+            assert [d["was_fenced_at"] for d in history[-1]["disks"]] == [final]
+    finally:
+        writer.stop()
+
+
+@pytest.mark.usefixtures("protected")
 def test_cutover_migrates_the_machine_to_a_verified_vhd(deployment):
     writer = Writer(deployment.mountpoint)
     writer.start()

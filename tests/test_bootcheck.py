@@ -57,6 +57,30 @@ def test_console_clues_are_plain_text_even_where_systemd_cut_a_colour_code():
     ]
 
 
+class DyingQemu:
+    """A process that dies at once, as QEMU under a nested KVM that cannot set an MSR does."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.console = tmp_path / "console.log"
+        self.console.write_text("SeaBIOS (version 1.16)\n")
+        self.proc = subprocess.Popen(
+            ["sh", "-c", "echo 'error: failed to set MSR 0x10a to 0x69' >&2; exit 1"],
+            stderr=subprocess.PIPE,
+        )
+        self.proc.wait()
+
+    def text(self) -> str:
+        return self.console.read_text()
+
+
+def test_qemu_dying_under_a_kvm_probe_falls_back_to_tcg_and_fails_a_check_otherwise(tmp_path):
+    probing = bootcheck.watch(DyingQemu(tmp_path), time.monotonic() + 60, time.monotonic() + 30)
+    assert probing["outcome"] == "kvm-hangs" and "failed to set MSR" in probing["reason"]
+    checking = bootcheck.watch(DyingQemu(tmp_path), time.monotonic() + 60)
+    assert checking["outcome"] == "failed"
+    assert checking["reason"].startswith("QEMU exited before the check reported: error: failed")
+
+
 def test_a_marker_must_be_an_absolute_guest_path():
     assert bootcheck.parse_marker("/x") == {"path": "/x", "sha256": None}
     with pytest.raises(bootcheck.BootCheckError, match="absolute path"):

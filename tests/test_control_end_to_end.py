@@ -10,6 +10,10 @@ device with ext4 tracked through tracefs, so this needs root.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -63,6 +67,17 @@ def recovery_point_gens(operator: Operator, disk: str) -> set[int]:
     return {p["gen"] for p in points}
 
 
+def ferry_cli(fleet: Fleet, *args: str) -> dict[str, Any]:
+    """``ferry ARGS --json`` as the fleet's operator; its answer."""
+    op = fleet.operator
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    env |= {"FERRY_SERVER": op.server.url, "FERRY_TOKEN": op.token, "FERRY_CA": str(op.server.ca)}
+    done = subprocess.run([sys.executable, "-m", "ferrycli.main", *args], capture_output=True,
+                          text=True, env=env, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def test_replication_under_the_configuration_servers_commands(fleet, loopdisk):
     size = 256 * MiB
     source = loopdisk(size, fs=True)
@@ -82,8 +97,10 @@ def test_replication_under_the_configuration_servers_commands(fleet, loopdisk):
         "waiting-for-protect"
     )
 
-    # Protect through the API: the job is done once the target sits on a recovery point.
-    job = op.protect(machine)
+    # Protect through the API, onto a block device (as a data disk's LUN in Azure): the job
+    # is done once the target sits on a recovery point.
+    target = loopdisk(size, fs=False).device
+    job = op.protect(machine, targets={disk: {"kind": "device", "path": target}})
     fleet.wait("protected", lambda: op.job(job["job_id"])["state"] == "protected", timeout=300)
     assert recovery_point_ids(op, disk)
 
@@ -113,8 +130,8 @@ def test_replication_under_the_configuration_servers_commands(fleet, loopdisk):
     )
     final = status["disks"][0]["last_tag"]["id"]
     fleet.wait("the final tag applied", lambda: final in recovery_point_ids(op, disk))
-    target = fleet.base / "targets" / f"{disk}.img"
-    assert digest(str(target), size) == digest(source.device, size)
+    assert not (fleet.base / "targets" / f"{disk}.img").exists()  # the device, not a file
+    assert digest(target, size) == digest(source.device, size)
     outcomes = fleet.wait("the drain's outcome", lambda: settled(op, drain))
     assert set(outcomes.values()) == {"done"}, outcomes
 
@@ -131,6 +148,27 @@ def test_replication_under_the_configuration_servers_commands(fleet, loopdisk):
     resume = op.command(machine, "resume")
     (outcome,) = fleet.wait("the resume's outcome", lambda: settled(op, resume, detail=True))
     assert outcome[0] == "failed" and "fenced" in outcome[1], outcome
+
+    # Unless the cutover is not committed (its boot check failed): the operator resumes
+    # replication with ferry cutover resume; the fence is lifted and new tags are applied.
+    resumed = ferry_cli(fleet, "cutover", "resume", machine, "--json")
+    outcomes = fleet.wait("the resume's outcome",
+                          lambda: settled(op, resumed["command_id"], detail=True))  # fmt: skip
+    assert [state for state, _ in outcomes] == ["done", "done"], outcomes
+    assert any(f'"was_fenced_at": "{final}"' in detail for _, detail in outcomes), outcomes
+    fleet.wait("replicating", lambda: fleet.agent_status().get("state") == "replicating")
+    subprocess.run(["dd", "if=/dev/urandom", f"of={source.device}", "bs=1M", "count=4",
+                    "seek=200", "oflag=direct", "conv=notrunc", "status=none"], check=True)  # fmt: skip
+    op.command(machine, "tag", kind="crash")
+    fleet.wait(
+        "a recovery point after the final tag",
+        lambda: (
+            op.status()["machines"][0]["disks"][0]["last_tag"]["id"] != final
+            and digest(target, size) == digest(source.device, size)
+        ),
+        timeout=120,
+    )
+    assert op.status()["machines"][0]["disks"][0]["phase"] != "fenced"
 
     # A machine's stop ends its agent only; the process server and master target serve on.
     stop = op.command(machine, "stop")

@@ -572,3 +572,63 @@ def test_a_test_failover_names_its_point(api):
     assert answer.status_code == 202 and answer.json()["job"]["point"] == {
         "point_time": 1795671234.5
     }
+
+
+def test_protect_gives_each_disk_the_target_configured_for_it(api):
+    estate = api.estate()
+    path = f"/tenants/{estate.tenant}/machines/{estate.machine}/protect"
+    lun = "/dev/disk/azure/scsi1/lun0"
+    for targets, problem in (
+        ({"web09-disk0": {"kind": "device", "path": lun}}, "is not a disk of this machine"),
+        ({estate.disks[0]: {"kind": "blob", "path": "/x"}}, "kind must be one of"),
+        ({estate.disks[0]: {"kind": "device", "path": "/srv/x.img"}}, "a path under /dev/"),
+        ({estate.disks[0]: {"kind": "file", "path": "/srv/../etc/x"}}, "without '..'"),
+        ({estate.disks[0]: {"kind": "device"}}, "path"),
+    ):
+        refused = api.post(path, estate.operator, {"idempotency_key": "t", "targets": targets})
+        assert refused.status_code == 400 and problem in refused.json()["error"], refused.json()
+    answer = api.post(path, estate.operator, {"idempotency_key": "t1", "targets": {
+        estate.disks[0]: {"kind": "device", "path": lun}}})  # fmt: skip
+    assert answer.status_code == 202, answer.json()
+    settings = api.get("/components/self/settings", estate.mt).json()
+    settings.pop("storage")
+    assert settings["disks"] == [
+        {"id": estate.disks[0], "target": lun, "kind": "device", "size": 1 << 30},
+        {"id": estate.disks[1], "target": f"/srv/targets/{estate.disks[1]}.img", "kind": "file",
+         "size": 1 << 30},
+    ]  # fmt: skip
+    parsed = from_mapping({**settings, "state_dir": "/var/lib/ferry"}, MasterTargetSettings)
+    assert [(d.kind, str(d.target)) for d in parsed.disks][0] == ("device", lun)
+
+
+def test_replication_resumes_after_an_uncommitted_cutover_and_never_after_a_committed_one(api):
+    estate = _protected(api)
+    base = f"/tenants/{estate.tenant}/machines/{estate.machine}"
+    cut = api.post(f"{base}/cutover", estate.operator, {"idempotency_key": "cut-1"}).json()["job"]
+    for component in ("ag-web01", "ps-ps1", "mt-mt1"):
+        take_commands(api, estate.tenant, component)
+    api.post(f"/tenants/{estate.tenant}/jobs/{cut['job_id']}/progress", estate.operator,
+             {"state": "draining"})  # fmt: skip
+    assert api.post(f"{base}/resume-replication", estate.operator, {"x": 1}).status_code == 400
+    answer = api.post(f"{base}/resume-replication", estate.operator, {"idempotency_key": "r1"})
+    assert answer.status_code == 202, answer.json()
+    command_id = answer.json()["command_id"]
+    for component in ("ag-web01", "mt-mt1"):
+        sent = [m for m in take_commands(api, estate.tenant, component)
+                if m["type"] == "resume-replication"]  # fmt: skip
+        assert [m["id"] for m in sent] == [command_id], component
+        assert sent[0]["args"] == {"machine": estate.machine, "disks": estate.disks}
+    job = api.get(f"/tenants/{estate.tenant}/jobs/{cut['job_id']}", estate.operator).json()
+    assert job["state"] == "failed" and "replication resumed" in job["history"][-1]["detail"]
+    again = api.post(f"{base}/resume-replication", estate.operator, {"idempotency_key": "r1"})
+    assert again.json()["command_id"] == command_id
+    # Once cut over, never.
+    cut = api.post(f"{base}/cutover", estate.operator, {"idempotency_key": "cut-2"}).json()["job"]
+    for state in ("draining", "applied", "cutover-complete"):
+        api.post(f"/tenants/{estate.tenant}/jobs/{cut['job_id']}/progress", estate.operator,
+                 {"state": state})  # fmt: skip
+    late = api.post(f"{base}/resume-replication", estate.operator, {"idempotency_key": "r2"})
+    assert late.status_code == 409 and "a committed cutover is not resumed" in late.json()["error"]
+    unknown = api.post(f"/tenants/{estate.tenant}/machines/nope/resume-replication",
+                       estate.operator, {})  # fmt: skip
+    assert unknown.status_code == 404

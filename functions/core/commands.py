@@ -24,7 +24,7 @@ from functions.core.context import Context
 from functions.core.errors import NotFound
 
 TYPES = ("protect", "pause", "resume", "resync", "tag", "drain", "stop", "rotate-credentials",
-         "verify", "repair")  # fmt: skip
+         "verify", "repair", "resume-replication")  # fmt: skip
 """Every command type."""
 
 PENDING_TOKENS = 4

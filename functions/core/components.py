@@ -181,9 +181,23 @@ def _master_target_settings(ctx: Context, caller: Caller) -> dict[str, Any]:
     target_dir = (caller.record.get("target_dir") or defaults.TARGET_DIR).rstrip("/")
     return {
         "tenant": caller.tenant,
-        "disks": [{"id": d["disk"], "target": f"{target_dir}/{d['disk']}.img"} for d in disks],
+        "disks": [_disk_target(d, target_dir) for d in disks],
         "segment_keys": [k["key"] for k in tenants.segment_keys(ctx, caller.tenant)],
     }
+
+
+def _disk_target(disk: dict[str, Any], target_dir: str) -> dict[str, Any]:
+    """One disk of a master target's settings: its target as protect configured it, or the
+    default image file ``<target_dir>/<disk>.img``; with the source disk's size when known."""
+    target = disk.get("target") or {}
+    entry: dict[str, Any] = {
+        "id": disk["disk"],
+        "target": target.get("path") or f"{target_dir}/{disk['disk']}.img",
+        "kind": target.get("kind") or "file",
+    }
+    if isinstance(disk.get("size"), int):
+        entry["size"] = disk["size"]
+    return entry
 
 
 def process_server_address(record: dict[str, Any]) -> str | None:

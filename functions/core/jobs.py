@@ -136,7 +136,7 @@ def protect(ctx: Context, caller: Caller, tenant: str, machine_id: str, body: An
     require_operator(caller, tenant)
     body = validate.body_object(
         body, {"idempotency_key", "process_server", "master_target", "rpo_threshold_s",
-               *verify.SCHEDULE},
+               "targets", *verify.SCHEDULE},
     )  # fmt: skip
     key = validate.pattern(body, "idempotency_key", validate.KEY_RE, KEY_WHAT)
     wanted_ps = validate.ident(body, "process_server", required=False)
@@ -144,14 +144,47 @@ def protect(ctx: Context, caller: Caller, tenant: str, machine_id: str, body: An
     threshold = validate.integer(body, "rpo_threshold_s", 1, 86400, default=defaults.RPO_THRESHOLD)
     schedule = verify.schedule_body(body)
     machine = _machine(ctx, tenant, machine_id)
+    targets = disk_targets(body.get("targets"), machine)
     job_id = idempotency.derived_id("job", tenant, key)
     idempotency.claim(ctx, tenant, key, f"protect {machine_id}", {"job_id": job_id})
     job = ctx.store.get("jobs", tenant, job_id)
     if job is None:
         job = _start_protect(ctx, tenant, machine, job_id, key, wanted_ps, wanted_mt, threshold,
                              schedule)  # fmt: skip
+        if targets:
+            job = ctx.store.mutate("jobs", tenant, job_id, lambda j: {**j, "targets": targets})
     _dispatch_protect(ctx, tenant, job)
     return 202, {"job": ctx.store.get("jobs", tenant, job_id) or job}
+
+
+TARGET_KINDS = ("device", "file")
+"""Kinds of a disk's target on its master target: a block device (e.g. a data disk's LUN by
+its stable path) or an image file in the master target's ``target_dir``."""
+
+
+def disk_targets(value: Any, machine: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The protect request's ``targets``: ``{disk: {kind, path}}``, checked (400 if wrong).
+
+    The master target checks them again against its host (the device exists,
+    is large enough, the file is in its target directory) before serving.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest("targets must be an object: {disk id: {kind, path}}")
+    result = {}
+    for disk, spec in value.items():
+        if disk not in machine.get("disks", []):
+            raise BadRequest(f"targets: {str(disk)[:60]!r} is not a disk of this machine")
+        spec = validate.body_object(spec, {"kind", "path"})
+        kind = validate.choice(spec, "kind", TARGET_KINDS)
+        path = validate.text(spec, "path", required=True, limit=255) or ""
+        if not path.startswith("/") or ".." in path.split("/"):
+            raise BadRequest(f"targets.{disk}.path must be an absolute path without '..'")
+        if kind == "device" and not path.startswith("/dev/"):
+            raise BadRequest(f"targets.{disk}.path: a device target is a path under /dev/")
+        result[disk] = {"kind": kind, "path": path}
+    return result
 
 
 def _start_protect(ctx, tenant, machine, job_id, key, wanted_ps, wanted_mt, threshold, schedule):
@@ -230,6 +263,7 @@ def _dispatch_protect(ctx: Context, tenant: str, job: dict[str, Any]) -> None:
         def change_disk(d: dict[str, Any]) -> dict[str, Any]:
             d.update(process_server=job["process_server"], master_target=job["master_target"])
             d["state"] = "protecting"
+            d["target"] = job.get("targets", {}).get(d["disk"])  # None: the default image file
             return d
 
         disk = ctx.store.mutate("disks", tenant, disk_id, change_disk, what=f"disk {disk_id}")

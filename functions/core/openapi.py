@@ -118,7 +118,13 @@ SCHEMAS: dict[str, Any] = {
     "Protect": _obj({"idempotency_key": KEY, "process_server": ID, "master_target": ID,
                      "rpo_threshold_s": {"type": "integer", "minimum": 1, "maximum": 86400,
                                          "default": defaults.RPO_THRESHOLD},
-                     "app_consistent_interval_s": INTERVAL, "verify_interval_s": INTERVAL},
+                     "app_consistent_interval_s": INTERVAL, "verify_interval_s": INTERVAL,
+                     "targets": {"type": "object", "description": "disk id -> its target on the "
+                                 "master target (default: an image file in its target_dir)",
+                                 "additionalProperties": _obj({
+                                     "kind": {"type": "string", "enum": list(jobs.TARGET_KINDS)},
+                                     "path": {"type": "string", "maxLength": 255,
+                                              "pattern": "^/"}}, ["kind", "path"])}},
                     ["idempotency_key"]),
     "MachineCommand": _obj({
         "command": {"type": "string", "enum": list(MACHINE_COMMANDS)},
@@ -142,6 +148,7 @@ SCHEMAS: dict[str, Any] = {
             "state": {"type": "string", "enum": ["queued", "done", "failed"]},
             "detail": {"type": "string", "nullable": True}, "at": TIME})}},
         ["command_id", "type", "targets"], extra=True)}, ["command"]),
+    "ResumeReplication": _obj({"idempotency_key": KEY}),
     "Failover": _obj({"idempotency_key": KEY, "drive": {"type": "boolean"}}, ["idempotency_key"]),
     "TestFailover": _obj({"idempotency_key": KEY, "drive": {"type": "boolean"},
                           "point": {"type": "string", "description": "a retained tag id"},
@@ -259,6 +266,9 @@ PATHS: dict[str, Any] = {
     "/tenants/{tenant}/machines/{machine}/schedule": {"post": _op(
         "how often the agent takes app-consistent points and verifies", (200, "ScheduleAnswer"),
         "Schedule", [TENANT, MACHINE])},
+    "/tenants/{tenant}/machines/{machine}/resume-replication": {"post": _op(
+        "resume replicating a machine whose cutover was not committed (409 once cut over)",
+        (202, "CommandAccepted"), "ResumeReplication", [TENANT, MACHINE])},
     "/tenants/{tenant}/machines/{machine}/cutover": {"post": _op(
         "open a cutover job", (202, "JobAnswer"), "TestFailover", [TENANT, MACHINE])},
     "/tenants/{tenant}/machines/{machine}/test-failover": {"post": _op(

@@ -10,7 +10,7 @@ from ferry.naming import KIND_PREFIX
 from functions.core import commands, defaults, drive, health, idempotency, jobs, validate, verify
 from functions.core.auth import Caller, require_component, require_operator
 from functions.core.context import Context
-from functions.core.errors import BadRequest, NotFound
+from functions.core.errors import BadRequest, Conflict, NotFound
 
 BIG = 1 << 62
 """Upper bound of counters in reports."""
@@ -366,6 +366,39 @@ def machine_command(
     args = {"machine": machine_id, **args}
     commands.issue(ctx, tenant, command_id, command, args, targets, machine=machine_id)
     return 202, answer
+
+
+def resume_replication(
+    ctx: Context, caller: Caller, tenant: str, machine_id: str, body: Any
+) -> tuple[int, dict[str, Any]]:
+    """Resume replicating a machine whose cutover was not committed (its boot check failed).
+
+    Fails the machine's active cutover job, then sends ``resume-replication``
+    to its agent (read passes again, after the final tag) and its master
+    target (the disks' fence is lifted and they are served again).  A machine
+    that is ``cut-over`` is refused (409): a committed cutover is never undone.
+    """
+    require_operator(caller, tenant)
+    validate.check_route_id("machine", machine_id)
+    body = validate.body_object(body if body is not None else {}, {"idempotency_key"})
+    key = _idempotency_key(body)
+    machine = ctx.store.get("machines", tenant, machine_id)
+    if machine is None:
+        raise NotFound(f"machine {machine_id} does not exist")
+    if machine.get("state") == "cut-over":
+        raise Conflict(f"machine {machine_id} was cut over: a committed cutover is not resumed; "
+                       "protect the machine afresh to replicate it again")  # fmt: skip
+    if not machine.get("master_target"):
+        raise Conflict(f"machine {machine_id} is not protected (no master target)")
+    command_id = _command_id(ctx, tenant, key, f"resume-replication {machine_id}")
+    if machine.get("cutover_job"):
+        jobs.fail(ctx, tenant, machine["cutover_job"],
+                  "not committed; replication resumed by the operator")  # fmt: skip
+    args = {"machine": machine_id, "disks": list(machine.get("disks", []))}
+    targets = [machine["agent"], machine["master_target"]]
+    commands.issue(ctx, tenant, command_id, "resume-replication", args, targets,
+                   machine=machine_id)  # fmt: skip
+    return 202, {"command_id": command_id}
 
 
 COMPONENT_COMMANDS = ("stop", "rotate-credentials")

@@ -26,6 +26,21 @@ def mkfs(device: str) -> None:
         device)  # fmt: skip
 
 
+GPT_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
+GPT_LINUX = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+UEFI_TABLE = f"label: gpt\nsize=16MiB, type={GPT_ESP}\ntype={GPT_LINUX}\n"
+"""sfdisk's script for the disk of a machine that boots with UEFI (an ESP, then the root)."""
+
+
+def partitioned(path: Path, script: str, size: int = 64 << 20) -> Path:
+    """A disk image (a sparse file) whose partition table util-linux's sfdisk wrote from ``script``."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["sfdisk", "-q", str(path)], input=script, text=True, check=True)
+    return path
+
+
 def attach(image: Path) -> str:
     """A new loop device over ``image`` (direct I/O); its path."""
     return run("losetup", "--find", "--show", "--direct-io=on", str(image)).stdout.strip()
