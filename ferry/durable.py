@@ -18,7 +18,11 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, parts: list[bytes] | bytes, durable: bool = True) -> None:
+def write_atomic(
+    path: str | Path,
+    parts: list[bytes | bytearray] | list[bytes] | bytes | bytearray,
+    durable: bool = True,
+) -> None:
     """Replace ``path`` with ``parts`` so that a crash leaves the old or the new file, whole.
 
     With ``durable`` the data and the rename are fsync'ed before returning.

@@ -133,3 +133,8 @@ BOOT_CHECK_KVM_PROBE = 30.0
 
 BOOT_CHECK_MEMORY_MIB = 1024
 """Memory of the boot check's guest, in MiB."""
+
+VERIFIED_KEPT_BYTES = 64 << 20
+"""Verified segments (decrypted, still compressed) kept in memory between staging and
+apply, in bytes per disk: an apply then neither reads, checks nor decrypts them again.
+Beyond it the staged file serves, checked as before (mastertarget.verified)."""

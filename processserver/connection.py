@@ -254,7 +254,7 @@ class Connection:
                 return f"disk(s) {', '.join(unknown)} are not registered for machine {machine}"
         return None
 
-    def _on_batch(self, header: dict[str, Any], payload: bytes) -> None:
+    def _on_batch(self, header: dict[str, Any], payload: bytearray) -> None:
         """Validate, spool durably, then (and only then) acknowledge."""
         raw = header.get("batch")
         if not isinstance(raw, dict):
@@ -317,7 +317,7 @@ class Connection:
             return "a batch's tag must be null or an object with a string id"
         return None
 
-    def _on_resync(self, header: dict[str, Any], _payload: bytes) -> None:
+    def _on_resync(self, header: dict[str, Any], _payload: bytearray) -> None:
         disk, request_id = header.get("disk"), header.get("request_id")
         block_size = header.get("block_size")
         if not isinstance(disk, str) or disk not in self.disks:

@@ -69,7 +69,7 @@ class SpoolKey(NamedTuple):
         return f"{self.tenant}/{self.disk} gen {self.gen} seq {self.seq}"
 
 
-def encode(batch: Batch) -> list[bytes]:
+def encode(batch: Batch) -> list[bytes | bytearray]:
     """The parts of a spool file for ``batch``."""
     header = json.dumps(batch.header(), separators=(",", ":")).encode()
     return [_LEN.pack(len(header)), header, batch.payload]
