@@ -9,7 +9,6 @@ where the filesystem allows O_DIRECT, and buffered otherwise.
 from __future__ import annotations
 
 import fcntl
-import itertools
 import mmap
 import os
 import stat
@@ -119,62 +118,33 @@ def zero_runs(buf: mmap.mmap | bytes, start: int, length: int, block: int) -> li
     """Runs of all-zero and other ``block``-sized pieces of ``buf[start:start + length]``.
 
     Returns ``(first piece, count, is_zero)`` runs in order, as :func:`runs` of
-    :func:`zero_mask` would; the last piece may be short.  ``buf`` is searched
-    in place with its C ``find`` (an mmap or bytes): one search for a zero
-    block passes over a stretch that holds none, where testing piece by piece
-    costs a Python step and a copy per piece (most of the agent's CPU besides
-    TLS in an initial sync).
+    :func:`zero_mask` would; the last piece may be short.  ``buf`` is tested in
+    place (an mmap or bytes): ``find`` of a zero piece held to one piece's
+    window is one C comparison that stops at the first non-zero byte, where
+    copying each piece out to compare it cost most of the agent's CPU besides
+    TLS in an initial sync.
     """
     zero = bytes(block)
-    end, pieces = start + length, -(-length // block)
-    out: list[Run] = []
-    done, pos = 0, start  # pieces before `done` are in `out`; search from `pos`
-    while True:
-        found = buf.find(zero, pos, end)
-        if found < 0:
-            break
-        k = -(-(found - start) // block)  # the first whole piece at or after the hit
-        at = start + k * block
-        if at + block > end:
-            break
-        if buf.find(zero, at, at + block) != at:
-            pos = at + 1  # the zeros found end inside piece k: no zero piece before it
-            continue
-        j = k + 1
-        while start + (j + 1) * block <= end and _zero_at(buf, zero, start + j * block):
-            j += 1
-        _add_run(out, done, k - done, False)
-        _add_run(out, k, j - k, True)
-        done, pos = j, start + j * block
-    tail = start + (pieces - 1) * block
-    if done < pieces and end - tail < block and buf[tail:end] == zero[: end - tail]:
-        _add_run(out, done, pieces - 1 - done, False)  # a short last piece of zeros
-        _add_run(out, pieces - 1, 1, True)
-    else:
-        _add_run(out, done, pieces - done, False)
-    return out
-
-
-def _zero_at(buf: mmap.mmap | bytes, zero: bytes, at: int) -> bool:
-    return buf.find(zero, at, at + len(zero)) == at
-
-
-def _add_run(out: list[Run], first: int, count: int, is_zero: bool) -> None:
-    if count <= 0:
-        return
-    if out and out[-1][2] == is_zero:
-        out[-1] = (out[-1][0], out[-1][1] + count, is_zero)
-    else:
-        out.append((first, count, is_zero))
+    end = start + length
+    find = buf.find
+    mask = [find(zero, at, at + block) == at for at in range(start, end - block + 1, block)]
+    tail = length % block
+    if tail:  # a short last piece
+        mask.append(find(zero[:tail], end - tail, end) == end - tail)
+    return runs(mask)
 
 
 def runs(mask: list[bool]) -> list[tuple[int, int, bool]]:
     """Split a list of flags into ``(start, count, value)`` runs."""
-    out, start = [], 0
-    for value, group in itertools.groupby(mask):
-        count = sum(1 for _ in group)
-        out.append((start, count, bool(value)))
-        start += count
+    out, start, n = [], 0, len(mask)
+    while start < n:
+        value = bool(mask[start])
+        try:
+            end = mask.index(not value, start)  # a C scan to the next change
+        except ValueError:
+            end = n
+        out.append((start, end - start, value))
+        start = end
     return out
 
 
