@@ -141,19 +141,27 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
         "code": code_state(),
         "load_before": os.getloadavg(),
-        "sizes": [one_size(float(s)) for s in args.sizes.split(",")],
+        "sizes": [],
     }
-    result["machine"] = machine()
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}-scale{args.label}"
-    name = chart(result, stem.with_suffix(".png"))
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    table = markdown(result, name)
-    stem.with_suffix(".md").write_text(table)
+    for size in args.sizes.split(","):
+        result["sizes"].append(one_size(float(size)))
+        table = write(result, stem)  # after each size: a long run stopped early keeps its figures
     print()
     print(table)
     say(f"wrote {stem.with_suffix('.json').relative_to(HERE.parent)} and its .md and chart")
     return 0
+
+
+def write(result: dict[str, Any], stem: Path) -> str:
+    """The JSON, markdown and chart of the sizes measured so far; the markdown."""
+    result["machine"] = machine()
+    name = chart(result, stem.with_suffix(".png"))
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    table = markdown(result, name)
+    stem.with_suffix(".md").write_text(table)
+    return table
 
 
 if __name__ == "__main__":
