@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CONTROLLER := .venv-controller
 ANSIBLE := ANSIBLE_CONFIG=$(CURDIR)/ansible.cfg PATH=$(CURDIR)/$(CONTROLLER)/bin:$$PATH
 
-.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication bench-journal cutover-figures faults faults-quick clean system-deps
+.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication bench-journal cutover-figures bench-scale bench-soak faults faults-quick clean system-deps
 
 setup: $(VENV)/.stamp $(CONTROLLER)/.stamp node_modules/.stamp system-deps
 
@@ -112,6 +112,19 @@ bench-replication: bench
 # about 8 minutes. Figures in docs/performance.md ("Recovery journal").
 bench-journal: setup bench-deps
 	$(PY) -m bench.journal $(BENCH_ARGS)
+
+# How the initial sync's cost grows (bench/scaling.py): 1, 2, 4 and 8 GiB images, time, CPU s
+# per GiB and peak memory per daemon on one chart. Root; about 15 minutes the first time (it
+# makes the images), SCALE_ARGS="--sizes 1,2" for less.
+SCALE_ARGS ?=
+bench-scale: setup bench-deps
+	$(PY) -m bench.scaling $(SCALE_ARGS)
+
+# Random writes at 20 MB/s for 30 minutes (bench/soak.py): RPO p99 per 5-minute window and each
+# daemon's memory over time. Root; SOAK_ARGS="--minutes 6 --window-minutes 1" for a short run.
+SOAK_ARGS ?=
+bench-soak: setup bench-deps
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 bench-deps: $(VENV)/.bench-stamp
 	@missing=""; for pair in $(BENCH_TOOLS); do \

@@ -471,9 +471,13 @@ class Replicator:
             t0 = self.tracker.t0
             t0_wall = time.time() - (mono() - t0)
             held = {d.id: self._ship_pass(d, taken[d.id]) for d in disks}
+            read = mono()
             if not freeze:  # online verify: after t0, in the pass (never lengthening a freeze)
                 self.verifier.read_pass([d.id for d in disks])
             clean = self.tracker.end_pass()
+        log.debug("pass: %d blocks, read and sent in %.4f s, ended %.4f s after t0, %s",
+                  sum(len(b) for b in taken.values()), read - t0, mono() - t0,
+                  "clean" if clean else "collided")  # fmt: skip
         if freeze and self._thawed_early:
             clean = False
         self.passes += 1
@@ -549,8 +553,8 @@ class Replicator:
         limit = self.settings.batch_bytes
         reader = self._reader_for(disk)
         batch = self._new_batch(disk)
-        payload: list[bytes] = []
-        size = 0
+        # The one copy of the data: from the O_DIRECT buffer into the batch's payload.
+        payload = bytearray()
         disk.pass_remaining = len(blocks) * track.block
         for first, count in _runs(blocks, max(1, limit // track.block)):
             start = first * track.block
@@ -559,23 +563,22 @@ class Replicator:
             self.tracker.chunk_read(disk.id, first + count)
             disk.bytes_read += length
             disk.pass_remaining = max(0, disk.pass_remaining - length)
-            pieces = self._extents(disk, first, view)
+            pieces = self._extents(disk, first, view, reader.zero_runs(track.block))
             need = sum(len(p) for _, _, _, p in pieces if p is not None)
             if batch.extents and (
-                size + need > limit or len(batch.extents) + len(pieces) > MAX_EXTENTS
+                len(payload) + need > limit or len(batch.extents) + len(pieces) > MAX_EXTENTS
             ):
-                batch.payload = b"".join(payload)
+                batch.payload = payload
                 self._send(disk, batch)
-                batch, payload, size = self._new_batch(disk), [], 0
+                batch, payload = self._new_batch(disk), bytearray()
             for offset, n, kind, data in pieces:
                 batch.extents.append((offset, n, kind))
                 if data is not None:
-                    payload.append(data)
-                    size += n
+                    payload += data
         disk.pass_remaining = 0
         if not batch.extents:
             return None
-        batch.payload = b"".join(payload)
+        batch.payload = payload
         return batch
 
     def _reader_for(self, disk: DiskState) -> blockio.DirectReader:
@@ -587,17 +590,21 @@ class Replicator:
         return reader
 
     def _extents(
-        self, disk: DiskState, first: int, view: memoryview
-    ) -> list[tuple[int, int, str, bytes | None]]:
-        """Split a read run into data and zero extents, skipping zeros the target has."""
+        self, disk: DiskState, first: int, view: memoryview, runs: list[blockio.Run]
+    ) -> list[tuple[int, int, str, memoryview | None]]:
+        """Split a read run into data and zero extents, skipping zeros the target has.
+
+        ``runs`` are the zero runs of ``view`` (:func:`ferry.blockio.zero_runs`); data
+        extents are views into ``view``, valid until the next read.
+        """
         block = disk.track.block
-        out: list[tuple[int, int, str, bytes | None]] = []
-        for start, count, is_zero in blockio.runs(blockio.zero_mask(view, block)):
+        out: list[tuple[int, int, str, memoryview | None]] = []
+        for start, count, is_zero in runs:
             b0 = first + start
             lo, hi = start * block, min((start + count) * block, len(view))
             if not is_zero:
                 disk.target_zero.remove_range(b0, b0 + count)
-                out.append((b0 * block, hi - lo, DATA, bytes(view[lo:hi])))
+                out.append((b0 * block, hi - lo, DATA, view[lo:hi]))
                 continue
             known = disk.target_zero.range_cardinality(b0, b0 + count)
             if known == count:

@@ -121,7 +121,7 @@ class Shipper:
 
     # -- connection -------------------------------------------------------------------
 
-    def _try_send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+    def _try_send(self, header: dict[str, Any], payload: bytes | bytearray = b"") -> None:
         sock = self._sock
         if sock is None:
             return  # sent on reconnect
@@ -204,7 +204,7 @@ class Shipper:
                 return
             self._handle(frame[0], frame[1])
 
-    def _handle(self, header: dict[str, Any], payload: bytes) -> None:
+    def _handle(self, header: dict[str, Any], payload: bytearray) -> None:
         kind = header["type"]
         if kind == "ack":
             # As the peer sent them: a key that matches nothing acknowledges nothing.

@@ -39,8 +39,8 @@ _BLOCK = re.compile(
 )
 _MARK = re.compile(rb"ferry-mark (\d+)")
 
-OnComplete = Callable[[int, int, int], None]
-"""``(dev, first_sector, sectors)`` of a completed write."""
+OnComplete = Callable[[int, int, int, float], None]
+"""``(dev, first_sector, sectors, ts)`` of a completed write (ts on the trace clock, s)."""
 OnQueue = Callable[[int, int, int, float], None]
 """``(dev, first_sector, sectors, time)`` of a queued write."""
 OnMark = Callable[[int, float], None]
@@ -323,4 +323,4 @@ class TraceInstance:
         if event == b"block_bio_queue":
             self.on_queue(dev, sector, n, ts)
         else:
-            self.on_complete(dev, sector, n)
+            self.on_complete(dev, sector, n, ts)

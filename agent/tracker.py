@@ -48,6 +48,8 @@ class DiskTrack:
     size: int
     block: int
     dirty: BitMap = field(default_factory=BitMap)
+    # Writes completed after the t0 of a pass being begun: the next pass's (see begin_pass).
+    after: BitMap = field(default_factory=BitMap)
     # The pass in progress: its dirty set, and when each chunk's read finished.
     pass_set: BitMap | None = None
     read_ends: list[int] = field(default_factory=list)
@@ -131,7 +133,9 @@ class TraceTracker(Tracker):
         self._marks: dict[int, float] = {}
         self._mark_cv = threading.Condition(self.lock)
         self._mark_no = 0
-        self._collecting = False
+        self._opening = False  # begin_pass wrote its marker and waits for it
+        self._collecting = False  # that marker was read: t0 is _t0_read
+        self._t0_read = 0.0
         self._early: list[tuple[int, int, int, float]] = []
         self._lost_seen = 0
 
@@ -156,13 +160,24 @@ class TraceTracker(Tracker):
         start = sector * SECTOR
         return start // disk.block, (start + n * SECTOR + disk.block - 1) // disk.block
 
-    def _complete(self, dev: int, sector: int, n: int) -> None:
+    def _complete(self, dev: int, sector: int, n: int, ts: float) -> None:
         disk = self.by_dev.get(dev)
         if disk is None:
             return
         first, end = self._blocks(disk, sector, n)
+        end = min(end, disk.blocks)
         with self.lock:
-            disk.dirty.add_range(first, min(end, disk.blocks))
+            if self._collecting and ts > self._t0_read:
+                # Completed after t0, read before begin_pass took the dirty sets: the
+                # next pass's.  In this pass's set its own queue event (after t0 too)
+                # would collide with it: a false collision on every busy disk.
+                disk.after.add_range(first, end)
+                return
+            disk.dirty.add_range(first, end)
+            if disk.pass_set is not None and ts <= self.t0:
+                # Completed before t0 yet read after the pass took its set (the per-CPU
+                # buffers merged late): the pass lacks a write it must hold.
+                disk.collided = True
 
     def _queue(self, dev: int, sector: int, n: int, ts: float) -> None:
         disk = self.by_dev.get(dev)
@@ -178,7 +193,8 @@ class TraceTracker(Tracker):
     def _mark(self, number: int, ts: float) -> None:
         with self.lock:
             self._marks[number] = ts
-            self._collecting = True
+            if self._opening:  # the marker of a pass's t0
+                self._opening, self._collecting, self._t0_read = False, True, ts
             self._mark_cv.notify_all()
 
     def _touch(self, disk: DiskTrack, sector: int, n: int) -> None:
@@ -192,8 +208,8 @@ class TraceTracker(Tracker):
         # last pass block inside the write's range is the last one read: if
         # it was read before the write was queued, all of them were.
         pass_set = disk.pass_set
-        if disk.collided or pass_set is None:
-            return
+        if disk.collided or pass_set is None or ts < self.t0:
+            return  # a write queued before t0 (merged late from another CPU) is no collision
         first, end = self._blocks(disk, sector, n)
         rank = pass_set.rank(end - 1)
         if rank == 0:
@@ -204,6 +220,13 @@ class TraceTracker(Tracker):
         i = bisect.bisect_right(disk.read_ends, last)
         if i == len(disk.read_ends) or disk.read_times[i] >= ts:
             disk.collided = True
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("pass collided on %s: write to blocks %d-%d queued at t0%+.4f s; "
+                          "pass block %d %s; pass holds %d blocks, %d chunks read",
+                          disk.id, first, end - 1, ts - self.t0, last,
+                          "not read yet" if i == len(disk.read_ends)
+                          else f"read at t0{disk.read_times[i] - self.t0:+.4f} s",
+                          len(pass_set), len(disk.read_ends))  # fmt: skip
 
     # -- passes ---------------------------------------------------------------------
 
@@ -223,13 +246,28 @@ class TraceTracker(Tracker):
             return self._marks.pop(number)
 
     def begin_pass(self, disks: list[str]) -> dict[str, BitMap]:
-        self.t0 = self.sync()
+        with self.lock:
+            self._opening = True
+        try:
+            self.t0 = self.sync()
+        except BaseException:
+            with self.lock:
+                self._opening = self._collecting = False
+                for disk in self.disks.values():
+                    disk.dirty |= disk.after
+                    disk.after = BitMap()
+            raise
         taken = {}
         with self.lock:
+            for disk in self.disks.values():  # writes completed after t0 wait for the next pass
+                if disk.id in disks:
+                    taken[disk.id], disk.dirty = disk.dirty, disk.after
+                    disk.pass_set = taken[disk.id]
+                else:
+                    disk.dirty |= disk.after
+                disk.after = BitMap()
             for disk_id in disks:
                 disk = self.disks[disk_id]
-                taken[disk_id], disk.dirty = disk.dirty, BitMap()
-                disk.pass_set = taken[disk_id]
                 disk.read_ends, disk.read_times, disk.collided = [], [], False
                 disk.touched = BitMap()
             early, self._early, self._collecting = self._early, [], False

@@ -186,8 +186,31 @@ def dataset(size: int) -> Dataset:
     return facts
 
 
-def _make(stem: Path, size: int) -> Dataset:
-    base, changed = stem.with_name(stem.name + "-a.img"), stem.with_name(stem.name + "-b.img")
+def base_image(size: int) -> tuple[Path, str, int]:
+    """State A alone, for runs that need no second state (``bench.scaling``): its path, digest
+    and bytes of files; from the cache, or made now (needs root)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    stem = CACHE / f"ext4-{size // MiB}m"
+    full = stem.with_suffix(".json")
+    if full.exists():  # made by dataset() already
+        facts = json.loads(full.read_text())
+        if facts.get("recipe") == RECIPE and Path(facts["base"]).exists():
+            return Path(facts["base"]), facts["base_digest"], facts["files_bytes"]
+    meta = stem.with_name(stem.name + "-a.json")
+    if meta.exists():
+        facts = json.loads(meta.read_text())
+        if facts.get("recipe") == RECIPE and Path(facts["base"]).exists():
+            return Path(facts["base"]), facts["digest"], facts["files_bytes"]
+    base = stem.with_name(stem.name + "-a.img")
+    files_bytes, _ = _make_base(base, size)
+    found = digest(base, size)
+    meta.write_text(json.dumps({"recipe": RECIPE, "base": str(base), "digest": found,
+                                "files_bytes": files_bytes}) + "\n")  # fmt: skip
+    return base, found, files_bytes
+
+
+def _make_base(base: Path, size: int) -> tuple[int, int]:
+    """Make state A at ``base``; return (bytes of files copied, bytes used)."""
     say(f"making {base.name}: {size // MiB} MiB ext4, about half full of files from /usr")
     tmp = base.with_suffix(".tmp")
     with open(tmp, "wb") as f:
@@ -199,6 +222,12 @@ def _make(stem: Path, size: int) -> Dataset:
         fs = os.statvfs(mnt)
         used = (fs.f_blocks - fs.f_bfree) * fs.f_frsize
     os.replace(tmp, base)
+    return files_bytes, used
+
+
+def _make(stem: Path, size: int) -> Dataset:
+    base, changed = stem.with_name(stem.name + "-a.img"), stem.with_name(stem.name + "-b.img")
+    files_bytes, used = _make_base(base, size)
     say(f"making {changed.name}: about 1% of the disk overwritten inside many files")
     tmp = changed.with_suffix(".tmp")
     copy_image(base, tmp)

@@ -368,7 +368,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--size-mib", type=int, help="disk size (default 2048; quick 512)")
     p.add_argument("--runs", type=int, help="runs of scenarios 1-2 (default 3; quick 1)")
-    p.add_argument("--rates", help="MB/s of writes, comma separated (default 5,10,20)")
+    p.add_argument("--rates", help="MB/s of writes, comma separated (default 5,10,20,50)")
     p.add_argument("--rpo-seconds", type=float, help="seconds per rate (default 60; quick 15)")
     p.add_argument("--rpo-rounds", type=int, help="rounds over all rates (default 3; quick 1)")
     p.add_argument("--cutovers", type=int, help="cutovers measured (default 3; quick 1)")
@@ -399,7 +399,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     q = args.quick
     args.size_mib = args.size_mib or (512 if q else 2048)
     args.runs = args.runs or (1 if q else 3)
-    args.rates = [float(x) for x in (args.rates or "5,10,20").split(",")]
+    args.rates = [float(x) for x in (args.rates or "5,10,20,50").split(",")]
     args.rpo_seconds = args.rpo_seconds or (15.0 if q else 60.0)
     args.rpo_rounds = args.rpo_rounds or (1 if q else 3)
     args.cutovers = args.cutovers or (1 if q else 3)

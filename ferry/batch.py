@@ -16,6 +16,9 @@ DATA = "d"
 ZERO = "z"
 """Extent kind: the range is all zeros; the payload carries nothing for it."""
 
+Payload = bytes | bytearray
+"""A batch's data: the agent fills a bytearray in place rather than join copies of it."""
+
 
 @dataclasses.dataclass
 class Batch:
@@ -27,7 +30,7 @@ class Batch:
     seq: int
     disk_size: int
     extents: list[tuple[int, int, str]]
-    payload: bytes = b""
+    payload: Payload = b""
     tag: dict[str, Any] | None = None
 
     def header(self) -> dict[str, Any]:
@@ -44,7 +47,7 @@ class Batch:
 
     @classmethod
     def from_header(
-        cls, header: dict[str, Any], payload: bytes, payload_len: int | None = None
+        cls, header: dict[str, Any], payload: Payload, payload_len: int | None = None
     ) -> Batch:
         """Rebuild a batch from :meth:`header` output and its payload; ValueError if inconsistent."""
         try:

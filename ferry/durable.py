@@ -18,7 +18,11 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, parts: list[bytes] | bytes, durable: bool = True) -> None:
+def write_atomic(
+    path: str | Path,
+    parts: list[bytes | bytearray] | list[bytes] | bytes | bytearray,
+    durable: bool = True,
+) -> None:
     """Replace ``path`` with ``parts`` so that a crash leaves the old or the new file, whole.
 
     With ``durable`` the data and the rename are fsync'ed before returning.
@@ -46,6 +50,41 @@ def write_atomic(path: str | Path, parts: list[bytes] | bytes, durable: bool = T
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def write_group(files: list[tuple[Path, list[bytes | bytearray]]]) -> None:
+    """:func:`write_atomic` of several files at once, each directory fsync'ed once.
+
+    Group commit: every file is written to its temporary, then each is
+    fsync'ed and renamed, then each directory holding them is fsync'ed once;
+    on return all of them are durable, and after a crash each is whole or
+    absent (a failure removes every temporary: none is left half-written).
+    """
+    tmps: list[tuple[Path, Path]] = []
+    fds: list[int] = []
+    try:
+        for path, parts in files:
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmps.append((tmp, path))
+            fds.append(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640))
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fds[-1], view) :]
+        while fds:  # back to back: the journal commits of a group come close together
+            os.fsync(fds[0])
+            os.close(fds.pop(0))
+        for tmp, path in tmps:
+            os.replace(tmp, path)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        for tmp, _ in tmps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    for directory in dict.fromkeys(path.parent for _, path in tmps):
+        fsync_dir(directory)
 
 
 def write_json(path: str | Path, value: Any, durable: bool = True) -> None:

@@ -23,10 +23,12 @@ tag, before it trusts any byte; :func:`unpack` does all three.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
 import struct
+import threading
 from pathlib import Path
 
 import xxhash
@@ -82,18 +84,55 @@ def pack(batch: Batch, key: bytes | None = None, level: int = 1) -> tuple[bytes,
     if key is not None:
         header["key_id"] = key_id(key)
     hbytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    body = zstandard.ZstdCompressor(level=level).compress(batch.payload)
+    body = [_compressor(level).compress(batch.payload)]
     flags = FLAG_ZSTD
     if key is not None:
-        nonce = _nonce(key, hbytes, body)
-        body = nonce + ChaCha20Poly1305(key).encrypt(nonce, body, hbytes)
+        nonce = _nonce(key, hbytes, body[0])
+        body = [nonce, ChaCha20Poly1305(key).encrypt(nonce, body[0], hbytes)]
         flags |= FLAG_SEALED
-    parts = [_HEAD.pack(MAGIC, len(hbytes)), hbytes, _BODY.pack(flags, len(body)), body]
+    blen = sum(len(part) for part in body)
+    parts = [_HEAD.pack(MAGIC, len(hbytes)), hbytes, _BODY.pack(flags, blen), *body]
     digest = xxhash.xxh3_128()
     for part in parts:
         digest.update(part)
     checksum = digest.digest()
-    return b"".join(parts) + checksum, checksum.hex()
+    return b"".join([*parts, checksum]), checksum.hex()  # the one copy of the body
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor for ``level``: a zstd context is reused, not made per segment."""
+    made = getattr(_local, "compressors", None)
+    if made is None:
+        made = _local.compressors = {}
+    if level not in made:
+        made[level] = zstandard.ZstdCompressor(level=level)
+    return made[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (see :func:`_compressor`)."""
+    made = getattr(_local, "decompressor", None)
+    if made is None:
+        made = _local.decompressor = zstandard.ZstdDecompressor()
+    return made
+
+
+@dataclasses.dataclass
+class Opened:
+    """A segment whose checksum, identity and authentication held (:func:`open_verified`).
+
+    ``body`` is its still-compressed payload, in the clear: :func:`decode` only
+    decompresses it.  A reader that keeps an Opened (the master target between
+    staging and apply) need not check, read or decrypt the segment again.
+    """
+
+    name: str
+    header: dict
+    body: bytes | memoryview
+    flags: int
 
 
 def unpack(
@@ -112,12 +151,7 @@ def unpack(
     names (UnknownKey otherwise).  An unsealed segment is accepted only with
     ``allow_unsealed`` (by default: only when no key is given).
     """
-    header, body, flags = _open_segment(data, name, expect, key, checksum, allow_unsealed)
-    payload = _decompress(body, flags, header, name)
-    try:
-        return Batch.from_header(header, payload)
-    except ValueError as exc:
-        raise SegmentCorrupt(name=name, why=str(exc))
+    return decode(open_verified(data, name, expect, key, checksum, allow_unsealed))
 
 
 def verify(
@@ -128,13 +162,25 @@ def verify(
     checksum: str | None = None,
     allow_unsealed: bool | None = None,
 ) -> dict:
-    """Check a segment as :func:`unpack` does, short of decompressing it; return its header.
+    """Check a segment as :func:`unpack` does, short of decompressing it; return its header."""
+    return open_verified(data, name, expect, key, checksum, allow_unsealed).header
+
+
+def open_verified(
+    data: bytes,
+    name: str,
+    expect: dict[str, object] | None = None,
+    key: Keys = None,
+    checksum: str | None = None,
+    allow_unsealed: bool | None = None,
+) -> Opened:
+    """Check a segment as :func:`unpack` does, short of decompressing it.
 
     Checksum, identity and authentication are all checked, and the extents
-    must add up to the header's ``raw_len``: what is left for the reader who
-    later unpacks it is only zstd's own framing.
+    must add up to the header's ``raw_len``: what is left for :func:`decode`
+    is only zstd's own framing.
     """
-    header, _, _ = _open_segment(data, name, expect, key, checksum, allow_unsealed)
+    header, body, flags = _open_segment(data, name, expect, key, checksum, allow_unsealed)
     raw_len = header.get("raw_len")
     if not isinstance(raw_len, int) or raw_len < 0:
         raise SegmentCorrupt(name=name, why="header lacks raw_len")
@@ -142,7 +188,16 @@ def verify(
         Batch.from_header(header, b"", payload_len=raw_len)
     except ValueError as exc:
         raise SegmentCorrupt(name=name, why=str(exc))
-    return header
+    return Opened(name, header, body, flags)
+
+
+def decode(opened: Opened) -> Batch:
+    """The batch of a verified segment: decompress its body; SegmentCorrupt if that fails."""
+    payload = _decompress(opened.body, opened.flags, opened.header, opened.name)
+    try:
+        return Batch.from_header(opened.header, payload)
+    except ValueError as exc:
+        raise SegmentCorrupt(name=opened.name, why=str(exc))
 
 
 def _open_segment(
@@ -152,7 +207,7 @@ def _open_segment(
     key: Keys,
     checksum: str | None,
     allow_unsealed: bool | None = None,
-) -> tuple[dict, bytes, int]:
+) -> tuple[dict, bytes | memoryview, int]:
     view = memoryview(data)
     if len(view) < _HEAD.size + _BODY.size + _SUM:
         raise SegmentCorrupt(name=name, why=f"truncated ({len(view)} bytes)")
@@ -183,16 +238,16 @@ def _open_segment(
             raise SegmentCorrupt(
                 name=name, why=f"{field} is {header.get(field)!r}, expected {value!r}"
             )
-    body = bytes(view[bstart : bstart + blen])
+    body = view[bstart : bstart + blen]  # no copy: decrypt and zstd read views
     keys = keyring(key) if isinstance(key, bytes) else dict(key or {})
     allow = not keys if allow_unsealed is None else allow_unsealed
     return header, _open(body, flags, hbytes, header, keys, allow, name), flags
 
 
 def _open(
-    body: bytes, flags: int, hbytes: bytes, header: dict, keys: dict[str, bytes], allow: bool,
+    body: memoryview, flags: int, hbytes: bytes, header: dict, keys: dict[str, bytes], allow: bool,
     name: str,
-) -> bytes:  # fmt: skip
+) -> bytes | memoryview:  # fmt: skip
     if not flags & FLAG_SEALED:
         if not allow:
             raise SegmentCorrupt(name=name, why="segment is not encrypted and authenticated, "
@@ -215,15 +270,15 @@ def _open(
     raise SegmentCorrupt(name=name, why="authentication failed")
 
 
-def _decompress(body: bytes, flags: int, header: dict, name: str) -> bytes:
+def _decompress(body: bytes | memoryview, flags: int, header: dict, name: str) -> bytes:
     raw_len = header.get("raw_len")
     if not isinstance(raw_len, int) or raw_len < 0:
         raise SegmentCorrupt(name=name, why="header lacks raw_len")
     if not flags & FLAG_ZSTD:
-        payload = body
+        payload = bytes(body)
     else:
         try:
-            payload = zstandard.ZstdDecompressor().decompress(body, max_output_size=raw_len)
+            payload = _decompressor().decompress(body, max_output_size=raw_len)
         except zstandard.ZstdError as exc:
             raise SegmentCorrupt(name=name, why=f"cannot decompress ({exc})")
     if len(payload) != raw_len:

@@ -43,20 +43,24 @@ MAX_PAYLOAD = 256 << 20
 """Largest payload accepted, in bytes."""
 
 
-def encode(header: dict[str, Any], payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
+def encode(
+    header: dict[str, Any], payload: bytes | bytearray | memoryview = b""
+) -> list[bytes | bytearray | memoryview]:
     """The byte strings of one frame (send them in order)."""
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     return [_FRAME.pack(MAGIC, len(hbytes), len(payload)), hbytes, payload]
 
 
-def send(sock: socket.socket, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+def send(
+    sock: socket.socket, header: dict[str, Any], payload: bytes | bytearray | memoryview = b""
+) -> None:
     """Send one frame; the caller serialises writers."""
     for part in encode(header, payload):
         if part:
             sock.sendall(part)
 
 
-def recv(sock: socket.socket, peer: str = "peer") -> tuple[dict[str, Any], bytes] | None:
+def recv(sock: socket.socket, peer: str = "peer") -> tuple[dict[str, Any], bytearray] | None:
     """Receive one frame; None on a clean end of stream before a frame starts."""
     head = _recv_exact(sock, _FRAME.size, peer, allow_eof=True)
     if head is None:
@@ -67,7 +71,7 @@ def recv(sock: socket.socket, peer: str = "peer") -> tuple[dict[str, Any], bytes
     if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
         raise ProtocolError(peer=peer, problem=f"frame too large ({hlen}+{plen} bytes)")
     hbytes = _recv_exact(sock, hlen, peer)
-    payload = _recv_exact(sock, plen, peer) if plen else b""
+    payload = _recv_exact(sock, plen, peer) if plen else bytearray()
     try:
         header = json.loads(hbytes)
     except ValueError:
@@ -80,11 +84,14 @@ def recv(sock: socket.socket, peer: str = "peer") -> tuple[dict[str, Any], bytes
 @overload
 def _recv_exact(
     sock: socket.socket, n: int, peer: str, allow_eof: Literal[False] = False
-) -> bytes: ...
+) -> bytearray: ...
 @overload
-def _recv_exact(sock: socket.socket, n: int, peer: str, allow_eof: bool) -> bytes | None: ...
-def _recv_exact(sock: socket.socket, n: int, peer: str, allow_eof: bool = False) -> bytes | None:
-    """``n`` bytes; None only if ``allow_eof`` and the stream ends before the first."""
+def _recv_exact(sock: socket.socket, n: int, peer: str, allow_eof: bool) -> bytearray | None: ...
+def _recv_exact(
+    sock: socket.socket, n: int, peer: str, allow_eof: bool = False
+) -> bytearray | None:
+    """``n`` bytes, received in place (a payload is not copied again); None only if
+    ``allow_eof`` and the stream ends before the first."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -95,4 +102,4 @@ def _recv_exact(sock: socket.socket, n: int, peer: str, allow_eof: bool = False)
                 return None
             raise ProtocolError(peer=peer, problem="connection closed mid-frame")
         got += k
-    return bytes(buf)
+    return buf

@@ -145,3 +145,8 @@ JOURNAL_WINDOW_HOURS = 24.0
 
 JOURNAL_BUDGET_MIB = 10240
 """Recovery journal: undo records of one disk take at most this many MiB; the oldest go first."""
+
+VERIFIED_KEPT_BYTES = 64 << 20
+"""Verified segments (decrypted, still compressed) kept in memory between staging and
+apply, in bytes per disk: an apply then neither reads, checks nor decrypts them again.
+Beyond it the staged file serves, checked as before (mastertarget.verified)."""

@@ -63,6 +63,7 @@ from mastertarget.settings import DiskSettings, Settings
 from mastertarget.staging import Staging, file_name
 from mastertarget.status import StatusBoard
 from mastertarget.target import Target
+from mastertarget.verified import Verified
 from mastertarget.verify import Checker
 
 log = logging.getLogger("ferry.mastertarget")
@@ -114,6 +115,7 @@ class DiskWorker:
         self.directory = layout.disk_dir(settings.state_dir, self.disk)
         self.cursor_path = layout.cursor_path(settings.state_dir, self.disk)
         self.staging = Staging(layout.staging_dir(settings.state_dir, self.disk))
+        self.verified = Verified(defaults.VERIFIED_KEPT_BYTES)
         self.target = Target(disk.target, disk.kind)
         self.cursor = cursors.Cursor(self.tenant, self.disk)
         self.verify = Checker(self.disk, self.directory, str(disk.target))  # online verify
@@ -226,7 +228,7 @@ class DiskWorker:
                 "gen": notice.gen,
                 "seq": notice.seq,
             }
-            header = segment.verify(
+            opened = segment.open_verified(
                 data, notice.blob, expect, key=self.key, checksum=notice.checksum,
                 allow_unsealed=self.allow_unsealed,
             )  # fmt: skip
@@ -241,7 +243,8 @@ class DiskWorker:
         except SegmentCorrupt as exc:
             self._poison_segment(message, notice, str(exc))
             return
-        self.staging.add(notice.gen, notice.seq, data, header.get("tag") is not None)
+        self.staging.add(notice.gen, notice.seq, data, opened.header.get("tag") is not None)
+        self.verified.keep(notice.gen, notice.seq, opened)  # applied from memory (see verified.py)
         self.storage.delete_message(self.queue, message)
 
     def _verify(
@@ -433,7 +436,7 @@ class DiskWorker:
         written, tag, section = 0, None, None
         for seq in range(first, last + 1):
             try:
-                batch = self._verify(self.staging.read(gen, seq), file_name(gen, seq), gen, seq)
+                batch = self._staged_batch(gen, seq)
             except SegmentCorrupt as exc:
                 # Only if the file changed after _group_intact: earlier batches of
                 # the group are on the target, which is off its tag until the resync.
@@ -486,6 +489,13 @@ class DiskWorker:
             dataclasses.asdict(self.cursor), to, extents, self.target.read, disk_size
         )
 
+    def _staged_batch(self, gen: int, seq: int) -> Batch:
+        """The batch of a staged segment: from memory if kept when staged, else from its file."""
+        opened = self.verified.take(gen, seq)
+        if opened is not None:
+            return segment.decode(opened)
+        return self._verify(self.staging.read(gen, seq), file_name(gen, seq), gen, seq)
+
     def _group_intact(self, gen: int, first: int, last: int) -> bool:
         """Check every staged file of the group before the first write, re-fetching bad ones.
 
@@ -493,6 +503,8 @@ class DiskWorker:
         halfway and leave the target between two tags.
         """
         for seq in range(first, last + 1):
+            if (gen, seq) in self.verified:
+                continue  # verified in memory when staged; its file is not read
             if not self.staging.intact(gen, seq) and not self._refetch(gen, seq):
                 return False
         return True
@@ -515,6 +527,7 @@ class DiskWorker:
         return True
 
     def _group_broken(self, gen: int, seq: int, why: str) -> None:
+        self.verified.take(gen, seq)
         self.staging.remove(gen, seq)
         reason = f"staged segment gen {gen} seq {seq}: {why}"
         self.journal.reset(f"a group could not be finished ({reason})")  # the target is torn
@@ -529,6 +542,7 @@ class DiskWorker:
         """
         if not self._stale_possible:
             return
+        self.verified.forget(self.cursor.is_stale)
         for staged in self.staging.select(self.cursor.is_stale):
             self.storage.delete(
                 self.segments, naming.segment_blob(self.tenant, self.disk, staged.gen, staged.seq)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -23,6 +24,7 @@ from ferry.naming import REQUEST_ID_RE, check_id
 from processserver import defaults
 from processserver.context import Context
 from processserver.relay import ResyncRelay
+from processserver.spool import SpoolKey
 
 log = logging.getLogger("ferry.processserver.connection")
 
@@ -31,6 +33,11 @@ log = logging.getLogger("ferry.processserver.connection")
 
 SERVER_NAME = f"ferry-process-server/{__version__}"
 """What ``welcome`` says the server is."""
+
+
+Frame = tuple[dict[str, Any], bytearray]
+_END: Any = object()
+"""Stands for the end of the stream, met while grouping batches."""
 
 
 class Rejected(Exception):
@@ -170,17 +177,22 @@ class Connection:
     # -- reading ---------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        handlers = {"batch": self._on_batch, "resync": self._on_resync}
+        waiting: Frame | None = None  # a frame read past a group of batches, not handled yet
         while True:
-            self._wait_for_room()
-            frame = wire.recv(self.sock, self.address)
+            if waiting is None:
+                self._wait_for_room()
+                frame = wire.recv(self.sock, self.address)
+            else:
+                frame, waiting = (None if waiting is _END else waiting), None
             if frame is None:
                 return
             header, payload = frame
-            handler = handlers.get(header["type"])
-            if handler is None:
+            if header["type"] == "batch":
+                waiting = self._on_batches(self._batch(header, payload))
+            elif header["type"] == "resync":
+                self._on_resync(header, payload)
+            else:
                 raise Rejected(f"unexpected frame type {header['type']!r}")
-            handler(header, payload)
 
     def _wait_for_room(self) -> None:
         """Backpressure: while the spool is over its limit, read nothing (the agent's sends block)."""
@@ -254,8 +266,8 @@ class Connection:
                 return f"disk(s) {', '.join(unknown)} are not registered for machine {machine}"
         return None
 
-    def _on_batch(self, header: dict[str, Any], payload: bytes) -> None:
-        """Validate, spool durably, then (and only then) acknowledge."""
+    def _batch(self, header: dict[str, Any], payload: bytearray) -> Batch:
+        """The batch of a ``batch`` frame; Rejected if it is malformed or not this agent's."""
         raw = header.get("batch")
         if not isinstance(raw, dict):
             raise Rejected("batch frame without a batch header")
@@ -266,12 +278,48 @@ class Connection:
         problem = self._batch_problem(batch)
         if problem:
             raise Rejected(problem)
-        self._store(batch)
-        self.ctx.stats.add(batches_received=1, bytes_received=len(payload))
-        self.send({"type": "ack", "disk": batch.disk, "gen": batch.gen, "seq": batch.seq})
+        return batch
 
-    def _store(self, batch: Batch) -> None:
-        """Spool ``batch``; while the spool's filesystem is full, wait for room as over the limit.
+    def _on_batches(self, first: Batch) -> Frame | None:
+        """Spool ``first`` with the batches already waiting behind it, durably and together
+        (group commit), then acknowledge each; return a frame read past the group, if any.
+
+        Only frames already arrived join the group, so a batch never waits for
+        another; each ack still follows its batch's fsync (invariant 5).
+        """
+        group, after = [first], None
+        spool = self.ctx.spool
+        try:
+            while (
+                len(group) < defaults.GROUP_BATCHES
+                and spool.usage()[0] + sum(len(b.payload) for b in group) <= spool.limit
+                and self._frame_waiting()
+            ):  # the limit counts the group: still at most one frame is read past it
+                frame = wire.recv(self.sock, self.address)
+                if frame is None or frame[0]["type"] != "batch":
+                    after = _END if frame is None else frame
+                    break
+                batch = self._batch(*frame)
+                if any(SpoolKey.of(b) == SpoolKey.of(batch) for b in group):
+                    after = frame  # a resend of one in the group: spooled after it, as sent
+                    break
+                group.append(batch)
+        finally:  # also before a Rejected propagates: what came before it is kept and acked
+            self._store(group)
+            for batch in group:
+                self.ctx.stats.add(batches_received=1, bytes_received=len(batch.payload))
+                self.send({"type": "ack", "disk": batch.disk, "gen": batch.gen, "seq": batch.seq})
+        return after
+
+    def _frame_waiting(self) -> bool:
+        """True if the agent's next frame has begun to arrive (reading it will not wait long)."""
+        if self.sock.pending():
+            return True
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable)
+
+    def _store(self, batches: list[Batch]) -> None:
+        """Spool ``batches``; while the spool's filesystem is full, wait for room as over the limit.
 
         Refusing would close the connection, and the agent would send its whole
         window again and again while the disk stays full.
@@ -279,12 +327,13 @@ class Connection:
         full_since = None
         while True:
             try:
-                self.ctx.spool.store(batch)
+                self.ctx.spool.store_group(batches)
                 break
             except OSError as exc:
                 if exc.errno != errno.ENOSPC or self.ctx.stopping.is_set():
-                    log.error("cannot spool %s/%s gen %d seq %d: %s",
-                              batch.tenant, batch.disk, batch.gen, batch.seq, exc)  # fmt: skip
+                    first, last = batches[0], batches[-1]
+                    log.error("cannot spool %s/%s gen %d seq %d-%d: %s", first.tenant, first.disk,
+                              first.gen, first.seq, last.seq, exc)  # fmt: skip
                     raise Rejected(
                         "the process server cannot spool the batch; it will be sent again"
                     )
@@ -317,7 +366,7 @@ class Connection:
             return "a batch's tag must be null or an object with a string id"
         return None
 
-    def _on_resync(self, header: dict[str, Any], _payload: bytes) -> None:
+    def _on_resync(self, header: dict[str, Any], _payload: bytearray) -> None:
         disk, request_id = header.get("disk"), header.get("request_id")
         block_size = header.get("block_size")
         if not isinstance(disk, str) or disk not in self.disks:

@@ -12,6 +12,10 @@ SPOOL_FULL_RETRY = 1.0
 SPOOL_FULL_WARN_EVERY = 60.0
 """Least time between two "the spool's filesystem is full" warnings of a connection, in seconds."""
 
+GROUP_BATCHES = 8
+"""Batches already arrived on a connection that are spooled together (one group commit:
+each file fsync'ed, each directory once), a count; the agent's window is 8."""
+
 UPLOAD_THREADS = 4
 """Threads packing and uploading spooled batches, a count."""
 

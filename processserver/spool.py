@@ -16,6 +16,7 @@ acknowledged write is never deleted unseen.
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import json
@@ -69,7 +70,7 @@ class SpoolKey(NamedTuple):
         return f"{self.tenant}/{self.disk} gen {self.gen} seq {self.seq}"
 
 
-def encode(batch: Batch) -> list[bytes]:
+def encode(batch: Batch) -> list[bytes | bytearray]:
     """The parts of a spool file for ``batch``."""
     header = json.dumps(batch.header(), separators=(",", ":")).encode()
     return [_LEN.pack(len(header)), header, batch.payload]
@@ -169,26 +170,38 @@ class Spool:
 
         Only after this returns may the batch be acknowledged.
         """
-        key = SpoolKey.of(batch)
-        parts = encode(batch)
+        return self.store_group([batch])[0]
+
+    def store_group(self, batches: list[Batch]) -> list[SpoolKey]:
+        """Write ``batches`` durably at once (group commit); return their keys.
+
+        Every file is fsync'ed and each directory once (``ferry.durable.write_group``):
+        only after this returns may any of them be acknowledged.  On an error none
+        is queued for upload nor may be acknowledged, and every file is whole or absent.
+        """
+        keys = [SpoolKey.of(b) for b in batches]
+        parts = [encode(b) for b in batches]
         with self._cond:
-            # Seen by finish(): an uploader must not delete a file being rewritten.
-            self._writing[key] += 1
+            for key in keys:  # seen by finish(): an uploader must not delete a file being rewritten
+                self._writing[key] += 1
         written = False
         try:
-            with self._stripes[hash(key) % _STRIPES]:
-                path = self.path(key)
-                self._ensure_dir(path.parent)
-                durable.write_atomic(path, parts)
+            with contextlib.ExitStack() as held:
+                for stripe in sorted({hash(k) % _STRIPES for k in keys}):  # one order: no deadlock
+                    held.enter_context(self._stripes[stripe])
+                for key in keys:
+                    self._ensure_dir(self.path(key).parent)
+                durable.write_group([(self.path(k), p) for k, p in zip(keys, parts, strict=True)])
             written = True
         finally:
             with self._cond:
-                self._writing[key] -= 1
-                if not self._writing[key]:
-                    del self._writing[key]
-                if written:
-                    self._add(key, sum(len(p) for p in parts))
-        return key
+                for key, part in zip(keys, parts, strict=True):
+                    self._writing[key] -= 1
+                    if not self._writing[key]:
+                        del self._writing[key]
+                    if written:
+                        self._add(key, sum(len(p) for p in part))
+        return keys
 
     def _ensure_dir(self, directory: Path) -> None:
         """Create ``directory`` and make its entry durable in its parent."""

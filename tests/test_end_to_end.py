@@ -272,7 +272,9 @@ def test_agent_memory_stays_bounded_while_the_process_server_is_down(
     writer.stop.set()
     writer.join()
     d = deployment.agent_status()["disks"][0]
-    assert d["bytes_to_go"] > 64 * MiB, "the dirty map absorbed the writes"
+    # Beyond what the window holds (8 batches of at most 4 MiB, filled faster or slower as
+    # passes end clean or collide), the writes wait in the dirty map, not in memory.
+    assert d["bytes_to_go"] > 32 * MiB, "the dirty map absorbed the writes"
     assert peak < 200 * MiB, f"agent resident memory peaked at {peak / MiB:.0f} MiB"
     deployment.start("process-server")
     final_tag_and_compare(deployment, disk.device, target, size)

@@ -351,6 +351,25 @@ def test_unusable_notices_go_to_the_poison_queue(make_worker, storage, tenant):
     assert naming.segment_blob(tenant, DISK, 1, 1) in ps.segment_blobs(), "blob was touched"
 
 
+def test_segment_verified_at_staging_is_applied_from_memory(make_worker, storage, tenant):
+    """While it runs, the master target applies the segment it verified, not a re-read file."""
+    ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
+    worker = make_worker()
+    new_generation(ps, worker)
+    b0 = ps.batch(1, 1, [(128 * KiB, os.urandom(4 * KiB))], tag=True)
+    ps.ship(b0)
+    drain(worker)
+    b1 = ps.batch(1, 2, [(0, os.urandom(16 * KiB))])
+    ps.ship(b1)
+    drain(worker)
+    staged = worker.staging.directory / "00000001-000000000002.seg"
+    staged.write_bytes(b"garbage")  # what the staging disk holds no longer matters
+    ps.ship(ps.batch(1, 3, [(32 * KiB, os.urandom(4 * KiB))], tag=True))
+    drain(worker)
+    assert worker.cursor.applied_seq == 3
+    assert read_target(worker)[: 16 * KiB] == b1.payload
+
+
 @pytest.mark.parametrize("blob_left", [True, False])
 def test_damaged_staged_file_is_fetched_again_or_never_applied(
     make_worker, storage, tenant, blob_left
@@ -365,6 +384,9 @@ def test_damaged_staged_file_is_fetched_again_or_never_applied(
     b2 = ps.batch(1, 3, [(32 * KiB, os.urandom(4 * KiB))], tag=True)
     n1 = ps.ship(b1)
     drain(worker)
+    # A restart: what was verified in memory at staging is gone, the staged file serves.
+    worker.close()
+    worker = make_worker()
     staged = worker.staging.directory / "00000001-000000000002.seg"
     damaged = bytearray(staged.read_bytes())
     damaged[100] ^= 1

@@ -38,6 +38,22 @@ def test_a_stored_batch_reads_back_whole(spool):
     assert decode(spool.path(key).read_bytes()) == sent
 
 
+def test_a_group_is_spooled_together_and_a_failure_leaves_no_partial_file(spool):
+    group = [batch("d1", 1, s) for s in (1, 2, 3)]
+    spool.store_group(group)
+    assert [decode(spool.path(SpoolKey.of(b)).read_bytes()) for b in group] == group
+    assert spool.usage()[1] == 3
+
+    # The group's last file cannot take its name (a directory is in the way): the call fails,
+    # no temporary is left, and nothing of the group is queued for upload.
+    spool.path(SpoolKey("acme", "d2", 1, 3)).mkdir(parents=True)
+    with pytest.raises(OSError):
+        spool.store_group([batch("d2", 1, s) for s in (1, 2, 3)])
+    assert not [p for p in (spool.root / "acme" / "d2").iterdir() if p.name.startswith(".")]
+    assert spool.usage()[1] == 3
+    assert claim_all(spool) == [("d1", 1, 1), ("d1", 1, 2), ("d1", 1, 3)]
+
+
 def test_the_longest_waiting_disk_goes_first_in_sequence_order(spool):
     # a's seq 3 came first (its 1 and 2 were resent later); b waited next; then a's gen 2.
     for disk, gen, seq in [("a", 1, 3), ("b", 1, 1), ("a", 2, 1), ("a", 1, 1), ("a", 1, 2)]:

@@ -138,6 +138,34 @@ def test_a_write_queued_during_a_pass_over_its_block_is_a_collision(raw_disk):
         tracker.close()
 
 
+@pytest.mark.parametrize("block", [8, 2])
+def test_a_write_completed_between_t0_and_the_pass_taking_its_set_waits_for_the_next(
+    raw_disk, block
+):
+    """Such a write is after t0: it is never in the pass's set, and collides only if it
+    overwrote a block the pass still had to read (block 2), not one outside it (block 8)."""
+    tracker = make_tracker(raw_disk.device, 64 << 20)
+    read_t0 = tracker.sync
+
+    def t0_then_a_write(timeout: float = 10.0) -> float:
+        t0 = read_t0(timeout)
+        dd_direct(raw_disk.device, block * BLOCK, os.urandom(BLOCK))
+        read_t0(timeout)  # the reader has consumed the write's events
+        return t0
+
+    try:
+        dd_direct(raw_disk.device, 0, os.urandom(4 * BLOCK))
+        tracker.sync = t0_then_a_write  # type: ignore[method-assign]
+        taken = tracker.begin_pass(["d0"])
+        tracker.sync = read_t0  # type: ignore[method-assign]
+        assert set(taken["d0"]) == {0, 1, 2, 3}
+        tracker.chunk_read("d0", 4)
+        assert tracker.end_pass() is (block == 8)
+        assert dirty_blocks(tracker) == {block}
+    finally:
+        tracker.close()
+
+
 def test_lost_events_are_detected(raw_disk):
     tracker = make_tracker(raw_disk.device, 64 << 20, buffer_kb=4)
     try:
