@@ -68,8 +68,8 @@ class Fleet:
                 "--key",
                 str(pki / "process-server.key"),
             ]
-        else:
-            return state
+        else:  # the master target: its targets directory, as registered (the role does the same)
+            return [*state, "--targets-dir", str(self.base / "targets")]
         return [*state, "--ca", str(pki / "ca" / "ca.pem"), *tls]
 
     def start(self, kind: str) -> None:
