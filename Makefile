@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CONTROLLER := .venv-controller
 ANSIBLE := ANSIBLE_CONFIG=$(CURDIR)/ansible.cfg PATH=$(CURDIR)/$(CONTROLLER)/bin:$$PATH
 
-.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication faults faults-quick clean system-deps
+.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication faults faults-quick faults-soak clean system-deps
 
 setup: $(VENV)/.stamp $(CONTROLLER)/.stamp node_modules/.stamp system-deps
 
@@ -48,7 +48,7 @@ node_modules/.stamp: package.json package-lock.json
 # Debian tools the tests and demo use (installed only when missing, and only as root).
 SYSTEM_TOOLS := mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fsfreeze:util-linux losetup:mount qemu-img:qemu-utils \
   chromium:chromium \
-  qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap sfdisk:fdisk ssh:openssh-client socat:socat
+  qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap sfdisk:fdisk ssh:openssh-client socat:socat faketime:faketime
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
@@ -121,9 +121,10 @@ $(VENV)/.bench-stamp: bench/requirements.txt $(VENV)/.stamp
 	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	touch $@
 
-# Issue #10's fault campaign (bench/faults.py): kills, storage outages and network faults
-# on the embedded default, each ending byte-identical; writes docs/reliability.md. Root,
-# about 20 minutes; `make faults-quick` is a few. FAULTS_ARGS passes options
+# Issue #10's fault campaign (bench/faults.py): kills (also at each named step of an apply),
+# storage outages, network faults before the process server and before storage, mangled
+# frames and notices, clock skew (libfaketime) on the embedded default, each ending
+# byte-identical; writes docs/reliability.md. Root, about 35 minutes; `make faults-quick` is a few. FAULTS_ARGS passes options
 # (`--only ps-kill agent-kill`, `--seed N`; see `.venv/bin/python -m bench.faults --help`).
 FAULTS_ARGS ?=
 faults: setup
@@ -131,3 +132,9 @@ faults: setup
 
 faults-quick: setup
 	$(PY) -m bench.faults --quick $(FAULTS_ARGS)
+
+# The mixed soak: every fault of the campaign at random on one deployment for SOAK_MINUTES;
+# writes only its own section of docs/reliability.md.
+SOAK_MINUTES ?= 10
+faults-soak: setup
+	$(PY) -m bench.faults --only soak --soak-minutes $(SOAK_MINUTES) $(FAULTS_ARGS)

@@ -46,9 +46,10 @@ from ferry import fence as fences
 from ferry.batch import Batch
 from ferry.errors import FerryError, NotFound, SegmentCorrupt
 from ferry.storage import Message, Storage
-from mastertarget import applylock, defaults, layout, notices
+from mastertarget import applylock, defaults, killpoint, layout, notices
 from mastertarget import cursor as cursors
 from mastertarget.errors import BadNotice
+from mastertarget.gap import GapWatch
 from mastertarget.ownership import Ownership
 from mastertarget.settings import DiskSettings, Settings
 from mastertarget.staging import Staging, file_name
@@ -97,13 +98,14 @@ class DiskWorker:
         self.stop = stop or threading.Event()
         self.visibility = visibility
         self.missing_retry = missing_retry
-        self.segments = naming.segments_container(self.tenant)
-        self.control = naming.control_container(self.tenant)
+        self.segments = naming.segments_container(self.tenant, self.disk)
+        self.control = naming.control_container(self.tenant, self.disk)
         self.queue = naming.disk_queue(self.tenant, self.disk)
         self.poison = naming.poison_queue(self.queue)
         self.directory = layout.disk_dir(settings.state_dir, self.disk)
         self.cursor_path = layout.cursor_path(settings.state_dir, self.disk)
         self.staging = Staging(layout.staging_dir(settings.state_dir, self.disk))
+        self.gap = GapWatch(defaults.GAP_LOOKUP_AFTER)
         self.target = Target(disk.target)
         self.cursor = cursors.Cursor(self.tenant, self.disk)
         self.apply_lock_path = layout.apply_lock_path(settings.state_dir, self.disk)
@@ -166,9 +168,10 @@ class DiskWorker:
         )
         for message in messages:
             self.handle(message)
+        found = self._look_up_gap()
         applied = self.apply_ready()
         self.publish(force=self._changed)
-        return len(messages) + applied
+        return len(messages) + found + applied
 
     def handle(self, message: Message) -> None:
         """Act on one received notice (resync, segment, or unusable)."""
@@ -225,7 +228,33 @@ class DiskWorker:
             self._poison_segment(message, notice, str(exc))
             return
         self.staging.add(notice.gen, notice.seq, data, header.get("tag") is not None)
+        killpoint.reached("staged")
         self.storage.delete_message(self.queue, message)
+
+    def _look_up_gap(self) -> int:
+        """Stage the batch the cursor waits for by its blob's name if its notice is overdue.
+
+        The notice was lost (``mastertarget.gap``); 1 if the batch was found.
+        """
+        gen = self.cursor.gen
+        seq = self.gap.due(gen, self.cursor.applied_seq, self.staging)
+        if seq is None:
+            return 0
+        blob = naming.segment_blob(self.tenant, self.disk, gen, seq)
+        expect = {"tenant": self.tenant, "disk": self.disk, "gen": gen, "seq": seq}
+        try:
+            data = self.storage.get(self.segments, blob)
+            header = segment.verify(data, blob, expect, key=self.key,
+                                    allow_unsealed=self.allow_unsealed)  # fmt: skip
+        except (NotFound, segment.UnknownKey):
+            return 0  # not uploaded yet, or a key still on its way: look again later
+        except SegmentCorrupt as exc:
+            self._require_resync(gen, f"segment gen {gen} seq {seq} ({blob}): {exc}")
+            return 0
+        self.staging.add(gen, seq, data, header.get("tag") is not None)
+        log.warning("disk %s: staged gen %d seq %d found by its blob's name: its notice was lost",
+                    self.disk, gen, seq)  # fmt: skip
+        return 1
 
     def _verify(
         self, data: bytes, name: str, gen: int, seq: int, checksum: str | None = None
@@ -378,6 +407,7 @@ class DiskWorker:
                 if end > marked:  # one durable mark covers every group staged now
                     marked = max([end, *(s.seq for s in self.staging if s.gen == gen)])
                     self._mark_applying(gen, marked)
+                    killpoint.reached("marked")
                 if not self._apply_group(gen, after + 1, end):
                     return groups, False
             groups += 1
@@ -422,9 +452,11 @@ class DiskWorker:
                 self._group_broken(gen, seq, f"{exc} (after {seq - first} batches were written)")
                 return False
             written += self.target.write_batch(batch, check=self._check_owner)
+            killpoint.reached("written")
             tag = batch.tag
             del batch  # one segment's data in memory at a time
         self.target.sync()
+        killpoint.reached("synced")
         self._save(
             dataclasses.replace(
                 self.cursor,
@@ -435,6 +467,7 @@ class DiskWorker:
                 fenced=self._fence_reached(tag),
             )
         )
+        killpoint.reached("cursor")
         self._discard_stale()
         if self.fenced:
             self._fenced_now()
@@ -497,8 +530,10 @@ class DiskWorker:
             self.storage.delete(
                 self.segments, naming.segment_blob(self.tenant, self.disk, staged.gen, staged.seq)
             )
+            killpoint.reached("blob-deleted")
             self.staging.remove(staged.gen, staged.seq)
             self._changed = True
+        killpoint.reached("discarded")
         self._stale_possible = False
 
     # -- fence ---------------------------------------------------------------------------
