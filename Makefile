@@ -48,7 +48,7 @@ node_modules/.stamp: package.json package-lock.json
 # Debian tools the tests and demo use (installed only when missing, and only as root).
 SYSTEM_TOOLS := mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fsfreeze:util-linux losetup:mount qemu-img:qemu-utils \
   chromium:chromium \
-  qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap sfdisk:fdisk ssh:openssh-client socat:socat faketime:faketime
+  qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap sfdisk:fdisk ssh:openssh-client socat:socat
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
@@ -123,7 +123,7 @@ $(VENV)/.bench-stamp: bench/requirements.txt $(VENV)/.stamp
 
 # Issue #10's fault campaign (bench/faults.py): kills (also at each named step of an apply),
 # storage outages, network faults before the process server and before storage, mangled
-# frames and notices, clock skew (libfaketime) on the embedded default, each ending
+# frames and notices, clock skew (bench/skew) on the embedded default, each ending
 # byte-identical; writes docs/reliability.md. Root, about 35 minutes; `make faults-quick` is a few. FAULTS_ARGS passes options
 # (`--only ps-kill agent-kill`, `--seed N`; see `.venv/bin/python -m bench.faults --help`).
 FAULTS_ARGS ?=

@@ -111,7 +111,7 @@ class Supervised(Embedded):
         super().__init__(*args, **kwargs)
         self.restarts: list[str] = []
         self.extra_env: dict[str, dict[str, str]] = {}
-        """Environment a daemon starts with on top of the usual (kill points, faketime)."""
+        """Environment a daemon starts with on top of the usual (kill points, a skewed clock)."""
         self.storage_via: dict[str, str] = {}
         """A daemon's storage connection string when it is not Azurite's own (a proxy)."""
         self._starting: str | None = None
@@ -129,7 +129,10 @@ class Supervised(Embedded):
         env = super().env()
         if self._starting in self.storage_via:
             env["FERRY_STORAGE"] = self.storage_via[self._starting]
-        env.update(self.extra_env.get(self._starting or "", {}))
+        extra = dict(self.extra_env.get(self._starting or "", {}))
+        if "PYTHONPATH" in extra:  # in front of the code's own
+            extra["PYTHONPATH"] += os.pathsep + env["PYTHONPATH"]
+        env.update(extra)
         return env
 
     def check_alive(self, *names: str) -> None:
@@ -843,57 +846,78 @@ def master_target_steps(work: Path, scale: Scale, rng: random.Random) -> Result:
 
 def recovery_points_in_resync(work: Path, scale: Scale, rng: random.Random) -> Result:
     """While a resync generation is incomplete, no new recovery point may be reported."""
+    hold = scale.net_phase_s
     result = Result(
         "no recovery point while a resync generation is incomplete",
-        "agent SIGKILL under writes → a resync generation; the master target's published "
-        "state (what it reports as its recovery point) and status.json polled until its first tag",
+        f"agent SIGKILL under writes → a resync generation, held incomplete {hold:.0f} s by a "
+        "slow drip (FaultProxy) to the process server; the master target's published state "
+        "(its recovery point) and status.json polled every 0.1 s until the generation's first tag",
     )
-    status_file = None
-    with Run(work, scale, "rp-resync") as run:
-        status_file = run.emb.base / "master-target" / "status.json"
-        run.start()
-        run.wait_replicating()
-        samples, violations = 0, []
-        for _ in range(max(2, scale.agent_kills // 2)):
-            time.sleep(rng.uniform(1.0, 4.0))
-            gen_before = run.disk().get("gen", 0)
-            run.emb.kill("agent", signal.SIGKILL)
-            run.emb.start("agent")
-            result.times += 1
-            unset = object()
-            seen: Any = unset  # the last tag as the master target began the resync generation
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                state = run.emb.target_state(DISK) or {}  # read first, the agent after
-                mt = _json(status_file).get("disks", {}).get(DISK, {})
-                d = run.disk()
-                gen = d.get("gen") or 0
-                if gen > gen_before and d.get("phase") == "replicating":
-                    break
-                if gen <= gen_before or d.get("phase") != "resync":
-                    time.sleep(0.1)
-                    continue
-                samples += 1
-                for where, s in (("state blob", state), ("status.json", mt)):
-                    if s.get("gen") == gen and seen is unset:
-                        seen = s.get("last_tag")
-                    if s.get("gen") == gen and (
-                        s.get("applied_seq", 0) > 0 or s.get("last_tag") != seen
-                    ):
-                        violations.append(
-                            f"{where}: gen {gen} at seq {s.get('applied_seq')} "
-                            f"tag {(s.get('last_tag') or {}).get('id')} mid-resync"
-                        )
-                time.sleep(0.1)
-            else:
-                raise RuntimeError("the resync generation never reached its first tag")
-        run.converge(result)
-        result.notes.append(f"{samples} samples taken while a resync generation was incomplete")
-        if violations:
-            result.lost = f"RECOVERY POINT MID-RESYNC: {violations[0]} ({len(violations)} in all)"
-        else:
-            result.notes.append("no recovery point moved into the incomplete generation")
+    run = Run(work, scale, "rp-resync")
+    proxy = FaultProxy(run.emb.port, rng.randrange(1 << 30))
+    run.agent_port = proxy.port
+    status_file = run.emb.base / "master-target" / "status.json"
+    samples, staged, violations = 0, 0, []
+    try:
+        with run:
+            run.start()
+            run.wait_replicating()
+            for _ in range(max(2, scale.agent_kills // 2)):
+                time.sleep(rng.uniform(1.0, 4.0))
+                gen_before = run.disk().get("gen", 0)
+                proxy.set("drip")
+                run.emb.kill("agent", signal.SIGKILL)
+                run.emb.start("agent")
+                result.times += 1
+                n, most, bad = _watch_resync(run, proxy, status_file, gen_before, hold)
+                samples, staged = samples + n, max(staged, most)
+                violations += bad
+            run.converge(result)
+    finally:
+        proxy.close()
+    result.notes.append(f"{samples} samples while a resync generation was incomplete")
+    result.notes.append(f"up to {staged} of its batches staged at the master target meanwhile")
+    if violations:
+        result.lost = f"RECOVERY POINT MID-RESYNC: {violations[0]} ({len(violations)} in all)"
+    else:
+        result.notes.append("no recovery point moved into the incomplete generation")
     return result
+
+
+def _watch_resync(
+    run: Run, proxy: FaultProxy, status_file: Path, gen_before: int, hold: float
+) -> tuple[int, int, list[str]]:
+    """Poll until the agent's new generation reached its first tag; (samples, staged, faults).
+
+    Until then the master target may finish groups of older generations, but
+    nothing of a newer one: its cursor there stays at seq 0 on the old tag.
+    """
+    unset = object()
+    seen: Any = unset
+    samples, staged = 0, 0
+    violations: list[str] = []
+    release = time.monotonic() + hold
+    deadline = release + 600
+    while time.monotonic() < deadline:
+        if time.monotonic() > release:
+            proxy.set("pass")
+        state = run.emb.target_state(DISK) or {}  # the master target first, the agent after
+        mt = _json(status_file).get("disks", {}).get(DISK, {})
+        d = run.disk()
+        if (d.get("gen") or 0) > gen_before and d.get("phase") == "replicating":
+            return samples, staged, violations
+        samples += 1
+        for where, s in (("state blob", state), ("status.json", mt)):
+            if (s.get("gen") or 0) <= gen_before:
+                continue
+            staged = max(staged, s.get("staged") or 0)
+            if seen is unset:
+                seen = s.get("last_tag")
+            if (s.get("applied_seq") or 0) > 0 or s.get("last_tag") != seen:
+                violations.append(f"{where}: gen {s.get('gen')} at seq {s.get('applied_seq')} "
+                                  f"tag {(s.get('last_tag') or {}).get('id')} mid-resync")  # fmt: skip
+        time.sleep(0.1)
+    raise RuntimeError("the resync generation never reached its first tag")
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -931,10 +955,17 @@ class NoticeMangler(threading.Thread):
                 self.errors += 1
 
     def _round(self) -> None:
-        late = []
-        for message in self.storage.receive(self.queue, count=8, visibility=20):
+        """Take every visible notice (hidden 60 s), act on some, let the rest go."""
+        taken: list[Any] = []
+        for _ in range(40):
+            batch = self.storage.receive(self.queue, count=32, visibility=60)
+            if not batch:
+                break
+            taken += batch
+        kept, late = [], []
+        for message in taken:
             if self.rng.randrange(self.every) or message.body.get("type") != "segment":
-                self.storage.defer(self.queue, message, 0)
+                kept.append(message)
                 continue
             action = self.rng.choice(self.ACTIONS)
             self.done[action] += 1
@@ -942,11 +973,13 @@ class NoticeMangler(threading.Thread):
                 self.storage.delete_message(self.queue, message)
             elif action == "duplicate":
                 self.storage.send(self.queue, message.body)
-                self.storage.defer(self.queue, message, 0)
+                kept.append(message)
             elif action == "reorder":
                 late.append(message)
             else:
                 self._corrupt(message)
+        for message in kept:
+            self.storage.defer(self.queue, message, 0)
         for message in late:  # after everything that came with them
             self.storage.send(self.queue, message.body)
             self.storage.delete_message(self.queue, message)
@@ -968,30 +1001,36 @@ class NoticeMangler(threading.Thread):
 def frames_and_notices(work: Path, scale: Scale, rng: random.Random) -> Result:
     """TLS records mangled agent → process server; notices lost, duplicated, reordered, corrupted."""
     phase = scale.net_phase_s * 3
+    rounds = 2 if scale is QUICK else 4
     result = Result(
         "loss, duplication, reordering and corruption of frames and notices",
-        "agent → process server through FaultProxy `mangle` (one TLS record per connection "
-        "dropped, duplicated, swapped or flipped); a thread on the disk's queue (Azurite's "
-        f"queue API) loses, duplicates, reorders or corrupts one notice in six; {phase:.0f} s",
+        f"agent → process server through FaultProxy `mangle` for {phase:.0f} s (one TLS record "
+        "per connection dropped, duplicated, swapped or flipped); then, "
+        f"{rounds} times, the master target stopped while notices pile up and one in three "
+        "lost, duplicated, reordered or corrupted through Azurite's queue API",
     )
     from ferry import naming
 
     run = Run(work, scale, "frames")
     proxy = FaultProxy(run.emb.port, rng.randrange(1 << 30))
     run.agent_port = proxy.port
-    mangler = None
     try:
         with run:
             run.start()
             run.wait_replicating()
-            queue = naming.disk_queue(run.emb.tenant, DISK)
-            mangler = NoticeMangler(run.emb.storage, queue, random.Random(rng.random()))
-            mangler.start()
             proxy.set("mangle")
             time.sleep(phase)
             proxy.set("pass")
-            mangler.stop.set()
-            mangler.join(30)
+            # Notices: the master target stopped while a few seconds of them pile up,
+            # then the mangler goes through all of them, and it starts again.
+            queue = naming.disk_queue(run.emb.tenant, DISK)
+            mangler = NoticeMangler(run.emb.storage, queue, random.Random(rng.random()), every=3)
+            for _ in range(rounds):
+                run.emb.stop("master-target")
+                time.sleep(phase / rounds)
+                mangler._round()
+                run.emb.start("master-target")
+                time.sleep(phase / rounds / 2)
             result.times = sum(proxy.mangled.values()) + sum(mangler.done.values())
             run.wait_replicating(timeout=900)
             run.converge(result)
@@ -1005,63 +1044,55 @@ def frames_and_notices(work: Path, scale: Scale, rng: random.Random) -> Result:
             result.notes.append(f"{log.count('its notice was lost')} batches found by blob name")
             result.notes.append(f"agent resyncs: {run.disk().get('resyncs')}")
     finally:
-        if mangler is not None:
-            mangler.stop.set()
         proxy.close()
     return result
 
 
-FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
-"""libfaketime, from Debian's ``faketime`` package (the Makefile's SYSTEM_TOOLS)."""
+SKEW_SITE = ROOT / "bench" / "skew"
+"""The ``sitecustomize`` that skews a daemon's wall clock (its docstring says why not libfaketime)."""
 
-SKEWS = {
-    "agent": ("+7m", "-9m"),
-    "process-server": ("-4m", "+11m"),
-    "master-target": ("+13m", "-2m"),
-}
-"""Each daemon's wall clock offset in the first and the second half (a step, as NTP makes).
+SKEWS = {"agent": (420, -540), "process-server": (-240, 660), "master-target": (780, -120)}
+"""Each daemon's wall clock offset in seconds, first and second half (a step, as NTP makes).
 
 Within Azure Storage's 15 minutes for a shared-key request date; the
 monotonic clocks are left alone (they are per machine and never skewed)."""
 
 
+def skew(run: Run, offsets: dict[str, int]) -> dict[str, Path]:
+    """Start each daemon named with its wall clock off by its offset; the files to step it."""
+    files = {}
+    for name, offset in offsets.items():
+        files[name] = run.work / f"{name}.skew"
+        files[name].write_text(f"{offset}\n")
+        run.emb.extra_env.setdefault(name, {}).update(
+            PYTHONPATH=str(SKEW_SITE), FERRY_SKEW_FILE=str(files[name])
+        )
+    return files
+
+
 def clock_skew(work: Path, scale: Scale, rng: random.Random) -> Result:
-    """Each daemon's wall clock off by minutes, stepped halfway, through libfaketime."""
+    """Each daemon's wall clock off by minutes, stepped halfway (bench/skew/sitecustomize.py)."""
     phase = scale.net_phase_s * 3
     result = Result(
         "clock skew between components",
-        "libfaketime (LD_PRELOAD, wall clock only): "
-        + ", ".join(f"{n} {a} then {b}" for n, (a, b) in SKEWS.items())
+        "each daemon's wall clock (time.time, bench/skew/sitecustomize.py) off by "
+        + ", ".join(f"{n} {a:+d} s then {b:+d} s" for n, (a, b) in SKEWS.items())
         + f", {phase:.0f} s each",
     )
-    if not FAKETIME_LIB.exists():
-        result.lost = f"not run: {FAKETIME_LIB} missing (apt-get install faketime)"
-        return result
     with Run(work, scale, "skew") as run:
-        files = {}
-        for name, (first, _) in SKEWS.items():
-            files[name] = run.work / f"{name}.faketime"
-            files[name].write_text(first + "\n")
-            run.emb.extra_env[name] = {
-                "LD_PRELOAD": str(FAKETIME_LIB),
-                "FAKETIME_TIMESTAMP_FILE": str(files[name]),
-                "FAKETIME_NO_CACHE": "1",
-                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-            }
+        files = skew(run, {name: first for name, (first, _) in SKEWS.items()})
         run.start()
         run.wait_replicating()
         result.times = len(SKEWS)
         time.sleep(phase)
         for name, (_, second) in SKEWS.items():
-            files[name].write_text(second + "\n")
+            files[name].write_text(f"{second}\n")
         result.times += len(SKEWS)
         time.sleep(phase)
         run.converge(result)
         state = run.emb.target_state(DISK) or {}
-        result.notes.append(
-            f"master target's clock ahead by {state.get('updated_at', 0) - time.time():+.0f} s "
-            "when last published"
-        )
+        ahead = state.get("updated_at", 0) - time.time()
+        result.notes.append(f"master target's last published state dated {ahead:+.0f} s from now")
         result.notes.append(f"agent resyncs: {run.disk().get('resyncs')}")
     return result
 
@@ -1081,8 +1112,7 @@ def mixed_soak(work: Path, scale: Scale, rng: random.Random) -> Result:
     result = Result(
         "mixed soak",
         f"{scale.soak_s / 60:.0f} min of random events, one every 2-8 s: "
-        f"{', '.join(SOAK_EVENTS)}; all the while notices mangled"
-        + (", clocks skewed (libfaketime)" if FAKETIME_LIB.exists() else ""),
+        f"{', '.join(SOAK_EVENTS)}; all the while notices mangled" + ", clocks skewed (bench/skew)",
     )
     run = Run(work, scale, "soak")
     agent_proxy = FaultProxy(run.emb.port, rng.randrange(1 << 30))
@@ -1095,11 +1125,7 @@ def mixed_soak(work: Path, scale: Scale, rng: random.Random) -> Result:
             proxies = proxy_storage(
                 run, ("process-server", "master-target"), rng.randrange(1 << 30)
             )
-            if FAKETIME_LIB.exists():
-                for name, (offset, _) in SKEWS.items():
-                    run.emb.extra_env[name] = {"LD_PRELOAD": str(FAKETIME_LIB),
-                                               "FAKETIME": offset,
-                                               "FAKETIME_DONT_FAKE_MONOTONIC": "1"}  # fmt: skip
+            skew(run, {name: first for name, (first, _) in SKEWS.items()})
             run.start()
             run.wait_replicating(timeout=900)
             queue = naming.disk_queue(run.emb.tenant, DISK)

@@ -15,7 +15,7 @@ harmlessly: notices come back, staged files replay (extents are absolute),
 and stale leftovers are recognised against the cursor and removed.
 
 Fence (a cutover): the group closing with a tag marked ``final``, or with
-the tag named in ``ferry-<tenant>-control/<tenant>/<disk>/fence.json``, is the last
+the tag named in ``fx-<len(tenant)>-<tenant>-<disk>/<tenant>/<disk>/fence.json``, is the last
 one applied; the cursor that reaches it records ``fenced`` in the same
 write, and the disk is never served again.  A group newer than the fence's
 tag is refused.
