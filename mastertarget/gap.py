@@ -6,8 +6,10 @@ default, so a master target down longer loses every notice of that time).
 Without its notice the next batch is never staged, and the disk waits on the
 gap forever while later batches pile up.  Segment blob names are
 deterministic (``ferry.naming.segment_blob``), so a gap that stays the same
-for ``after`` seconds is looked up by name: one GET, which finds the blob if
-the process server uploaded it (it uploads before it announces).
+for ``after`` seconds, however many batches arrive behind it, is looked up
+by name: one GET, which finds the blob if the process server uploaded it
+(it uploads before it announces).  An idle disk's "gap" is the batch after
+its last: one GET that finds nothing every ``after`` seconds.
 """
 
 from __future__ import annotations
@@ -22,20 +24,20 @@ class GapWatch:
 
     def __init__(self, after: float) -> None:
         self.after = after
-        self._gap: tuple[int, int, int] | None = None
+        self._gap: tuple[int, int] | None = None
         self._since = 0.0
 
     def due(self, gen: int, applied_seq: int, staging: Staging) -> int | None:
         """The seq to look up by name now, or None (no gap, or not for long enough yet).
 
         The gap is the first seq after ``applied_seq`` of ``gen`` that is not
-        staged; it counts as unchanged while nothing new is staged.  After a
-        look-up the wait starts again.
+        staged; batches staged behind it do not make it any younger (under
+        steady writes they always arrive).  After a look-up the wait starts again.
         """
         seq = applied_seq + 1
         while (gen, seq) in staging:
             seq += 1
-        gap, now = (gen, seq, len(staging)), time.monotonic()
+        gap, now = (gen, seq), time.monotonic()
         if gap != self._gap:
             self._gap, self._since = gap, now
         if now - self._since < self.after:
