@@ -124,7 +124,7 @@ $(VENV)/.bench-stamp: bench/requirements.txt $(VENV)/.stamp
 # Issue #10's fault campaign (bench/faults.py): kills (also at each named step of an
 # apply), storage outages, network faults before the process server and before storage,
 # mangled frames and notices, clock skew, on the embedded default, each ending
-# byte-identical; writes docs/reliability.md. Root, about 35 minutes; `make faults-quick`
+# byte-identical; writes docs/reliability.md. Root, about 50 minutes; `make faults-quick`
 # is a few. FAULTS_ARGS passes options (`--only ps-kill agent-kill`, `--seed N`; see
 # `.venv/bin/python -m bench.faults --help`).
 FAULTS_ARGS ?=

@@ -1250,6 +1250,16 @@ FINDINGS = [
     " timed `threading` wait hangs: a harness problem, not Ferry's. The *clock skew* row"
     " skews each daemon's `time.time` with `bench/skew/sitecustomize.py` instead"
     " (OpenSSL's certificate checks keep the real clock).",
+    "**A late resync request stranded the agent's generation.** In the mixed soak an"
+    " agent asked for a resync, was killed before the answer, and asked again; the"
+    " first request's notice reached the master target two minutes later, after the"
+    " second had started generation 4 and the agent was shipping it. The master target"
+    " started generation 5 for the stale request, dropped every batch of 4 as stale, and"
+    " the final tag never arrived: the disk would have waited for good. Fixed after this"
+    " run: the cursor records when the queue took the request that started its"
+    " generation, and a request queued earlier is deleted unanswered. Regression test:"
+    " `tests/test_mastertarget.py::test_a_resync_request_overtaken_by_a_newer_one_is_ignored`"
+    " (fails on the old code).",
 ]
 
 

@@ -310,10 +310,10 @@ class DiskWorker:
 
     def _resync(self, message: Message, notice: notices.ResyncNotice) -> None:
         answer_blob = naming.resync_answer_blob(self.tenant, self.disk, notice.request_id)
-        if self.storage.exists(self.control, answer_blob):
+        if self.storage.exists(self.control, answer_blob) or self._superseded(message):
             self.storage.delete_message(self.queue, message)  # answered before: idempotent
             return
-        gen = self._start_generation(notice.request_id)
+        gen = self._start_generation(notice.request_id, message.inserted_at)
         answer = self._answer(notice, gen)
         self.storage.put_json(self.control, answer_blob, answer)
         self.storage.delete_message(self.queue, message)
@@ -328,7 +328,24 @@ class DiskWorker:
             "empty" if answer["empty"] else "compared",
         )
 
-    def _start_generation(self, request_id: str) -> int:
+    def _superseded(self, message: Message) -> bool:
+        """A resync request queued before the one that started the current generation.
+
+        Queues do not keep order: a request the agent gave up on (it crashed
+        or asked again) can arrive after its successor.  Starting a
+        generation for it would leave the agent shipping one the master
+        target had already left, for good (found by the fault campaign's
+        soak).  The queue's own insertion times order them (one clock, whole
+        seconds: within the same second the request is honoured).
+        """
+        current, inserted = self.cursor.resync_inserted_at, message.inserted_at
+        if current is None or inserted is None or inserted >= current:
+            return False
+        log.warning("disk %s: ignored a resync request queued before the one that started "
+                    "generation %d: %s", self.disk, self.cursor.gen, message.body.get("request_id"))  # fmt: skip
+        return True
+
+    def _start_generation(self, request_id: str, inserted_at: float | None = None) -> int:
         """Move the cursor to a new generation durably; drop what older ones staged."""
         old = self.cursor
         if old.resync_request == request_id:
@@ -336,9 +353,8 @@ class DiskWorker:
             # not heard of this generation yet, so it is still fresh.
             new = old
         else:
-            new = dataclasses.replace(
-                old, gen=old.gen + 1, applied_seq=0, resync_request=request_id
-            )
+            new = dataclasses.replace(old, gen=old.gen + 1, applied_seq=0,
+                                      resync_request=request_id, resync_inserted_at=inserted_at)  # fmt: skip
         if new.resync_required_gen is not None and new.resync_required_gen < new.gen:
             new = dataclasses.replace(new, resync_required_gen=None, reason=None)
         self._save(new)

@@ -223,6 +223,24 @@ def test_a_lost_notice_is_found_by_its_blobs_name(make_worker, storage, tenant, 
     assert ps.segment_blobs() == []
 
 
+def test_a_resync_request_overtaken_by_a_newer_one_is_ignored(make_worker, storage, tenant):
+    """A resync request the agent gave up on, delivered after its successor, started a
+    generation the agent never used: the disk stalled for good (the fault campaign's soak)."""
+    ps = SegmentShipper(storage, tenant, disk_size=1 * MiB)
+    worker = make_worker()
+    new_generation(ps, worker)
+    ps.ask_resync()
+    [late] = storage.receive(ps.queue, count=1, visibility=60)  # held up in the queue
+    time.sleep(1.5)  # the queue's insertion times count whole seconds
+    assert new_generation(ps, worker)["gen"] == 2  # the agent asked again and got gen 2
+    b1 = ps.batch(2, 1, [(0, b"\x07" * 4 * KiB)], tag=True)
+    ps.ship(b1)
+    storage.defer(ps.queue, late, 0)  # the old request arrives at last
+    drain(worker)
+    assert (worker.cursor.gen, worker.cursor.applied_seq) == (2, 1), "the agent's gen was left"
+    assert read_target(worker)[: 4 * KiB] == b"\x07" * 4 * KiB
+
+
 def test_newer_generation_is_held_until_its_resync(make_worker, storage, tenant):
     ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
