@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CONTROLLER := .venv-controller
 ANSIBLE := ANSIBLE_CONFIG=$(CURDIR)/ansible.cfg PATH=$(CURDIR)/$(CONTROLLER)/bin:$$PATH
 
-.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication bench-journal cutover-figures bench-scale bench-soak faults faults-quick clean system-deps
+.PHONY: setup lock controller-azure demo-direct test lint demo portal lab bench bench-quick bench-deps bench-replication bench-journal cutover-figures bench-scale bench-soak faults faults-quick faults-soak clean system-deps
 
 setup: $(VENV)/.stamp $(CONTROLLER)/.stamp node_modules/.stamp system-deps
 
@@ -141,18 +141,26 @@ $(VENV)/.bench-stamp: bench/requirements.txt $(VENV)/.stamp
 	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	touch $@
 
-# Issue #10's fault campaign (bench/faults.py): kills, storage outages and network faults
-# on the embedded default, each ending byte-identical; writes docs/reliability.md. Root,
-# about 20 minutes; `make faults-quick` is a few. FAULTS_ARGS passes options
-# (`--only ps-kill agent-kill`, `--seed N`; see `.venv/bin/python -m bench.faults --help`).
 # Cutover and test failover figures on the lab machine (docs/lab.md): root, QEMU, about
 # half an hour under TCG; writes bench/results/cutover-lab.json.
 cutover-figures: setup
 	$(PY) -m bench.cutover_lab
 
+# Issue #10's fault campaign (bench/faults.py): kills (also at each named step of an
+# apply), storage outages, network faults before the process server and before storage,
+# mangled frames and notices, clock skew, on the embedded default, each ending
+# byte-identical; writes docs/reliability.md. Root, about 50 minutes; `make faults-quick`
+# is a few. FAULTS_ARGS passes options (`--only ps-kill agent-kill`, `--seed N`; see
+# `.venv/bin/python -m bench.faults --help`).
 FAULTS_ARGS ?=
 faults: setup
 	$(PY) -m bench.faults $(FAULTS_ARGS)
 
 faults-quick: setup
 	$(PY) -m bench.faults --quick $(FAULTS_ARGS)
+
+# The mixed soak: every fault of the campaign at random on one deployment for SOAK_MINUTES;
+# writes only its own section of docs/reliability.md.
+SOAK_MINUTES ?= 10
+faults-soak: setup
+	$(PY) -m bench.faults --only soak --soak-minutes $(SOAK_MINUTES) $(FAULTS_ARGS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -56,10 +57,11 @@ class Scale:
     storage_restarts: int
     outage_s: float
     net_phase_s: float
+    soak_s: float
 
 
-FULL = Scale("full", 256 * MiB, 2 * MiB, 50, 6, 40, 3, 75.0, 20.0)
-QUICK = Scale("quick", 64 * MiB, MiB, 8, 2, 8, 1, 15.0, 6.0)
+FULL = Scale("full", 256 * MiB, 2 * MiB, 50, 6, 40, 3, 75.0, 20.0, 600.0)
+QUICK = Scale("quick", 64 * MiB, MiB, 8, 2, 8, 1, 15.0, 6.0, 120.0)
 
 
 @dataclass
@@ -108,6 +110,30 @@ class Supervised(Embedded):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.restarts: list[str] = []
+        self.extra_env: dict[str, dict[str, str]] = {}
+        """Environment a daemon starts with on top of the usual (kill points, a skewed clock)."""
+        self.storage_via: dict[str, str] = {}
+        """A daemon's storage connection string when it is not Azurite's own (a proxy)."""
+        self._starting: str | None = None
+
+    def start(self, name: str, *extra: str) -> subprocess.Popen:
+        """Start daemon ``name`` with its own environment (see ``env``)."""
+        self._starting = name
+        try:
+            return super().start(name, *extra)
+        finally:
+            self._starting = None
+
+    def env(self) -> dict[str, str]:
+        """The usual environment, with the starting daemon's storage and extra variables."""
+        env = super().env()
+        if self._starting in self.storage_via:
+            env["FERRY_STORAGE"] = self.storage_via[self._starting]
+        extra = dict(self.extra_env.get(self._starting or "", {}))
+        if "PYTHONPATH" in extra:  # in front of the code's own
+            extra["PYTHONPATH"] += os.pathsep + env["PYTHONPATH"]
+        env.update(extra)
+        return env
 
     def check_alive(self, *names: str) -> None:
         """Restart (after 2 s, as the unit does) every daemon that has exited."""
@@ -443,7 +469,7 @@ def corrupt_uploads(work: Path, scale: Scale, rng: random.Random) -> Result:
         run.start()
         run.wait_replicating()
         storage = run.emb.storage
-        container = naming.segments_container(run.emb.tenant)
+        container = naming.segments_container(run.emb.tenant, DISK)
         for _ in range(rounds):
             run.emb.stop("master-target")
             time.sleep(3)
@@ -533,13 +559,20 @@ class FaultProxy:
 
     ``mode`` is one of ``pass``, ``latency`` (each chunk 80 ms late), ``drip``
     (1 KiB every 50 ms), ``blackhole`` (nothing moves, connections stay open),
-    ``halfopen`` (the server's answers stop, the agent's data still flows) and
-    ``reset`` (every connection is reset at once, new ones too).
+    ``halfopen`` (the server's answers stop, the client's data still flows),
+    ``reset`` (every connection is reset at once, new ones too) and
+    ``mangle`` (client to server, whole TLS records: after 20-300 records of
+    a connection one record is dropped, duplicated, swapped with the next or
+    has a byte flipped; what a frame suffers on a faulty path, as TLS sees it).
     """
 
-    def __init__(self, upstream: int) -> None:
+    ACTIONS = ("drop", "duplicate", "reorder", "corrupt")
+
+    def __init__(self, upstream: int, seed: int = 10) -> None:
         self.upstream = upstream
         self.mode = "pass"
+        self.rng = random.Random(seed)
+        self.mangled = dict.fromkeys(self.ACTIONS, 0)
         self.loop = asyncio.new_event_loop()
         self.conns: set[asyncio.StreamWriter] = set()
         self.resets = 0
@@ -588,10 +621,13 @@ class FaultProxy:
             w.close()
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, way: str) -> None:
+        records = _Records(self, self.rng.randint(20, 300)) if way == "up" else None
         while True:
             data = await src.read(64 * 1024)
             if not data:
                 break
+            if records is not None and (self.mode == "mangle" or records.pending):
+                data = records.feed(data)
             while self.mode == "blackhole" or (self.mode == "halfopen" and way == "down"):
                 await asyncio.sleep(0.1)
             if self.mode == "latency":
@@ -612,6 +648,58 @@ class FaultProxy:
         self.loop.call_soon_threadsafe(self._reset_all)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+class _Records:
+    """One connection's client-to-server TLS records, one of them mangled (``mangle`` mode).
+
+    A TLS record is a 5-byte header (type, version, length) and its body;
+    bytes are held until a record is whole, then passed on, mangled or not.
+    """
+
+    def __init__(self, proxy: FaultProxy, countdown: int) -> None:
+        self.proxy = proxy
+        self.countdown = countdown
+        self.buffer = b""
+        self.held: bytes | None = None  # a record kept back to come after the next one
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.buffer) or self.held is not None
+
+    def feed(self, data: bytes) -> bytes:
+        """What to send on now, given ``data`` from the client."""
+        self.buffer += data
+        out = []
+        while len(self.buffer) >= 5:
+            size = 5 + int.from_bytes(self.buffer[3:5], "big")
+            if len(self.buffer) < size:
+                break
+            record, self.buffer = self.buffer[:size], self.buffer[size:]
+            out.append(self._one(record))
+        if self.proxy.mode != "mangle" and self.held is None:  # leaving the mode: let all go
+            out.append(self.buffer)
+            self.buffer = b""
+        return b"".join(out)
+
+    def _one(self, record: bytes) -> bytes:
+        if self.held is not None:  # the swap: this one first, then the one held back
+            record, self.held = record + self.held, None
+            return record
+        self.countdown -= 1
+        if self.proxy.mode != "mangle" or self.countdown != 0:
+            return record
+        action = self.proxy.rng.choice(FaultProxy.ACTIONS)
+        self.proxy.mangled[action] += 1
+        if action == "drop":
+            return b""
+        if action == "duplicate":
+            return record + record
+        if action == "reorder":
+            self.held = record
+            return b""
+        at = self.proxy.rng.randrange(5, len(record)) if len(record) > 5 else 0
+        return record[:at] + bytes([record[at] ^ 0x40]) + record[at + 1 :]
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -658,6 +746,453 @@ def network_faults(work: Path, scale: Scale, rng: random.Random) -> Result:
     return result
 
 
+# -- storage behind a proxy, kill points, recovery points, notices, clocks ------------------
+
+
+def proxy_storage(run: Run, daemons: tuple[str, ...], seed: int) -> dict[str, list[FaultProxy]]:
+    """Put a :class:`FaultProxy` before Azurite's blob and queue ports for each daemon named;
+    its connection string names the proxies.  Call after ``Run.__enter__``, before start."""
+    from devkit.azurite import connection_string
+
+    azurite = run.emb.azurite
+    assert azurite is not None
+    blob, queue, table = azurite.ports
+    proxies = {}
+    for i, name in enumerate(daemons):
+        pair = [FaultProxy(blob, seed + 2 * i), FaultProxy(queue, seed + 2 * i + 1)]
+        run.emb.storage_via[name] = connection_string(pair[0].port, pair[1].port, table)
+        proxies[name] = pair
+    return proxies
+
+
+STORAGE_MODES = ("latency", "reset", "drip", "blackhole", "halfopen")
+
+
+def storage_network_faults(work: Path, scale: Scale, rng: random.Random) -> Result:
+    """Process server → storage and master target → storage through :class:`FaultProxy`."""
+    phase = scale.net_phase_s * 0.6
+    result = Result(
+        "network faults process server / master target → storage",
+        f"TCP proxy before Azurite's blob and queue ports (the daemons' connection strings "
+        f"name it): {', '.join(STORAGE_MODES)}, {phase:.0f} s each, for each daemon in turn",
+    )
+    with Run(work, scale, "storage-net") as run:
+        proxies = proxy_storage(run, ("process-server", "master-target"), rng.randrange(1 << 30))
+        try:
+            run.start()
+            run.wait_shipping(1)
+            for pair in proxies.values():
+                for mode in STORAGE_MODES:
+                    for proxy in pair:
+                        proxy.set(mode)
+                    result.times += 1
+                    time.sleep(phase)
+                    for proxy in pair:
+                        proxy.set("pass")
+                    time.sleep(phase / 4)
+                    run.emb.check_alive()
+            run.wait_replicating(timeout=900)
+            run.converge(result)
+            resets = sum(p.resets for pair in proxies.values() for p in pair)
+            result.notes.append(f"{resets} storage connections reset")
+            result.notes.append(f"agent resyncs: {run.disk().get('resyncs')}")
+        finally:
+            for pair in proxies.values():
+                for proxy in pair:
+                    proxy.close()
+    return result
+
+
+def master_target_steps(work: Path, scale: Scale, rng: random.Random) -> Result:
+    """The master target SIGKILLs itself at each named step of the apply path (killpoint)."""
+    from mastertarget.killpoint import ENV, STEPS
+
+    counts = (1, 3) if scale is QUICK else (1, 2, 5)
+    result = Result(
+        "master target killed at every step of an apply",
+        f"{ENV}=<step>:<n> (mastertarget/killpoint.py), n in {counts}, at each of "
+        f"{', '.join(STEPS)}; restarted without it",
+    )
+    with Run(work, scale, "mt-steps") as run:
+        run.start()
+        run.wait_shipping(1)
+        reached: dict[str, int] = dict.fromkeys(STEPS, 0)
+        for step in STEPS:
+            for n in counts:
+                run.emb.extra_env["master-target"] = {ENV: f"{step}:{n}"}
+                proc = run.emb.start("master-target")
+                try:
+                    code = proc.wait(timeout=180)
+                except subprocess.TimeoutExpired:
+                    code = None
+                run.emb.extra_env.pop("master-target")
+                if code == -signal.SIGKILL:
+                    reached[step] += 1
+                    result.times += 1
+                elif code is not None:
+                    result.notes.append(
+                        f"{step}:{n} exited {code}: {run.emb.log_tail('master-target', 1)}"
+                    )
+                run.emb.start("master-target")
+                time.sleep(rng.uniform(0.5, 2.0))  # replay, then on to the next
+        run.wait_replicating()
+        run.converge(result)
+        missed = [s for s, k in reached.items() if k < len(counts)]
+        result.notes.append("killed at " + ", ".join(f"{s} ×{k}" for s, k in reached.items()))
+        if missed:
+            result.notes.append(f"not reached within 180 s: {', '.join(missed)}")
+    return result
+
+
+def recovery_points_in_resync(work: Path, scale: Scale, rng: random.Random) -> Result:
+    """While a resync generation is incomplete, no new recovery point may be reported."""
+    hold = scale.net_phase_s
+    result = Result(
+        "no recovery point while a resync generation is incomplete",
+        f"agent SIGKILL under writes → a resync generation, held incomplete {hold:.0f} s by a "
+        "slow drip (FaultProxy) to the process server; the master target's published state "
+        "(its recovery point) and status.json polled every 0.1 s until the generation's first tag",
+    )
+    run = Run(work, scale, "rp-resync")
+    proxy = FaultProxy(run.emb.port, rng.randrange(1 << 30))
+    run.agent_port = proxy.port
+    status_file = run.emb.base / "master-target" / "status.json"
+    samples, staged, violations = 0, 0, []
+    try:
+        with run:
+            run.start()
+            run.wait_replicating()
+            for _ in range(max(2, scale.agent_kills // 2)):
+                time.sleep(rng.uniform(1.0, 4.0))
+                gen_before = run.disk().get("gen", 0)
+                proxy.set("drip")
+                run.emb.kill("agent", signal.SIGKILL)
+                run.emb.start("agent")
+                result.times += 1
+                n, most, bad = _watch_resync(run, proxy, status_file, gen_before, hold)
+                samples, staged = samples + n, max(staged, most)
+                violations += bad
+            run.converge(result)
+    finally:
+        proxy.close()
+    result.notes.append(f"{samples} samples while a resync generation was incomplete")
+    result.notes.append(f"up to {staged} of its batches staged at the master target meanwhile")
+    if violations:
+        result.lost = f"RECOVERY POINT MID-RESYNC: {violations[0]} ({len(violations)} in all)"
+    else:
+        result.notes.append("no recovery point moved into the incomplete generation")
+    return result
+
+
+def _watch_resync(
+    run: Run, proxy: FaultProxy, status_file: Path, gen_before: int, hold: float
+) -> tuple[int, int, list[str]]:
+    """Poll until the agent's new generation reached its first tag; (samples, staged, faults).
+
+    Until then the master target may finish groups of older generations, but
+    nothing of a newer one: its cursor there stays at seq 0 on the old tag.
+    """
+    unset = object()
+    seen: Any = unset
+    samples, staged = 0, 0
+    violations: list[str] = []
+    release = time.monotonic() + hold
+    deadline = release + 600
+    while time.monotonic() < deadline:
+        if time.monotonic() > release:
+            proxy.set("pass")
+        state = run.emb.target_state(DISK) or {}  # the master target first, the agent after
+        mt = _json(status_file).get("disks", {}).get(DISK, {})
+        d = run.disk()
+        if (d.get("gen") or 0) > gen_before and d.get("phase") == "replicating":
+            return samples, staged, violations
+        samples += 1
+        for where, s in (("state blob", state), ("status.json", mt)):
+            if (s.get("gen") or 0) <= gen_before:
+                continue
+            staged = max(staged, s.get("staged") or 0)
+            if seen is unset:
+                seen = s.get("last_tag")
+            if (s.get("applied_seq") or 0) > 0 or s.get("last_tag") != seen:
+                violations.append(f"{where}: gen {s.get('gen')} at seq {s.get('applied_seq')} "
+                                  f"tag {(s.get('last_tag') or {}).get('id')} mid-resync")  # fmt: skip
+        time.sleep(0.1)
+    raise RuntimeError("the resync generation never reached its first tag")
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class NoticeMangler(threading.Thread):
+    """Takes notices off a disk's queue through Azurite's queue API and misbehaves with some.
+
+    Each round receives what is there (hiding it from the master target),
+    then for about one notice in ``every``: deletes it (lost), sends it again
+    (duplicated), sends it back after the next ones (reordered), or replaces
+    it with a corrupted copy (bad JSON, another checksum or another seq).  The
+    rest become visible again at once.
+    """
+
+    ACTIONS = ("lose", "duplicate", "reorder", "corrupt")
+
+    def __init__(self, storage: Any, queue: str, rng: random.Random, every: int = 6) -> None:
+        super().__init__(daemon=True)
+        self.storage, self.queue, self.rng, self.every = storage, queue, rng, every
+        self.stop = threading.Event()
+        self.actions: tuple[str, ...] = self.ACTIONS
+        self.done = dict.fromkeys(self.ACTIONS, 0)
+        self.errors = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(self.rng.uniform(0.2, 1.0)):
+            try:
+                self._round()
+            except Exception:  # storage restarts in the soak: try again next round
+                self.errors += 1
+
+    def _round(self) -> None:
+        """Take every visible notice (hidden 60 s), act on some, let the rest go."""
+        taken: list[Any] = []
+        for _ in range(40):
+            batch = self.storage.receive(self.queue, count=32, visibility=60)
+            if not batch:
+                break
+            taken += batch
+        kept, late = [], []
+        for message in taken:
+            if self.rng.randrange(self.every) or message.body.get("type") != "segment":
+                kept.append(message)
+                continue
+            action = self.rng.choice(self.actions)
+            self.done[action] += 1
+            if action == "lose":
+                self.storage.delete_message(self.queue, message)
+            elif action == "duplicate":
+                self.storage.send(self.queue, message.body)
+                kept.append(message)
+            elif action == "reorder":
+                late.append(message)
+            else:
+                self._corrupt(message)
+        for message in kept:
+            self.storage.defer(self.queue, message, 0)
+        for message in late:  # after everything that came with them
+            self.storage.send(self.queue, message.body)
+            self.storage.delete_message(self.queue, message)
+
+    def _corrupt(self, message: Any) -> None:
+        body = dict(message.body)
+        how = self.rng.choice(("json", "checksum", "seq"))
+        if how == "json":
+            self.storage.send_raw(self.queue, json.dumps(body)[:-7])
+        else:
+            if how == "checksum":
+                body["checksum"] = "0" * (len(str(body.get("checksum") or "")) or 16)
+            else:
+                body["seq"] = int(body.get("seq", 0)) + 1
+            self.storage.send(self.queue, body)
+        self.storage.delete_message(self.queue, message)
+
+
+def frames_and_notices(work: Path, scale: Scale, rng: random.Random) -> Result:
+    """TLS records mangled agent → process server; notices lost, duplicated, reordered, corrupted."""
+    from mastertarget.defaults import GAP_LOOKUP_AFTER
+
+    phase = scale.net_phase_s * 3
+    rounds = 2 if scale is QUICK else 3
+    result = Result(
+        "loss, duplication, reordering and corruption of frames and notices",
+        f"agent → process server through FaultProxy `mangle` for {phase:.0f} s (one TLS record "
+        "per connection dropped, duplicated, swapped or flipped); then, "
+        f"{rounds} times, the master target stopped while notices pile up and one in three "
+        "lost, duplicated, reordered (or, the last time, corrupted) through Azurite's queue API",
+    )
+    from ferry import naming
+
+    run = Run(work, scale, "frames")
+    proxy = FaultProxy(run.emb.port, rng.randrange(1 << 30))
+    run.agent_port = proxy.port
+    try:
+        with run:
+            run.start()
+            run.wait_replicating()
+            proxy.set("mangle")
+            time.sleep(phase)
+            proxy.set("pass")
+            # Notices: the master target stopped while a few seconds of them pile up,
+            # then the mangler goes through all of them, and it starts again.
+            queue = naming.disk_queue(run.emb.tenant, DISK)
+            mangler = NoticeMangler(run.emb.storage, queue, random.Random(rng.random()), every=3)
+            for i in range(rounds):
+                # Corruption last: the resync it causes would supersede the lost notices
+                # before the master target looks their batches up by name.
+                last = i == rounds - 1
+                mangler.actions = mangler.ACTIONS if last else ("lose", "duplicate", "reorder")
+                run.emb.stop("master-target")
+                time.sleep(phase / rounds)
+                mangler._round()
+                run.emb.start("master-target")
+                time.sleep(phase / rounds / 2 if last else GAP_LOOKUP_AFTER + 10)
+            result.times = sum(proxy.mangled.values()) + sum(mangler.done.values())
+            run.wait_replicating(timeout=900)
+            run.converge(result)
+            result.notes.append(
+                "frames: " + ", ".join(f"{k} {v}" for k, v in proxy.mangled.items())
+            )
+            result.notes.append(
+                "notices: " + ", ".join(f"{k} {v}" for k, v in mangler.done.items())
+            )
+            log = (run.emb.base / "master-target.log").read_text(errors="replace")
+            result.notes.append(f"{log.count('its notice was lost')} batches found by blob name")
+            result.notes.append(f"agent resyncs: {run.disk().get('resyncs')}")
+    finally:
+        proxy.close()
+    return result
+
+
+SKEW_SITE = ROOT / "bench" / "skew"
+"""The ``sitecustomize`` that skews a daemon's wall clock (its docstring says why not libfaketime)."""
+
+SKEWS = {"agent": (420, -540), "process-server": (-240, 660), "master-target": (780, -120)}
+"""Each daemon's wall clock offset in seconds, first and second half (a step, as NTP makes).
+
+Within Azure Storage's 15 minutes for a shared-key request date; the
+monotonic clocks are left alone (they are per machine and never skewed)."""
+
+
+def skew(run: Run, offsets: dict[str, int]) -> dict[str, Path]:
+    """Start each daemon named with its wall clock off by its offset; the files to step it."""
+    files = {}
+    for name, offset in offsets.items():
+        files[name] = run.work / f"{name}.skew"
+        files[name].write_text(f"{offset}\n")
+        run.emb.extra_env.setdefault(name, {}).update(
+            PYTHONPATH=str(SKEW_SITE), FERRY_SKEW_FILE=str(files[name])
+        )
+    return files
+
+
+def clock_skew(work: Path, scale: Scale, rng: random.Random) -> Result:
+    """Each daemon's wall clock off by minutes, stepped halfway (bench/skew/sitecustomize.py)."""
+    phase = scale.net_phase_s * 3
+    result = Result(
+        "clock skew between components",
+        "each daemon's wall clock (time.time, bench/skew/sitecustomize.py) off by "
+        + ", ".join(f"{n} {a:+d} s then {b:+d} s" for n, (a, b) in SKEWS.items())
+        + f", {phase:.0f} s each",
+    )
+    with Run(work, scale, "skew") as run:
+        files = skew(run, {name: first for name, (first, _) in SKEWS.items()})
+        run.start()
+        run.wait_replicating()
+        result.times = len(SKEWS)
+        time.sleep(phase)
+        for name, (_, second) in SKEWS.items():
+            files[name].write_text(f"{second}\n")
+        result.times += len(SKEWS)
+        time.sleep(phase)
+        run.converge(result)
+        state = run.emb.target_state(DISK) or {}
+        ahead = state.get("updated_at", 0) - time.time()
+        result.notes.append(f"master target's last published state dated {ahead:+.0f} s from now")
+        result.notes.append(f"agent resyncs: {run.disk().get('resyncs')}")
+    return result
+
+
+# -- the mixed soak -----------------------------------------------------------------------
+
+
+SOAK_EVENTS = ("ps-kill", "agent-kill", "mt-kill", "mt-step", "storage-restart",
+               "agent-net", "storage-net")  # fmt: skip
+
+
+def mixed_soak(work: Path, scale: Scale, rng: random.Random) -> Result:
+    """Everything at once, at random, for ``scale.soak_s``: ``make faults-soak``."""
+    from ferry import naming
+    from mastertarget.killpoint import ENV, STEPS
+
+    result = Result(
+        "mixed soak",
+        f"{scale.soak_s / 60:.0f} min of random events, one every 2-8 s: "
+        f"{', '.join(SOAK_EVENTS)}; all the while notices mangled" + ", clocks skewed (bench/skew)",
+    )
+    run = Run(work, scale, "soak")
+    agent_proxy = FaultProxy(run.emb.port, rng.randrange(1 << 30))
+    run.agent_port = agent_proxy.port
+    counts = dict.fromkeys(SOAK_EVENTS, 0)
+    proxies: dict[str, list[FaultProxy]] = {}
+    mangler = None
+    try:
+        with run:
+            proxies = proxy_storage(
+                run, ("process-server", "master-target"), rng.randrange(1 << 30)
+            )
+            skew(run, {name: first for name, (first, _) in SKEWS.items()})
+            run.start()
+            run.wait_replicating(timeout=900)
+            queue = naming.disk_queue(run.emb.tenant, DISK)
+            mangler = NoticeMangler(run.emb.storage, queue, random.Random(rng.random()), every=10)
+            mangler.start()
+            azurite = run.emb.azurite
+            assert azurite is not None
+            end = time.monotonic() + scale.soak_s
+            while time.monotonic() < end:
+                time.sleep(rng.uniform(2.0, 8.0))
+                event = rng.choice(SOAK_EVENTS)
+                counts[event] += 1
+                for p in [agent_proxy, *(p for pair in proxies.values() for p in pair)]:
+                    p.set("pass")
+                if event in ("ps-kill", "agent-kill", "mt-kill"):
+                    name = {"ps": "process-server", "agent": "agent", "mt": "master-target"}[
+                        event.split("-")[0]
+                    ]
+                    run.emb.kill(name, signal.SIGKILL)
+                    run.emb.start(name)
+                elif event == "mt-step":
+                    env = run.emb.extra_env.setdefault("master-target", {})
+                    env[ENV] = f"{rng.choice(STEPS)}:{rng.randint(1, 4)}"
+                    run.emb.start("master-target")  # dies there; check_alive restarts it
+                    env.pop(ENV)
+                elif event == "storage-restart":
+                    azurite.stop()
+                    time.sleep(rng.uniform(0.0, 5.0))
+                    azurite.start()
+                elif event == "agent-net":
+                    agent_proxy.set(rng.choice(("latency", "reset", "drip", "blackhole",
+                                                "halfopen", "mangle")))  # fmt: skip
+                else:
+                    mode = rng.choice(STORAGE_MODES)
+                    for p in proxies[rng.choice(list(proxies))]:
+                        p.set(mode)
+                run.emb.check_alive()
+            for p in [agent_proxy, *(p for pair in proxies.values() for p in pair)]:
+                p.set("pass")
+            mangler.stop.set()
+            mangler.join(30)
+            result.times = sum(counts.values()) + sum(mangler.done.values())
+            run.wait_replicating(timeout=900)
+            run.converge(result)
+            result.notes.append("events: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            result.notes.append(
+                "notices: " + ", ".join(f"{k} {v}" for k, v in mangler.done.items())
+            )
+            result.notes.append(
+                "frames: " + ", ".join(f"{k} {v}" for k, v in agent_proxy.mangled.items())
+            )
+            result.notes.append(f"agent resyncs: {run.disk().get('resyncs')}")
+    finally:
+        if mangler is not None:
+            mangler.stop.set()
+        for p in [agent_proxy, *(p for pair in proxies.values() for p in pair)]:
+            p.close()
+    return result
+
+
 SCENARIOS: dict[str, Callable[[Path, Scale, random.Random], Result]] = {
     "ps-kill": process_server_kills,
     "agent-kill": agent_kills,
@@ -668,19 +1203,20 @@ SCENARIOS: dict[str, Callable[[Path, Scale, random.Random], Result]] = {
     "spool-torn": torn_spool,
     "uploads": corrupt_uploads,
     "bandwidth": bandwidth_churn,
+    "storage-net": storage_network_faults,
+    "mt-steps": master_target_steps,
+    "rp-resync": recovery_points_in_resync,
+    "frames": frames_and_notices,
+    "skew": clock_skew,
 }
 
-NOT_RUN = [
-    ("network faults process server / master target → storage",
-     "a TCP proxy before Azurite (FaultProxy serves it; the connection string must name it)"),
-    ("master target killed at every step of an apply",
-     "kills land at random moments and as a group begins, not at each of write, fsync, "
-     "cursor and deletions deterministically"),
-    ("no recovery point reported while a resync generation is incomplete", "—"),
-    ("loss, duplication, reordering and corruption of frames and notices", "—"),
-    ("clock skew between components", "—"),
-    ("mixed soak of all of these", "—"),
-]  # fmt: skip
+SOAKS: dict[str, Callable[[Path, Scale, random.Random], Result]] = {"soak": mixed_soak}
+"""Not part of ``make faults``: ``make faults-soak`` (``--only soak``)."""
+
+NOT_IN_CAMPAIGN = {
+    "soak": "its own target, `make faults-soak` (`SOAK_MINUTES`, 10 by default): see below",
+}
+"""Scenarios `make faults` leaves out, and why."""
 
 
 FINDINGS = [
@@ -700,6 +1236,30 @@ FINDINGS = [
     " (limit, `free_fraction`, and the filesystem's `fs_free_bytes`/`fs_total_bytes`,"
     " now in status.json too). Regression test: `tests/test_functions_api.py::"
     "test_a_filling_spool_filesystem_raises_the_spool_alert`.",
+    "**A lost notice stalled its disk for good.** A segment notice deleted from the"
+    " queue (or expired: Azure keeps a message seven days by default) left the batch it"
+    " announced unstaged, and the master target waited on that gap forever while later"
+    " batches piled up in staging; nothing looked for the blob, whose name is"
+    " deterministic. Fixed: a gap unchanged for `GAP_LOOKUP_AFTER` (30 s) is read by its"
+    " blob's name, verified and staged (`mastertarget/gap.py`). Regression test:"
+    " `tests/test_mastertarget.py::test_a_lost_notice_is_found_by_its_blobs_name` (fails"
+    " on the old code). The *frames and notices* row counts the batches so found.",
+    "**libfaketime cannot skew a Python daemon here.** With Debian's libfaketime 0.9.10"
+    " and Python 3.11, `FAKETIME_DONT_FAKE_MONOTONIC=1` makes `time.sleep` fail with"
+    " EINVAL, and without it the monotonic clocks follow the faked wall clock, so every"
+    " timed `threading` wait hangs: a harness problem, not Ferry's. The *clock skew* row"
+    " skews each daemon's `time.time` with `bench/skew/sitecustomize.py` instead"
+    " (OpenSSL's certificate checks keep the real clock).",
+    "**A late resync request stranded the agent's generation.** In the mixed soak an"
+    " agent asked for a resync, was killed before the answer, and asked again; the"
+    " first request's notice reached the master target two minutes later, after the"
+    " second had started generation 4 and the agent was shipping it. The master target"
+    " started generation 5 for the stale request, dropped every batch of 4 as stale, and"
+    " the final tag never arrived: the disk would have waited for good. Fixed after this"
+    " run: the cursor records when the queue took the request that started its"
+    " generation, and a request queued earlier is deleted unanswered. Regression test:"
+    " `tests/test_mastertarget.py::test_a_resync_request_overtaken_by_a_newer_one_is_ignored`"
+    " (fails on the old code).",
 ]
 
 
@@ -723,21 +1283,11 @@ def _mib(n: int | None) -> str:
     return "—" if n is None else f"{n / MiB:.1f} MiB"
 
 
-def write_report(
+def _table(
     results: list[Result], scale: Scale, command: str, seconds: float, code: str
-) -> Path:
-    """Write docs/reliability.md from the results."""
+) -> list[str]:
+    """The command, the version and one row per result."""
     lines = [
-        "# Reliability: the fault campaign",
-        "",
-        "Written by `bench/faults.py` (issue #10). Each scenario replicates a loop device",
-        "on the embedded default (Azurite on disk, the daemons as processes, tracefs,",
-        "mutual TLS) while a writer changes it, injects its fault with a real mechanism,",
-        "then stops the writer, takes a final tag and compares the digests of source and",
-        "target. *Lost* is what the comparison found; *converge* is from the writer's stop",
-        "to the final tag applied; *bytes resent* is what the agent sent again after",
-        "reconnecting (for agent crashes: what the resyncs shipped).",
-        "",
         f"- Command: `{command}` ({scale.name} scale: {scale.disk // MiB} MiB disk, writer "
         f"{scale.write_rate / MiB:.0f} MiB/s)",
         f"- Code version: `{code}`, run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
@@ -752,10 +1302,58 @@ def write_report(
             f"| {r.scenario} | {r.injected} | {r.times} | {r.lost} | {converge} "
             f"| {_mib(r.bytes_resent)} | {'; '.join(r.notes)} |"
         )
+    return lines
+
+
+SOAK_BEGIN = "<!-- soak: written by `make faults-soak`, kept by `make faults` -->"
+SOAK_END = "<!-- /soak -->"
+
+
+def _soak_section(lines: list[str] | None = None) -> str:
+    """The soak's section: ``lines`` (a new run), else what the report has, else a stub."""
+    if lines is None:
+        old = REPORT.read_text() if REPORT.exists() else ""
+        if SOAK_BEGIN in old and SOAK_END in old:
+            return old[old.index(SOAK_BEGIN) : old.index(SOAK_END) + len(SOAK_END)]
+        lines = ["Not run yet: `make faults-soak`."]
+    head = ["## Mixed soak", "",
+            "Every fault above at random, one after another, on one deployment: its own",
+            "make target, since it runs for as long as it is given.", ""]  # fmt: skip
+    return "\n".join([SOAK_BEGIN, *head, *lines, SOAK_END])
+
+
+def write_report(
+    ran: list[str], results: list[Result], scale: Scale, command: str, seconds: float, code: str
+) -> Path:
+    """Write docs/reliability.md from the results of scenarios ``ran`` (a soak: its section)."""
+    table = _table(results, scale, command, seconds, code)
+    if ran == ["soak"] and REPORT.exists():
+        old = REPORT.read_text()
+        new = _soak_section(table)
+        if SOAK_BEGIN in old and SOAK_END in old:
+            before, after = old.split(SOAK_BEGIN, 1)[0], old.split(SOAK_END, 1)[1]
+            REPORT.write_text(before + new + after)
+        else:
+            REPORT.write_text(old.rstrip("\n") + "\n\n" + new + "\n")
+        return REPORT
+    lines = [
+        "# Reliability: the fault campaign",
+        "",
+        "Written by `bench/faults.py` (issue #10). Each scenario replicates a loop device",
+        "on the embedded default (Azurite on disk, the daemons as processes, tracefs,",
+        "mutual TLS) while a writer changes it, injects its fault with a real mechanism,",
+        "then stops the writer, takes a final tag and compares the digests of source and",
+        "target. *Lost* is what the comparison found; *converge* is from the writer's stop",
+        "to the final tag applied; *bytes resent* is what the agent sent again after",
+        "reconnecting (for agent crashes: what the resyncs shipped).",
+        "",
+        *table,
+    ]
     lines += ["", "## Defects the campaign found", ""]
     lines += [f"- {finding}" for finding in FINDINGS]
     lines += ["", "## Not yet run", ""]
-    lines += [f"- {name}: {how}" for name, how in NOT_RUN]
+    lines += [f"- `{n}`: not in this run (`--only`)" for n in SCENARIOS if n not in ran]
+    lines += [f"- `{n}`: {why}" for n, why in NOT_IN_CAMPAIGN.items() if n not in ran]
     lines += [
         "",
         "The spool free-space alert compares with the filesystem's real free space too",
@@ -763,6 +1361,8 @@ def write_report(
         "the smaller fraction wins): the *spool filesystem full* row reports the alert the",
         "monitor computes from that status, and `tests/test_functions_api.py` has the",
         "regression test.",
+        "",
+        _soak_section(),
         "",
     ]
     REPORT.write_text("\n".join(lines))
@@ -776,7 +1376,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the campaign (or the scenarios named) and write docs/reliability.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few minutes, fewer faults")
-    parser.add_argument("--only", nargs="*", choices=list(SCENARIOS), help="these scenarios")
+    parser.add_argument("--only", nargs="*", choices=[*SCENARIOS, *SOAKS], help="these scenarios")
+    parser.add_argument("--soak-minutes", type=float, help="how long the soak runs")
     parser.add_argument("--no-report", action="store_true", help="do not write the report")
     parser.add_argument("--seed", type=int, default=10)
     args = parser.parse_args(argv)
@@ -784,6 +1385,8 @@ def main(argv: list[str] | None = None) -> int:
         print("the fault campaign needs root (loop devices, tracefs)", file=sys.stderr)
         return 2
     scale = QUICK if args.quick else FULL
+    if args.soak_minutes:
+        scale = dataclasses.replace(scale, soak_s=args.soak_minutes * 60)
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="ferry-faults-"))
     started = time.monotonic()
@@ -793,7 +1396,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.only or list(SCENARIOS):
             say(f"{name}: starting")
             try:
-                result = SCENARIOS[name](work, scale, rng)
+                result = {**SCENARIOS, **SOAKS}[name](work, scale, rng)
             except Exception as exc:  # a failed scenario is a finding, not the end
                 result = Result(name, "see notes", lost=f"FAILED: {exc}"[:300])
             say(f"{name}: {result}")
@@ -805,9 +1408,13 @@ def main(argv: list[str] | None = None) -> int:
             say(f"logs of the failed scenarios kept in {work}")
     if not args.no_report:
         command = "make faults-quick" if args.quick else "make faults"
-        if args.only:
+        if args.only == ["soak"] and not args.quick:
+            command = f"make faults-soak SOAK_MINUTES={scale.soak_s / 60:g}"
+        elif args.only:
             command += f" FAULTS_ARGS='--only {' '.join(args.only)}'"
-        say(f"wrote {write_report(results, scale, command, time.monotonic() - started, code)}")
+        ran = args.only or list(SCENARIOS)
+        seconds = time.monotonic() - started
+        say(f"wrote {write_report(ran, results, scale, command, seconds, code)}")
     return 0 if all(r.lost == "nothing" for r in results) else 1
 
 

@@ -315,7 +315,8 @@ class Embedded:
         """What the master target published about ``disk`` (None before anything)."""
         try:
             return self.storage.get_json(
-                naming.control_container(self.tenant), naming.disk_state_blob(self.tenant, disk)
+                naming.control_container(self.tenant, disk),
+                naming.disk_state_blob(self.tenant, disk),
             )
         except NotFound:
             return None

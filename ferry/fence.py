@@ -31,7 +31,7 @@ def record(tenant: str, disk: str, tag: dict[str, Any], reason: str = "cutover")
 def write(storage: Storage, tenant: str, disk: str, tag: dict[str, Any]) -> dict[str, Any]:
     """Store the fence record of ``disk`` at ``tag``; return it with where it was written."""
     fence = record(tenant, disk, tag)
-    container, name = naming.control_container(tenant), naming.fence_blob(tenant, disk)
+    container, name = naming.control_container(tenant, disk), naming.fence_blob(tenant, disk)
     storage.put(container, name, json.dumps(fence).encode())
     return {"fence_blob": f"{container}/{name}", **fence}
 
@@ -39,7 +39,9 @@ def write(storage: Storage, tenant: str, disk: str, tag: dict[str, Any]) -> dict
 def read(storage: Storage, tenant: str, disk: str) -> dict[str, Any] | str | None:
     """The disk's fence record; None if there is none; a problem line if it is unusable."""
     try:
-        raw = storage.get_json(naming.control_container(tenant), naming.fence_blob(tenant, disk))
+        raw = storage.get_json(
+            naming.control_container(tenant, disk), naming.fence_blob(tenant, disk)
+        )
     except NotFound:
         return None
     except ValueError as exc:
@@ -51,4 +53,4 @@ def read(storage: Storage, tenant: str, disk: str) -> dict[str, Any] | str | Non
 
 def remove(storage: Storage, tenant: str, disk: str) -> None:
     """Delete the disk's fence record (replication resumed after an uncommitted cutover)."""
-    storage.delete(naming.control_container(tenant), naming.fence_blob(tenant, disk))
+    storage.delete(naming.control_container(tenant, disk), naming.fence_blob(tenant, disk))

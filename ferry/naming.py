@@ -25,20 +25,6 @@ POISON_SUFFIX = "-poison"
 """Suffix of the queue that receives notices which failed (the Functions convention)."""
 
 
-def segments_container(tenant: str) -> str:
-    """The container of one tenant's segment blobs (names carry disk, generation, sequence).
-
-    One per tenant: a container SAS cannot be narrowed to a name prefix, so
-    only separate containers keep one tenant's grants away from another's data.
-    """
-    return f"ferry-{tenant}-segments"
-
-
-def control_container(tenant: str) -> str:
-    """The container of one tenant's leases, digest maps, resync answers, state and fences."""
-    return f"ferry-{tenant}-control"
-
-
 def check_id(kind: str, value: object) -> str | None:
     """Return a problem line if ``value`` is not a valid id of ``kind``, else None."""
     if not isinstance(value, str) or not ID_RE.match(value):
@@ -85,6 +71,23 @@ def poison_queue(queue: str) -> str:
 def command_queue(tenant: str, component: str) -> str:
     """The queue on which a component receives its commands."""
     return _pair("fc", tenant, component, 63)
+
+
+def segments_container(tenant: str, disk: str) -> str:
+    """The container of one disk's segment blobs (names carry disk, generation, sequence).
+
+    One per disk: a container SAS cannot be narrowed to a name prefix, so only
+    separate containers keep a component's grant to the disks it serves
+    (issue #10, finding 8): a process server or master target of one disk
+    can neither read nor write another disk's segments, of its tenant or any
+    other.  ``fs-<len(tenant)>-<tenant>-<disk>``: collision-free like the queues.
+    """
+    return _pair("fs", tenant, disk, 63)
+
+
+def control_container(tenant: str, disk: str) -> str:
+    """The container of one disk's owner lease, digest maps, resync answers, state and fence."""
+    return _pair("fx", tenant, disk, 63)
 
 
 def segment_blob(tenant: str, disk: str, gen: int, seq: int) -> str:

@@ -113,6 +113,8 @@ class Message:
     body: dict[str, Any]
     dequeue_count: int
     raw: str
+    inserted_at: float | None = None
+    """When the queue service took the message (its own clock, whole seconds); None if unknown."""
 
 
 _ABSENT_PARENT = {"ContainerNotFound", "QueueNotFound"}
@@ -352,7 +354,8 @@ class Storage:
                         raise ValueError
                 except (ValueError, TypeError):
                     body = {}
-                out.append(Message(m.id, m.pop_receipt, body, m.dequeue_count, m.content))
+                inserted = m.inserted_on.timestamp() if m.inserted_on else None
+                out.append(Message(m.id, m.pop_receipt, body, m.dequeue_count, m.content, inserted))
         return out
 
     def delete_message(self, queue: str, message: Message) -> None:

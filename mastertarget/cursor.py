@@ -5,13 +5,16 @@ Example::
     {"tenant": "demo", "disk": "web01-disk0", "gen": 3, "applied_seq": 17,
      "last_tag": {"id": "3-17", "kind": "crash", "t0_wall": 1795671234.125, ...},
      "applied_at": 1795671240.5, "bytes_applied": 1048576,
-     "resync_request": "b9f0...", "resync_required_gen": null, "reason": null}
+     "resync_request": "b9f0...", "resync_inserted_at": 1795671200.0,
+     "resync_required_gen": null, "reason": null}
 
 The cursor is written with :func:`ferry.durable.write_json` (temporary file,
 fsync, rename, fsync of the directory): a crash leaves the old or the new
 cursor, never a torn one.  ``resync_request`` names the request that started
 ``gen``, so a crash between the cursor and the answer blob reuses the
-generation instead of starting another one.  ``fenced`` is set, in the same
+generation instead of starting another one; ``resync_inserted_at`` (when the
+queue took that request) makes a request queued before it, delivered late,
+recognisably stale.  ``fenced`` is set, in the same
 write as the cursor that reached it, when the disk's final tag (a cutover) is
 applied: from then on the disk is never served again, unless an operator
 resumes replication of a cutover that was not committed (``resumed``: the
@@ -40,6 +43,8 @@ class Cursor:
     applied_at: float | None = None
     bytes_applied: int = 0
     resync_request: str | None = None
+    resync_inserted_at: float | None = None
+    """When the queue took the notice of ``resync_request`` (the queue service's clock)."""
     resync_required_gen: int | None = None
     reason: str | None = None
     fenced: dict[str, Any] | None = None

@@ -46,6 +46,10 @@ MISSING_BLOB_SIGHTINGS = 3
 MISSING_BLOB_RETRY = 10
 """How long a notice whose blob is missing stays hidden before the next look, in seconds."""
 
+GAP_LOOKUP_AFTER = 30.0
+"""How long the batch the cursor waits for may stay missing before it is looked up by its
+blob's name (its notice was lost: ``mastertarget.gap``), in seconds; and between looks."""
+
 IDLE_POLL_MIN = 0.1
 """Wait after the first empty round, in seconds."""
 

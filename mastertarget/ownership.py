@@ -48,7 +48,7 @@ class Ownership:
         self.storage = storage
         self.disk = disk
         self.blob = naming.lease_blob(tenant, disk)
-        self.container = naming.control_container(tenant)
+        self.container = naming.control_container(tenant, disk)
         self.seconds = seconds
         self.renew_every = min(renew_every, seconds / 3)
         self.state_dir = Path(state_dir) if state_dir else None

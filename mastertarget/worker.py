@@ -17,7 +17,7 @@ harmlessly: notices come back, staged files replay (extents are absolute),
 and stale leftovers are recognised against the cursor and removed.
 
 Fence (a cutover): the group closing with a tag marked ``final``, or with
-the tag named in ``ferry-<tenant>-control/<tenant>/<disk>/fence.json``, is the last
+the tag named in ``fx-<len(tenant)>-<tenant>-<disk>/<tenant>/<disk>/fence.json``, is the last
 one applied; the cursor that reaches it records ``fenced`` in the same
 write, and the disk is never served again.  A group newer than the fence's
 tag is refused.
@@ -54,10 +54,11 @@ from ferry import verify as verify_format
 from ferry.batch import Batch
 from ferry.errors import FerryError, NotFound, SegmentCorrupt
 from ferry.storage import Message, Storage
-from mastertarget import applylock, defaults, layout, notices
+from mastertarget import applylock, defaults, killpoint, layout, notices
 from mastertarget import cursor as cursors
 from mastertarget import journal as journals
 from mastertarget.errors import BadNotice
+from mastertarget.gap import GapWatch
 from mastertarget.ownership import Ownership
 from mastertarget.settings import DiskSettings, Settings
 from mastertarget.staging import Staging, file_name
@@ -108,14 +109,15 @@ class DiskWorker:
         self.stop = stop or threading.Event()
         self.visibility = visibility
         self.missing_retry = missing_retry
-        self.segments = naming.segments_container(self.tenant)
-        self.control = naming.control_container(self.tenant)
+        self.segments = naming.segments_container(self.tenant, self.disk)
+        self.control = naming.control_container(self.tenant, self.disk)
         self.queue = naming.disk_queue(self.tenant, self.disk)
         self.poison = naming.poison_queue(self.queue)
         self.directory = layout.disk_dir(settings.state_dir, self.disk)
         self.cursor_path = layout.cursor_path(settings.state_dir, self.disk)
         self.staging = Staging(layout.staging_dir(settings.state_dir, self.disk))
         self.verified = Verified(defaults.VERIFIED_KEPT_BYTES)
+        self.gap = GapWatch(defaults.GAP_LOOKUP_AFTER)
         self.target = Target(disk.target, disk.kind)
         self.cursor = cursors.Cursor(self.tenant, self.disk)
         self.verify = Checker(self.disk, self.directory, str(disk.target))  # online verify
@@ -185,9 +187,10 @@ class DiskWorker:
         )
         for message in messages:
             self.handle(message)
+        found = self._look_up_gap()
         applied = self.apply_ready()
         self.publish(force=self._changed)
-        return len(messages) + applied
+        return len(messages) + found + applied
 
     def handle(self, message: Message) -> None:
         """Act on one received notice (resync, segment, or unusable)."""
@@ -245,7 +248,33 @@ class DiskWorker:
             return
         self.staging.add(notice.gen, notice.seq, data, opened.header.get("tag") is not None)
         self.verified.keep(notice.gen, notice.seq, opened)  # applied from memory (see verified.py)
+        killpoint.reached("staged")
         self.storage.delete_message(self.queue, message)
+
+    def _look_up_gap(self) -> int:
+        """Stage the batch the cursor waits for by its blob's name if its notice is overdue.
+
+        The notice was lost (``mastertarget.gap``); 1 if the batch was found.
+        """
+        gen = self.cursor.gen
+        seq = self.gap.due(gen, self.cursor.applied_seq, self.staging)
+        if seq is None:
+            return 0
+        blob = naming.segment_blob(self.tenant, self.disk, gen, seq)
+        expect = {"tenant": self.tenant, "disk": self.disk, "gen": gen, "seq": seq}
+        try:
+            data = self.storage.get(self.segments, blob)
+            header = segment.verify(data, blob, expect, key=self.key,
+                                    allow_unsealed=self.allow_unsealed)  # fmt: skip
+        except (NotFound, segment.UnknownKey):
+            return 0  # not uploaded yet, or a key still on its way: look again later
+        except SegmentCorrupt as exc:
+            self._require_resync(gen, f"segment gen {gen} seq {seq} ({blob}): {exc}")
+            return 0
+        self.staging.add(gen, seq, data, header.get("tag") is not None)
+        log.warning("disk %s: staged gen %d seq %d found by its blob's name: its notice was lost",
+                    self.disk, gen, seq)  # fmt: skip
+        return 1
 
     def _verify(
         self, data: bytes, name: str, gen: int, seq: int, checksum: str | None = None
@@ -301,10 +330,10 @@ class DiskWorker:
 
     def _resync(self, message: Message, notice: notices.ResyncNotice) -> None:
         answer_blob = naming.resync_answer_blob(self.tenant, self.disk, notice.request_id)
-        if self.storage.exists(self.control, answer_blob):
+        if self.storage.exists(self.control, answer_blob) or self._superseded(message):
             self.storage.delete_message(self.queue, message)  # answered before: idempotent
             return
-        gen = self._start_generation(notice.request_id)
+        gen = self._start_generation(notice.request_id, message.inserted_at)
         answer = self._answer(notice, gen)
         self.storage.put_json(self.control, answer_blob, answer)
         self.storage.delete_message(self.queue, message)
@@ -319,7 +348,24 @@ class DiskWorker:
             "empty" if answer["empty"] else "compared",
         )
 
-    def _start_generation(self, request_id: str) -> int:
+    def _superseded(self, message: Message) -> bool:
+        """A resync request queued before the one that started the current generation.
+
+        Queues do not keep order: a request the agent gave up on (it crashed
+        or asked again) can arrive after its successor.  Starting a
+        generation for it would leave the agent shipping one the master
+        target had already left, for good (found by the fault campaign's
+        soak).  The queue's own insertion times order them (one clock, whole
+        seconds: within the same second the request is honoured).
+        """
+        current, inserted = self.cursor.resync_inserted_at, message.inserted_at
+        if current is None or inserted is None or inserted >= current:
+            return False
+        log.warning("disk %s: ignored a resync request queued before the one that started "
+                    "generation %d: %s", self.disk, self.cursor.gen, message.body.get("request_id"))  # fmt: skip
+        return True
+
+    def _start_generation(self, request_id: str, inserted_at: float | None = None) -> int:
         """Move the cursor to a new generation durably; drop what older ones staged."""
         old = self.cursor
         if old.resync_request == request_id:
@@ -327,9 +373,8 @@ class DiskWorker:
             # not heard of this generation yet, so it is still fresh.
             new = old
         else:
-            new = dataclasses.replace(
-                old, gen=old.gen + 1, applied_seq=0, resync_request=request_id
-            )
+            new = dataclasses.replace(old, gen=old.gen + 1, applied_seq=0,
+                                      resync_request=request_id, resync_inserted_at=inserted_at)  # fmt: skip
         if new.resync_required_gen is not None and new.resync_required_gen < new.gen:
             new = dataclasses.replace(new, resync_required_gen=None, reason=None)
         self._save(new)
@@ -398,6 +443,7 @@ class DiskWorker:
                 if end > marked:  # one durable mark covers every group staged now
                     marked = max([end, *(s.seq for s in self.staging if s.gen == gen)])
                     self._mark_applying(gen, marked)
+                    killpoint.reached("marked")
                 if not self._apply_group(gen, after + 1, end):
                     return groups, False
             groups += 1
@@ -443,9 +489,11 @@ class DiskWorker:
                 self._group_broken(gen, seq, f"{exc} (after {seq - first} batches were written)")
                 return False
             written += self.target.write_batch(batch, check=self._check_owner)
+            killpoint.reached("written")
             tag, section = verify_format.split(batch.tag)  # the verify digests are never recorded
             del batch  # one segment's data in memory at a time
         self.target.sync()
+        killpoint.reached("synced")
         self._save(
             dataclasses.replace(
                 self.cursor,
@@ -456,6 +504,7 @@ class DiskWorker:
                 fenced=self._fence_reached(tag),
             )
         )
+        killpoint.reached("cursor")
         self.journal.after_group(dataclasses.asdict(self.cursor))
         self._discard_stale()
         if self.fenced:
@@ -547,8 +596,10 @@ class DiskWorker:
             self.storage.delete(
                 self.segments, naming.segment_blob(self.tenant, self.disk, staged.gen, staged.seq)
             )
+            killpoint.reached("blob-deleted")
             self.staging.remove(staged.gen, staged.seq)
             self._changed = True
+        killpoint.reached("discarded")
         self._stale_possible = False
 
     # -- fence ---------------------------------------------------------------------------

@@ -53,7 +53,7 @@ class ResyncRelay:
         self.request_id = request_id
         self.block_size = block_size
         self.answer_blob = naming.resync_answer_blob(self.tenant, disk, request_id)
-        self.control = naming.control_container(self.tenant)
+        self.control = naming.control_container(self.tenant, disk)
         self.done = threading.Event()
         self._cancelled = threading.Event()
 
@@ -245,7 +245,7 @@ class StateRelay:
     def _read(self, tenant: str, disk: str) -> Any:
         """The disk's state blob as JSON; None if absent, unreadable or storage is down."""
         name = naming.disk_state_blob(tenant, disk)
-        control = naming.control_container(tenant)
+        control = naming.control_container(tenant, disk)
         try:
             state = self.ctx.storage.get_json(control, name)
         except NotFound:

@@ -146,7 +146,9 @@ class Uploader:
         try:
             if not packed.stored:
                 self.bucket.take(len(packed.data), ctx.stopping)
-                ctx.storage.put(naming.segments_container(batch.tenant), packed.blob, packed.data)
+                ctx.storage.put(
+                    naming.segments_container(batch.tenant, batch.disk), packed.blob, packed.data
+                )
                 packed.stored = True
             body = notice(batch, packed.checksum, len(packed.data))
             ctx.storage.send(naming.disk_queue(batch.tenant, batch.disk), body)

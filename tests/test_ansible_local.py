@@ -430,7 +430,7 @@ def test_cutover_migrates_the_machine_to_a_verified_vhd(deployment):
         served = json.loads((deployment.state / "master-target" / "protected.json").read_text())
         assert deployment.disk not in served["disks"]
     fence = deployment.storage().get_json(
-        naming.control_container("demo"), f"demo/{deployment.disk}/fence.json"
+        naming.control_container("demo", deployment.disk), f"demo/{deployment.disk}/fence.json"
     )
     assert fence["tag"]["id"] == manifest["final_tag"]["id"]
     # The master target stopped at the final tag, for good, and let go of the disk.
@@ -438,7 +438,9 @@ def test_cutover_migrates_the_machine_to_a_verified_vhd(deployment):
     assert cursor["last_tag"]["id"] == cursor["fenced"]["tag"]["id"] == manifest["final_tag"]["id"]
     assert cursor["last_tag"]["final"] is True
     lease = naming.lease_blob("demo", deployment.disk)
-    with deployment.storage().lease(naming.control_container("demo"), lease, deployment.disk, 15):
+    with deployment.storage().lease(
+        naming.control_container("demo", deployment.disk), lease, deployment.disk, 15
+    ):
         pass  # free: nothing serves the disk any more
 
 

@@ -119,8 +119,9 @@ def test_settings_fit_each_daemons_settings_schema(api):
     assert [d.id for d in parsed.disks] == estate.disks
     target = api.get("/components/self/settings", estate.mt).json()
     assert set(target.pop("storage")["containers"]) == {
-        f"ferry-{estate.tenant}-segments",
-        f"ferry-{estate.tenant}-control",
+        name(estate.tenant, disk)
+        for disk in estate.disks
+        for name in (naming.segments_container, naming.control_container)
     }
     parsed = from_mapping({**target, "state_dir": "/var/lib/ferry"}, MasterTargetSettings)
     assert str(parsed.disks[0].target) == f"/srv/targets/{estate.disks[0]}.img"

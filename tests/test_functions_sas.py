@@ -38,7 +38,7 @@ def test_process_server_writes_segments_but_cannot_read_or_delete_them(api):
     api.protect(estate)
     ps, mt = _grants(api, estate.ps), _grants(api, estate.mt)
     blob = naming.segment_blob(estate.tenant, estate.disks[0], 1, 1)
-    segments = _container(ps, naming.segments_container(estate.tenant))
+    segments = _container(ps, naming.segments_container(estate.tenant, estate.disks[0]))
     segments.upload_blob(blob, b"segment", overwrite=True)
     _refused(lambda: segments.download_blob(blob).readall())
     _refused(lambda: segments.delete_blob(blob))
@@ -46,7 +46,7 @@ def test_process_server_writes_segments_but_cannot_read_or_delete_them(api):
     _queue(ps, queue).send_message("notice")
     _refused(lambda: list(_queue(ps, queue).receive_messages()))
     # The master target reads and deletes what the process server wrote.
-    target_segments = _container(mt, naming.segments_container(estate.tenant))
+    target_segments = _container(mt, naming.segments_container(estate.tenant, estate.disks[0]))
     assert target_segments.download_blob(blob).readall() == b"segment"
     _refused(lambda: target_segments.upload_blob(blob + ".x", b"forged", overwrite=True))
     messages = list(_queue(mt, queue).receive_messages())
@@ -66,15 +66,15 @@ def test_grants_do_not_reach_another_tenant_or_another_component(api):
     assert their_queue not in ps["queues"]
     our_queue_sas = ps["queues"][naming.disk_queue(ours.tenant, ours.disks[0])]
     _refused(lambda: _queue(ps, their_queue, our_queue_sas).send_message("forged"))
-    # Segments are per tenant too: our master target cannot read theirs, even by name.
+    # Segments are per disk too: our master target cannot read theirs, even by name.
     their_mt = _grants(api, theirs.mt)
     their_blob = naming.segment_blob(theirs.tenant, theirs.disks[0], 1, 1)
-    their_segments = naming.segments_container(theirs.tenant)
+    their_segments = naming.segments_container(theirs.tenant, theirs.disks[0])
     _container(_grants(api, theirs.ps), their_segments).upload_blob(their_blob, b"theirs")
     assert _container(their_mt, their_segments).download_blob(their_blob).readall() == b"theirs"
     mt = _grants(api, ours.mt)
     assert their_segments not in mt["containers"]
-    our_sas = mt["containers"][naming.segments_container(ours.tenant)]
+    our_sas = mt["containers"][naming.segments_container(ours.tenant, ours.disks[0])]
     stolen = ContainerClient(mt["blob_endpoint"], their_segments, credential=our_sas)
     _refused(lambda: stolen.download_blob(their_blob).readall())
     agent = _grants(api, ours.agent)

@@ -29,6 +29,7 @@ from ferry.batch import Batch
 from ferry.errors import DeviceError
 from ferry.storage import Storage
 from mastertarget import cutover
+from mastertarget import defaults as mt_defaults
 from mastertarget.errors import LeaseLost, StateInUse
 from mastertarget.main import main
 from mastertarget.ownership import Ownership
@@ -203,6 +204,43 @@ def test_duplicates_and_out_of_order_notices_apply_once_in_order(make_worker, st
     assert ps.segment_blobs() == [] and storage.peek_count(ps.queue) == 0
 
 
+def test_a_lost_notice_is_found_by_its_blobs_name(make_worker, storage, tenant, monkeypatch):
+    """A notice deleted from the queue (or expired) left the disk waiting on the gap forever
+    (found by the fault campaign, bench/faults.py ``frames``)."""
+    monkeypatch.setattr(mt_defaults, "GAP_LOOKUP_AFTER", 0.0, raising=False)  # no wait
+    ps = SegmentShipper(storage, tenant, disk_size=1 * MiB)
+    worker = make_worker()
+    new_generation(ps, worker)
+    b1 = ps.batch(1, 1, [(0, b"\x01" * 8 * KiB)], tag=True)
+    b2 = ps.batch(1, 2, [(4 * KiB, b"\x02" * 8 * KiB)])
+    b3 = ps.batch(1, 3, [(8 * KiB, b"\x03" * 8 * KiB)], tag=True)
+    ps.ship(b1)
+    ps.upload(b2)  # uploaded, but its notice is lost
+    ps.ship(b3)
+    drain(worker)
+    assert worker.cursor.applied_seq == 3, "the disk waits on the lost notice's gap"
+    assert read_target(worker) == apply_to(bytearray(1 * MiB), b1, b2, b3)
+    assert ps.segment_blobs() == []
+
+
+def test_a_resync_request_overtaken_by_a_newer_one_is_ignored(make_worker, storage, tenant):
+    """A resync request the agent gave up on, delivered after its successor, started a
+    generation the agent never used: the disk stalled for good (the fault campaign's soak)."""
+    ps = SegmentShipper(storage, tenant, disk_size=1 * MiB)
+    worker = make_worker()
+    new_generation(ps, worker)
+    ps.ask_resync()
+    [late] = storage.receive(ps.queue, count=1, visibility=60)  # held up in the queue
+    time.sleep(1.5)  # the queue's insertion times count whole seconds
+    assert new_generation(ps, worker)["gen"] == 2  # the agent asked again and got gen 2
+    b1 = ps.batch(2, 1, [(0, b"\x07" * 4 * KiB)], tag=True)
+    ps.ship(b1)
+    storage.defer(ps.queue, late, 0)  # the old request arrives at last
+    drain(worker)
+    assert (worker.cursor.gen, worker.cursor.applied_seq) == (2, 1), "the agent's gen was left"
+    assert read_target(worker)[: 4 * KiB] == b"\x07" * 4 * KiB
+
+
 def test_newer_generation_is_held_until_its_resync(make_worker, storage, tenant):
     ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
@@ -320,7 +358,7 @@ def test_missing_blob_is_poisoned_on_the_third_sighting(make_worker, storage, te
     worker = make_worker(missing_retry=0)
     new_generation(ps, worker)
     notice = ps.upload(ps.batch(1, 1, [(0, b"y" * 4096)], tag=True))
-    storage.delete(naming.segments_container(tenant), notice["blob"])
+    storage.delete(naming.segments_container(tenant, DISK), notice["blob"])
     ps.announce(notice)
 
     worker.step()
@@ -392,7 +430,7 @@ def test_damaged_staged_file_is_fetched_again_or_never_applied(
     damaged[100] ^= 1
     staged.write_bytes(damaged)  # the local disk flipped a bit
     if not blob_left:
-        storage.delete(naming.segments_container(tenant), n1["blob"])
+        storage.delete(naming.segments_container(tenant, DISK), n1["blob"])
     ps.ship(b2)
     drain(worker)
     if blob_left:
@@ -431,7 +469,9 @@ def test_resync_answers_with_the_targets_digest_map(make_worker, storage, tenant
     assert (answer["gen"], answer["empty"], answer["target_size"]) == (2, False, 512 * KiB)
     assert answer["digest_blob"] == naming.digest_blob(tenant, DISK, 2)
     expected_map, _ = blockio.digest_map(worker.target.path, 8192)
-    assert storage.get(naming.control_container(tenant), answer["digest_blob"]) == expected_map
+    assert (
+        storage.get(naming.control_container(tenant, DISK), answer["digest_blob"]) == expected_map
+    )
     assert staged_names(worker) == [] and ps.segment_blobs() == []
     assert worker.cursor.last_tag == g1.tag, "the target still sits on the last tag"
 
@@ -451,7 +491,7 @@ def test_resync_answers_with_the_targets_digest_map(make_worker, storage, tenant
 
     # The next generation's map replaces this one's.
     assert new_generation(ps, worker)["gen"] == 3
-    maps = storage.list(naming.control_container(tenant), f"{tenant}/{DISK}/digests/")
+    maps = storage.list(naming.control_container(tenant, DISK), f"{tenant}/{DISK}/digests/")
     assert maps == [naming.digest_blob(tenant, DISK, 3)]
 
 
@@ -462,7 +502,7 @@ def test_resync_interrupted_before_its_answer_reuses_the_generation(make_worker,
     drain(worker)
     # As if the master target had crashed after the cursor, before the answer.
     storage.delete(
-        naming.control_container(tenant), naming.resync_answer_blob(tenant, DISK, request)
+        naming.control_container(tenant, DISK), naming.resync_answer_blob(tenant, DISK, request)
     )
     ps.ask_resync(request_id=request)
     drain(worker)
@@ -486,11 +526,11 @@ def test_lost_lease_stops_applying_at_once(make_worker, storage, tenant):
         at_first = apply_to(bytearray(256 * KiB), first)
 
         blob = storage.blobs.get_blob_client(
-            naming.control_container(tenant), naming.lease_blob(tenant, DISK)
+            naming.control_container(tenant, DISK), naming.lease_blob(tenant, DISK)
         )
         BlobLeaseClient(blob).break_lease(lease_break_period=0)
         with storage.lease(
-            naming.control_container(tenant), naming.lease_blob(tenant, DISK), DISK, 15
+            naming.control_container(tenant, DISK), naming.lease_blob(tenant, DISK), DISK, 15
         ):
             deadline = time.monotonic() + 10
             while not ownership.lost and time.monotonic() < deadline:
@@ -521,7 +561,9 @@ def test_state_directory_serves_one_process_at_a_time(storage, tenant, tmp_path)
 
 def _fence_record(storage: Storage, tenant: str, tag: dict) -> None:
     record = {"tenant": tenant, "disk": DISK, "tag": tag, "reason": "cutover", "fenced_at": 1.0}
-    storage.put_json(naming.control_container(tenant), naming.fence_blob(tenant, DISK), record)
+    storage.put_json(
+        naming.control_container(tenant, DISK), naming.fence_blob(tenant, DISK), record
+    )
 
 
 def _at_a_first_tag(make_worker, storage, tenant) -> tuple[SegmentShipper, DiskWorker, Batch]:
@@ -634,7 +676,9 @@ def test_a_fenced_disk_is_not_served_and_its_lease_is_free(azurite, storage, ten
 
     serve_until_fenced()
     assert (tmp_path / "target.img").read_bytes()[:8192] == b"f" * 4096 + bytes(4096)
-    with storage.lease(naming.control_container(tenant), naming.lease_blob(tenant, DISK), DISK, 15):
+    with storage.lease(
+        naming.control_container(tenant, DISK), naming.lease_blob(tenant, DISK), DISK, 15
+    ):
         pass  # released: another master target, or the cutover, may take the disk
     serve_until_fenced()  # a restart does not serve it either
 
@@ -667,8 +711,8 @@ def test_second_master_target_for_a_disk_is_refused(azurite, tenant, tmp_path):
         assert refused.returncode == 6
         assert refused.stderr.splitlines() == [
             f"master-target: error: disk {DISK} is owned by another master target (lease on "
-            f"ferry-{tenant}-control/{naming.lease_blob(tenant, DISK)} is held); stop it first or run "
-            "with --wait"
+            f"{naming.control_container(tenant, DISK)}/{naming.lease_blob(tenant, DISK)} is held); "
+            "stop it first or run with --wait"
         ]
         waiter = MasterTarget(second, conn, tmp_path / "b.log", "--wait")
         daemons.append(waiter)
@@ -698,7 +742,7 @@ def test_killed_master_target_replays_the_group_and_converges(azurite, storage, 
         request = ps.ask_resync()
         answer = naming.resync_answer_blob(tenant, DISK, request)
         wait_for(
-            lambda: storage.exists(naming.control_container(tenant), answer),
+            lambda: storage.exists(naming.control_container(tenant, DISK), answer),
             30,
             "the resync answer",
         )
@@ -758,7 +802,7 @@ def test_sigterm_finishes_the_group_in_hand(azurite, storage, tenant, tmp_path):
         request = ps.ask_resync()
         answer = naming.resync_answer_blob(tenant, DISK, request)
         wait_for(
-            lambda: storage.exists(naming.control_container(tenant), answer),
+            lambda: storage.exists(naming.control_container(tenant, DISK), answer),
             30,
             "the resync answer",
         )
@@ -866,7 +910,7 @@ def test_block_device_target(make_worker, storage, tenant, loopdisk):
         assert f.read() == apply_to(bytearray(4 * MiB), b)
     answer = new_generation(ps, worker)
     assert (
-        storage.get(naming.control_container(tenant), answer["digest_blob"])
+        storage.get(naming.control_container(tenant, DISK), answer["digest_blob"])
         == blockio.digest_map(device, 4096)[0]
     )
 

@@ -116,7 +116,7 @@ def verify_uploaded(storage, notices: list[dict], batches: dict, key: bytes | No
         assert n["type"] == "segment"
         assert (n["tenant"], n["disk"], n["blob"]) == (batch.tenant, DISK, blob)
         assert n["tag"] == (batch.tag["id"] if batch.tag else None)
-        data = storage.get(naming.segments_container(batch.tenant), blob)
+        data = storage.get(naming.segments_container(batch.tenant, batch.disk), blob)
         assert n["bytes"] == len(data)
         expect = {"tenant": batch.tenant, "disk": DISK, "gen": batch.gen, "seq": batch.seq}
         back = unpack(data, blob, expect, key=key, checksum=n["checksum"])
@@ -150,7 +150,7 @@ def test_batches_are_acked_uploaded_and_announced(
     if key:  # sealed: useless without the key
         blob = notices[0]["blob"]
         with pytest.raises(SegmentCorrupt, match="encrypted"):
-            unpack(storage.get(naming.segments_container(tenant), blob), blob)
+            unpack(storage.get(naming.segments_container(tenant, DISK), blob), blob)
 
     # Uploaded and announced, so nothing is left to spool; the status says what happened.
     wait_for(lambda: not server.spooled(tenant), 10, "an empty spool")
@@ -277,7 +277,7 @@ def test_bad_input_gets_an_error_and_the_server_goes_on(
     assert [n["seq"] for n in collect_notices(storage, tenant, 1)] == [2]
     # Nothing of the refused input was uploaded.
     assert not storage.exists(
-        naming.segments_container(tenant), naming.segment_blob(tenant, DISK, 1, 1)
+        naming.segments_container(tenant, DISK), naming.segment_blob(tenant, DISK, 1, 1)
     )
 
 
@@ -316,7 +316,7 @@ def test_acked_batches_survive_sigkill_while_storage_is_down(
     verify_uploaded(storage, notices, batches, server.segment_key)
     wait_for(lambda: not server.spooled(tenant), 10, lambda: str(server.spooled(tenant)))
     assert not storage.exists(
-        naming.segments_container(tenant), naming.segment_blob(tenant, DISK, 1, 99)
+        naming.segments_container(tenant, DISK), naming.segment_blob(tenant, DISK, 1, 99)
     )
 
 
@@ -455,11 +455,13 @@ def test_resync_is_relayed_to_the_master_target_and_answered(servers, connect, s
     # Playing the master target: a digest map and the answer naming it.
     digests = os.urandom(16 * 40)
     digest_blob = naming.digest_blob(tenant, DISK, 2)
-    storage.put(naming.control_container(tenant), digest_blob, digests)
+    storage.put(naming.control_container(tenant, DISK), digest_blob, digests)
     answer = {"request_id": "req-1", "gen": 2, "block_size": 65536, "target_size": 40 * 65536,
               "digest_blob": digest_blob, "empty": False}  # fmt: skip
     storage.put_json(
-        naming.control_container(tenant), naming.resync_answer_blob(tenant, DISK, "req-1"), answer
+        naming.control_container(tenant, DISK),
+        naming.resync_answer_blob(tenant, DISK, "req-1"),
+        answer,
     )
     header, payload = agent.recv(15)
     assert header["type"] == "resync-answer", header
@@ -473,7 +475,9 @@ def test_resync_is_relayed_to_the_master_target_and_answered(servers, connect, s
     # An empty target: no map, an empty payload.
     empty = {**answer, "request_id": "req-2", "gen": 3, "digest_blob": None, "empty": True}
     storage.put_json(
-        naming.control_container(tenant), naming.resync_answer_blob(tenant, DISK, "req-2"), empty
+        naming.control_container(tenant, DISK),
+        naming.resync_answer_blob(tenant, DISK, "req-2"),
+        empty,
     )
     agent.send({"type": "resync", "disk": DISK, "request_id": "req-2", "block_size": 65536})
     header, payload = agent.recv(15)
@@ -489,7 +493,7 @@ def test_resync_required_is_relayed_once_per_generation(servers, connect, storag
     state_blob = naming.disk_state_blob(tenant, DISK)
     state = {"tenant": tenant, "disk": DISK, "gen": 3, "applied_seq": 4,
              "resync_required_gen": 3, "reason": "segment gen 3 seq 5: checksum mismatch"}  # fmt: skip
-    storage.put_json(naming.control_container(tenant), state_blob, state)
+    storage.put_json(naming.control_container(tenant, DISK), state_blob, state)
     header, _ = agent.recv(10)
     assert header == {"type": "resync-required", "disk": DISK, "gen": 3,
                       "reason": "segment gen 3 seq 5: checksum mismatch"}  # fmt: skip
@@ -497,7 +501,7 @@ def test_resync_required_is_relayed_once_per_generation(servers, connect, storag
         agent.recv(1.0)  # polled five times more, said once
 
     storage.put_json(
-        naming.control_container(tenant),
+        naming.control_container(tenant, DISK),
         state_blob,
         {**state, "resync_required_gen": 4, "reason": "x"},
     )

@@ -330,6 +330,77 @@ def test_wrong_credentials_are_rate_limited_per_client_address(api):
         context.use(api.ctx)
 
 
+def _grant(api, token: str) -> dict:
+    answer = api.get("/components/self/storage", token)
+    assert answer.status_code == 200, answer
+    return answer.json()
+
+
+def test_grants_reach_only_the_disks_a_component_serves(api):
+    """Finding 8: a process server or master target of one machine could overwrite, read
+    and delete another machine's segments, state, fence and lease (of its own tenant):
+    its grant covered the tenant's containers.  Each is tried here with every container
+    SAS the attacker holds, against every container the victim's components hold."""
+    from azure.storage.blob import ContainerClient
+
+    tenant, operator = api.tenant()
+    tokens: dict[str, dict[str, str]] = {}
+    for machine, n in (("web01", "1"), ("db02", "2")):
+        tokens[machine] = {
+            "ps": api.register(tenant, operator, "process-server", f"ps{n}",
+                               listen=f"127.0.0.{n}:7443"),
+            "mt": api.register(tenant, operator, "master-target", f"mt{n}", target_dir="/srv/t"),
+        }  # fmt: skip
+        api.register(
+            tenant,
+            operator,
+            "agent",
+            machine,
+            disks=[{"id": f"{machine}-sda", "device": "/dev/sda", "size": 1 << 30}],
+        )
+        answer = api.post(f"/tenants/{tenant}/machines/{machine}/protect", operator,
+                          {"idempotency_key": f"p-{machine}", "process_server": f"ps{n}",
+                           "master_target": f"mt{n}"})  # fmt: skip
+        assert answer.status_code == 202, answer
+    victim = {kind: _grant(api, token) for kind, token in tokens["web01"].items()}
+    attacker = {kind: _grant(api, token) for kind, token in tokens["db02"].items()}
+    endpoint = victim["ps"]["blob_endpoint"]
+    blob = naming.segment_blob(tenant, "web01-sda", 1, 1)
+    theirs = {**victim["ps"]["containers"], **victim["mt"]["containers"]}
+    victims = victim["ps"]["containers"]
+    written = [
+        n for n in victims if _writes(ContainerClient(endpoint, n, credential=victims[n]), blob)
+    ]
+    assert written, "the victim's own process server must be able to upload its segments"
+    for kind, grant in attacker.items():
+        for sas in grant["containers"].values():
+            for name in theirs:
+                stolen = ContainerClient(endpoint, name, credential=sas)
+                assert not _writes(stolen, blob + ".forged"), f"{kind} wrote into {name}"
+                _refused(stolen.download_blob, blob)
+                _refused(stolen.delete_blob, blob)
+        assert not set(grant["containers"]) & set(theirs), f"{kind} holds the victim's grants"
+    # The victim's segment is still there, untouched.
+    own = ContainerClient(endpoint, written[0], credential=victim["mt"]["containers"][written[0]])
+    assert own.download_blob(blob).readall() == b"segment"
+
+
+def _refused(call, *args) -> None:
+    with pytest.raises(HttpResponseError) as caught:
+        call(*args)
+    assert caught.value.status_code in (403, 404), caught.value
+
+
+def _writes(container, blob: str) -> bool:
+    """Whether uploading ``blob`` with this client's SAS succeeds (False on 403/404)."""
+    try:
+        container.upload_blob(blob, b"segment", overwrite=True)
+    except HttpResponseError as exc:
+        assert exc.status_code in (403, 404), exc
+        return False
+    return True
+
+
 def test_grants_insist_on_https_where_the_endpoint_is_https():
     """SAS grants once worked over plain HTTP even for an HTTPS account."""
     import datetime as dt

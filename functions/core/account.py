@@ -32,8 +32,6 @@ from azure.storage.queue import (
     generate_queue_sas,
 )
 
-from ferry import naming
-
 # Short SDK retries, as in ferry.storage: a request must not hang for a minute.
 _CLIENT_OPTS: dict[str, Any] = {
     "retry_total": 3,
@@ -98,15 +96,14 @@ class Account:
 
     # -- queues and containers -----------------------------------------------------------
 
-    def ensure_containers(self, tenant: str) -> None:
-        """Create a tenant's containers if absent, so that components holding only SAS
-        tokens can use them. Idempotent."""
-        for name in (naming.segments_container(tenant), naming.control_container(tenant)):
-            if name in self._known:
-                continue
-            with contextlib.suppress(ResourceExistsError):
-                self.blobs.create_container(name)
-            self._known.add(name)
+    def ensure_container(self, name: str) -> None:
+        """Create container ``name`` if absent, so that components holding only SAS
+        tokens can use it (a disk's segments and control containers). Idempotent."""
+        if name in self._known:
+            return
+        with contextlib.suppress(ResourceExistsError):
+            self.blobs.create_container(name)
+        self._known.add(name)
 
     def ensure_queue(self, queue: str) -> None:
         """Create ``queue`` if absent. Idempotent."""

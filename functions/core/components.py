@@ -4,16 +4,17 @@ Storage grants are SAS tokens scoped to exactly what the component needs
 (docs/api.md, ``GET /components/self/storage``):
 
 * every component: its command queue (read, process, update);
-* process server: its tenant's ``ferry-<tenant>-segments`` (create, write)
-  and ``ferry-<tenant>-control`` (read); the queues of its disks (add);
-* master target: ``ferry-<tenant>-segments`` (read, delete),
-  ``ferry-<tenant>-control`` (read, add, create, write, delete: it holds
-  leases and writes state and answers); the queues of its disks (read,
-  process, update) and their poison queues (add).
+* process server, for each disk assigned to it: the disk's segments
+  container (create, write), its control container (read) and its queue (add);
+* master target, for each disk assigned to it: the disk's segments
+  container (read, delete), its control container (read, add, create, write,
+  delete: it holds the lease and writes state and answers), its queue (read,
+  process, update) and poison queue (add).
 
-Containers and queues are per tenant, so no grant reaches another tenant's
-data (a container SAS cannot be narrowed to a name prefix, hence one
-container per tenant).
+Containers and queues are per disk (``ferry.naming``), so no grant reaches
+the data of a disk the component does not serve, of its own tenant or
+another (issue #10, finding 8: a container SAS cannot be narrowed to a name
+prefix, hence one container per disk).  An agent gets no container at all.
 """
 
 from __future__ import annotations
@@ -74,18 +75,19 @@ def grants(ctx: Context, caller: Caller) -> tuple[dict[str, str], dict[str, str]
     containers: dict[str, str] = {}
     queues = {naming.command_queue(caller.tenant, caller.component_id): "rup"}
     kind = caller.component_kind
-    segments, control = (naming.segments_container(caller.tenant),
-                         naming.control_container(caller.tenant))  # fmt: skip
-    if kind == "process-server":
-        containers = {segments: "cw", control: "r"}
-        for disk in assigned_disks(ctx, caller):
-            queues[naming.disk_queue(caller.tenant, disk["disk"])] = "a"
-    elif kind == "master-target":
-        containers = {segments: "rd", control: "racwd"}
-        for disk in assigned_disks(ctx, caller):
-            queue = naming.disk_queue(caller.tenant, disk["disk"])
-            queues[queue] = "rup"
-            queues[naming.poison_queue(queue)] = "a"
+    if kind not in ("process-server", "master-target"):
+        return containers, queues
+    tenant = caller.tenant
+    for disk in (d["disk"] for d in assigned_disks(ctx, caller)):
+        segments, control = (naming.segments_container(tenant, disk),
+                             naming.control_container(tenant, disk))  # fmt: skip
+        queue = naming.disk_queue(tenant, disk)
+        if kind == "process-server":
+            containers.update({segments: "cw", control: "r"})
+            queues[queue] = "a"
+        else:
+            containers.update({segments: "rd", control: "racwd"})
+            queues.update({queue: "rup", naming.poison_queue(queue): "a"})
     return containers, queues
 
 
@@ -98,8 +100,8 @@ def storage(ctx: Context, caller: Caller, _body: Any = None) -> dict[str, Any]:
     expires = now + defaults.SAS_LIFETIME
     expiry = dt.datetime.fromtimestamp(expires, dt.UTC)
     account = ctx.account
-    if containers:  # made with the tenant; also for tenants made before containers were theirs
-        account.ensure_containers(caller.tenant)
+    for container in containers:  # per disk: made when a component first needs them
+        account.ensure_container(container)
     for queue in queues:
         account.ensure_queue(queue)
     return {

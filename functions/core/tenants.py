@@ -70,7 +70,6 @@ def create_tenant(ctx: Context, caller: Caller, body: Any) -> dict[str, Any]:
     }
     if not ctx.store.create("tenants", TENANTS_PARTITION, tenant, record):
         raise Conflict(f"tenant {tenant} already exists")
-    ctx.account.ensure_containers(tenant)
     return {"tenant": tenant, "operator_token": token}
 
 

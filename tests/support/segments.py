@@ -54,7 +54,7 @@ class SegmentShipper:
         packed, checksum = segment.pack(batch, key=key or self.key)
         blob = naming.segment_blob(self.tenant, DISK, batch.gen, batch.seq)
         self.storage.put(
-            naming.segments_container(self.tenant), blob, packed if data is None else data
+            naming.segments_container(self.tenant, DISK), blob, packed if data is None else data
         )
         return {
             "type": "segment",
@@ -92,17 +92,19 @@ class SegmentShipper:
 
     def answer(self, request_id: str) -> dict:
         return self.storage.get_json(
-            naming.control_container(self.tenant),
+            naming.control_container(self.tenant, DISK),
             naming.resync_answer_blob(self.tenant, DISK, request_id),
         )
 
     def state(self) -> dict:
         return self.storage.get_json(
-            naming.control_container(self.tenant), naming.disk_state_blob(self.tenant, DISK)
+            naming.control_container(self.tenant, DISK), naming.disk_state_blob(self.tenant, DISK)
         )
 
     def segment_blobs(self) -> list[str]:
-        return self.storage.list(naming.segments_container(self.tenant), f"{self.tenant}/{DISK}/")
+        return self.storage.list(
+            naming.segments_container(self.tenant, DISK), f"{self.tenant}/{DISK}/"
+        )
 
     def poisoned(self) -> list[dict]:
         poison = naming.poison_queue(self.queue)
