@@ -51,7 +51,8 @@ def cmd_down(args) -> int:
 def cmd_test(args) -> int:
     machine = _boot(detach=args.keep)
     extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
-    env = {**os.environ, "FERRY_LAB_ATTACH": str(RUNDIR)}
+    # FERRY_LAB_LONG: the scenarios' longer version (tests/test_lab_guest.py).
+    env = {**os.environ, "FERRY_LAB_ATTACH": str(RUNDIR), "FERRY_LAB_LONG": "1"}
     pytest = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-m", "qemu", *extra], cwd=ROOT, env=env
     )
@@ -88,7 +89,32 @@ def cmd_report(args) -> int:
         value = figures.get(key, facts.get(key))
         shown = f"{value:8.2f} s" if isinstance(value, int | float) else "       - "
         print(f"  {label:<13} {shown}   {what}")
+    print("  Ferry on the guest (tests/test_lab_guest.py):")
+    for label, key, what in FERRY_ROWS:
+        seconds, sent, read = (figures.get(f"{key}{s}") for s in ("_s", "_bytes", "_read_bytes"))
+        shown = f"{seconds:8.2f} s" if isinstance(seconds, int | float) else "       - "
+        volume = f"sent {_mib(sent)}, read {_mib(read)}" if sent is not None else ""
+        print(f"  {label:<13} {shown}   {what}{'; ' + volume if volume else ''}")
+    if "rpo_max_s" in figures:
+        print(
+            f"  {'RPO':<13} {figures['rpo_median_s']:8.2f} s   median under the writer "
+            f"(max {figures['rpo_max_s']} s over {figures['rpo_window_s']} s)"
+        )
     return 0
+
+
+FERRY_ROWS = (
+    ("wheelhouse", "wheelhouse", "the agent's wheels for the guest"),
+    ("site.yml", "site", "every role deployed, the agent in the guest"),
+    ("initial sync", "initial_sync", "protect.yml: both disks on their first tag"),
+    ("crash resync", "crash_resync", "reset under the writer until tagged again"),
+    ("reboot resync", "reboot_resync", "orderly reboot under the writer until tagged again"),
+)
+"""Figure label, key prefix in figures.json (``_s``, ``_bytes``, ``_read_bytes``), what."""
+
+
+def _mib(value: object) -> str:
+    return f"{value / (1 << 20):.1f} MiB" if isinstance(value, int | float) else "-"
 
 
 def _boot(detach: bool) -> Machine:

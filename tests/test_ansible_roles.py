@@ -6,6 +6,7 @@ The playbooks run from the controller's own virtualenv (``.venv-controller``,
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -140,3 +141,32 @@ def test_registration_stops_early_when_the_configuration_server_does_not_answer(
     said = " ".join(result.stdout.split())
     assert f"the configuration server at {url} does not answer" in said
     assert not (base / "etc" / "process-server.credentials.json").exists()
+
+
+def ansible_debug(host: str, expression: str, *args: str) -> str:
+    """The value of a Jinja expression for ``host`` of the local inventory, as Ansible sees it."""
+    tool = CONTROLLER / "ansible"
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.minimal"}  # fmt: skip
+    result = subprocess.run(
+        [str(tool), host, "-m", "ansible.builtin.debug", "-a", f"msg={{{{ {expression} }}}}", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    ("manager", "base", "units", "home"),
+    [
+        ("systemd", "/srv/ferry/run/ferry", "/etc/systemd/system", "true"),
+        ("systemd", "/home/ann/ferry/run/ferry", "/etc/systemd/system", "read-only"),
+        ("sysvinit", "/srv/ferry/run/ferry", "/srv/ferry/run/ferry/systemd", "true"),
+    ],
+)
+def test_the_local_inventory_hands_units_to_systemd_only_where_it_is_pid_1(
+    manager, base, units, home
+):
+    facts = json.dumps({"ansible_facts": {"service_mgr": manager}, "ferry_local_base": base})
+    out = ansible_debug("ps01", "[ferry_systemd_dir, ferry_protect_home] | to_json", "-e", facts)
+    assert f'["{units}", "{home}"]' in out

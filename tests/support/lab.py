@@ -16,13 +16,24 @@ CompletedProcess (raises on failure unless ``check=False``), ``reboot()``,
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lab.cache import ensure_image
+from devkit.azurite import free_port
+from devkit.wheelhouse import build as build_wheelhouse
+from lab.cache import cache_root, ensure_image
 from lab.machine import Machine
+from mastertarget import cutover
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 LAB_TIMEOUT = 1800
 """Seconds a qemu test may take: the first one may build the image (minutes) and boot it."""
@@ -49,3 +60,144 @@ def lab_machine(tmp_path_factory):
     machine = Machine(ensure_image(), tmp_path_factory.mktemp("lab"))
     with machine:
         yield machine
+
+
+# -- Ferry deployed on the lab ---------------------------------------------------------------
+
+CONTROLLER = ROOT / ".venv-controller" / "bin"
+LAB_INVENTORY = ROOT / "inventory" / "lab"
+GUEST_FERRY = "/opt/ferry/venv/bin/ferry"
+GUEST_AGENT_STATE = "/var/lib/ferry/agent"
+LAB_DISKS = {"lab01-sys": "/dev/disk/by-id/virtio-ferry-sys",
+             "lab01-data": "/dev/disk/by-id/virtio-ferry-data"}  # fmt: skip
+"""The guest's disks as inventory/lab protects them: whole disks, by the serial QEMU gives."""
+
+
+class LabDeployment:
+    """Ferry deployed on a lab machine with the operator's playbooks.
+
+    The inventory is ``inventory/lab`` plus the machine's own (its SSH port
+    and key): the agent in the guest under systemd, installed from a
+    wheelhouse made here; storage, the configuration server, the process
+    server and the master target on this machine under ferry-supervise, all
+    with their files in ``base/ferry`` and ports of their own (the process
+    server on the machine's first forwarded port, as ``ferry-host``).
+    """
+
+    def __init__(self, machine: Machine, base: Path) -> None:
+        self.machine = machine
+        self.base = Path(base)
+        self.ferry = self.base / "ferry"
+        self.extra = self.base / "extra.json"
+        self.extra.write_text(json.dumps(self.variables(), indent=1))
+        # This machine's daemons run from the development virtualenv as it is (host
+        # variables: extra variables would reach the guest too).
+        here = {"ferry_venv": str(ROOT / ".venv"), "ferry_venv_managed": False}
+        hosts = dict.fromkeys(("storage01", "config01", "ps01", "mt01"), here)
+        self.controller = self.base / "controller.json"
+        self.controller.write_text(json.dumps(
+            {"all": {"children": {"ferry_lab_controller": {"hosts": hosts}}}}, indent=1
+        ))  # fmt: skip
+        self.timings: dict[str, float] = {}
+
+    def variables(self) -> dict:
+        return {
+            "ferry_local_base": str(self.ferry),
+            "storage_azurite_blob_port": free_port(),
+            "storage_azurite_queue_port": free_port(),
+            "storage_azurite_table_port": free_port(),
+            "config_server_port": free_port(),
+        }
+
+    @property
+    def wheelhouse(self) -> Path:
+        return self.ferry / "wheelhouse"  # where inventory/lab's ferry_wheelhouse points
+
+    def make_wheelhouse(self) -> None:
+        started = time.monotonic()
+        build_wheelhouse(self.wheelhouse, ["agent"], cache_root() / "wheels")
+        self.timings["wheelhouse_s"] = time.monotonic() - started
+
+    def playbook(self, name: str, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+        """Run ``playbooks/<name>`` on the lab inventory; its output is kept in ``base``."""
+        env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+               "ANSIBLE_FORCE_COLOR": "0", "PATH": f"{CONTROLLER}:{os.environ.get('PATH', '')}"}  # fmt: skip
+        cmd = [str(CONTROLLER / "ansible-playbook"), f"playbooks/{name}", *self.inventory_args(),
+               "-e", f"@{self.extra}", *args]  # fmt: skip
+        started = time.monotonic()
+        result = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        self.timings[name] = time.monotonic() - started
+        log = self.base / f"{name}.{time.monotonic_ns()}.log"
+        log.write_text(result.stdout + result.stderr)
+        return result
+
+    def inventory_args(self) -> list[str]:
+        return [
+            "-i",
+            str(LAB_INVENTORY),
+            "-i",
+            str(self.machine.inventory),
+            "-i",
+            str(self.controller),
+        ]
+
+    def ok(self, name: str, *args: str) -> subprocess.CompletedProcess:
+        result = self.playbook(name, *args)
+        if result.returncode != 0:
+            raise AssertionError(
+                f"{name} failed (logs in {self.base}):\n{result.stdout[-4000:]}{result.stderr[-2000:]}"
+            )
+        return result
+
+    def agent(self, *args: str, timeout: float = 300) -> str:
+        """``ferry agent ARGS`` in the guest (the deployed virtualenv's command)."""
+        socket = f"{GUEST_AGENT_STATE}/agent.sock"
+        quoted = " ".join(shlex.quote(a) for a in args)
+        return self.machine.ssh(
+            f"{GUEST_FERRY} agent {quoted} --socket {socket}", timeout=timeout
+        ).stdout
+
+    def status(self) -> dict:
+        """The agent's status (``ferry agent status --json`` in the guest)."""
+        return json.loads(self.agent("status", "--json", timeout=60))
+
+    def cursor(self, disk: str) -> dict:
+        """The master target's durable cursor for ``disk`` on this machine."""
+        return cutover.read_cursor(self.ferry / "lib" / "master-target", disk)
+
+    def target(self, disk: str) -> Path:
+        """The master target's image of ``disk``."""
+        return self.ferry / "lib" / "targets" / f"{disk}.img"  # master_target_targets_dir
+
+    def teardown(self) -> None:
+        self.playbook("teardown.yml", "-e", "ferry_teardown_purge=true", timeout=600)
+
+
+@contextlib.contextmanager
+def protected_lab(machine: Machine, base: Path) -> Iterator[LabDeployment]:
+    """A lab machine protected and replicating, deployed as an operator would deploy it.
+
+    ``site.yml`` then ``protect.yml`` on ``inventory/lab`` (see
+    :class:`LabDeployment`): on return both guest disks (``LAB_DISKS``) sit on
+    their first recovery point and the agent in the guest runs under
+    systemd. ``teardown.yml`` with purge runs at the end whatever happened,
+    so the guest can be deployed again in the same session. Use it once per
+    module on the session's ``lab_machine``::
+
+        @pytest.fixture(scope="module")
+        def lab(lab_machine, tmp_path_factory):
+            with protected_lab(lab_machine, tmp_path_factory.mktemp("lab-ferry")) as lab:
+                yield lab
+
+    Playbook outputs are kept in ``base`` (``<playbook>.<ns>.log``).
+    """
+    deployment = LabDeployment(machine, base)
+    try:
+        deployment.make_wheelhouse()
+        deployment.ok("site.yml")
+        deployment.ok("protect.yml")
+        yield deployment
+    finally:
+        deployment.teardown()
