@@ -383,7 +383,9 @@ def test_a_cutover_whose_boot_check_fails_is_not_committed_and_replication_resum
         cursor = deployment.cursor()
         assert cursor["fenced"] is None and cursor["resumed"]["tag"] == final
         fence = f"demo/{deployment.disk}/fence.json"
-        assert not deployment.storage().exists(naming.control_container("demo", deployment.disk), fence)
+        assert not deployment.storage().exists(
+            naming.control_container("demo", deployment.disk), fence
+        )
         assert [d["phase"] for d in deployment.agent_status()["disks"]] == ["replicating"]
         if not SERVER_MODE:  # the master target's own record (server mode: the command's outcome)
             history = json.loads((manifest_path.parent / "resumed.json").read_text())["resumed"]
