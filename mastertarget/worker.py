@@ -133,6 +133,8 @@ class DiskWorker:
         self._changed = False
         self._stale_possible = True
         self._status_at = self._state_at = float("-inf")
+        self._published: tuple[Any, ...] = ()
+        """What of the last state blob written must reach readers at once (see publish)."""
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -695,18 +697,39 @@ class DiskWorker:
             "updated_at": time.time(),
         }
 
-    def publish(self, force: bool = False) -> None:
-        """Write status.json and the state blob when something changed or they are due."""
+    def publish(self, force: bool = False, at_once: bool = False) -> None:
+        """Write status.json and the state blob when something changed or they are due.
+
+        ``force`` (something changed) writes the blob at most every ``STATE_MIN_INTERVAL``
+        unless what changed must reach readers at once; ``at_once`` writes it now (a stop).
+        """
         now = time.monotonic()
+        board = self.board is not None and (
+            force or at_once or now - self._status_at >= defaults.STATUS_INTERVAL
+        )
+        c = self.cursor
+        what = (c.gen, c.resync_required_gen, c.fenced is not None, self.held)
+        put = (
+            at_once
+            or now - self._state_at >= defaults.STATE_INTERVAL
+            or (
+                force
+                and (what != self._published or now - self._state_at >= defaults.STATE_MIN_INTERVAL)
+            )
+        )  # a change not yet due stays _changed: a later round (at most 0.25 s on) writes it
+        if not (board or put):
+            return  # the state (the journal's points among it) is made only when it is written
         state = self.state()
-        if self.board is not None and (force or now - self._status_at >= defaults.STATUS_INTERVAL):
+        if board:
+            assert self.board is not None
             self.board.update(self.disk, state)
             self._status_at = now
-        if force or now - self._state_at >= defaults.STATE_INTERVAL:
+        if put:
             blob = naming.disk_state_blob(self.tenant, self.disk)
             self.storage.put_json(self.control, blob, state)
             self._state_at = now
             self._changed = False
+            self._published = what
 
     def _check_owner(self) -> None:
         if self.ownership is not None:

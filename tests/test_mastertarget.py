@@ -93,6 +93,17 @@ def drain(worker: DiskWorker, rounds: int = 50) -> None:
     raise AssertionError("the worker never went idle")
 
 
+def published(worker: DiskWorker, ps: SegmentShipper, timeout: float = 10.0) -> dict:
+    """The state blob once it shows the worker's cursor, stepping as the service does: a new
+    applied point may reach it up to STATE_MIN_INTERVAL later."""
+    deadline = time.monotonic() + timeout
+    while (state := ps.state())["applied_seq"] != worker.cursor.applied_seq:
+        assert time.monotonic() < deadline, "the state blob never showed the applied point"
+        worker.step()
+        time.sleep(0.05)
+    return state
+
+
 def staged_names(worker: DiskWorker) -> list[str]:
     return sorted(p.name for p in worker.staging.directory.iterdir())
 
@@ -141,7 +152,7 @@ def test_group_is_applied_only_when_its_tag_arrives(make_worker, storage, tenant
     assert staged_names(worker) == []
     assert ps.segment_blobs() == []
     assert storage.peek_count(ps.queue) == 0
-    state = ps.state()
+    state = published(worker, ps)
     assert (state["gen"], state["applied_seq"], state["staged"]) == (1, 4, 0)
     assert state["last_tag"]["t0_wall"] == b3.tag["t0_wall"]
     assert state["resync_required_gen"] is None
