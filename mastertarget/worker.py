@@ -296,14 +296,16 @@ class DiskWorker:
     def _applies_soon(self, gen: int, seq: int, size: int) -> bool:
         """True if batch (gen, seq) may well be applied in this round: the cursor's generation,
         next after the cursor or after a staged batch, applying not held, and its verified copy
-        in memory with room for its bytes."""
+        in memory with room for its bytes beside it."""
         c = self.cursor
         return (
             gen == c.gen
             and not self.held
             and (seq == c.applied_seq + 1 or (gen, seq - 1) in self.staging)
             and (gen, seq) in self.verified
-            and self.staging.held_bytes + size <= defaults.VERIFIED_KEPT_BYTES
+            # One budget with the verified copies: the master target's memory bound per disk
+            # stays VERIFIED_KEPT_BYTES (a separate one raised its peak by as much again).
+            and self.verified.bytes + self.staging.held_bytes + size <= defaults.VERIFIED_KEPT_BYTES
         )
 
     def _look_up_gap(self) -> int:
