@@ -17,20 +17,16 @@ Nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from bench import campaign
 from bench.data import CACHE, HERE, GiB, MiB, base_image, digest, say
 from bench.ferryrun import DAEMONS, FerryRun
-from bench.replication import code_state, machine, preflight
 
-RESULTS = HERE / "results"
 NAMES = (*DAEMONS, "azurite")
 
 
@@ -71,11 +67,8 @@ def one_size(size_gib: float) -> dict[str, Any]:
 def markdown(result: dict[str, Any], chart: str) -> str:
     """The scaling table."""
     rows = [
-        f"Measured {result['date']} on `{result['machine']['host']}`, code "
-        f"`{result['code']['commit'][:10]}`"
-        f"{' (with uncommitted changes)' if result['code']['dirty'] else ''}; load average "
-        f"{result['load_before'][0]:.1f} before, {result['machine']['load_average_at_end'][0]:.1f}"
-        " after; one run per size.",
+        f"{campaign.measured(result)}; load average {result['load_before'][0]:.1f} before, "
+        f"{result['machine']['load_average_at_end'][0]:.1f} after; one run per size.",
         "",
         "| disk GiB | wall s | MB/s | "
         + " | ".join(f"{n} CPU s/GiB" for n in NAMES)
@@ -131,37 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1,2,4,8", help="disk sizes in GiB (default 1,2,4,8)")
     p.add_argument("--label", default="", help="suffix for the results files")
     args = p.parse_args(argv)
-    problem = preflight()
-    if problem:
-        print(f"bench.scaling: error: {problem}", file=sys.stderr)
+    result = campaign.start("bench.scaling")
+    if result is None:
         return 2
-    os.environ["PATH"] = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    started = time.time()
-    result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-        "code": code_state(),
-        "load_before": os.getloadavg(),
-        "sizes": [],
-    }
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}-scale{args.label}"
+    result["sizes"] = []
+    stem = campaign.stem("scale", args.label)
+    table = ""
     for size in args.sizes.split(","):
         result["sizes"].append(one_size(float(size)))
-        table = write(result, stem)  # after each size: a long run stopped early keeps its figures
+        # After each size: a long run stopped early keeps its figures.
+        table = campaign.write(result, stem, chart, markdown)
     print()
     print(table)
     say(f"wrote {stem.with_suffix('.json').relative_to(HERE.parent)} and its .md and chart")
     return 0
-
-
-def write(result: dict[str, Any], stem: Path) -> str:
-    """The JSON, markdown and chart of the sizes measured so far; the markdown."""
-    result["machine"] = machine()
-    name = chart(result, stem.with_suffix(".png"))
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    table = markdown(result, name)
-    stem.with_suffix(".md").write_text(table)
-    return table
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ Nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -26,12 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import campaign
 from bench.data import CACHE, HERE, MiB, dataset, say
 from bench.ferryrun import DAEMONS, FerryRun
 from bench.live import Live, fio_size_for, say_rpo
-from bench.replication import code_state, machine, preflight
 
-RESULTS = HERE / "results"
 NAMES = (*DAEMONS, "azurite")
 
 
@@ -86,10 +83,7 @@ def markdown(result: dict[str, Any], chart: str) -> str:
     """The soak's table: one row per window."""
     a = result["settings"]
     rows = [
-        f"Measured {result['date']} on `{result['machine']['host']}`, code "
-        f"`{result['code']['commit'][:10]}`"
-        f"{' (with uncommitted changes)' if result['code']['dirty'] else ''}: "
-        f"{a['minutes']:g} minutes of fio random writes at {a['rate']:g} MB/s into a "
+        f"{campaign.measured(result)}: {a['minutes']:g} minutes of fio random writes at {a['rate']:g} MB/s into a "
         f"{result['fio_size'] / MiB:.0f} MiB file, {a['window_minutes']:g}-minute windows.",
         "",
         "| window | achieved MB/s | writes | RPO p50 s | p99 s | max s | passes clean | "
@@ -158,25 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=2048, help="source disk size (2048)")
     p.add_argument("--label", default="", help="suffix for the results files")
     args = p.parse_args(argv)
-    problem = preflight()
-    if problem:
-        print(f"bench.soak: error: {problem}", file=sys.stderr)
+    result = campaign.start("bench.soak")
+    if result is None:
         return 2
-    os.environ["PATH"] = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    started = time.time()
-    result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-        "code": code_state(),
-        "settings": vars(args),
-        **soak(args),
-    }
-    result["machine"] = machine()
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}-soak{args.label}"
-    name = chart(result, stem.with_suffix(".png"))
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    table = markdown(result, name)
-    stem.with_suffix(".md").write_text(table)
+    result.update(settings=vars(args), **soak(args))
+    stem = campaign.stem("soak", args.label)
+    table = campaign.write(result, stem, chart, markdown)
     print()
     print(table)
     say(f"wrote {stem.with_suffix('.json').relative_to(HERE.parent)} and its .md and chart")

@@ -73,6 +73,12 @@ STATUS_INTERVAL = 1.0
 STATE_INTERVAL = 5.0
 """Interval between refreshes of the state blob when nothing changed, in seconds."""
 
+STATE_MIN_INTERVAL = 1.0
+"""Least interval between two writes of the state blob for a new applied point, in seconds: under
+dense writes a group is applied several times a second, and a blob write per group was a fifth of
+the master target's storage requests.  A new generation, a resync required, a fence or a hold is
+published at once."""
+
 ZERO_CHUNK = 1 << 20
 """Size of the buffer used to write zero extents, in bytes."""
 

@@ -611,8 +611,13 @@ class Journal:
         links, _ = chain(self.records, cursor)
         pts = points(links, cursor)
         # Points younger than keep_all are all kept: say where that run starts, list the rest.
-        young = [p for p in pts if self.now() - p["t0_wall"] < self.policy.keep_all_s]
-        older = [p for p in pts if p not in young]
+        # One pass (this runs at every publish; a membership test per point was quadratic in
+        # the points kept: an hour at four tags a second is 14,400 of them).
+        now = self.now()
+        young: list[dict[str, Any]] = []
+        older: list[dict[str, Any]] = []
+        for p in pts:
+            (young if now - p["t0_wall"] < self.policy.keep_all_s else older).append(p)
         return {
             "enabled": True,
             "points": len(pts),

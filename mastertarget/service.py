@@ -109,7 +109,7 @@ class DiskRunner(threading.Thread):
             return False
         worker = self._worker(None).open()
         try:
-            self._retrying(lambda: worker.publish(force=True), attempts=3)
+            self._retrying(lambda: worker.publish(at_once=True), attempts=3)
             fenced = worker.cursor.fenced or {}
             log.info(
                 "disk %s was fenced at tag %s (%s): not serving it",
@@ -141,7 +141,7 @@ class DiskRunner(threading.Thread):
             elif done is not None:
                 self.stop.wait(idle)
                 idle = min(idle * 2, defaults.IDLE_POLL_MAX)
-        self._retrying(lambda: worker.publish(force=True), attempts=1)
+        self._retrying(lambda: worker.publish(at_once=True), attempts=1)
         log.info("stopped serving disk %s", self.disk.id)
 
     def _retrying(self, call, attempts: int | None = None):

@@ -4,7 +4,10 @@ A staged file is the segment exactly as downloaded and verified, named
 ``<gen:08d>-<seq:012d>.seg`` and written with :func:`ferry.durable.write_atomic`
 (temporary file, fsync, rename, fsync of the directory), so after a crash a
 staged file is either whole or absent.  The queue notice is deleted only after
-that, which is what lets a crash anywhere replay from staging.
+that, which is what lets a crash anywhere replay from staging.  A segment the
+worker expects to apply in the same round may be held in memory only
+(:meth:`Staging.hold`); its notice is then kept until it is applied or
+written here (mastertarget.worker, ``_settle``).
 
 The index kept in memory records, per staged batch, whether it closes a group
 (carries a tag); it is rebuilt at start from the segment headers alone, so a
@@ -43,6 +46,10 @@ class Staged:
     path: Path
     size: int
     tagged: bool
+    pending: bytes | None = None
+    """The segment while it is staged in memory only (:meth:`Staging.hold`), else None."""
+    header: dict | None = None
+    """Its verified header while staged in memory only."""
 
 
 def file_name(gen: int, seq: int) -> str:
@@ -94,6 +101,30 @@ class Staging:
         durable.write_atomic(path, data)
         self._index[(gen, seq)] = Staged(gen, seq, path, len(data), tagged)
 
+    def hold(self, gen: int, seq: int, data: bytes, header: dict) -> None:
+        """Stage a verified segment in memory only: the worker applies it in this round or
+        writes it with :meth:`persist` before deleting its notice (see worker._settle)."""
+        path = self.directory / file_name(gen, seq)
+        self._index[(gen, seq)] = Staged(gen, seq, path, len(data), header.get("tag") is not None,
+                                         data, header)  # fmt: skip
+
+    def persist(self, gen: int, seq: int) -> None:
+        """Write a segment held in memory durably (as :meth:`add`); nothing if already on disk."""
+        staged = self._index.get((gen, seq))
+        if staged is not None and staged.pending is not None:
+            durable.write_atomic(staged.path, staged.pending)
+            staged.pending = staged.header = None
+
+    def held(self, gen: int, seq: int) -> bool:
+        """True while ``(gen, seq)`` is staged in memory only."""
+        staged = self._index.get((gen, seq))
+        return staged is not None and staged.pending is not None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the segments staged in memory only."""
+        return sum(s.size for s in self._index.values() if s.pending is not None)
+
     def group_end(self, gen: int, after: int) -> int | None:
         """The seq closing the first whole group after ``after`` in ``gen``, or None.
 
@@ -115,21 +146,27 @@ class Staging:
 
     def tag(self, gen: int, seq: int) -> dict | None:
         """The tag in the staged segment's header (unverified: a hint, checked when applied)."""
-        tag = (_peek_header(self._index[(gen, seq)].path) or {}).get("tag")
+        tag = self.header(gen, seq).get("tag")
         return tag if isinstance(tag, dict) else None
 
     def header(self, gen: int, seq: int) -> dict:
         """The staged segment's header (unverified: check :meth:`intact` before trusting it)."""
-        return _peek_header(self._index[(gen, seq)].path) or {}
+        staged = self._index[(gen, seq)]
+        if staged.header is not None:
+            return staged.header
+        return _peek_header(staged.path) or {}
 
     def read(self, gen: int, seq: int) -> bytes:
         """The staged segment of (gen, seq); KeyError if it is not staged."""
-        return self._index[(gen, seq)].path.read_bytes()
+        staged = self._index[(gen, seq)]
+        return staged.pending if staged.pending is not None else staged.path.read_bytes()
 
     def intact(self, gen: int, seq: int) -> bool:
         """True when the staged file's own checksum still holds (read in bounded chunks)."""
-        path = self._index[(gen, seq)].path
-        return _checksum_holds(path)
+        staged = self._index[(gen, seq)]
+        if staged.pending is not None:
+            return _checksum_of(staged.pending)
+        return _checksum_holds(staged.path)
 
     def remove(self, gen: int, seq: int) -> None:
         """Forget and delete a staged file; absent is fine.
@@ -138,7 +175,7 @@ class Staging:
         that the next start recognises as applied or stale and removes again.
         """
         staged = self._index.pop((gen, seq), None)
-        if staged is not None:
+        if staged is not None and staged.pending is None:  # one held in memory has no file
             staged.path.unlink(missing_ok=True)
 
     def select(self, keep) -> list[Staged]:
@@ -208,3 +245,11 @@ def _checksum_holds(path: Path) -> bool:
             return digest.digest() == f.read(_SUM_BYTES)
     except OSError:
         return False
+
+
+def _checksum_of(data: bytes) -> bool:
+    """:func:`_checksum_holds` of a segment in memory."""
+    view = memoryview(data)
+    return len(view) >= _SUM_BYTES and xxhash.xxh3_128_digest(view[:-_SUM_BYTES]) == bytes(
+        view[-_SUM_BYTES:]
+    )

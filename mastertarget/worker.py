@@ -3,7 +3,9 @@
 Write and delete ordering (docs/design.md, "Master target"; invariants 7-8):
 
 * segment: download → verify (checksum, identity, authentication) → staging
-  file fsync'ed → delete the notice.  A corrupt segment: cursor marks the
+  file fsync'ed → delete the notice; or, for a segment applied in the round
+  that received it, staged in memory → applied (cursor durable) → delete the
+  notice, its staging file written only if the round did not apply it.  A corrupt segment: cursor marks the
   resync durably → notice to the poison queue → delete it from the queue.
 * resync: cursor ``(gen+1, 0)`` fsync'ed → drop older staged segments →
   digest map blob → answer blob → delete the notice.
@@ -133,6 +135,13 @@ class DiskWorker:
         self._changed = False
         self._stale_possible = True
         self._status_at = self._state_at = float("-inf")
+        self._published: tuple[Any, ...] = ()
+        self._round = False
+        self._torn: tuple[int, int] | None = None
+        """``(gen, through)`` of applying.json found at open: the group a crash interrupted."""
+        self._unsettled: dict[tuple[int, int], list[Message]] = {}
+        """Notices of segments staged in memory this round, deleted by _settle."""
+        """What of the last state blob written must reach readers at once (see publish)."""
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -144,6 +153,9 @@ class DiskWorker:
         self._apply_lock = applylock.open_lock(self.apply_lock_path)
         for path in self.staging.scan():
             self._forget_unreadable(path)
+        mark = durable.read_json(self.applying_path) if self.applying_path.exists() else None
+        if isinstance(mark, dict) and isinstance(mark.get("through"), int):
+            self._torn = (int(mark.get("gen") or 0), mark["through"])
         with self._applying() as allowed:  # a copy being made reads the journal: not under it
             if allowed:
                 self.journal.open(dataclasses.asdict(self.cursor))
@@ -185,12 +197,33 @@ class DiskWorker:
         messages = self.storage.receive(
             self.queue, count=defaults.RECEIVE_BATCH, visibility=self.visibility
         )
-        for message in messages:
-            self.handle(message)
-        found = self._look_up_gap()
-        applied = self.apply_ready()
+        self._round = True
+        try:
+            for message in messages:
+                self.handle(message)
+            found = self._replay_marked() + self._look_up_gap()
+            applied = self.apply_ready()
+        finally:
+            self._round = False
+            self._settle()
         self.publish(force=self._changed)
         return len(messages) + found + applied
+
+    def _settle(self) -> None:
+        """Delete the notices of segments staged in memory this round, each once durable:
+        applied (the cursor is past it) or else written to staging now.
+
+        A crash before leaves their notices in the queue, which deliver them again.
+        """
+        for key in list(self._unsettled):
+            if not self.cursor.is_stale(*key) and self.staging.held(*key):
+                self.staging.persist(*key)
+                killpoint.reached("staged")
+        for key, messages in list(self._unsettled.items()):
+            while messages:
+                self.storage.delete_message(self.queue, messages[0])
+                messages.pop(0)
+            del self._unsettled[key]
 
     def handle(self, message: Message) -> None:
         """Act on one received notice (resync, segment, or unusable)."""
@@ -215,7 +248,10 @@ class DiskWorker:
             self.storage.delete_message(self.queue, message)
             return
         if (notice.gen, notice.seq) in self.staging:
-            self.storage.delete_message(self.queue, message)
+            if self.staging.held(notice.gen, notice.seq):
+                self._unsettled[(notice.gen, notice.seq)].append(message)  # a duplicate
+            else:
+                self.storage.delete_message(self.queue, message)
             return
         try:
             data = self.storage.get(self.segments, notice.blob)
@@ -246,10 +282,31 @@ class DiskWorker:
         except SegmentCorrupt as exc:
             self._poison_segment(message, notice, str(exc))
             return
-        self.staging.add(notice.gen, notice.seq, data, opened.header.get("tag") is not None)
         self.verified.keep(notice.gen, notice.seq, opened)  # applied from memory (see verified.py)
+        if self._round and self._applies_soon(notice.gen, notice.seq, len(data)):
+            # Staged in memory: applied in this round, its file would only be written, fsync'ed
+            # and deleted again; _settle deletes the notice once it is durable either way.
+            self.staging.hold(notice.gen, notice.seq, data, opened.header)
+            self._unsettled[(notice.gen, notice.seq)] = [message]
+            return
+        self.staging.add(notice.gen, notice.seq, data, opened.header.get("tag") is not None)
         killpoint.reached("staged")
         self.storage.delete_message(self.queue, message)
+
+    def _applies_soon(self, gen: int, seq: int, size: int) -> bool:
+        """True if batch (gen, seq) may well be applied in this round: the cursor's generation,
+        next after the cursor or after a staged batch, applying not held, and its verified copy
+        in memory with room for its bytes beside it."""
+        c = self.cursor
+        return (
+            gen == c.gen
+            and not self.held
+            and (seq == c.applied_seq + 1 or (gen, seq - 1) in self.staging)
+            and (gen, seq) in self.verified
+            # One budget with the verified copies: the master target's memory bound per disk
+            # stays VERIFIED_KEPT_BYTES (a separate one raised its peak by as much again).
+            and self.verified.bytes + self.staging.held_bytes + size <= defaults.VERIFIED_KEPT_BYTES
+        )
 
     def _look_up_gap(self) -> int:
         """Stage the batch the cursor waits for by its blob's name if its notice is overdue.
@@ -260,6 +317,30 @@ class DiskWorker:
         seq = self.gap.due(gen, self.cursor.applied_seq, self.staging)
         if seq is None:
             return 0
+        return self._stage_by_name(gen, seq, "its notice was lost")
+
+    def _replay_marked(self) -> int:
+        """After a crash mid-group, stage what the group lacks by its blobs' names, at once.
+
+        Segments of the group staged in memory only (_applies_soon) went with the
+        process; their notices come back only after the visibility timeout, and the
+        target stays torn until the group is replayed.  Returns the batches staged.
+        """
+        if self._torn is None:
+            return 0
+        gen, through = self._torn
+        found = 0
+        for seq in range(self.cursor.applied_seq + 1, through + 1):
+            if gen != self.cursor.gen or (gen, seq) in self.staging:
+                continue
+            if not self._stage_by_name(gen, seq, "to replay the group a crash interrupted"):
+                return found  # not there (yet): its notice or a later round brings it
+            found += 1
+        self._torn = None
+        return found
+
+    def _stage_by_name(self, gen: int, seq: int, why: str) -> int:
+        """Fetch, verify and stage segment (gen, seq) by its blob's name; 1 if staged."""
         blob = naming.segment_blob(self.tenant, self.disk, gen, seq)
         expect = {"tenant": self.tenant, "disk": self.disk, "gen": gen, "seq": seq}
         try:
@@ -272,8 +353,8 @@ class DiskWorker:
             self._require_resync(gen, f"segment gen {gen} seq {seq} ({blob}): {exc}")
             return 0
         self.staging.add(gen, seq, data, header.get("tag") is not None)
-        log.warning("disk %s: staged gen %d seq %d found by its blob's name: its notice was lost",
-                    self.disk, gen, seq)  # fmt: skip
+        log.warning("disk %s: staged gen %d seq %d found by its blob's name: %s",
+                    self.disk, gen, seq, why)  # fmt: skip
         return 1
 
     def _verify(
@@ -695,18 +776,39 @@ class DiskWorker:
             "updated_at": time.time(),
         }
 
-    def publish(self, force: bool = False) -> None:
-        """Write status.json and the state blob when something changed or they are due."""
+    def publish(self, force: bool = False, at_once: bool = False) -> None:
+        """Write status.json and the state blob when something changed or they are due.
+
+        ``force`` (something changed) writes the blob at most every ``STATE_MIN_INTERVAL``
+        unless what changed must reach readers at once; ``at_once`` writes it now (a stop).
+        """
         now = time.monotonic()
+        board = self.board is not None and (
+            force or at_once or now - self._status_at >= defaults.STATUS_INTERVAL
+        )
+        c = self.cursor
+        what = (c.gen, c.resync_required_gen, c.fenced is not None, self.held)
+        put = (
+            at_once
+            or now - self._state_at >= defaults.STATE_INTERVAL
+            or (
+                force
+                and (what != self._published or now - self._state_at >= defaults.STATE_MIN_INTERVAL)
+            )
+        )  # a change not yet due stays _changed: a later round (at most 0.25 s on) writes it
+        if not (board or put):
+            return  # the state (the journal's points among it) is made only when it is written
         state = self.state()
-        if self.board is not None and (force or now - self._status_at >= defaults.STATUS_INTERVAL):
+        if board:
+            assert self.board is not None
             self.board.update(self.disk, state)
             self._status_at = now
-        if force or now - self._state_at >= defaults.STATE_INTERVAL:
+        if put:
             blob = naming.disk_state_blob(self.tenant, self.disk)
             self.storage.put_json(self.control, blob, state)
             self._state_at = now
             self._changed = False
+            self._published = what
 
     def _check_owner(self) -> None:
         if self.ownership is not None:

@@ -16,6 +16,10 @@ GROUP_BATCHES = 8
 """Batches already arrived on a connection that are spooled together (one group commit:
 each file fsync'ed, each directory once), a count; the agent's window is 8."""
 
+SPOOL_HELD_BYTES = 64 << 20
+"""Payload bytes of freshly spooled batches also kept in memory for the uploaders, in bytes:
+a batch claimed while held is packed from memory instead of read back from its file."""
+
 UPLOAD_THREADS = 4
 """Threads packing and uploading spooled batches, a count."""
 

@@ -20,7 +20,7 @@ from ferry.errors import StorageUnavailable
 from processserver import defaults
 from processserver.context import Context
 from processserver.health import Backoff
-from processserver.spool import SpoolKey, decode
+from processserver.spool import SpoolKey
 
 log = logging.getLogger("ferry.processserver.uploader")
 
@@ -119,7 +119,7 @@ class Uploader:
     def _load(self, key: SpoolKey) -> _Packed | None:
         """Read and pack a claimed batch; a damaged file is quarantined (None)."""
         try:
-            batch = decode(self.ctx.spool.read(key))
+            batch = self.ctx.spool.batch(key)
             if SpoolKey.of(batch) != key:
                 raise ValueError(f"the file holds {SpoolKey.of(batch)}")
         except (OSError, ValueError) as exc:

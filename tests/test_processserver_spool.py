@@ -84,6 +84,35 @@ def test_a_resend_during_upload_is_uploaded_again_not_deleted(spool):
     assert spool.usage() == (0, 0)
 
 
+def test_a_batch_claimed_soon_after_its_write_is_uploaded_from_memory(tmp_path):
+    # Held: the batch comes back as written, even though its file is then damaged (the
+    # uploader does not read it back); beyond the memory budget the file is read.
+    spool = Spool(tmp_path / "spool", limit=1 << 20, quarantine=tmp_path / "q", held=6000)
+    spool.recover()
+    first, second = batch("a", 1, 1), batch("a", 1, 2)
+    spool.store_group([first, second])
+    for b in (first, second):
+        spool.path(SpoolKey.of(b)).write_bytes(b"\0\0\0\x05{bad}")
+    assert spool.batch(spool.claim(0.1)) == first
+    with pytest.raises(ValueError):
+        spool.batch(spool.claim(0.1))  # over the budget: read from its (damaged) file
+
+
+def test_a_resend_after_a_claim_is_uploaded_as_resent_and_memory_is_released(spool):
+    key = spool.store(batch("a", 1, 1))
+    assert spool.claim(0.1) == key
+    assert spool.batch(key).seq == 1
+    resent = batch("a", 1, 1)
+    spool.store(resent)
+    spool.finish(key)
+    assert spool.claim(0.1) == key
+    assert spool.batch(key) == resent
+    spool.finish(key)
+    spool.store(batch("a", 1, 2))
+    spool.finish(spool.claim(0.1))  # finished without being read: its memory goes too
+    assert spool.usage() == (0, 0) and not spool._held and spool._held_bytes == 0
+
+
 def test_a_released_batch_stays_spooled_and_comes_back(spool):
     key = spool.store(batch("a", 1, 1))
     assert spool.claim(0.1) == key
