@@ -172,6 +172,8 @@ class Session:
         if self.worker is not None and self.worker.ident is not None:
             self.worker.join(timeout=30)
             orderly = orderly and not self.worker.is_alive()
+        if self.alive and hand_over and not orderly:
+            log.warning("the replicator did not stop within 30 s; the next start resyncs")
         if orderly:
             self._wait_acked()
         if self.control is not None:
@@ -198,6 +200,8 @@ class Session:
         ]  # fmt: skip
         tracker = self.tracker
         if not isinstance(tracker, TraceTracker) or not disks:
+            why = "no trace instance" if disks else "none replicating with its batches acknowledged"
+            log.info("stopped: no disk to resume at the next start (%s)", why)
             return False
         if any((d.last_tag or {}).get("final") for d in disks):
             return False  # cut over: the master target has fenced these disks for good
