@@ -23,7 +23,7 @@ from agent.disks import check_whole_disk, identity
 from agent.replicator import DiskState, Replicator
 from agent.settings import Settings
 from agent.shipper import Shipper
-from agent.tracefs import remove_instance
+from agent.tracefs import remove_instance, remove_stale_instances
 from agent.tracker import DiskTrack, TraceTracker, choose
 from ferry.blockio import DirectReader
 from ferry.durable import write_json
@@ -71,6 +71,8 @@ class Session:
         disks = open_disks(settings, self.state_dir)
         records = {d.id: state.take_stop(self.state_dir, d.id) for d in disks}
         adopt = self._restore_maps(disks, records)
+        if settings.tracker != "scan":  # instances left by agents that were killed and forgotten
+            remove_stale_instances(defaults.TRACEFS, keep=adopt)
         self.tracker = choose(
             settings.tracker,
             [d.track for d in disks],

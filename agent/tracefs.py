@@ -79,6 +79,56 @@ def remove_instance(root: str, name: str) -> None:
             log.warning("could not remove trace instance %s: %s", path, exc)
 
 
+INSTANCE_PREFIX = "ferry-"
+"""Every agent's trace instance is ``ferry-<machine>-<pid of the agent that made it>``."""
+
+
+def _instances_dir(root: str) -> Path | None:
+    """The instances directory of a mounted tracefs, without mounting one."""
+    for base in (Path(root), Path("/sys/kernel/debug/tracing")):
+        if (base / "instances").is_dir():
+            return base / "instances"
+    return None
+
+
+def _pid_of(name: str) -> int | None:
+    machine, _, pid = name.removeprefix(INSTANCE_PREFIX).rpartition("-")
+    return int(pid) if name.startswith(INSTANCE_PREFIX) and machine and pid.isdigit() else None
+
+
+def remove_stale_instances(root: str, keep: str | None = None) -> list[str]:
+    """Remove the instances of agents that are gone; return their names.
+
+    An agent killed outright (SIGKILL, the OOM killer) whose state directory
+    then went too left its instance recording into kernel memory, and no
+    stop record names it for a successor to adopt or remove. An instance is
+    stale when the process named in it is gone. Never touched: ``keep`` (the
+    instance this agent adopts); one whose process exists (a running agent,
+    or a reused pid: left rather than guessed at); one a running agent reads
+    under a predecessor's name (an adopted instance), which the kernel
+    refuses to remove while its files are open (EBUSY). Nothing is written
+    into an instance before removing it, so such a refusal leaves its
+    tracing exactly as it was.
+    """
+    instances = _instances_dir(root)
+    if instances is None:
+        return []
+    removed = []
+    for path in sorted(instances.glob(f"{INSTANCE_PREFIX}*")):
+        pid = _pid_of(path.name)
+        if path.name == keep or pid is None or Path(f"/proc/{pid}").exists():
+            continue
+        try:
+            path.rmdir()
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                log.warning("could not remove stale trace instance %s: %s", path, exc)
+            continue
+        log.info("removed trace instance %s: its agent (pid %d) is gone", path.name, pid)
+        removed.append(path.name)
+    return removed
+
+
 class TraceInstance:
     """A private trace instance streaming write events of ``devs`` to callbacks."""
 

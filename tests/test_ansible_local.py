@@ -1,8 +1,10 @@
 """The playbooks for real on the local inventory: deploy, protect, test failover, cut over.
 
 One deployment per module (its own base directory, ports and machine id, so
-nothing collides with other tests): ``site.yml``, then a loop device with
-ext4 is protected while a writer changes files, a test failover is made and
+nothing collides with other tests), driven by the README's own commands: its
+Ansible table's ``site.yml`` with no disk named yet, then ``protect.yml -e
+ferry_local_disk=/dev/loopN`` for a loop device with ext4, while a writer
+changes files; a test failover is made and
 cleaned up, the machine is cut over and the VHD checked, and everything is
 torn down.  In file order each test takes the deployment on from the one
 before, as an operator's session does; run alone, a test first brings the
@@ -47,13 +49,24 @@ MiB = 1 << 20
 SERVER_MODE = os.environ.get("FERRY_TEST_SETTINGS_MODE") != "1"
 STAGES = ("deployed", "protected", "cut-over")
 """What the playbooks bring a deployment to, in the order they do."""
-STEPS = {
-    "deployed": ("site.yml",),
-    "protected": ("protect.yml",),
-    "cut-over": ("cutover.yml", "-e", "machine=web01"),
+README_ROWS = {
+    "deployed": "deploy everything for an inventory",
+    "protected": "protect a source's disks",
 }
-"""The playbook (and its arguments) that brings a deployment to each stage."""
+"""The README's Ansible table: the rows whose commands bring a deployment to these stages."""
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def readme_command(row: str) -> list[str]:
+    """The playbook and arguments of the README's Ansible table row ``row``, as written."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 2 and cells[0] == row:
+            command = re.findall(r"`([^`]+)`", cells[1])[0].split()
+            assert command[0] == ".venv-controller/bin/ansible-playbook", command
+            assert command[1].startswith("playbooks/"), command
+            return [command[1].removeprefix("playbooks/"), *command[2:]]
+    raise AssertionError(f"README.md has no Ansible table row {row!r}")
 
 
 def run(*cmd: str) -> str:
@@ -82,8 +95,8 @@ class Deployment:
             # what a real host does (and slow); the role then only uses it.
             "ferry_venv": str(ROOT / ".venv"),
             "ferry_venv_managed": False,
+            # No disk here: the README's protect.yml names it (steps).
             "mobility_agent_machine": self.machine,
-            "mobility_agent_disks": [{"id": self.disk, "device": self.device}],
             "storage_azurite_blob_port": free_port(),
             "storage_azurite_queue_port": free_port(),
             "storage_azurite_table_port": free_port(),
@@ -115,12 +128,20 @@ class Deployment:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         return result
 
+    def steps(self, stage: str) -> list[str]:
+        """The playbook and arguments that bring the deployment to ``stage``: the README's."""
+        if stage == "cut-over":
+            return ["cutover.yml", "-e", "machine=web01"]
+        return [a.replace("/dev/loopN", self.device) for a in readme_command(README_ROWS[stage])]
+
     def step(self, stage: str) -> subprocess.CompletedProcess:
         """Run the playbook that brings the deployment to ``stage`` (once: a failure sticks)."""
         if stage in self.failed:
-            pytest.fail(f"{STEPS[stage][0]} failed earlier in this module (logs in {self.base})")
+            pytest.fail(
+                f"{self.steps(stage)[0]} failed earlier in this module (logs in {self.base})"
+            )
         try:
-            result = self.ok(*STEPS[stage])
+            result = self.ok(*self.steps(stage))
         except AssertionError:
             self.failed.add(stage)
             raise
@@ -138,12 +159,19 @@ class Deployment:
 
     def running(self) -> set[str]:
         """The components whose supervisor is alive."""
-        names = set()
+        return set(self.daemons())
+
+    def daemons(self) -> dict[str, int | None]:
+        """Each component whose supervisor is alive, and the process id of its daemon."""
+        found = {}
         for pidfile in (self.base / "ferry" / "run").glob("*.pid"):
-            state = json.loads(pidfile.read_text())
+            try:
+                state = json.loads(pidfile.read_text())
+            except (OSError, ValueError):
+                continue  # being rewritten
             if Path(f"/proc/{state['pid']}").exists():
-                names.add(pidfile.stem)
-        return names
+                found[pidfile.stem] = state.get("child")
+        return found
 
     def agent_status(self) -> dict:
         out = run(str(ROOT / ".venv" / "bin" / "ferry"), "agent", "status", "--json",
@@ -236,6 +264,8 @@ def cut_over(deployment) -> Deployment:
 
 
 def test_site_deploys_every_role(deployment):
+    # The README's first command, on a machine where no disk is named yet.
+    assert deployment.steps("deployed") == ["site.yml"]
     deployment.step("deployed")
     assert {"azurite", "config-server", "process-server"} <= deployment.running()
     etc = deployment.base / "ferry" / "etc"
@@ -246,7 +276,13 @@ def test_site_deploys_every_role(deployment):
             assert (etc / f"{name}.credentials.json").stat().st_mode & 0o777 == 0o600
         kinds = {c["kind"] for c in deployment.api("/tenants/demo/status")["components"]}
         assert kinds == {"agent", "process-server", "master-target"}
+        (machine,) = deployment.api("/tenants/demo/machines")["machines"]
+        assert machine["machine"] == deployment.machine and machine["disks"] == []
     else:
+        # Sealed segments need the deployment's key on both sides, written 0600.
+        for name in ("process-server", "master-target"):
+            key = etc / f"{name}.segment.key"
+            assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_text().strip()) == 64
         # Nothing is protected yet: the agent and the master target wait for protect.yml.
         assert not {"agent", "master-target"} & deployment.running()
     assert (deployment.base / "ferry" / "controller" / "pki" / "ca.pem").exists()
@@ -276,12 +312,6 @@ def test_the_systemd_units_written_for_real_hosts_are_valid(deployment):
 
 
 @pytest.mark.usefixtures("deployed")
-def test_a_second_site_run_changes_nothing(deployment):
-    result = deployment.ok("site.yml")
-    assert changes(result) and not any(changes(result).values()), changes(result)
-
-
-@pytest.mark.usefixtures("deployed")
 def test_check_mode_says_what_it_would_change_and_touches_nothing(deployment):
     cert = deployment.base / "ferry" / "etc" / "pki" / "process-server.pem"
     before = cert.read_bytes()
@@ -299,13 +329,67 @@ def test_check_mode_says_what_it_would_change_and_touches_nothing(deployment):
     assert json.loads(pidfile.read_text())["pid"] == pid
 
 
+class AgentWatch(threading.Thread):
+    """Notes the agent's process id when it first reports a disk: its initial sync began."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        super().__init__(daemon=True)
+        self.deployment = deployment
+        self.halt = threading.Event()
+        self.pid_at_sync: int | None = None
+
+    def run(self) -> None:
+        while not self.halt.is_set() and self.pid_at_sync is None:
+            pid = self.deployment.daemons().get("agent")
+            try:
+                disks = self.deployment.agent_status()["disks"]
+            except (subprocess.CalledProcessError, ValueError):
+                disks = []  # not up yet, or being restarted
+            if disks and pid is not None and pid == self.deployment.daemons().get("agent"):
+                self.pid_at_sync = pid
+            self.halt.wait(0.2)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(30)
+
+
 @pytest.mark.usefixtures("deployed")
 def test_protect_replicates_the_loop_device(deployment):
-    deployment.step("protected")
+    # The README's second command, with this module's loop device for /dev/loopN.
+    assert deployment.steps("protected") == [
+        "protect.yml",
+        "-e",
+        f"ferry_local_disk={deployment.device}",
+    ]
+    watch = AgentWatch(deployment)
+    watch.start()
+    try:
+        deployment.step("protected")
+    finally:
+        watch.stop()
     assert {"agent", "master-target"} <= deployment.running()
     status = deployment.agent_status()
-    assert [d["phase"] for d in status["disks"]] == ["replicating"]
+    assert [(d["disk"], d["phase"]) for d in status["disks"]] == [(deployment.disk, "replicating")]
     assert deployment.cursor()["last_tag"]
+    # Nothing restarted the agent once its initial sync had begun (a restart costs a full resync).
+    assert watch.pid_at_sync is not None
+    assert deployment.daemons()["agent"] == watch.pid_at_sync
+    if SERVER_MODE:  # the disk protect.yml named reached the configuration server
+        (machine,) = deployment.api("/tenants/demo/machines")["machines"]
+        assert [(d["id"], d["device"]) for d in machine["disks"]] == [
+            (deployment.disk, deployment.device)
+        ]
+
+
+@pytest.mark.usefixtures("protected")
+def test_a_second_protect_or_site_run_changes_nothing_and_restarts_no_daemon(deployment):
+    before = deployment.daemons()
+    assert {"azurite", "config-server", "process-server", "master-target", "agent"} <= set(before)
+    for command in (deployment.steps("protected"), ["site.yml"]):
+        result = deployment.ok(*command)
+        assert changes(result) and not any(changes(result).values()), (command, changes(result))
+    assert deployment.daemons() == before
 
 
 @pytest.mark.usefixtures("protected")

@@ -122,6 +122,16 @@ def test_protect_fails_early_on_a_missing_device(base):
     assert not (base / "lib").exists()
 
 
+def test_protect_without_a_disk_says_what_to_name(base):
+    result = ansible_playbook(
+        "playbooks/protect.yml", "-l", "web01", "-e", f"ferry_local_base={base}"
+    )
+    assert result.returncode != 0
+    said = " ".join(result.stdout.split())
+    assert "web01 lists no disks to protect" in said and "-e ferry_local_disk=/dev/loopN" in said
+    assert not (base / "lib").exists()
+
+
 def test_cutover_needs_a_machine_name():
     result = ansible_playbook("playbooks/cutover.yml")
     assert result.returncode != 0
