@@ -472,9 +472,13 @@ class Replicator:
             t0_wall = time.time() - (mono() - t0)
             held = {d.id: self._ship_pass(d, taken[d.id]) for d in disks}
             read = mono()
-            if not freeze:  # online verify: after t0, in the pass (never lengthening a freeze)
+            # An orderly stop cut the pass short: what it did not send is dirty again
+            # (see _ship_pass), and no tag may claim the pass.
+            stopped = self.stop.is_set()
+            # Online verify: after t0, in the pass (never lengthening a freeze).
+            if not freeze and not stopped:
                 self.verifier.read_pass([d.id for d in disks])
-            clean = self.tracker.end_pass()
+            clean = self.tracker.end_pass() and not stopped
         log.debug("pass: %d blocks, read and sent in %.4f s, ended %.4f s after t0, %s",
                   sum(len(b) for b in taken.values()), read - t0, mono() - t0,
                   "clean" if clean else "collided")  # fmt: skip
@@ -556,7 +560,15 @@ class Replicator:
         # The one copy of the data: from the O_DIRECT buffer into the batch's payload.
         payload = bytearray()
         disk.pass_remaining = len(blocks) * track.block
+        unsent = 0  # the first block of the batch being filled: the ones before it were sent
         for first, count in _runs(blocks, max(1, limit // track.block)):
+            if self.stop.is_set():
+                # An orderly stop: a resync's pass reads whole disks, for longer than a
+                # stop may take (TimeoutStopSec), and a stop that outlived the wait for
+                # this thread could not hand the dirty maps over (agent.restart).
+                self._give_back(disk, blocks, unsent)
+                disk.pass_remaining = 0
+                return None
             start = first * track.block
             length = min((first + count) * track.block, track.size) - start
             view = reader.read(start, length)
@@ -571,6 +583,7 @@ class Replicator:
                 batch.payload = payload
                 self._send(disk, batch)
                 batch, payload = self._new_batch(disk), bytearray()
+                unsent = first
             for offset, n, kind, data in pieces:
                 batch.extents.append((offset, n, kind))
                 if data is not None:
@@ -580,6 +593,21 @@ class Replicator:
             return None
         batch.payload = payload
         return batch
+
+    def _give_back(self, disk: DiskState, blocks: BitMap, unsent: int) -> None:
+        """Mark ``blocks`` from ``unsent`` on dirty again: a pass stopped before sending them.
+
+        Their extents may have changed what the target is known to read as
+        zeros (``target_zero``) without reaching it: forget that for them, so
+        they are sent whatever they hold.
+        """
+        rest = BitMap(blocks)
+        rest.remove_range(0, unsent)
+        for first, count in _runs(rest, 1 << 30):
+            self.tracker.mark_dirty(disk.id, first, first + count)
+            disk.target_zero.remove_range(first, first + count)
+        log.info("disk %s: stopping in the middle of a pass, %d blocks left dirty",
+                 disk.id, len(rest))  # fmt: skip
 
     def _reader_for(self, disk: DiskState) -> blockio.DirectReader:
         reader = self._buffers.get(disk.id)

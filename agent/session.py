@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +176,9 @@ class Session:
         if self.worker is not None and self.worker.ident is not None:
             self.worker.join(timeout=30)
             orderly = orderly and not self.worker.is_alive()
+        if self.alive and hand_over and not orderly:
+            log.warning("the replicator did not stop within 30 s; the next start resyncs; it was at:\n%s",
+                        _stack_of(self.worker))  # fmt: skip
         if orderly:
             self._wait_acked()
         if self.control is not None:
@@ -200,6 +205,8 @@ class Session:
         ]  # fmt: skip
         tracker = self.tracker
         if not isinstance(tracker, TraceTracker) or not disks:
+            why = "no trace instance" if disks else "none replicating with its batches acknowledged"
+            log.info("stopped: no disk to resume at the next start (%s)", why)
             return False
         if any((d.last_tag or {}).get("final") for d in disks):
             return False  # cut over: the master target has fenced these disks for good
@@ -217,3 +224,9 @@ class Session:
             ", ".join(d.id for d in disks), tracker.instance.path,
         )  # fmt: skip
         return True
+
+
+def _stack_of(thread: threading.Thread | None) -> str:
+    """Where ``thread`` is now (what kept a stop from handing over; the log says it)."""
+    frame = sys._current_frames().get(thread.ident or 0) if thread is not None else None
+    return "".join(traceback.format_stack(frame)) if frame is not None else "(gone)"

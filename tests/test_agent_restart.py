@@ -183,3 +183,36 @@ def test_every_gap_in_the_hand_over_ends_in_a_resync(deployment, loopdisk, tmp_p
     d = start(deployment)
     assert d["gen"] == 4 and "since the boot" in d["start"], d
     converged(deployment, disk.device, target, size)
+
+
+def test_an_orderly_stop_in_the_middle_of_a_long_pass_still_hands_over(
+    deployment, loopdisk, tmp_path
+):
+    # A first sync (as a resync) reads the whole disk in one pass: longer than a stop
+    # may take on a slow machine. The stop ends the pass where it is, puts what it did
+    # not send back into the dirty map, and hands that map over.
+    size = 768 * MiB
+    disk = loopdisk(size, fs=False)
+    subprocess.run(["dd", "if=/dev/urandom", f"of={disk.device}", "bs=4M", "oflag=direct",
+                    f"count={size // (4 * MiB)}", "status=none"], check=True)  # fmt: skip
+    target = tmp_path / "target.img"
+    deployment.configure([{"id": DISK, "device": disk.device}], {DISK: str(target)})
+    deployment.start("process-server")
+    deployment.wait_port()
+    deployment.start("master-target")
+    deployment.start("agent")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        deployment.check_alive()
+        now = ((deployment.agent_status() or {}).get("disks") or [{}])[0]
+        if now.get("phase") == "initial-sync" and now.get("bytes_read", 0) >= 32 * MiB:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"no initial sync under way: {deployment.log_tail('agent', 10)}")
+    assert now["bytes_read"] < size, "the pass ended before the stop: nothing tested"
+    stop(deployment)
+    assert "stopping in the middle of a pass" in deployment.log_tail("agent", 20)
+    resumed = start(deployment)
+    assert resumed["start"] == "resumed" and resumed["gen"] == 1 and resumed["resyncs"] == 0
+    converged(deployment, disk.device, target, size)
