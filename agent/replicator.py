@@ -56,6 +56,8 @@ class DiskState:
     request_id: str | None = None
     target_zero: BitMap = field(default_factory=BitMap)
     last_tag: dict[str, Any] | None = None
+    resend: list[Batch] = field(default_factory=list)
+    """Batches an orderly stop kept unacknowledged, sent again first at a resumed start."""
     bytes_shipped: int = 0
     bytes_read: int = 0
     pass_remaining: int = 0
@@ -549,7 +551,7 @@ class Replicator:
         batch.seq = disk.next_seq
         disk.next_seq += 1
         disk.bytes_shipped += len(batch.payload)
-        self.shipper.send_batch(batch)
+        self.shipper.send_batch(batch, self.stop)
 
     def _ship_pass(self, disk: DiskState, blocks: BitMap) -> Batch | None:
         """Read ``blocks`` and send them; return the pass's last batch, unsent."""
