@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.lab import make_lab_only
 
 from mastertarget import adapt, bootcheck, cutover
 
@@ -163,7 +164,11 @@ def spec_for(copies: dict, out: Path, digest: str, adapt_it: bool) -> dict:
     }  # fmt: skip
 
 
+# make test: the lab's share goes to Ferry deployed in the guest (tests/test_lab_guest.py);
+# the boot check's verdicts are tested above, its refusal of a disk with no operating system
+# in tests/test_ansible_local.py. make lab runs these and the cutover through the playbook.
 @pytest.mark.qemu
+@make_lab_only
 def test_the_cut_over_lab_machine_is_adapted_and_boots_with_its_marker(lab_machine, tmp_path):
     copies, digest = source_with_marker(lab_machine, tmp_path)
     spec = spec_for(copies, tmp_path, digest, adapt_it=True)
@@ -195,8 +200,14 @@ def test_the_cut_over_lab_machine_is_adapted_and_boots_with_its_marker(lab_machi
 
 
 @pytest.mark.qemu
+@make_lab_only
 def test_a_machine_that_cannot_boot_is_not_cut_over(lab_machine, tmp_path):
-    broken = "UUID=0badc0de-0000-4000-8000-000000000000 /srv/gone ext4 defaults 0 2\n"
+    # Unbootable as with any missing device, only sooner: systemd gives up on it after 5 s,
+    # not its default 90 s of an emulated boot.
+    broken = (
+        "UUID=0badc0de-0000-4000-8000-000000000000 /srv/gone ext4 "
+        "defaults,x-systemd.device-timeout=5s 0 2\n"
+    )
     copies, digest = source_with_marker(lab_machine, tmp_path, fstab_extra=broken)
     spec = spec_for(copies, tmp_path, digest, adapt_it=False)
     manifest = cutover.convert(spec)
