@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from support.lab import make_lab_only
 
 from mastertarget import adapt, bootcheck, cutover
 
@@ -164,11 +163,7 @@ def spec_for(copies: dict, out: Path, digest: str, adapt_it: bool) -> dict:
     }  # fmt: skip
 
 
-# make test: the lab's share goes to Ferry deployed in the guest (tests/test_lab_guest.py);
-# the boot check's verdicts are tested above, its refusal of a disk with no operating system
-# in tests/test_ansible_local.py. make lab runs these and the cutover through the playbook.
 @pytest.mark.qemu
-@make_lab_only
 def test_the_cut_over_lab_machine_is_adapted_and_boots_with_its_marker(lab_machine, tmp_path):
     copies, digest = source_with_marker(lab_machine, tmp_path)
     spec = spec_for(copies, tmp_path, digest, adapt_it=True)
@@ -200,7 +195,6 @@ def test_the_cut_over_lab_machine_is_adapted_and_boots_with_its_marker(lab_machi
 
 
 @pytest.mark.qemu
-@make_lab_only
 def test_a_machine_that_cannot_boot_is_not_cut_over(lab_machine, tmp_path):
     # Unbootable as with any missing device, only sooner: systemd gives up on it after 5 s,
     # not its default 90 s of an emulated boot.

@@ -7,13 +7,14 @@ server, the process server and the master target run on this machine
 deployment on the session's guest, in file order: the state after
 ``site.yml`` and ``protect.yml`` (asserted with pytest-ansible's modules on
 the hosts, not by reading playbook output), an initial sync of both whole
-disks (seeded), the RPO under a writer in the guest, an orderly reboot under
-that writer, and a final tag after which both targets equal their source
-disks. ``make lab`` (``python -m lab test``, ``FERRY_LAB_LONG=1``) adds an
-unseeded first sync, a longer RPO window, a crash reset under the writer,
-and the cutover through ``playbooks/cutover.yml`` (boot check failed and
-resumed, then passed with the workload's marker) in place of the final tag.
-Each figure is recorded with the image's figures (``python -m lab report``).
+disks, the RPO under a writer in the guest, a crash reset and an orderly
+reboot under that writer, and a final tag after which both targets equal
+their source disks. ``make lab`` (``python -m lab test``, ``FERRY_LAB_LONG=1``)
+protects unseeded, measures the RPO longer and cuts the guest over through
+``playbooks/cutover.yml`` (boot check failed and resumed, then passed with the
+workload's marker) in place of the final tag; FERRY_LAB_CUTOVER=1 adds that
+cutover to a seeded run. Each figure is recorded with the image's figures
+(``python -m lab report``).
 """
 
 from __future__ import annotations
@@ -36,17 +37,25 @@ from support.lab import (
     LAB_DISKS,
     LONG,
     LabDeployment,
-    make_lab_only,
     protected_lab,
 )
 
 from lab.image import BOOT_OFFSET, BOOT_SIZE
 
-pytestmark = [pytest.mark.qemu]
+pytestmark = [
+    pytest.mark.qemu,
+    # Measured 2026-12-03 (TCG, load 1 to 1.6), the make test variant (seeded, no crash, no
+    # cutover): about 15 min (boot 48 s, wheelhouse 41 s, site.yml 234 s, protect.yml 229 s,
+    # orderly reboot 81 s, teardown), beyond the lab's 10 minutes of make test.
+    # `make lab` (python -m lab test) runs it; FERRY_LAB_FERRY=1 runs it in pytest.
+    pytest.mark.skipif(
+        not (os.environ.get("FERRY_LAB_ATTACH") or os.environ.get("FERRY_LAB_FERRY") == "1"),
+        reason="Ferry deployed on the lab guest runs with make lab (or FERRY_LAB_FERRY=1): ~15 min",
+    ),
+]
 
-# make lab (LONG) also: an unseeded first sync (every used block of both disks through the
-# guest's emulated CPU), a longer RPO window, the crash reset and the cutover through the
-# playbook; make test seeds the targets.
+# make lab (LONG): an unseeded first sync (every used block of both disks through the
+# guest's emulated CPU), a longer RPO window and the cutover through the playbook.
 RPO_WINDOW = 180 if LONG else 30
 """Seconds the RPO is sampled under the writer."""
 CATCH_UP = 900
@@ -247,10 +256,6 @@ def clock_offset(lab: LabDeployment) -> float:
     return guest - (before + time.time()) / 2
 
 
-# make test: a crash costs a full digest resync, tested on this machine's loop devices
-# (tests/test_end_to_end.py::test_sigkill_mid_stream_converges, the agent killed); a
-# reboot under TCG costs minutes of the lab's share of make test.
-@make_lab_only
 def test_a_crash_under_a_writer_resyncs_only_the_differences(lab, writer):
     lab.machine.ssh("echo synced > /srv/data/crash-proof && sync")
     before = tags(lab)

@@ -37,8 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 LONG = os.environ.get("FERRY_LAB_LONG") == "1"
 """``make lab`` (``python -m lab test``): the lab's long scenarios as well as those of make test."""
-make_lab_only = pytest.mark.skipif(not LONG, reason="runs with make lab (FERRY_LAB_LONG=1)")
-"""For lab scenarios beyond the lab's share of make test (each says what covers it there)."""
 
 LAB_TIMEOUT = 1800
 """Seconds a qemu test may take: the first one may build the image (minutes) and boot it."""
