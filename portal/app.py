@@ -216,7 +216,9 @@ class Portal:
             raise Refused(404, "There is no such machine.")
         for disk in machine["disks"]:
             disk.update(_progress(disk))
-        points = await api.recovery_points(machine_id, defaults.RECOVERY_POINTS)
+        now = time.time()
+        window = await self.chart_points(api, machine, now - defaults.RPO_WINDOW)
+        points = window["points"]
         jobs = await api.jobs(machine_id)
         commands = []
         for job in jobs[:5]:
@@ -228,17 +230,29 @@ class Portal:
                 except ControlRefused:
                     pass
         alerts = [a for a in await api.alerts() if _about(a, machine)]
-        now = time.time()
         threshold = next((j.get("rpo_threshold_s") for j in jobs if j["kind"] == "protect"), None)
+        since = window["since"]
         return {
-            "machine": machine, "points": points[:20], "jobs": jobs, "commands": commands,
-            "alerts": alerts, "now": now, "threshold": threshold,
-            "timeline": charts.timeline(points, now),
-            "rpo": charts.rpo_chart(points, threshold or 60, now),
+            "machine": machine, "points": (points + window["earlier"])[:20], "jobs": jobs,
+            "commands": commands, "alerts": alerts, "now": now, "threshold": threshold,
+            "timeline": charts.timeline(points, now, since),
+            "rpo": charts.rpo_chart(points + window["earlier"], threshold or 60, now, since),
             "active": {j["kind"]: j for j in jobs if j["state"] not in TERMINAL},
             "test_failover": next((j for j in jobs if j["kind"] == "test-failover"
                                    and j["state"] == "ready" and j.get("driven")), None),
         }  # fmt: skip
+
+    async def chart_points(self, api: Api, machine: dict[str, Any], start: float):
+        """The last hour's recovery points for the charts: ``points`` (the window, thinned),
+        ``earlier`` (in force at ``start``) and ``since`` (when the data starts, if late)."""
+        every = charts.slice_seconds(len(machine["disks"]))
+        answer = await api.recovery_points(machine["machine"], defaults.RECOVERY_POINTS,
+                                           since=start, every=every)  # fmt: skip
+        points = answer["recovery_points"]
+        # A full listing lost its oldest rows: the data then starts at the oldest one listed.
+        earlier = [] if len(points) >= defaults.RECOVERY_POINTS else answer.get("earlier", [])
+        return {"points": points, "earlier": earlier,
+                "since": charts.data_start(points, earlier, start)}  # fmt: skip
 
     async def machine(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])

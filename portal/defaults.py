@@ -23,8 +23,17 @@ REFRESH_INTERVAL = 3000
 RPO_WINDOW = 3600.0
 """The RPO chart's span, in seconds (the last hour)."""
 
-RECOVERY_POINTS = 500
-"""Recovery points read for a machine page's timeline and chart, a count."""
+RECOVERY_POINTS = 1000
+"""Recovery points read for a machine page's timeline and chart, a count (the most the
+configuration server lists at once)."""
+
+RECOVERY_POINTS_FILL = 0.9
+"""Share of RECOVERY_POINTS a thinned hour is sized to fill, a fraction (the rest is slack
+for slices that straddle the window's ends)."""
+
+DATA_SINCE_SLACK = 60.0
+"""Data that starts this little after the window's start still counts as the whole window
+(nobody reads a minute off a one-hour chart), in seconds."""
 
 PASSPHRASE_TTL = 86400
 """Default life of a registration passphrase made in the portal, in seconds."""
