@@ -58,8 +58,10 @@ class Api:
             query["every"] = every
         return await self.call("GET", f"/recovery-points?{urlencode(query)}")
 
-    async def passphrase(self, ttl_seconds: int) -> dict[str, Any]:
-        return await self.call("POST", "/passphrases", {"ttl_seconds": ttl_seconds}, False)
+    async def passphrase(self, ttl_seconds: int, kind: str, name: str) -> dict[str, Any]:
+        """A one-time passphrase that registers only the component ``kind`` ``name``."""
+        body = {"ttl_seconds": ttl_seconds, "kind": kind, "name": name}
+        return await self.call("POST", "/passphrases", body, False)
 
     async def protect(self, machine: str, key: str, **choices: Any) -> dict[str, Any]:
         """Protect a machine; ``choices``: process_server, master_target, rpo_threshold_s."""

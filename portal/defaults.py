@@ -35,8 +35,21 @@ DATA_SINCE_SLACK = 60.0
 """Data that starts this little after the window's start still counts as the whole window
 (nobody reads a minute off a one-hour chart), in seconds."""
 
+RECORDED_DETAILS = 50
+"""Recorded actions (machine ``-``) on the jobs page whose detail is read, the newest first,
+a count (one API call each)."""
+
 PASSPHRASE_TTL = 86400
 """Default life of a registration passphrase made in the portal, in seconds."""
+
+HOST_VENV = "/opt/ferry/venv"
+"""Where the registration page's commands install a component (the roles' ``ferry_venv``)."""
+
+HOST_CONFIG_DIR = "/etc/ferry"
+"""Where they put its credentials and certificates (the roles' ``ferry_config_dir``)."""
+
+HOST_STATE_DIR = "/var/lib/ferry"
+"""Where its state directory goes, one per kind (the roles' ``ferry_state_dir``)."""
 
 COOKIE = "__Host-ferry-portal"
 """The session cookie's name: ``__Host-`` makes browsers require Secure, path / and no domain."""

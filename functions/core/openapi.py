@@ -182,7 +182,7 @@ SCHEMAS: dict[str, Any] = {
             "restorable_on": {"type": "array", "items": {"type": "string"}},
             "restorable": {"type": "boolean"}})},
         "earlier": {"type": "array", "items": ANY_OBJECT,
-                    "description": "with since: each disk's newest point before it"}},
+                    "description": "with since: each disk's newest point reported before it"}},
         ["recovery_points", "points"]),
     "Alerts": _obj({"alerts": {"type": "array", "items": _obj({
         "id": {"type": "string"}, "kind": {"type": "string"},
@@ -283,8 +283,8 @@ PATHS: dict[str, Any] = {
             _param("limit", {"type": "integer", "minimum": 1,
                              "maximum": defaults.RECOVERY_POINTS_MAX}, "query"),
             _param("since", {"type": "number", "minimum": 0, "maximum": 1e11,
-                             "description": "only points whose source time is at or after "
-                             "this (seconds since the epoch); adds earlier"}, "query"),
+                             "description": "only points reported at or after this "
+                             "(seconds since the epoch); adds earlier"}, "query"),
             _param("every", {"type": "integer", "minimum": 1,
                              "maximum": defaults.RECOVERY_POINTS_EVERY_MAX,
                              "description": "per disk, only the newest point of each slice "

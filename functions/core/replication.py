@@ -203,8 +203,8 @@ def list_recovery_points(
     """Recovery points of a tenant (of one machine or disk), newest first, each marked
     ``restorable``, and the machine-wide ``points`` (``restorable=true``: only those).
 
-    ``since`` keeps the points whose source time is at or after it and adds
-    ``earlier``: each disk's newest point before it (what held at ``since``,
+    ``since`` keeps the points reported at or after it and adds ``earlier``:
+    each disk's newest point reported before it (what held at ``since``,
     where a chart of the window starts).  ``every`` keeps, per disk, the
     newest point of each ``every``-second slice of source time, so a long
     window fits one listing.  Both apply before ``restorable``.
@@ -230,9 +230,9 @@ def list_recovery_points(
     disks = {d["disk"]: d for d in ctx.store.partition("disks", tenant)}
     for p in points:
         p["restorable"] = restorable(p, disks.get(p.get("disk")))
-    before = [p for p in points if since is not None and _t0(p) < since]
+    before = [p for p in points if since is not None and _reported(p) < since]
     if since is not None:
-        points = [p for p in points if _t0(p) >= since]
+        points = [p for p in points if _reported(p) >= since]
     if every:
         points = _newest_per(points, lambda p: (p["disk"], _t0(p) // every))
     machines = {m["machine"]: m for m in ctx.store.partition("machines", tenant)}
@@ -250,6 +250,11 @@ def list_recovery_points(
 
 def _t0(point: dict[str, Any]) -> float:
     return point.get("t0_wall") or 0.0
+
+
+def _reported(point: dict[str, Any]) -> float:
+    """When the master target reported the point (the server's clock)."""
+    return point.get("reported_at") or _t0(point)
 
 
 def _newest_per(points: list[dict[str, Any]], group) -> list[dict[str, Any]]:
