@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -78,12 +79,16 @@ def seed(config_server, op, machine: str, times: list[float]) -> None:
     store = context.from_settings(
         {"FERRY_STORAGE": config_server.azurite.connection_string, "FERRY_ADMIN_KEY": ADMIN_KEY}
     ).store
-    for seq, t0 in enumerate(times, start=1):
+
+    def made(seq: int, t0: float) -> bool:
         tag = {"id": f"1-{seq}", "kind": "crash", "t0_wall": t0}
-        store.create("recoverypoints", op.tenant, f"{disk}|1-{seq}", {
+        return store.create("recoverypoints", op.tenant, f"{disk}|1-{seq}", {
             "disk": disk, "machine": machine, "tag": tag, "tag_id": f"1-{seq}", "kind": "crash",
             "t0_wall": t0, "gen": 1, "seq": seq, "reported_at": t0 + 2, "master_target": "mt-mt1",
         })  # fmt: skip
+
+    with ThreadPoolExecutor(8) as pool:  # hundreds of rows: in parallel, as many writers would
+        assert all(pool.map(made, range(1, len(times) + 1), times))
 
 
 def machine_page(config_server, op, machine: str) -> str:
