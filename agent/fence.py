@@ -4,7 +4,7 @@ The cutover role calls this on the source instead of knowing the agent's
 unit name, pidfile or supervisor::
 
     python -m agent.fence digest --device /dev/disk/by-id/virtio-data   # {"size", "sha256"}
-    python -m agent.fence tag --socket /var/lib/ferry/agent/agent.sock --kind app
+    python -m agent.fence tag --state-dir /var/lib/ferry/agent --kind app
     python -m agent.fence stop            # systemd, or ferry-supervise where systemd is not PID 1
 
 Each prints one JSON object.  ``tag`` asks for the *final* tag: the agent
@@ -80,7 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True)
     p.add_argument("--size", type=int)
     p = sub.add_parser("tag", help="take the final tag and wait until it is durable")
-    p.add_argument("--socket", required=True, help="the agent's control socket")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--state-dir", default=defaults.STATE_DIR,
+        help=f"the agent's state directory, where its control socket is ({defaults.STATE_DIR})",
+    )  # fmt: skip
+    where.add_argument("--socket", help="the agent's control socket, if its settings name one")
     p.add_argument("--kind", choices=["crash", "app"], default="crash")
     p.add_argument("--timeout", type=float, default=defaults.FINAL_TAG_TIMEOUT)
     p = sub.add_parser("stop", help="stop the agent for good")
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "digest":
             result = digest(args.device, args.size)
         elif args.command == "tag":
-            result = final_tag(args.socket, args.kind, args.timeout)
+            socket_path = args.socket or agentsocket.path_in(args.state_dir)
+            result = final_tag(socket_path, args.kind, args.timeout)
         else:
             result = stop(args.prefix, args.run_dir)
         print(json.dumps(result))

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from ferry.naming import ID_RE, KIND_PREFIX
 from functions.core import defaults, jobs
 from functions.core.commands import TYPES
 from functions.core.replication import COMPONENT_COMMANDS, MACHINE_COMMANDS
 
-ID = {"type": "string", "pattern": "^[a-z0-9]+(-[a-z0-9]+)*$", "minLength": 1, "maxLength": 40}
+ID = {"type": "string", "pattern": ID_RE.pattern, "minLength": 1, "maxLength": 40}
+COMPONENT_ID = {
+    "type": "string",
+    # A kind's prefix, then an id: ``ag-web01`` (ferry.naming owns both).
+    "pattern": "^(" + "|".join(sorted(KIND_PREFIX.values())) + ")-" + ID_RE.pattern[1:],
+    "maxLength": 40,  # the whole id is an id too (tokens carry it)
+}
 KEY = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}
 TIME = {"type": "number", "description": "seconds since the epoch"}
 COUNT = {"type": "integer", "minimum": 0}
@@ -253,8 +260,7 @@ PATHS: dict[str, Any] = {
         [_param("command_id", {"type": "string", "pattern": "^cmd-[a-z0-9]{1,60}$"})])},
     "/tenants/{tenant}/components/{component}/commands": {"post": _op(
         "stop one component or rotate its credentials", (202, "CommandAccepted"),
-        "ComponentCommand", [TENANT, _param("component", {"type": "string", "pattern":
-                                                        "^(ag|ps|mt)-[a-z0-9-]{1,40}$"})])},
+        "ComponentCommand", [TENANT, _param("component", COMPONENT_ID)])},
     "/tenants/{tenant}/commands/{command_id}": {"get": _op(
         "one command and each target's outcome", (200, "Command"),
         params=[TENANT, _param("command_id", {"type": "string", "pattern": "^cmd-[a-z0-9]{1,60}$"})])},
