@@ -187,7 +187,10 @@ SCHEMAS: dict[str, Any] = {
             "kind": {"type": "string", "nullable": True}, "t0_wall": {"type": "number", "nullable": True},
             "disks": {"type": "array", "items": {"type": "string"}},
             "restorable_on": {"type": "array", "items": {"type": "string"}},
-            "restorable": {"type": "boolean"}})}}, ["recovery_points", "points"]),
+            "restorable": {"type": "boolean"}})},
+        "earlier": {"type": "array", "items": ANY_OBJECT,
+                    "description": "with since: each disk's newest point reported before it"}},
+        ["recovery_points", "points"]),
     "Alerts": _obj({"alerts": {"type": "array", "items": _obj({
         "id": {"type": "string"}, "kind": {"type": "string"},
         "severity": {"type": "string", "enum": ["warning", "critical"]},
@@ -284,7 +287,14 @@ PATHS: dict[str, Any] = {
             TENANT, _param("machine", ID, "query"), _param("disk", ID, "query"),
             _param("restorable", {"type": "boolean"}, "query"),
             _param("limit", {"type": "integer", "minimum": 1,
-                             "maximum": defaults.RECOVERY_POINTS_MAX}, "query")])},
+                             "maximum": defaults.RECOVERY_POINTS_MAX}, "query"),
+            _param("since", {"type": "number", "minimum": 0, "maximum": 1e11,
+                             "description": "only points reported at or after this "
+                             "(seconds since the epoch); adds earlier"}, "query"),
+            _param("every", {"type": "integer", "minimum": 1,
+                             "maximum": defaults.RECOVERY_POINTS_EVERY_MAX,
+                             "description": "per disk, only the newest point of each slice "
+                             "of this many seconds of source time"}, "query")])},
     "/tenants/{tenant}/alerts": {"get": _op(
         "alerts, newest first", (200, "Alerts"),
         params=[TENANT, _param("open", {"type": "boolean"}, "query")])},
