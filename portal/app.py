@@ -27,7 +27,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ferry import __version__, naming
+from ferry import __version__, naming, tokens
 from ferry.control.errors import ControlRefused, ControlUnavailable
 from portal import charts, defaults
 from portal.api import Api, new_key
@@ -286,8 +286,8 @@ class Portal:
         assert session is not None  # checked_form refused a request without one
         machine = request.path_params["machine"]
         choices = {
-            "process_server": _component(form.get("process_server"), "ps-"),
-            "master_target": _component(form.get("master_target"), "mt-"),
+            "process_server": _component(form.get("process_server"), "process-server"),
+            "master_target": _component(form.get("master_target"), "master-target"),
             "rpo_threshold_s": _seconds(form.get("rpo_threshold_s")),
         }
         await self.act(session, api.protect(machine, _key(form), **choices), f"protect {machine}",
@@ -434,10 +434,8 @@ def _digest(token: str) -> str:
 
 def _token_tenant(token: str) -> str | None:
     """The tenant an operator token belongs to (``op.<tenant>.<secret>``), or None."""
-    parts = token.split(".")
-    if len(parts) != 3 or parts[0] != "op" or not naming.ID_RE.match(parts[1]) or not parts[2]:
-        return None
-    return parts[1]
+    claimed = tokens.claim(token)
+    return claimed.tenant if claimed is not None and claimed.kind == "operator" else None
 
 
 def _key(form: dict[str, str]) -> str:
@@ -445,10 +443,10 @@ def _key(form: dict[str, str]) -> str:
     return key if key.startswith("portal-") and len(key) <= 64 and key[7:].isalnum() else new_key()
 
 
-def _component(value: str | None, prefix: str) -> str | None:
-    """A component id chosen in a form (None: let the server choose)."""
+def _component(value: str | None, kind: str) -> str | None:
+    """A component id of ``kind`` chosen in a form (None: let the server choose)."""
     value = (value or "").strip()
-    return value if value.startswith(prefix) and naming.ID_RE.match(value) else None
+    return value if naming.ID_RE.match(value) and naming.component_kind(value) == kind else None
 
 
 def _seconds(value: str | None) -> int | None:
@@ -460,7 +458,9 @@ def _seconds(value: str | None) -> int | None:
 def _about(alert: dict[str, Any], machine: dict[str, Any]) -> bool:
     """True if an alert concerns this machine (its disks or its agent)."""
     subject = alert.get("subject") or ""
-    return subject in {d["disk"] for d in machine["disks"]} | {f"ag-{machine['machine']}"}
+    return subject in {d["disk"] for d in machine["disks"]} | {
+        f"{naming.KIND_PREFIX['agent']}-{machine['machine']}"
+    }
 
 
 def _progress(disk: dict[str, Any]) -> dict[str, Any]:
