@@ -4,8 +4,8 @@ The cutover role calls this on the source instead of knowing the agent's
 unit name, pidfile or supervisor::
 
     python -m agent.fence digest --device /dev/disk/by-id/virtio-data   # {"size", "sha256"}
-    python -m agent.fence tag --socket /var/lib/ferry/agent/agent.sock --kind app
-    python -m agent.fence final --socket ... --device D... --freeze / --freeze /boot
+    python -m agent.fence tag --state-dir /var/lib/ferry/agent --kind app
+    python -m agent.fence final --state-dir ... --device D... --freeze / --freeze /boot
     python -m agent.fence stop            # systemd, or ferry-supervise where systemd is not PID 1
 
 Each prints one JSON object.  ``tag`` asks for the *final* tag: the agent
@@ -127,6 +127,16 @@ def stop(prefix: str = defaults.PREFIX, run_dir: str = defaults.RUN_DIR) -> dict
     return {"stopped": True, "by": "systemd" if argv[0] == "systemctl" else "ferry-supervise"}
 
 
+def _add_where(p: argparse.ArgumentParser) -> None:
+    """Where the agent's control socket is: its state directory, or the socket itself."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--state-dir", default=defaults.STATE_DIR,
+        help=f"the agent's state directory, where its control socket is ({defaults.STATE_DIR})",
+    )  # fmt: skip
+    where.add_argument("--socket", help="the agent's control socket, if its settings name one")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m agent.fence", description=__doc__.split("\n")[0]
@@ -136,11 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True)
     p.add_argument("--size", type=int)
     p = sub.add_parser("tag", help="take the final tag and wait until it is durable")
-    p.add_argument("--socket", required=True, help="the agent's control socket")
+    _add_where(p)
     p.add_argument("--kind", choices=["crash", "app"], default="crash")
     p.add_argument("--timeout", type=float, default=defaults.FINAL_TAG_TIMEOUT)
     p = sub.add_parser("final", help="freeze, digest each disk, take the final tag, thaw")
-    p.add_argument("--socket", required=True, help="the agent's control socket")
+    _add_where(p)
     p.add_argument("--device", action="append", default=[], help="a disk to digest (repeat)")
     p.add_argument("--freeze", action="append", default=[], help="a mount point (repeat)")
     p.add_argument("--timeout", type=float, default=defaults.FINAL_TAG_TIMEOUT)
@@ -155,6 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _socket(args: argparse.Namespace) -> str:
+    return args.socket or agentsocket.path_in(args.state_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m agent.fence``: one JSON object on stdout."""
     args = _parser().parse_args(argv)
@@ -163,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "digest":
             result = digest(args.device, args.size)
         elif args.command == "tag":
-            result = final_tag(args.socket, args.kind, args.timeout)
+            result = final_tag(_socket(args), args.kind, args.timeout)
         elif args.command == "final":
-            result = final(args.socket, args.device, args.freeze, args.timeout,
+            result = final(_socket(args), args.device, args.freeze, args.timeout,
                            args.freeze_limit, args.keep_frozen)  # fmt: skip
         else:
             result = stop(args.prefix, args.run_dir)

@@ -25,6 +25,7 @@ from agent.settings import Settings
 from agent.shipper import Shipper
 from agent.tracefs import remove_instance, remove_stale_instances
 from agent.tracker import DiskTrack, TraceTracker, choose
+from ferry import agentsocket
 from ferry.blockio import DirectReader
 from ferry.durable import write_json
 from ferry.errors import DeviceError
@@ -102,7 +103,7 @@ class Session:
                 disk.resend = []
             self.replicator = Replicator(settings, self.tracker, self.shipper, disks)
             self.control = ControlServer(
-                settings.control_socket or str(self.state_dir / "agent.sock"), self.replicator
+                settings.control_socket or agentsocket.path_in(self.state_dir), self.replicator
             )
         except BaseException:
             self.tracker.close()

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from devkit.embedded import Embedded, FileWriter, copy_tree_sample, digest
+from devkit.embedded import Embedded, EmbeddedError, FileWriter, copy_tree_sample, digest
 
 MiB = 1 << 20
 
@@ -38,7 +38,7 @@ def run(*cmd: str) -> str:
     """Run a system command; raise with its stderr on failure."""
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
+        raise EmbeddedError(detail=f"{' '.join(cmd)} failed: {result.stderr.strip()}")
     return result.stdout.strip()
 
 
@@ -131,7 +131,7 @@ class Demo:
     def live(self) -> Embedded:
         """The embedded deployment, made at the start of :meth:`run`."""
         if self.embedded is None:
-            raise RuntimeError("the embedded deployment is not made yet")
+            raise EmbeddedError(detail="the embedded deployment is not made yet")
         return self.embedded
 
     def progress_line(self) -> None:
@@ -171,7 +171,7 @@ class Demo:
                 self.progress_line()
                 last_print = time.monotonic()
             time.sleep(0.2)
-        raise RuntimeError("initial sync did not finish in time")
+        raise EmbeddedError(detail="the initial sync did not finish in time")
 
     def measure_rpo(self, seconds: float) -> list[float]:
         say(f"steady replication for {seconds:.0f} s with the writer running; sampling RPO")

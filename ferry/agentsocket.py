@@ -24,7 +24,16 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 from typing import Any
+
+SOCKET_NAME = "agent.sock"
+"""The socket's name in the agent's state directory, unless its settings name another."""
+
+
+def path_in(state_dir: str | Path) -> str:
+    """The control socket of the agent whose state directory is ``state_dir``."""
+    return str(Path(state_dir) / SOCKET_NAME)
 
 
 def call(path: str, request: dict[str, Any], timeout: float = 180.0) -> dict[str, Any]:

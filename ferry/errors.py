@@ -41,6 +41,7 @@ class Exit(enum.IntEnum):
     UNTRUSTED = 14
     COMMAND_FAILED = 15
     DEVKIT = 16
+    PART_MISSING = 17
     CANNOT_LISTEN = 69  # EX_UNAVAILABLE
     BUG = 70  # EX_SOFTWARE
     SPOOL = 73  # EX_CANTCREAT
@@ -66,6 +67,7 @@ EXIT_CODES: dict[int, str] = {
     Exit.UNTRUSTED: "TLS to the configuration server failed: certificate not trusted, or no TLS",
     Exit.COMMAND_FAILED: "a command from the configuration server could not be carried out",
     Exit.DEVKIT: "the development kit could not start or drive its embedded deployment",
+    Exit.PART_MISSING: "this install lacks a library the command needs (install its part's extra)",
     Exit.CANNOT_LISTEN: "cannot listen on the configured address",
     Exit.BUG: "a bug in Ferry: a thread died with a traceback in the log (please report it)",
     Exit.SPOOL: "the process server's spool directory cannot be used",

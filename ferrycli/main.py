@@ -33,6 +33,20 @@ class TagRefused(FerryError):
     exit_code = Exit.NO_TAG
 
 
+def _agent_socket_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="the agent's control socket")
+    where.add_argument(
+        "--state-dir", help="the agent's state directory (its control socket is in it)"
+    )
+
+
+def _socket_of(args: argparse.Namespace) -> str:
+    from ferry.agentsocket import path_in
+
+    return args.socket or path_in(args.state_dir)
+
+
 def _agent_call(
     socket_path: str, request: dict[str, Any], timeout: float = 180, refused: type = UsageError
 ) -> dict[str, Any]:
@@ -96,7 +110,7 @@ def _agent_verify(v: Any) -> str:
 
 
 def cmd_agent_status(args: argparse.Namespace) -> int:
-    status = _agent_call(args.socket, {"cmd": "status"}, 10)["status"]
+    status = _agent_call(_socket_of(args), {"cmd": "status"}, 10)["status"]
     render.show(args.json, status, *agent_view(status))
     return 0
 
@@ -104,7 +118,7 @@ def cmd_agent_status(args: argparse.Namespace) -> int:
 def cmd_agent_tag(args: argparse.Namespace) -> int:
     request = {"cmd": "tag", "kind": args.kind, "timeout": args.timeout, "final": args.final}
     with render.busy(f"waiting up to {args.timeout:.0f} s for a {args.kind} tag to be durable"):
-        tag = _agent_call(args.socket, request, args.timeout + 30, refused=TagRefused)["tag"]
+        tag = _agent_call(_socket_of(args), request, args.timeout + 30, refused=TagRefused)["tag"]
     final = "; final: the agent ships nothing more" if tag.get("final") else ""
     print(
         json.dumps(tag)
@@ -116,7 +130,7 @@ def cmd_agent_tag(args: argparse.Namespace) -> int:
 
 def cmd_agent_verify(args: argparse.Namespace) -> int:
     request = {"cmd": "verify", "disks": args.disk or None, "repair": False}
-    answer = _agent_call(args.socket, request, 30)
+    answer = _agent_call(_socket_of(args), request, 30)
     render.show(args.json, answer, f"verify {answer['verify_id']} started for "
                 f"{', '.join(answer['disks'])}; the master target reports what differs "
                 "(its status.json, disk 'verify')")  # fmt: skip
@@ -140,7 +154,7 @@ def _block_runs(text: str) -> list[list[int]]:
 
 def cmd_agent_repair(args: argparse.Namespace) -> int:
     request = {"cmd": "repair", "disk": args.disk, "blocks": _block_runs(args.blocks)}
-    answer = _agent_call(args.socket, request, 30)
+    answer = _agent_call(_socket_of(args), request, 30)
     render.show(args.json, answer, f"{answer['blocks']} block(s) of {args.disk} will be "
                 "shipped again with the next pass")  # fmt: skip
     return 0
@@ -814,11 +828,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", required=True
     )
     status = agent.add_parser("status", help="replication state of each protected disk")
-    status.add_argument("--socket", required=True, help="the agent's control socket")
+    _agent_socket_arguments(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_agent_status)
     tag = agent.add_parser("tag", help="take a consistency tag and wait until it is durable")
-    tag.add_argument("--socket", required=True, help="the agent's control socket")
+    _agent_socket_arguments(tag)
     tag.add_argument("--kind", choices=["crash", "app"], default="crash")
     tag.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
     tag.add_argument(
@@ -830,12 +844,12 @@ def build_parser() -> argparse.ArgumentParser:
     tag.set_defaults(func=cmd_agent_tag)
 
     av = agent.add_parser("verify", help="start an online verify (settings-file mode)")
-    av.add_argument("--socket", required=True, help="the agent's control socket")
+    _agent_socket_arguments(av)
     av.add_argument("--disk", action="append", default=[], help="only this disk (repeatable)")
     av.add_argument("--json", action="store_true", help="machine-readable output")
     av.set_defaults(func=cmd_agent_verify)
     ar = agent.add_parser("repair", help="ship blocks again that a verify found differing")
-    ar.add_argument("--socket", required=True, help="the agent's control socket")
+    _agent_socket_arguments(ar)
     ar.add_argument("--disk", required=True)
     ar.add_argument("--blocks", required=True, help="block numbers, e.g. 10,12-15")
     ar.add_argument("--json", action="store_true", help="machine-readable output")

@@ -208,6 +208,11 @@ def watch(boot: Boot, deadline: float, probe_until: float | None = None) -> dict
             stderr = boot.proc.stderr.read() if boot.proc.stderr else b""
             said = stderr.decode(errors="replace").strip()
             why = "QEMU exited before the check reported" + (f": {said}" if said else "")
+            code = boot.proc.returncode
+            if code is not None and code < 0:
+                why += f" (killed by signal {-code})"
+            elif code == 0 and not said:
+                why += " (the guest reset or powered off: QEMU runs with -no-reboot)"
             if probe_until is not None and "Linux version" not in text:
                 # Nested KVM may also kill QEMU outright (an MSR it cannot set): TCG then.
                 return {"outcome": "kvm-hangs", "reason": why, "text": text}

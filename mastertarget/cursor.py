@@ -82,6 +82,24 @@ def load(path: Path, tenant: str, disk: str) -> Cursor:
     return cursor
 
 
+def peek(path: Path) -> dict[str, Any]:
+    """The cursor at ``path`` as saved, for readers that do not serve the disk (the cutover
+    tool, recovery points): ``{}`` before anything was applied; CursorUnreadable if bad.
+
+    Read without the disk's locks: the cursor is replaced whole (durable.write_json),
+    so a reader sees one saved cursor or the next (docs/design.md, "Read ordering").
+    """
+    try:
+        raw = durable.read_json(path)
+    except (OSError, ValueError) as exc:
+        raise CursorUnreadable(path=path, problem=str(exc))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CursorUnreadable(path=path, problem="not a JSON object")
+    return raw
+
+
 def _problem(cursor: Cursor, tenant: str, disk: str) -> str | None:
     # A state directory copied from another disk would make us skip or replay
     # the wrong batches: refuse it rather than guess.

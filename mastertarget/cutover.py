@@ -39,12 +39,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ferry import durable
 from ferry import fence as fences
 from ferry.diskio import copy_sparse, device_size, sha256_of, sha256_of_range
 from ferry.errors import Exit, FerryError
 from ferry.vhd import image_to_vhd, read_footer, vhd_size
 from mastertarget import applylock, bootmode, layout, staging
+from mastertarget import cursor as cursors
+from mastertarget.errors import CursorUnreadable
+from mastertarget.ownership import try_lock_state
 
 HOLD_WAIT = 300.0
 """Seconds a test failover waits for the master target to finish the group it is applying."""
@@ -114,11 +116,10 @@ def verify_vhd(path: str | Path, size: int, expect_sha256: str | None) -> dict[s
 
 def read_cursor(state_dir: str | Path, disk: str) -> dict[str, Any]:
     """The master target's durable cursor for ``disk`` (``{}`` before anything was applied)."""
-    path = layout.cursor_path(state_dir, disk)
     try:
-        return durable.read_json(path) or {}
-    except (OSError, ValueError) as exc:
-        raise CutoverError(detail=f"cannot read {path}: {exc}")
+        return cursors.peek(layout.cursor_path(state_dir, disk))
+    except CursorUnreadable as exc:
+        raise CutoverError(detail=str(exc))
 
 
 def staged(state_dir: str | Path, disk: str) -> list[tuple[int, int, bool]]:
@@ -553,20 +554,12 @@ def unfence(
     tag, which then fences no more (mastertarget/worker.py).  Idempotent: a
     disk that is not fenced is left as it is.  The caller starts serving it.
     """
-    import fcntl
-
-    from mastertarget import cursor as cursors
-
     fences.remove(storage, tenant, disk)
-    lock = layout.state_lock_path(state_dir, disk)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = try_lock_state(layout.state_lock_path(state_dir, disk))
+    if fd is None:
+        raise CutoverError(detail=f"disk {disk} is being served by a master target; "
+                           "it is not fenced, or stop the master target first")  # fmt: skip
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CutoverError(detail=f"disk {disk} is being served by a master target; "
-                               "it is not fenced, or stop the master target first")  # fmt: skip
         path = layout.cursor_path(state_dir, disk)
         cursor = cursors.load(path, tenant, disk)
         fenced = cursor.fenced

@@ -33,6 +33,24 @@ from mastertarget.errors import LeaseLost, StateInUse
 log = logging.getLogger("ferry.mastertarget")
 
 
+def try_lock_state(lock: Path) -> int | None:
+    """Take a disk's state lock (``layout.state_lock_path``) without waiting.
+
+    The descriptor that holds it, or None while another process holds it.
+    Closing the descriptor drops the lock. Whoever serves the disk holds it
+    for as long as it serves it; whoever changes the disk's state while
+    nothing serves it (an operator's resume after a cutover) holds it meanwhile.
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 class Ownership:
     """The owner lease of one disk, held and renewed in the background."""
 
@@ -91,14 +109,8 @@ class Ownership:
     def _lock_state(self) -> None:
         if self.state_dir is None or self._locked:
             return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(
-            self.state_dir / layout.STATE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-        )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_lock_state(self.state_dir / layout.STATE_LOCK)
+        if fd is None:
             raise StateInUse(path=self.state_dir)
         self._stack.callback(os.close, fd)  # closing the descriptor drops the lock
         self._locked = True

@@ -47,12 +47,21 @@ class Api:
     async def alerts(self) -> list[dict[str, Any]]:
         return (await self.call("GET", "/alerts"))["alerts"]
 
-    async def recovery_points(self, machine: str, limit: int) -> list[dict[str, Any]]:
-        query = urlencode({"machine": machine, "limit": limit})
-        return (await self.call("GET", f"/recovery-points?{query}"))["recovery_points"]
+    async def recovery_points(
+        self, machine: str, limit: int, since: float | None = None, every: int | None = None
+    ) -> dict[str, Any]:
+        """A machine's points, newest first; ``since``/``every``: a window, thinned (api.md)."""
+        query: dict[str, Any] = {"machine": machine, "limit": limit}
+        if since is not None:
+            query["since"] = f"{max(0.0, since):.3f}"
+        if every:
+            query["every"] = every
+        return await self.call("GET", f"/recovery-points?{urlencode(query)}")
 
-    async def passphrase(self, ttl_seconds: int) -> dict[str, Any]:
-        return await self.call("POST", "/passphrases", {"ttl_seconds": ttl_seconds}, False)
+    async def passphrase(self, ttl_seconds: int, kind: str, name: str) -> dict[str, Any]:
+        """A one-time passphrase that registers only the component ``kind`` ``name``."""
+        body = {"ttl_seconds": ttl_seconds, "kind": kind, "name": name}
+        return await self.call("POST", "/passphrases", body, False)
 
     async def protect(self, machine: str, key: str, **choices: Any) -> dict[str, Any]:
         """Protect a machine; ``choices``: process_server, master_target, rpo_threshold_s."""

@@ -13,8 +13,10 @@ answers 404, like one that does not exist.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import re
 import shlex
 import time
 from typing import Any
@@ -25,7 +27,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ferry import __version__, naming
+from ferry import __version__, naming, tokens
 from ferry.control.errors import ControlRefused, ControlUnavailable
 from portal import charts, defaults
 from portal.api import Api, new_key
@@ -49,6 +51,9 @@ log = logging.getLogger("ferry.portal")
 
 TERMINAL = {"protected", "cutover-complete", "cleaned", "failed"}
 """Job states after which nothing more happens by itself."""
+
+RECORDED = "-"
+"""The machine of a job that records an action done at once (a passphrase, an acknowledgement)."""
 
 
 class NotSignedIn(Exception):
@@ -216,7 +221,9 @@ class Portal:
             raise Refused(404, "There is no such machine.")
         for disk in machine["disks"]:
             disk.update(_progress(disk))
-        points = await api.recovery_points(machine_id, defaults.RECOVERY_POINTS)
+        now = time.time()
+        window = await self.chart_points(api, machine, now - defaults.RPO_WINDOW)
+        points = window["points"]
         jobs = await api.jobs(machine_id)
         commands = []
         for job in jobs[:5]:
@@ -228,17 +235,29 @@ class Portal:
                 except ControlRefused:
                     pass
         alerts = [a for a in await api.alerts() if _about(a, machine)]
-        now = time.time()
         threshold = next((j.get("rpo_threshold_s") for j in jobs if j["kind"] == "protect"), None)
+        since = window["since"]
         return {
-            "machine": machine, "points": points[:20], "jobs": jobs, "commands": commands,
-            "alerts": alerts, "now": now, "threshold": threshold,
-            "timeline": charts.timeline(points, now),
-            "rpo": charts.rpo_chart(points, threshold or 60, now),
+            "machine": machine, "points": (points + window["earlier"])[:20], "jobs": jobs,
+            "commands": commands, "alerts": alerts, "now": now, "threshold": threshold,
+            "timeline": charts.timeline(points, now, since),
+            "rpo": charts.rpo_chart(points + window["earlier"], threshold or 60, now, since),
             "active": {j["kind"]: j for j in jobs if j["state"] not in TERMINAL},
             "test_failover": next((j for j in jobs if j["kind"] == "test-failover"
                                    and j["state"] == "ready" and j.get("driven")), None),
         }  # fmt: skip
+
+    async def chart_points(self, api: Api, machine: dict[str, Any], start: float):
+        """The last hour's recovery points for the charts: ``points`` (the window, thinned),
+        ``earlier`` (in force at ``start``) and ``since`` (when the data starts, if late)."""
+        every = charts.slice_seconds(len(machine["disks"]))
+        answer = await api.recovery_points(machine["machine"], defaults.RECOVERY_POINTS,
+                                           since=start, every=every)  # fmt: skip
+        points = answer["recovery_points"]
+        # A full listing lost its oldest rows: the data then starts at the oldest one listed.
+        earlier = [] if len(points) >= defaults.RECOVERY_POINTS else answer.get("earlier", [])
+        return {"points": points, "earlier": earlier,
+                "since": charts.data_start(points, earlier, start)}  # fmt: skip
 
     async def machine(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
@@ -267,8 +286,8 @@ class Portal:
         assert session is not None  # checked_form refused a request without one
         machine = request.path_params["machine"]
         choices = {
-            "process_server": _component(form.get("process_server"), "ps-"),
-            "master_target": _component(form.get("master_target"), "mt-"),
+            "process_server": _component(form.get("process_server"), "process-server"),
+            "master_target": _component(form.get("master_target"), "master-target"),
             "rpo_threshold_s": _seconds(form.get("rpo_threshold_s")),
         }
         await self.act(session, api.protect(machine, _key(form), **choices), f"protect {machine}",
@@ -332,7 +351,7 @@ class Portal:
 
     async def register_form(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
-        return self.page(request, session, "register.html", passphrase=None, commands=None)
+        return self.page(request, session, "register.html", passphrase=None, steps=None)
 
     async def register(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
@@ -340,14 +359,15 @@ class Portal:
         assert session is not None  # checked_form refused a request without one
         kind = form.get("kind", "agent")
         name = form.get("name", "").strip()
-        if kind not in ("agent", "process-server", "master-target") or not naming.ID_RE.match(name):
-            session.flash = {"kind": "error", "text": "Choose a kind and a name of 1-40 lowercase "
-                             "letters, digits and single dashes."}  # fmt: skip
+        problem = _registration_problem(kind, name, form)
+        if problem:
+            session.flash = {"kind": "error", "text": problem}
             return redirect(f"/t/{api.tenant}/register")
-        made = await api.passphrase(defaults.PASSPHRASE_TTL)
-        commands = _install_commands(self.settings, api.tenant, kind, name, form)
+        # Bound to the component named: it registers that one only (docs/api.md).
+        made = await api.passphrase(defaults.PASSPHRASE_TTL, kind, name)
+        steps = _install_steps(self.settings, api.tenant, kind, name, form)
         log.info("a registration passphrase was made for tenant %s (%s %s)", api.tenant, kind, name)
-        return self.page(request, session, "register.html", passphrase=made, commands=commands,
+        return self.page(request, session, "register.html", passphrase=made, steps=steps,
                          kind=kind, name=name)  # fmt: skip
 
     # -- alerts and jobs ----------------------------------------------------------------
@@ -369,7 +389,23 @@ class Portal:
 
     async def jobs(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
-        return self.page(request, session, "jobs.html", jobs=await api.jobs(), now=time.time())
+        jobs = await api.jobs()
+        # An action done at once (a passphrase, an acknowledgement) has no machine: what it
+        # did is in its history, which the listing leaves out; read the newest few.
+        recorded = [j for j in jobs if j["machine"] == RECORDED][: defaults.RECORDED_DETAILS]
+        details = await asyncio.gather(*(self._detail(api, job) for job in recorded))
+        for job, detail in zip(recorded, details, strict=True):
+            job["detail"] = detail
+        return self.page(request, session, "jobs.html", jobs=jobs, now=time.time())
+
+    @staticmethod
+    async def _detail(api: Api, job: dict[str, Any]) -> str | None:
+        """The last step's detail of a job (None if it is gone meanwhile)."""
+        try:
+            history = (await api.job(job["job_id"])).get("history") or [{}]
+        except ControlRefused:
+            return None
+        return history[-1].get("detail")
 
     async def job(self, request: Request) -> Response:
         session, api = self.api(request, request.path_params["tenant"])
@@ -398,10 +434,8 @@ def _digest(token: str) -> str:
 
 def _token_tenant(token: str) -> str | None:
     """The tenant an operator token belongs to (``op.<tenant>.<secret>``), or None."""
-    parts = token.split(".")
-    if len(parts) != 3 or parts[0] != "op" or not naming.ID_RE.match(parts[1]) or not parts[2]:
-        return None
-    return parts[1]
+    claimed = tokens.claim(token)
+    return claimed.tenant if claimed is not None and claimed.kind == "operator" else None
 
 
 def _key(form: dict[str, str]) -> str:
@@ -409,10 +443,10 @@ def _key(form: dict[str, str]) -> str:
     return key if key.startswith("portal-") and len(key) <= 64 and key[7:].isalnum() else new_key()
 
 
-def _component(value: str | None, prefix: str) -> str | None:
-    """A component id chosen in a form (None: let the server choose)."""
+def _component(value: str | None, kind: str) -> str | None:
+    """A component id of ``kind`` chosen in a form (None: let the server choose)."""
     value = (value or "").strip()
-    return value if value.startswith(prefix) and naming.ID_RE.match(value) else None
+    return value if naming.ID_RE.match(value) and naming.component_kind(value) == kind else None
 
 
 def _seconds(value: str | None) -> int | None:
@@ -424,7 +458,9 @@ def _seconds(value: str | None) -> int | None:
 def _about(alert: dict[str, Any], machine: dict[str, Any]) -> bool:
     """True if an alert concerns this machine (its disks or its agent)."""
     subject = alert.get("subject") or ""
-    return subject in {d["disk"] for d in machine["disks"]} | {f"ag-{machine['machine']}"}
+    return subject in {d["disk"] for d in machine["disks"]} | {
+        f"{naming.KIND_PREFIX['agent']}-{machine['machine']}"
+    }
 
 
 def _progress(disk: dict[str, Any]) -> dict[str, Any]:
@@ -442,27 +478,80 @@ def _command_ids(job: dict[str, Any]) -> list[str]:
     return ([job["command_id"]] if job.get("command_id") else []) + list(job.get("commands", []))
 
 
-def _install_commands(settings: Settings, tenant: str, kind: str, name: str, form) -> list[str]:
-    """The commands that register and start a component on its host."""
+PARTS = {"agent": ("agent", "agent"), "process-server": ("processserver", "process-server"),
+         "master-target": ("mastertarget", "master-target")}  # fmt: skip
+"""Each kind's Python module and its extra in pyproject.toml (and lock file requirements/<extra>.txt)."""
+
+
+def _install_steps(settings: Settings, tenant: str, kind: str, name: str, form) -> dict[str, Any]:
+    """What an operator runs to install, certify, register and start a component on its host.
+
+    The layout is the roles' (``/opt/ferry/venv``, ``/etc/ferry``,
+    ``/var/lib/ferry``), so a host set up by hand and one set up by Ansible
+    look alike; each step is a block of shell lines the page offers to copy.
+    """
+    module, extra = PARTS[kind]
+    venv, etc, state = defaults.HOST_VENV, defaults.HOST_CONFIG_DIR, defaults.HOST_STATE_DIR
+    creds, pki = f"{etc}/{kind}.json", f"{etc}/pki"
+    locks = f"-c requirements/{extra}.txt" + ("" if kind == "agent" else " -c requirements/cli.txt")
+    extras = extra if kind == "agent" else f"{extra},cli"  # the agent's extra has the ferry command
+    steps: dict[str, Any] = {"install": [
+        f"python3 -m venv {venv}",
+        f"{venv}/bin/pip install {locks} '.[{extras}]'",
+    ]}  # fmt: skip
     server = settings.install_server or settings.server
-    ca = f" --ca {settings.install_ca}" if settings.install_ca else ""
-    creds = f"/etc/ferry/{kind}.json"
-    extra = ""
+    ca = f" --ca {_shell_word(settings.install_ca)}" if settings.install_ca else ""
+    register = (f"{venv}/bin/ferry register --server {_shell_word(server)}{ca} --tenant {tenant} "
+                f"--kind {kind} --name {name}")  # fmt: skip
+    start = f"{venv}/bin/python -m {module} --server-credentials {creds} --state-dir {state}/{kind}"
     if kind == "agent":
-        device = form.get("device", "").strip() or "/dev/sdb"
-        extra = f" --disk {name}-disk0={_shell_word(device)}"
+        device = _shell_word(form.get("device", "").strip() or "/dev/sdb")
+        register += f" --disk {name}-disk0={device}"
+        issue = f"--name agent --tenant {tenant} --machine {name}"
+        start += f" --ca {pki}/ca.pem --cert {pki}/agent.pem --key {pki}/agent.key"
     elif kind == "process-server":
-        extra = f" --listen {_shell_word(form.get('listen', '').strip() or '0.0.0.0:7443')}"
-    elif form.get("target_dir", "").strip():
-        extra = f" --target-dir {_shell_word(form['target_dir'].strip())}"
-    module = {"agent": "agent", "process-server": "processserver",
-              "master-target": "mastertarget"}[kind]  # fmt: skip
-    return [
+        listen = form.get("listen", "").strip()
+        register += f" --listen {_shell_word(listen)}"
+        issue = f"--name process-server --host {_shell_word(listen.rpartition(':')[0].strip('[]'))}"
+        start += (
+            f" --ca {pki}/ca.pem --cert {pki}/process-server.pem --key {pki}/process-server.key"
+        )
+    else:  # a master target talks to storage and the configuration server only: no certificate
+        issue = ""
+        if form.get("target_dir", "").strip():
+            target_dir = _shell_word(form["target_dir"].strip())
+            register += f" --target-dir {target_dir}"
+            start += f" --targets-dir {target_dir}"
+    if issue:
+        steps["pki"] = [
+            "ferry pki init ferry-ca  # once per deployment; an existing CA is kept",
+            f"ferry pki issue --ca-dir ferry-ca --out-dir pki-{name} {issue}",
+            f"cp ferry-ca/ca.pem pki-{name}/",
+        ]
+        steps["pki_copy"] = f"pki-{name}/ to {pki}/"
+    steps["register"] = [
+        f"install -d -m 0700 {etc}",
         "read -rs FERRY_PASSPHRASE && export FERRY_PASSPHRASE  # paste the passphrase",
-        f"ferry register --server {server}{ca} --tenant {tenant} --kind {kind} --name {name}"
-        f"{extra} --out {creds}",
-        f"python3 -m {module} --server-credentials {creds}",
+        f"{register} --out {creds}",
     ]
+    steps["start"] = [start]
+    steps["ansible"] = [
+        f".venv-controller/bin/ansible-playbook -i inventory/mysite playbooks/site.yml -l {name} "
+        f"-e ferry_tenant={tenant} -e ferry_config_server_url={_shell_word(server)}"
+    ]
+    return steps
+
+
+def _registration_problem(kind: str, name: str, form: dict[str, str]) -> str | None:
+    """What is wrong with a registration form, in one sentence; None if nothing."""
+    if kind not in PARTS or not naming.ID_RE.match(name):
+        return "Choose a kind and a name of 1-40 lowercase letters, digits and single dashes."
+    listen = form.get("listen", "").strip()
+    if kind == "process-server" and not re.fullmatch(
+        r"[A-Za-z0-9.:\[\]-]{1,200}:[0-9]{1,5}", listen
+    ):
+        return "Give the process server's address that agents connect to, as host:port."
+    return None
 
 
 def _shell_word(text: str) -> str:

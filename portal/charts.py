@@ -6,10 +6,19 @@ JavaScript.  The RPO at an instant *t* is *t* minus the source time
 (``t0_wall``) of the newest recovery point known at *t* (its
 ``reported_at``): it grows by one second per second and drops each time a
 recovery point arrives, so the chart is a saw-tooth.
+
+The machine page asks the configuration server for the window only
+(``since``), thinned to the newest point of each slice of
+:func:`slice_seconds` (``every``) so the hour fits one listing, plus each
+disk's point in force at the window's start (``earlier``).  When the data
+starts later than the window (the server kept fewer points, or the machine
+is newer than an hour) both charts say from when (:func:`data_start`)
+rather than start mid-window silently.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +40,9 @@ class Chart:
     x_ticks: list[dict[str, Any]]
     threshold_y: float | None
     empty: bool
+    since: str | None = None
+    since_x: float | None = None
+    since_anchor: str = "start"
 
 
 def _x(t: float, start: float, span: float) -> float:
@@ -75,8 +87,49 @@ def rpo_series(points: list[dict[str, Any]], start: float, end: float) -> list[t
     return corners
 
 
-def rpo_chart(points: list[dict[str, Any]], threshold: float | None, now: float | None = None):
-    """The RPO over the last RPO_WINDOW seconds, with the machine's threshold."""
+def slice_seconds(disks: int) -> int:
+    """The ``every`` that fits an hour of ``disks`` disks' points in one listing, in seconds.
+
+    Thinning keeps the newest point of each slice, so between two drawn
+    points the chart's RPO may read up to this much above what it was.
+    """
+    rows = defaults.RECOVERY_POINTS * defaults.RECOVERY_POINTS_FILL
+    return max(1, math.ceil(defaults.RPO_WINDOW * max(1, disks) / rows))
+
+
+def data_start(
+    points: list[dict[str, Any]], earlier: list[dict[str, Any]], start: float
+) -> float | None:
+    """When the charts' data starts, if well after ``start``; None if it covers the window.
+
+    ``earlier`` (the points in force at ``start``) means the RPO is known from
+    the window's start; without it the data starts at the first point known.
+    """
+    if earlier or not points:
+        return None
+    first = min(p.get("reported_at") or p["t0_wall"] for p in points)
+    return first if first > start + defaults.DATA_SINCE_SLACK else None
+
+
+def _since(chart: Chart, since: float | None, start: float, span: float) -> Chart:
+    if since is not None:
+        chart.since = f"data since {time.strftime('%H:%M', time.localtime(since))}"
+        chart.since_x = _x(since, start, span)
+        chart.since_anchor = "start" if chart.since_x < WIDTH * 0.7 else "end"  # stay inside
+    return chart
+
+
+def rpo_chart(
+    points: list[dict[str, Any]],
+    threshold: float | None,
+    now: float | None = None,
+    since: float | None = None,
+) -> Chart:
+    """The RPO over the last RPO_WINDOW seconds, with the machine's threshold.
+
+    ``points`` include the ones in force at the window's start; ``since``
+    (:func:`data_start`) marks where the data starts when it is not there.
+    """
     end = now or time.time()
     span = defaults.RPO_WINDOW
     start = end - span
@@ -85,11 +138,14 @@ def rpo_chart(points: list[dict[str, Any]], threshold: float | None, now: float 
     top = _nice(peak * 1.1)
     line = " ".join(f"{_x(t, start, span)},{_y(v, top)}" for t, v in corners)
     y_ticks = [{"y": _y(v, top), "label": _seconds(v)} for v in (0, top / 2, top)]
-    return Chart(WIDTH, HEIGHT, line, [], y_ticks, _x_ticks(start, span),
-                 _y(threshold, top) if threshold else None, not corners)  # fmt: skip
+    chart = Chart(WIDTH, HEIGHT, line, [], y_ticks, _x_ticks(start, span),
+                  _y(threshold, top) if threshold else None, not corners)  # fmt: skip
+    return _since(chart, since, start, span)
 
 
-def timeline(points: list[dict[str, Any]], now: float | None = None) -> Chart:
+def timeline(
+    points: list[dict[str, Any]], now: float | None = None, since: float | None = None
+) -> Chart:
     """Recovery points of the last RPO_WINDOW seconds as dots on a line, by source time."""
     end = now or time.time()
     span = defaults.RPO_WINDOW
@@ -102,7 +158,8 @@ def timeline(points: list[dict[str, Any]], now: float | None = None) -> Chart:
                 "final": bool((p.get("tag") or {}).get("final")),
                 "at": time.strftime("%H:%M:%S", time.localtime(p["t0_wall"])),
             })  # fmt: skip
-    return Chart(WIDTH, 60, "", dots, [], _x_ticks(start, span), None, not dots)
+    return _since(Chart(WIDTH, 60, "", dots, [], _x_ticks(start, span), None, not dots),
+                  since, start, span)  # fmt: skip
 
 
 def _nice(value: float) -> float:

@@ -23,11 +23,33 @@ REFRESH_INTERVAL = 3000
 RPO_WINDOW = 3600.0
 """The RPO chart's span, in seconds (the last hour)."""
 
-RECOVERY_POINTS = 500
-"""Recovery points read for a machine page's timeline and chart, a count."""
+RECOVERY_POINTS = 1000
+"""Recovery points read for a machine page's timeline and chart, a count (the most the
+configuration server lists at once)."""
+
+RECOVERY_POINTS_FILL = 0.9
+"""Share of RECOVERY_POINTS a thinned hour is sized to fill, a fraction (the rest is slack
+for slices that straddle the window's ends)."""
+
+DATA_SINCE_SLACK = 60.0
+"""Data that starts this little after the window's start still counts as the whole window
+(nobody reads a minute off a one-hour chart), in seconds."""
+
+RECORDED_DETAILS = 50
+"""Recorded actions (machine ``-``) on the jobs page whose detail is read, the newest first,
+a count (one API call each)."""
 
 PASSPHRASE_TTL = 86400
 """Default life of a registration passphrase made in the portal, in seconds."""
+
+HOST_VENV = "/opt/ferry/venv"
+"""Where the registration page's commands install a component (the roles' ``ferry_venv``)."""
+
+HOST_CONFIG_DIR = "/etc/ferry"
+"""Where they put its credentials and certificates (the roles' ``ferry_config_dir``)."""
+
+HOST_STATE_DIR = "/var/lib/ferry"
+"""Where its state directory goes, one per kind (the roles' ``ferry_state_dir``)."""
 
 COOKIE = "__Host-ferry-portal"
 """The session cookie's name: ``__Host-`` makes browsers require Secure, path / and no domain."""

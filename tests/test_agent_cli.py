@@ -108,3 +108,16 @@ def test_agent_commands_without_an_agent_are_one_line_and_retry_later(tmp_path):
         f"ferry: error: cannot reach agent control socket {tmp_path / 'no'}: "
         "[Errno 2] No such file or directory"
     ]
+
+
+@pytest.mark.parametrize("command", [["ferrycli.main", "agent", "status"], ["agent.fence", "tag"]])
+def test_the_agent_is_found_by_its_state_directory(tmp_path, command):
+    """`--state-dir` finds the control socket where the agent makes it (ferry.agentsocket)."""
+    result = subprocess.run(
+        [sys.executable, "-m", *command, "--state-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 75, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert f"cannot reach agent control socket {tmp_path / 'agent.sock'}" in line, line

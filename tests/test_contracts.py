@@ -113,3 +113,35 @@ def test_a_logged_token_keeps_who_it_is_and_loses_its_secret():
     for scrub in (tokens.redact, redact):
         scrubbed = scrub(line)
         assert secret not in scrubbed and "c.demo.ag-web01.<redacted>" in scrubbed
+
+
+def test_the_api_documents_ids_with_the_pattern_the_server_enforces():
+    """The OpenAPI document's id patterns are ferry.naming's, not copies that may drift."""
+    from functions.core import openapi
+
+    ids = re.compile(openapi.ID["pattern"])
+    components = re.compile(openapi.COMPONENT_ID["pattern"])
+    for good in ("web01", "a", "a-b-c", "x" * 40):
+        assert ids.match(good) and ID_RE.match(good), good
+    for bad in ("Web01", "-a", "a-", "a--b", "a_b", ""):
+        assert not ids.match(bad) and not ID_RE.match(bad), bad
+    for kind, prefix in naming.KIND_PREFIX.items():
+        assert (
+            components.match(f"{prefix}-web01") and naming.component_kind(f"{prefix}-web01") == kind
+        )
+    for bad in ("xx-web01", "ag-", "ag-Web01", "ag--web01", "web01"):
+        assert not components.match(bad), bad
+
+
+def test_the_cutover_role_finds_the_agent_where_the_mobility_agent_role_puts_it():
+    """The agent's state directory and the role's record in it, seen from both roles."""
+    agent_defaults = yaml.safe_load((ROOT / "roles/mobility_agent/defaults/main.yml").read_text())
+    agent_vars = yaml.safe_load((ROOT / "roles/mobility_agent/vars/main.yml").read_text())
+    cutover = yaml.safe_load((ROOT / "roles/cutover/vars/main.yml").read_text())
+    state_dir = "{{ ferry_state_dir | default('/var/lib/ferry') }}/agent"
+    assert agent_defaults["mobility_agent_state_dir"] == state_dir
+    assert cutover["_cutover_state_dir"] + "/agent" == state_dir
+    assert cutover["_cutover_agent_state_dir"] == "{{ _cutover_state_dir }}/agent"
+    record = agent_vars["_mobility_agent_protected_file"]
+    assert record == "{{ mobility_agent_state_dir }}/protected.json"
+    assert cutover["_cutover_agent_protected"] == "{{ _cutover_agent_state_dir }}/protected.json"

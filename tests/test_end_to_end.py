@@ -163,12 +163,14 @@ def test_sigkill_mid_stream_converges(deployment, loopdisk, tmp_path, victim):
     writer.start()
     deployment.start_all()
     deadline = time.monotonic() + 120
+    shipped = 0
     while time.monotonic() < deadline:  # kill once data is flowing
         status = deployment.agent_status() or {}
-        d = (status.get("disks") or [{}])[0]
-        if d.get("bytes_shipped", 0) > 8 * MiB:
+        shipped = (status.get("disks") or [{}])[0].get("bytes_shipped", 0)
+        if shipped > 8 * MiB:
             break
         time.sleep(0.05)
+    assert shipped > 8 * MiB, f"only {shipped} bytes flowed before the kill"
     deployment.kill(victim, signal.SIGKILL)
     writes = writer.writes
     wait_for(lambda: writer.writes >= writes + 50, 60, f"writes while the {victim} is down")

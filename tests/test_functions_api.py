@@ -560,6 +560,51 @@ def test_recovery_points_are_listed_per_machine_and_only_retained_ones_are_resto
     assert ("journal", estate.disks[0]) not in _alerts(api, estate)
 
 
+def test_recovery_points_since_a_time_and_thinned_to_one_per_slice(api):
+    estate = _protected(api)  # its first point, 1-5, is older than all of these
+    api.clock.advance(120)
+    # A minute boundary after 1-5's minute (so slices are predictable), a minute ago at most.
+    base = (int(api.clock()) // 60 - 1) * 60
+    reported = api.clock()
+    for i in range(12):  # a tag every 10 s on both disks, reported 10 s apart
+        for disk in estate.disks:
+            tag = {"id": f"web01-{i}", "kind": "crash", "t0_wall": base + 10 * i}
+            answer = api.post("/components/self/recovery-points", estate.mt,
+                              {"disk": disk, "tag": tag, "gen": 1, "seq": 10 + i})  # fmt: skip
+            assert answer.status_code == 204
+        api.clock.advance(10)
+    path = f"/tenants/{estate.tenant}/recovery-points"
+
+    def listed(**query) -> dict:
+        answer = api.get(path, estate.operator, query={"machine": estate.machine, **query})
+        assert answer.status_code == 200, answer
+        return answer.json()
+
+    def tags(rows: list[dict], disk: str) -> list[str]:
+        return [p["tag_id"] for p in rows if p.get("disk", disk) == disk]
+
+    whole = listed(limit=1000)
+    assert "earlier" not in whole and len(whole["recovery_points"]) == 2 * 13
+    # Reported from `since` on (the server's clock): web01-6 onwards.
+    since = listed(since=f"{reported + 55.5:.3f}", limit=1000)  # decimals are allowed
+    for disk in estate.disks:
+        assert tags(since["recovery_points"], disk) == [f"web01-{i}" for i in (11, 10, 9, 8, 7, 6)]
+        assert tags(since["earlier"], disk) == ["web01-5"]  # what held at `since`
+    # Slices of 30 s from the epoch: 6-8 and 9-11 are two, each shown by its newest point.
+    thinned = listed(since=f"{reported + 55:.3f}", every="30")
+    for disk in estate.disks:
+        assert tags(thinned["recovery_points"], disk) == ["web01-11", "web01-8"]
+    assert [p["tag_id"] for p in thinned["points"]] == ["web01-11", "web01-8"]
+    assert [p["tag_id"] for p in listed(every="60", limit=1000)["points"]] == [
+        "web01-11", "web01-5", "1-5"]  # fmt: skip
+    # Nothing before `since` at all: `earlier` is empty (the server kept none).
+    assert listed(since=str(1))["earlier"] == []
+    for bad in ({"since": "soon"}, {"since": "1e9"}, {"since": "-5"}, {"every": "0"},
+                {"every": "86401"}):  # fmt: skip
+        answer = api.get(path, estate.operator, query=bad)
+        assert answer.status_code == 400 and next(iter(bad)) in answer.json()["error"]
+
+
 def test_a_test_failover_names_its_point(api):
     estate = _protected(api)
     path = f"/tenants/{estate.tenant}/machines/{estate.machine}/test-failover"

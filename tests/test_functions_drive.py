@@ -133,6 +133,12 @@ def test_an_operator_acknowledges_an_alert_once(api):
     api.post(ack, estate.operator, {"by": "bob"})
     (alert,) = api.get(alerts, estate.operator).json()["alerts"]
     assert alert["acknowledged_by"] == "alice" and alert["cleared_at"] is None
+    # The action is recorded as one job, done at once; the second acknowledgement adds none.
+    jobs = api.get(f"/tenants/{estate.tenant}/jobs", estate.operator).json()["jobs"]
+    (job,) = [j for j in jobs if j["kind"] == "acknowledge"]
+    assert (job["state"], job["machine"]) == ("done", "-")
+    history = api.get(f"/tenants/{estate.tenant}/jobs/{job['job_id']}", estate.operator).json()
+    assert history["history"][-1]["detail"] == f"alert {alert['id']} acknowledged by alice"
     assert api.post(f"{alerts}/rpo.nothing.000001/acknowledge", estate.operator).status_code == 404
     other_tenant, other_operator = api.tenant()
     assert api.post(ack, other_operator, {}).status_code in (403, 404)

@@ -109,19 +109,42 @@ def test_a_source_server_gets_no_functions_runtime_uvicorn_numpy_or_tables():
 
 @pytest.mark.slow
 def test_an_agent_only_install_runs_the_agent_without_the_rest(tmp_path):
-    """`pip install '.[agent]'` in a fresh virtualenv, held to the agent's lock file."""
+    """`pip install '.[agent]'` in a fresh virtualenv, held to the agent's lock file.
+
+    First the bare package (`pip install .`): its commands are installed, and
+    each says in one line which part to install rather than a traceback.
+    """
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
-    subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "-c", str(ROOT / "requirements" / "agent.txt"), f"{ROOT}[agent]"],
-        check=True, timeout=900,
-    )  # fmt: skip
     elsewhere = tmp_path / "elsewhere"  # not the checkout: only what was installed counts
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = {"cwd": elsewhere, "env": env, "capture_output": True, "text": True, "timeout": 120}
+
+    def install(spec: str) -> None:
+        subprocess.run(
+            [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+             "-c", str(ROOT / "requirements" / "agent.txt"), spec],
+            check=True, timeout=900,
+        )  # fmt: skip
+
+    # Built once, installed twice: bare, then with the agent's extra.
+    subprocess.run(
+        [python, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
+         "-w", str(tmp_path / "dist"), str(ROOT)],
+        check=True, timeout=600,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("ferry-*.whl")
+    install(str(wheel))
+    for command, extra in (("ferry", "cli"), ("ferry-agent", "agent"),
+                           ("ferry-process-server", "process-server"),
+                           ("ferry-master-target", "master-target")):  # fmt: skip
+        bare = subprocess.run([str(venv / "bin" / command), "--help"], **run)
+        assert bare.returncode == 17, (command, bare.stdout, bare.stderr)
+        (line,) = bare.stderr.splitlines()
+        assert line.startswith(f"{command}: ") and f"ferry[{extra}]" in line, line
+    install(f"ferry[agent] @ {wheel.as_uri()}")
     helped = subprocess.run([python, "-m", "agent", "--help"], **run)
     assert helped.returncode == 0, helped.stderr
     assert "usage:" in helped.stdout

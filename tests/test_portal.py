@@ -14,15 +14,17 @@ import base64
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
+from cryptography import x509
 from support.config_server import serve_config
-from support.portal import ROOT, PortalServer, chromium, shoot, signed_in
+from support.portal import ROOT, PortalServer, ShownSteps, chromium, shoot, signed_in
 
+from agent import main as agent_main
 from ferry import control
 from ferry.control.client import Client
 
@@ -152,29 +154,87 @@ def test_a_passphrase_from_the_page_registers_a_component_live(
     page.fill("#device", "/dev/null")
     page.click("button:has-text('Create passphrase')")
     passphrase = page.inner_text("#passphrase").strip()
-    lines = page.inner_text("#commands").strip().splitlines()
-    assert passphrase not in " ".join(lines)  # read from the terminal, not in the history
-    register = shlex.split(lines[1])
-    assert register[0] == "ferry"
-    out = tmp_path / "agent.json"
-    register[register.index("--out") + 1] = str(out)  # this test's place for /etc/ferry
+    steps = ShownSteps(page, tmp_path / "host")
+    assert passphrase not in " ".join(steps.blocks.values())  # read from the terminal
+    steps.check_install()  # from the lock file, with the extra the agent needs
     overview = context.new_page()
     overview.goto(f"{portal.url}/t/{op.tenant}/")
     assert "app01" not in live_text(overview)
-    subprocess.run(
-        [sys.executable, "-m", "ferrycli", *register[1:]], check=True, cwd=ROOT,
-        env={**os.environ, "FERRY_PASSPHRASE": passphrase, "PYTHONPATH": str(ROOT)},
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert json.loads(out.read_text())["component_id"] == "ag-app01"
+    # The steps as shown: certificates where the CA is kept, then register on the host.
+    steps.certificates(tmp_path / "ca-machine")
+    said = steps.run("register", stdin=passphrase + "\n")
+    assert "registered ag-app01" in said
+    creds = tmp_path / "host" / "etc" / "ferry" / "agent.json"
+    assert json.loads(creds.read_text())["component_id"] == "ag-app01"
+    # The start command parses as the agent's and names the files the steps made.
+    argv = steps.start_argv()
+    assert argv[:3] == [sys.executable, "-m", "agent"]
+    args = agent_main.parse_args(argv[3:])
+    assert args.server_credentials == str(creds)
+    local = agent_main.local_settings(args)
+    for what in ("ca", "cert", "key"):
+        assert Path(local[what]).is_file(), (what, local)
+    assert Path(local["state_dir"]).is_relative_to(tmp_path / "host")
+    pem = Path(local["cert"]).read_bytes()  # bound to this tenant and machine
+    cert = x509.load_pem_x509_certificate(pem)
+    uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {f"urn:ferry:tenant:{op.tenant}", "urn:ferry:machine:app01"} <= set(
+        uris.get_values_for_type(x509.UniformResourceIdentifier)
+    )
+    # The Ansible alternative: the controller's playbook, limited to this host, with
+    # variables the roles read (each is a default some role derives its own from).
+    ansible = shlex.split(steps.blocks["ansible"])
+    assert ansible[0] == ".venv-controller/bin/ansible-playbook"
+    assert (ROOT / ansible[ansible.index("-i") + 2]).name == "site.yml"
+    assert (ROOT / "playbooks" / "site.yml").is_file() and ansible[
+        ansible.index("-l") + 1
+    ] == "app01"
+    defaults_text = "".join(p.read_text() for p in (ROOT / "roles").glob("*/defaults/main.yml"))
+    for i, word in enumerate(ansible):
+        if word == "-e":
+            variable = ansible[i + 1].split("=")[0]
+            assert f"{{{{ {variable} " in defaults_text, f"no role reads {variable}"
     # The overview shows it without a reload (portal.js refreshes the live part).
     overview.wait_for_selector("[data-live] >> text=app01", timeout=15_000)
     # The passphrase was shown once: it is not on any page now, and it cannot register again.
     page.goto(f"{portal.url}/t/{op.tenant}/register")
     assert passphrase not in page.content()
     with pytest.raises(control.errors.ControlRefused):
-        control.client.register(config_server.url, op.tenant, passphrase, "agent", "app02",
+        control.client.register(config_server.url, op.tenant, passphrase, "agent", "app01",
                                 ca=config_server.ca)  # fmt: skip
+    context.close()
+
+
+def test_a_passphrase_from_the_page_registers_only_the_component_it_names(
+    config_server, portal, browser
+):
+    op = config_server.tenant("pk" + os.urandom(3).hex())
+    context, page = signed_in(browser, portal, op.token)
+    page.goto(f"{portal.url}/t/{op.tenant}/register")
+    page.check("input[value=process-server]")
+    page.fill("#name", "ps7")
+    page.fill("#listen", "127.0.0.1:9")
+    page.click("button:has-text('Create passphrase')")
+    passphrase = page.inner_text("#passphrase").strip()
+    assert "registers process-server ps7 only" in page.inner_text(".steps")
+    for kind, name, extra in (("process-server", "ps8", {"listen": "127.0.0.1:9"}),
+                              ("master-target", "ps7", {})):  # fmt: skip
+        with pytest.raises(control.errors.ControlRefused) as refused:
+            control.client.register(config_server.url, op.tenant, passphrase, kind, name,
+                                    ca=config_server.ca, **extra)  # fmt: skip
+        assert refused.value.status == 403 and "this passphrase is for ps-ps7" in str(
+            refused.value.fields.get("message")
+        )
+    creds = control.client.register(config_server.url, op.tenant, passphrase, "process-server",
+                                     "ps7", ca=config_server.ca, listen="127.0.0.1:9")  # fmt: skip
+    assert creds.component_id == "ps-ps7"
+    # A process server without the address agents connect to gets no passphrase at all.
+    page.goto(f"{portal.url}/t/{op.tenant}/register")
+    page.check("input[value=process-server]")
+    page.fill("#name", "ps9")
+    page.click("button:has-text('Create passphrase')")
+    assert "host:port" in page.inner_text(".flash.error")
+    assert page.locator("#passphrase").count() == 0
     context.close()
 
 
@@ -244,6 +304,8 @@ def test_entra_principal_maps_to_its_tenants(config_server, tmp_path):
         http = requests.Session()
         answer = http.get(f"{portal.url}/", headers=header)
         assert answer.status_code == 200 and f"Machines of {a.tenant}" in answer.text
+        # Signing out is App Service's: a link to its logout, no form of the portal's own.
+        assert 'href="/.auth/logout?' in answer.text and 'action="/signout"' not in answer.text
         assert http.get(f"{portal.url}/t/{b.tenant}/", headers=header).status_code == 404
         # Without the header (not through App Service authentication) nothing is shown.
         assert "Machines of" not in requests.get(f"{portal.url}/t/{a.tenant}/").text
@@ -293,3 +355,110 @@ def test_pages_work_without_javascript_and_from_the_keyboard(config_server, port
     assert "Recovery points, last hour" in page.inner_text("main")
     assert page.locator("svg.chart").count() == 2  # the charts are drawn on the server
     context.close()
+
+
+def test_recorded_actions_show_their_detail_and_no_link_to_a_missing_machine(
+    config_server, portal, browser
+):
+    op = config_server.tenant("pl" + os.urandom(3).hex())
+    op.register(
+        "agent", "web03", disks=[{"id": "web03-disk0", "device": "/dev/null", "size": 1 << 20}]
+    )  # registering spent a passphrase: a job with machine "-"
+    op.register("process-server", "ps1", listen="127.0.0.1:9")
+    op.register("master-target", "mt1")
+    op.protect("web03")  # a job with a real machine
+    context, page = signed_in(browser, portal, op.token)
+    page.click("nav >> text=Jobs")
+    rows = page.locator("main tbody tr")
+    assert rows.count() == 4
+    passphrases = page.locator("tr", has_text="passphrase")
+    assert passphrases.count() == 3
+    assert "one-time passphrase made for" in passphrases.first.inner_text()
+    assert page.locator("a[href$='/machines/-']").count() == 0
+    assert page.locator("tr", has_text="protect").locator("a[href$='/machines/web03']").count()
+    # Every link on the page leads somewhere: the jobs, the machine, the frame's pages.
+    links = {a.get_attribute("href") for a in page.locator("a[href^='/']").all()}
+    for link in links:
+        answer = context.request.get(portal.url + link)
+        assert answer.status == 200, (link, answer.status)
+    # A recorded action's own page names no machine either.
+    passphrases.first.locator("a").first.click()
+    assert "passphrase" in page.inner_text("h1") and page.locator("h1 a").count() == 0
+    context.close()
+
+
+READABLE = ("overview", "machine", "jobs", "register", "alerts")
+
+
+def test_every_page_is_readable_without_scrolling_sideways(config_server, portal, browser):
+    op = config_server.tenant("pm" + os.urandom(3).hex())
+    creds = op.register(
+        "agent", "wide-machine-name-01",
+        disks=[{"id": "wide-machine-name-01-disk0", "device": "/dev/null", "size": 1 << 20}],
+    )  # fmt: skip
+    op.register("process-server", "ps1", listen="127.0.0.1:9")
+    op.register("master-target", "mt1")
+    op.protect("wide-machine-name-01")
+    Client(creds).report_disk("wide-machine-name-01-disk0", {"phase": "replicating", "rpo_s": 900})
+    context, page = signed_in(browser, portal, op.token)
+    base = f"{portal.url}/t/{op.tenant}"
+    pages = {
+        "overview": f"{base}/", "machine": f"{base}/machines/wide-machine-name-01",
+        "jobs": f"{base}/jobs", "register": f"{base}/register", "alerts": f"{base}/alerts",
+    }  # fmt: skip
+    assert set(pages) == set(READABLE)
+    for name, url in pages.items():
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.goto(url)
+        if name == "register":  # with the longest content it has: the steps, after a passphrase
+            page.fill("#name", "wide-machine-name-02")
+            page.fill("#device", "/dev/disk/by-id/scsi-3600224801234567890abcdef01234567")
+            page.click("button:has-text('Create passphrase')")
+            page.wait_for_selector("#step-start")
+        for width in (1280, 390):  # the same page laid out again, as a phone would
+            page.set_viewport_size({"width": width, "height": 900})
+            wide = page.evaluate("document.documentElement.scrollWidth")
+            assert wide <= width, f"{name} is {wide} px wide at {width} px"
+    context.close()
+
+
+def _post_routes() -> list[str]:
+    """Every POST route of the portal, from the app itself (so a new one is covered)."""
+    from portal.app import create_app
+    from portal.settings import Settings
+
+    app = create_app(Settings(server="https://config.invalid"))
+    return sorted(r.path for r in app.app.routes if "POST" in (getattr(r, "methods", None) or ()))
+
+
+@pytest.fixture(scope="module")
+def csrf_victim(config_server, portal, browser):
+    """A signed-in operator with a machine, a process server and a test failover's job."""
+    op = config_server.tenant("pn" + os.urandom(3).hex())
+    op.register(
+        "agent", "vic01", disks=[{"id": "vic01-disk0", "device": "/dev/null", "size": 1 << 20}]
+    )
+    op.register("process-server", "ps1", listen="127.0.0.1:9")
+    op.register("master-target", "mt1")
+    job = op.protect("vic01")
+    context, page = signed_in(browser, portal, op.token)
+    yield op, context, job["job_id"]
+    context.close()
+
+
+@pytest.mark.parametrize("route", _post_routes())
+def test_every_form_without_its_csrf_token_is_refused(csrf_victim, portal, route):
+    op, context, job_id = csrf_victim
+    path = (route.replace("{tenant}", op.tenant).replace("{machine}", "vic01")
+            .replace("{job}", job_id).replace("{alert}", "rpo.vic01-disk0.1"))  # fmt: skip
+    assert "{" not in path, f"no value for a parameter of {route}"
+    form = {"key": "portal-csrf1", "confirm": "vic01", "kind": "agent", "name": "evil01",
+            "token": op.token, "tenant": op.tenant, "process_server": "ps-ps1"}  # fmt: skip
+    jobs_before = op.call("GET", "/jobs")["jobs"]
+    for csrf in ({}, {"csrf": "not-the-token"}):
+        answer = context.request.post(portal.url + path, form={**form, **csrf}, max_redirects=0)
+        assert answer.status == 403, (path, answer.status)
+        assert "expired or did not come from this portal" in answer.text()
+    assert op.call("GET", "/jobs")["jobs"] == jobs_before  # nothing reached the server
+    # ... and the session is still signed in (sign-out was refused too).
+    assert context.request.get(f"{portal.url}/t/{op.tenant}/jobs").status == 200

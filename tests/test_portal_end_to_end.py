@@ -4,7 +4,8 @@ The real stack: Azurite, ``python -m functions.local`` over HTTPS, the
 portal, and the agent, process server and master target in server mode
 replicating a loop device (ext4, tracked through tracefs).  In headless
 Chromium the operator registers the three components with passphrases and
-the commands the registration page shows, protects the machine and watches
+runs the steps the registration page shows (certificates, register, and the
+start command, each "host" a directory of its own), protects the machine and watches
 it reach ``replicating`` on the live page, runs a test failover and cleans
 it up, and cuts over after typing the machine's name; the configuration
 server runs both to their end through the master target's command queue.
@@ -18,17 +19,14 @@ README shows, at 1280 and 390 pixels wide.
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 from support.config_server import serve_config
 from support.daemons import Fleet, write_files
-from support.portal import ROOT, PortalServer, chromium, shoot, signed_in
+from support.portal import PortalServer, ShownSteps, chromium, shoot, signed_in
 
 from devkit.embedded import digest
 
@@ -51,8 +49,10 @@ def portal(config_server, tmp_path):
     made.stop()
 
 
-def register_from_page(page, portal, tenant: str, kind: str, name: str, out: Path, **fields):
-    """Create a passphrase on the registration page and run the command it shows."""
+def register_from_page(page, portal, tenant: str, kind: str, name: str, hosts: Path, **fields):
+    """Create a passphrase on the registration page and run its steps as shown, on a "host"
+    of its own under ``hosts``: certificates where the CA is kept, register; the start
+    command is returned for the fleet to run."""
     page.goto(f"{portal.url}/t/{tenant}/register")
     page.check(f"input[value={kind}]")
     page.fill("#name", name)
@@ -60,14 +60,14 @@ def register_from_page(page, portal, tenant: str, kind: str, name: str, out: Pat
         page.fill(f"#{field}", value)
     page.click("button:has-text('Create passphrase')")
     passphrase = page.inner_text("#passphrase").strip()
-    command = shlex.split(page.inner_text("#commands").strip().splitlines()[1])
-    command[command.index("--out") + 1] = str(out)  # this test's place for /etc/ferry
-    subprocess.run(
-        [sys.executable, "-m", "ferrycli", *command[1:]], check=True, cwd=ROOT,
-        env={**os.environ, "FERRY_PASSPHRASE": passphrase, "PYTHONPATH": str(ROOT)},
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    return out
+    steps = ShownSteps(page, hosts / kind)
+    steps.check_install()
+    if "pki" in steps.blocks:
+        steps.certificates(hosts / "ca-machine")  # one CA for the deployment
+    else:
+        assert kind == "master-target"  # the only one that needs no certificate
+    steps.run("register", stdin=passphrase + "\n")
+    return steps.root / "etc" / "ferry" / f"{kind}.json", steps.start_argv()
 
 
 def test_a_machine_migrated_from_the_portal(config_server, portal, tmp_path, certs, loopdisk):
@@ -84,22 +84,24 @@ def test_a_machine_migrated_from_the_portal(config_server, portal, tmp_path, cer
             context, page = signed_in(browser, portal, op.token)
             base = f"{portal.url}/t/{op.tenant}"
 
-            # Register the three components with the page's passphrases and commands.
-            fleet.creds["process-server"] = register_from_page(
-                page, portal, op.tenant, "process-server", "ps1", tmp_path / "ps.json",
+            # Register the three components with the page's passphrases and steps, and start
+            # each with the command the page shows.
+            hosts, start = tmp_path / "hosts", {}
+            fleet.creds["process-server"], start["process-server"] = register_from_page(
+                page, portal, op.tenant, "process-server", "ps1", hosts,
                 listen=f"127.0.0.1:{fleet.ps_port}",
             )  # fmt: skip
-            fleet.creds["master-target"] = register_from_page(
-                page, portal, op.tenant, "master-target", "mt1", tmp_path / "mt.json",
+            fleet.creds["master-target"], start["master-target"] = register_from_page(
+                page, portal, op.tenant, "master-target", "mt1", hosts,
                 target_dir=str(tmp_path / "targets"),
             )  # fmt: skip
-            fleet.creds["agent"] = register_from_page(
-                page, portal, op.tenant, "agent", machine, tmp_path / "agent.json",
-                device=source.device,
+            fleet.creds["agent"], start["agent"] = register_from_page(
+                page, portal, op.tenant, "agent", machine, hosts, device=source.device
             )  # fmt: skip
             shoot(page, "register")
             for kind in ("process-server", "master-target", "agent"):
-                fleet.start(kind)
+                fleet.start(kind, start[kind])
+            master_target = hosts / "master-target" / "var" / "lib" / "ferry" / "master-target"
 
             # Protect, then watch the live page reach replicating and protected.
             page.goto(f"{base}/machines/{machine}")
@@ -116,7 +118,7 @@ def test_a_machine_migrated_from_the_portal(config_server, portal, tmp_path, cer
             page.goto(f"{base}/machines/{machine}")
             page.click("button:has-text('Test failover')")
             page.wait_for_selector("button:has-text('Clean up test failover')", timeout=LIVE)
-            clone = tmp_path / "master-target" / "test-failover" / machine / f"{disk}.vhd"
+            clone = master_target / "test-failover" / machine / f"{disk}.vhd"
             info = subprocess.run(["qemu-img", "info", "-f", "vpc", "--output=json", str(clone)],
                                   check=True, capture_output=True, text=True)  # fmt: skip
             assert json.loads(info.stdout)["virtual-size"] >= size
@@ -137,7 +139,7 @@ def test_a_machine_migrated_from_the_portal(config_server, portal, tmp_path, cer
             page.wait_for_selector("[data-live] .title >> text=cut-over", timeout=LIVE)
 
             # The cut-over disk: a verified fixed VHD with exactly the source's bytes.
-            out = tmp_path / "master-target" / "cutover" / machine
+            out = master_target / "cutover" / machine
             manifest = json.loads((out / "manifest.json").read_text())
             assert manifest["verified"] and manifest["disks"][0]["checks"]["qemu"]
             # The master target checked it against the digest the agent took of the source.

@@ -10,7 +10,7 @@ import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ferry import naming
+from ferry import naming, tokens
 from ferry.control.credentials import Credentials
 from ferry.control.defaults import DETAIL_MAX
 from ferry.control.errors import ControlRefused, ControlUnavailable, CredentialsInvalid
@@ -172,10 +172,12 @@ class Client:
         """
         answer = self._http.call("POST", "/components/self/credentials", {}, idempotent=False)
         token = answer.get("token") if isinstance(answer, dict) else None
-        if not isinstance(token, str) or not token.startswith("c."):
+        claimed = tokens.claim(token) if isinstance(token, str) else None
+        if claimed is None or claimed.kind != "component":
             raise ControlUnavailable(
                 server=self.credentials.server, problem="no token in the answer"
             )
+        assert isinstance(token, str)  # claim() took it
         return token
 
     def rotate(self, token: str, path: str | Path | None) -> None:

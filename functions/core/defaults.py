@@ -65,6 +65,9 @@ RECOVERY_POINTS_LIMIT = 100
 RECOVERY_POINTS_MAX = 1000
 """Most recovery points one listing returns, a count."""
 
+RECOVERY_POINTS_EVERY_MAX = 86400
+"""Widest slice a thinned listing of recovery points (``every``) may ask for, in seconds."""
+
 ALERTS_KEPT_SECONDS = 30 * 86400
 """Cleared alerts older than this are pruned by the timer, in seconds."""
 

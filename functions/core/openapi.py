@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from ferry.naming import ID_RE, KIND_PREFIX
 from functions.core import defaults, jobs
 from functions.core.commands import TYPES
 from functions.core.replication import COMPONENT_COMMANDS, MACHINE_COMMANDS
 
-ID = {"type": "string", "pattern": "^[a-z0-9]+(-[a-z0-9]+)*$", "minLength": 1, "maxLength": 40}
+ID = {"type": "string", "pattern": ID_RE.pattern, "minLength": 1, "maxLength": 40}
+COMPONENT_ID = {
+    "type": "string",
+    # A kind's prefix, then an id: ``ag-web01`` (ferry.naming owns both).
+    "pattern": "^(" + "|".join(sorted(KIND_PREFIX.values())) + ")-" + ID_RE.pattern[1:],
+    "maxLength": 40,  # the whole id is an id too (tokens carry it)
+}
 KEY = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}
 TIME = {"type": "number", "description": "seconds since the epoch"}
 COUNT = {"type": "integer", "minimum": 0}
@@ -180,7 +187,10 @@ SCHEMAS: dict[str, Any] = {
             "kind": {"type": "string", "nullable": True}, "t0_wall": {"type": "number", "nullable": True},
             "disks": {"type": "array", "items": {"type": "string"}},
             "restorable_on": {"type": "array", "items": {"type": "string"}},
-            "restorable": {"type": "boolean"}})}}, ["recovery_points", "points"]),
+            "restorable": {"type": "boolean"}})},
+        "earlier": {"type": "array", "items": ANY_OBJECT,
+                    "description": "with since: each disk's newest point reported before it"}},
+        ["recovery_points", "points"]),
     "Alerts": _obj({"alerts": {"type": "array", "items": _obj({
         "id": {"type": "string"}, "kind": {"type": "string"},
         "severity": {"type": "string", "enum": ["warning", "critical"]},
@@ -250,8 +260,7 @@ PATHS: dict[str, Any] = {
         [_param("command_id", {"type": "string", "pattern": "^cmd-[a-z0-9]{1,60}$"})])},
     "/tenants/{tenant}/components/{component}/commands": {"post": _op(
         "stop one component or rotate its credentials", (202, "CommandAccepted"),
-        "ComponentCommand", [TENANT, _param("component", {"type": "string", "pattern":
-                                                        "^(ag|ps|mt)-[a-z0-9-]{1,40}$"})])},
+        "ComponentCommand", [TENANT, _param("component", COMPONENT_ID)])},
     "/tenants/{tenant}/commands/{command_id}": {"get": _op(
         "one command and each target's outcome", (200, "Command"),
         params=[TENANT, _param("command_id", {"type": "string", "pattern": "^cmd-[a-z0-9]{1,60}$"})])},
@@ -278,7 +287,14 @@ PATHS: dict[str, Any] = {
             TENANT, _param("machine", ID, "query"), _param("disk", ID, "query"),
             _param("restorable", {"type": "boolean"}, "query"),
             _param("limit", {"type": "integer", "minimum": 1,
-                             "maximum": defaults.RECOVERY_POINTS_MAX}, "query")])},
+                             "maximum": defaults.RECOVERY_POINTS_MAX}, "query"),
+            _param("since", {"type": "number", "minimum": 0, "maximum": 1e11,
+                             "description": "only points reported at or after this "
+                             "(seconds since the epoch); adds earlier"}, "query"),
+            _param("every", {"type": "integer", "minimum": 1,
+                             "maximum": defaults.RECOVERY_POINTS_EVERY_MAX,
+                             "description": "per disk, only the newest point of each slice "
+                             "of this many seconds of source time"}, "query")])},
     "/tenants/{tenant}/alerts": {"get": _op(
         "alerts, newest first", (200, "Alerts"),
         params=[TENANT, _param("open", {"type": "boolean"}, "query")])},

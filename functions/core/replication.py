@@ -201,7 +201,14 @@ def list_recovery_points(
     ctx: Context, caller: Caller, tenant: str, params: Mapping[str, str]
 ) -> dict[str, Any]:
     """Recovery points of a tenant (of one machine or disk), newest first, each marked
-    ``restorable``, and the machine-wide ``points`` (``restorable=true``: only those)."""
+    ``restorable``, and the machine-wide ``points`` (``restorable=true``: only those).
+
+    ``since`` keeps the points reported at or after it and adds ``earlier``:
+    each disk's newest point reported before it (what held at ``since``,
+    where a chart of the window starts).  ``every`` keeps, per disk, the
+    newest point of each ``every``-second slice of source time, so a long
+    window fits one listing.  Both apply before ``restorable``.
+    """
     require_operator(caller, tenant)
     machine = validate.query_param(params, "machine")
     disk = validate.query_param(params, "disk")
@@ -209,6 +216,8 @@ def list_recovery_points(
     limit = validate.query_int(
         params, "limit", 1, defaults.RECOVERY_POINTS_MAX, defaults.RECOVERY_POINTS_LIMIT
     )
+    since = validate.query_number(params, "since", 0, 1e11)
+    every = validate.query_int(params, "every", 1, defaults.RECOVERY_POINTS_EVERY_MAX, 0)
     if machine is not None:
         validate.check_route_id("machine", machine)
     if disk is not None:
@@ -221,13 +230,41 @@ def list_recovery_points(
     disks = {d["disk"]: d for d in ctx.store.partition("disks", tenant)}
     for p in points:
         p["restorable"] = restorable(p, disks.get(p.get("disk")))
+    before = [p for p in points if since is not None and _reported(p) < since]
+    if since is not None:
+        points = [p for p in points if _reported(p) >= since]
+    if every:
+        points = _newest_per(points, lambda p: (p["disk"], _t0(p) // every))
     machines = {m["machine"]: m for m in ctx.store.partition("machines", tenant)}
     grouped = machine_points(points, machines)
     if only_restorable:
         points = [p for p in points if p["restorable"]]
         grouped = [g for g in grouped if g["restorable"]]
+        before = [p for p in before if p["restorable"]]
     points.sort(key=_point_key, reverse=True)
-    return {"recovery_points": points[:limit], "points": grouped[:limit]}
+    answer = {"recovery_points": points[:limit], "points": grouped[:limit]}
+    if since is not None:
+        answer["earlier"] = _newest_per(before, lambda p: p["disk"])
+    return answer
+
+
+def _t0(point: dict[str, Any]) -> float:
+    return point.get("t0_wall") or 0.0
+
+
+def _reported(point: dict[str, Any]) -> float:
+    """When the master target reported the point (the server's clock)."""
+    return point.get("reported_at") or _t0(point)
+
+
+def _newest_per(points: list[dict[str, Any]], group) -> list[dict[str, Any]]:
+    """The newest of ``points`` for each value of ``group(point)``, newest first."""
+    newest: dict[Any, dict[str, Any]] = {}
+    for p in points:
+        held = newest.get(group(p))
+        if held is None or _point_key(p) > _point_key(held):
+            newest[group(p)] = p
+    return sorted(newest.values(), key=_point_key, reverse=True)
 
 
 # -- status and machines ------------------------------------------------------------------

@@ -172,6 +172,19 @@ def query_int(params: Mapping[str, str], key: str, low: int, high: int, default:
     return number_
 
 
+def query_number(params: Mapping[str, str], key: str, low: float, high: float) -> float | None:
+    """A finite decimal query parameter within [low, high]; None if absent."""
+    value = query_param(params, key)
+    if value is None:
+        return None
+    if not value.isascii() or not re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,9})?", value):
+        raise BadRequest(f"query parameter {key} must be a number, not {_short(value)}")
+    number_ = float(value)
+    if not low <= number_ <= high:
+        raise BadRequest(f"query parameter {key} must be between {low:g} and {high:g}")
+    return number_
+
+
 def query_bool(params: Mapping[str, str], key: str) -> bool | None:
     """A boolean query parameter (``true``/``false``), None if absent."""
     value = query_param(params, key)

@@ -72,11 +72,12 @@ class Fleet:
             return [*state, "--targets-dir", str(self.base / "targets")]
         return [*state, "--ca", str(pki / "ca" / "ca.pem"), *tls]
 
-    def start(self, kind: str) -> None:
+    def start(self, kind: str, argv: list[str] | None = None) -> None:
+        """Start ``kind`` with its credentials and :meth:`args`, or exactly as ``argv`` says."""
         cmd = [sys.executable, "-m", MODULES[kind], "--server-credentials", str(self.creds[kind])]
         with open(self.base / f"{kind}.log", "ab") as log:
             self.procs[kind] = subprocess.Popen(
-                [*cmd, *self.args(kind)],
+                argv or [*cmd, *self.args(kind)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
