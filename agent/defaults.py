@@ -81,6 +81,10 @@ RUN_DIR = "/run/ferry"
 FINAL_TAG_TIMEOUT = 300.0
 """Seconds the cutover's final tag may take to become durable at the process server."""
 
+FINAL_FREEZE_LIMIT = 1800.0
+"""Seconds the cutover may hold the source frozen (digests of whole disks) before the
+watchdog thaws it and the cutover fails (``python -m agent.fence final``)."""
+
 STOP_ACK_WAIT = 10.0
 """At an orderly stop, how long the agent waits for the process server to acknowledge what
 it sent, in seconds; a disk with a batch still unacknowledged resyncs at the next start."""

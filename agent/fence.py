@@ -5,11 +5,16 @@ unit name, pidfile or supervisor::
 
     python -m agent.fence digest --device /dev/disk/by-id/virtio-data   # {"size", "sha256"}
     python -m agent.fence tag --state-dir /var/lib/ferry/agent --kind app
+    python -m agent.fence final --state-dir ... --device D... --freeze / --freeze /boot
     python -m agent.fence stop            # systemd, or ferry-supervise where systemd is not PID 1
 
 Each prints one JSON object.  ``tag`` asks for the *final* tag: the agent
 ships nothing after it, and the master target fences each disk once it has
-applied it (docs/design.md, the fence).
+applied it (docs/design.md, the fence).  ``final`` freezes the source's
+filesystems, digests each disk, takes the final tag and thaws, all in this
+one process: the cutover role cannot freeze in one task and digest in the
+next when ``/`` is among them, since every Ansible task writes its module
+to the source's ``/`` first and would wait for the thaw forever.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 from agent import defaults
@@ -53,6 +60,55 @@ def final_tag(socket_path: str, kind: str, timeout: float) -> dict[str, Any]:
     return answer["tag"]
 
 
+def final(
+    socket_path: str, devices: list[str], points: list[str], timeout: float, limit: float,
+    keep_frozen: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Freeze ``points``, digest ``devices``, take the final tag, thaw (unless ``keep_frozen``).
+
+    Nothing here writes to a frozen filesystem (everything is imported, the
+    agent's socket exists already).  A watchdog thaws after ``limit`` seconds
+    whatever happens, and the result is then refused: the digests would no
+    longer describe the final tag.  ``keep_frozen`` still thaws ``/``, which
+    the rest of the cutover writes to (the fence record, Ansible's modules).
+    """
+    frozen: list[str] = []
+    fired = threading.Event()
+
+    def thaw(which: list[str]) -> None:
+        for point in reversed(which):
+            subprocess.run(["fsfreeze", "-u", point], capture_output=True, timeout=60)
+
+    def watchdog() -> None:
+        fired.set()
+        thaw(frozen)
+
+    timer = threading.Timer(limit, watchdog)
+    timer.daemon = True
+    started = time.monotonic()
+    timer.start()
+    try:
+        for point in points:
+            result = subprocess.run(
+                ["fsfreeze", "-f", point], capture_output=True, text=True, timeout=60
+            )
+            if result.returncode != 0:
+                raise FenceFailed(detail=f"cannot freeze {point}: {result.stderr.strip()}")
+            frozen.append(point)
+        digests = [digest(device) for device in devices]
+        tag = final_tag(socket_path, "crash" if points else "app", timeout)
+    finally:
+        timer.cancel()
+        thaw([p for p in frozen if p == "/"] if keep_frozen else frozen)
+    if fired.is_set():
+        raise FenceFailed(
+            detail=f"the freeze outlived its {limit:.0f} s limit and was thawed: "
+            "resume (cutover_action=resume) and cut over again"
+        )
+    return {"tag": tag, "digests": digests, "frozen": frozen,
+            "frozen_s": round(time.monotonic() - started, 3)}  # fmt: skip
+
+
 def under_systemd() -> bool:
     """True where systemd is the service manager (it creates /run/systemd/system at boot)."""
     return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
@@ -71,6 +127,16 @@ def stop(prefix: str = defaults.PREFIX, run_dir: str = defaults.RUN_DIR) -> dict
     return {"stopped": True, "by": "systemd" if argv[0] == "systemctl" else "ferry-supervise"}
 
 
+def _add_where(p: argparse.ArgumentParser) -> None:
+    """Where the agent's control socket is: its state directory, or the socket itself."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--state-dir", default=defaults.STATE_DIR,
+        help=f"the agent's state directory, where its control socket is ({defaults.STATE_DIR})",
+    )  # fmt: skip
+    where.add_argument("--socket", help="the agent's control socket, if its settings name one")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m agent.fence", description=__doc__.split("\n")[0]
@@ -80,20 +146,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True)
     p.add_argument("--size", type=int)
     p = sub.add_parser("tag", help="take the final tag and wait until it is durable")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--state-dir", default=defaults.STATE_DIR,
-        help=f"the agent's state directory, where its control socket is ({defaults.STATE_DIR})",
-    )  # fmt: skip
-    where.add_argument("--socket", help="the agent's control socket, if its settings name one")
+    _add_where(p)
     p.add_argument("--kind", choices=["crash", "app"], default="crash")
     p.add_argument("--timeout", type=float, default=defaults.FINAL_TAG_TIMEOUT)
+    p = sub.add_parser("final", help="freeze, digest each disk, take the final tag, thaw")
+    _add_where(p)
+    p.add_argument("--device", action="append", default=[], help="a disk to digest (repeat)")
+    p.add_argument("--freeze", action="append", default=[], help="a mount point (repeat)")
+    p.add_argument("--timeout", type=float, default=defaults.FINAL_TAG_TIMEOUT)
+    p.add_argument("--freeze-limit", type=float, default=defaults.FINAL_FREEZE_LIMIT,
+                   help="thaw after this many seconds whatever happens (the watchdog)")  # fmt: skip
+    p.add_argument("--keep-frozen", action="store_true", help="leave all but / frozen")
     p = sub.add_parser("stop", help="stop the agent for good")
     p.add_argument("--prefix", default=defaults.PREFIX, help=f"Ferry's prefix ({defaults.PREFIX})")
     p.add_argument(
         "--run-dir", default=defaults.RUN_DIR, help=f"run directory ({defaults.RUN_DIR})"
     )
     return parser
+
+
+def _socket(args: argparse.Namespace) -> str:
+    return args.socket or agentsocket.path_in(args.state_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "digest":
             result = digest(args.device, args.size)
         elif args.command == "tag":
-            socket_path = args.socket or agentsocket.path_in(args.state_dir)
-            result = final_tag(socket_path, args.kind, args.timeout)
+            result = final_tag(_socket(args), args.kind, args.timeout)
+        elif args.command == "final":
+            result = final(_socket(args), args.device, args.freeze, args.timeout,
+                           args.freeze_limit, args.keep_frozen)  # fmt: skip
         else:
             result = stop(args.prefix, args.run_dir)
         print(json.dumps(result))

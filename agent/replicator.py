@@ -56,6 +56,8 @@ class DiskState:
     request_id: str | None = None
     target_zero: BitMap = field(default_factory=BitMap)
     last_tag: dict[str, Any] | None = None
+    resend: list[Batch] = field(default_factory=list)
+    """Batches an orderly stop kept unacknowledged, sent again first at a resumed start."""
     bytes_shipped: int = 0
     bytes_read: int = 0
     pass_remaining: int = 0
@@ -214,8 +216,13 @@ class Replicator:
         return any(self.tracker.dirty_count(d.id) for d in disks)
 
     def _freeze_due(self) -> bool:
+        # Never while a disk is in its first sync or a resync: that pass reads the whole
+        # disk (minutes), far beyond what a freeze may last (its watchdog).
+        states = self._replicating()
+        if any(d.phase in ("initial-sync", "resync") for d in states):
+            return False
         return mono() - self.last_clean > self.settings.freeze_after and bool(
-            self._filesystems(self._replicating())
+            self._filesystems(states)
         )
 
     def _filesystems(self, states: list[DiskState]) -> list[str]:
@@ -549,7 +556,7 @@ class Replicator:
         batch.seq = disk.next_seq
         disk.next_seq += 1
         disk.bytes_shipped += len(batch.payload)
-        self.shipper.send_batch(batch)
+        self.shipper.send_batch(batch, self.stop)
 
     def _ship_pass(self, disk: DiskState, blocks: BitMap) -> Batch | None:
         """Read ``blocks`` and send them; return the pass's last batch, unsent."""
@@ -700,24 +707,35 @@ class Replicator:
         frozen: list[str] = []
         started = time.monotonic()
         self._thawed_early = False
+        # Freezing one filesystem flushes it, which may outlast the watchdog on a slow
+        # machine: the lock keeps a freeze from landing after the watchdog thawed, or
+        # that filesystem would stay frozen for the whole pass (and forever if the
+        # agent is killed meanwhile).
+        lock = threading.Lock()
 
         def watchdog_fired() -> None:
-            self._thawed_early = True  # the pass that follows is no frozen point: no tag
-            _thaw_all(frozen, True)
+            with lock:
+                self._thawed_early = True  # the pass that follows is no frozen point: no tag
+                _thaw_all(frozen, True)
+                frozen.clear()
 
         watchdog = threading.Timer(self.settings.freeze_timeout, watchdog_fired)
         watchdog.daemon = True
         watchdog.start()
         try:
             for point in points:
-                subprocess.run(
-                    ["fsfreeze", "-f", point], check=True, capture_output=True, timeout=60
-                )
-                frozen.append(point)
+                with lock:
+                    if self._thawed_early:
+                        break
+                    subprocess.run(
+                        ["fsfreeze", "-f", point], check=True, capture_output=True, timeout=60
+                    )
+                    frozen.append(point)
             yield list(points)
         finally:
             watchdog.cancel()
-            _thaw_all(frozen, False)
+            with lock:
+                _thaw_all(frozen, False)
             took = time.monotonic() - started
             self.frozen_passes += 1
             self.longest_freeze = max(self.longest_freeze, took)

@@ -98,6 +98,9 @@ class Session:
                 },
                 settings.window,
             )
+            for disk in disks:  # a resumed disk's last batches go before anything new
+                self.shipper.preload(disk.resend)
+                disk.resend = []
             self.replicator = Replicator(settings, self.tracker, self.shipper, disks)
             self.control = ControlServer(
                 settings.control_socket or agentsocket.path_in(self.state_dir), self.replicator
@@ -140,9 +143,11 @@ class Session:
             disk.gen, disk.next_seq, disk.last_tag = rec["gen"], rec["next_seq"], rec["last_tag"]
             disk.target_zero = state.bitmap_from(rec["target_zero"])
             disk.phase, disk.start_reason = rec["phase"], "resumed"
+            disk.resend = [b for b in rec["batches"] if b.gen == disk.gen]
             log.info(
-                "disk %s: resumed generation %d at seq %d with %d dirty blocks (no resync)",
-                disk.id, disk.gen, disk.next_seq, self.tracker.dirty_count(disk.id),
+                "disk %s: resumed generation %d at seq %d with %d dirty blocks and %d batches "
+                "to send again (no resync)", disk.id, disk.gen, disk.next_seq,
+                self.tracker.dirty_count(disk.id), len(disk.resend),
             )  # fmt: skip
 
     def start(self) -> Session:
@@ -175,7 +180,10 @@ class Session:
         orderly = self.alive and hand_over
         self.replicator.stop.set()
         if self.worker is not None and self.worker.ident is not None:
-            self.worker.join(timeout=30)
+            self.worker.join(timeout=5)
+            if self.worker.is_alive():  # perhaps held in a send the peer no longer reads
+                self.shipper.interrupt()
+            self.worker.join(timeout=25)
             orderly = orderly and not self.worker.is_alive()
         if self.alive and hand_over and not orderly:
             log.warning("the replicator did not stop within 30 s; the next start resyncs; it was at:\n%s",
@@ -191,22 +199,26 @@ class Session:
         self.write_status()
 
     def _wait_acked(self) -> None:
-        # A disk resumes only from batches the process server holds durably.
+        # Fewer batches to keep and send again; at a reboot the network may be gone already.
         deadline = time.monotonic() + defaults.STOP_ACK_WAIT
         while self.shipper.unacked() and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def _hand_over(self) -> bool:
-        """Leave the trace instance running and record each resumable disk; False if none."""
+        """Leave the trace instance running and record each resumable disk; False if none.
+
+        A disk's batches still unacknowledged (the process server or the
+        network went first, as at a reboot) are recorded with it, verbatim:
+        the next start sends them again, same seqs, before anything new.
+        """
         disks = [
             d
             for d in self.replicator.disks.values()
             if d.gen is not None and d.request_id is None and d.phase in restart.RESUMABLE
-            and not self.shipper.unacked(d.id)
         ]  # fmt: skip
         tracker = self.tracker
         if not isinstance(tracker, TraceTracker) or not disks:
-            why = "no trace instance" if disks else "none replicating with its batches acknowledged"
+            why = "no trace instance" if disks else "none replicating"
             log.info("stopped: no disk to resume at the next start (%s)", why)
             return False
         if any((d.last_tag or {}).get("final") for d in disks):
@@ -214,15 +226,20 @@ class Session:
         if not tracker.detach():
             log.warning("tracking could not be handed over whole; the next start resyncs")
             return False
+        kept = 0
         try:
             for disk in disks:
-                state.save_stop(self.state_dir, disk.id, restart.record(disk, self.tracker))
+                unacked = self.shipper.pending(disk.id, disk.gen)
+                kept += len(unacked)
+                record = restart.record(disk, self.tracker)
+                state.save_stop(self.state_dir, disk.id, record, unacked)
         except OSError as exc:
             log.error("cannot record the dirty maps (%s); the next start resyncs", exc)
             return False
         log.info(
-            "stopped: %s resume at the next start (trace instance %s left running)",
-            ", ".join(d.id for d in disks), tracker.instance.path,
+            "stopped: %s resume at the next start (trace instance %s left running, "
+            "%d unacknowledged batches kept to send again)",
+            ", ".join(d.id for d in disks), tracker.instance.path, kept,
         )  # fmt: skip
         return True
 

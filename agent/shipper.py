@@ -4,7 +4,7 @@
 the agent's backpressure, and why its memory stays bounded when the process
 server or the cloud is slow (the dirty map grows instead).  A lost connection
 is re-established with backoff, and every unacknowledged batch is sent again,
-unchanged and in order.  Resync answers and resync demands arrive as events
+unchanged and in order, before any new one.  Resync answers and resync demands arrive as events
 in ``inbox``.
 """
 
@@ -63,6 +63,10 @@ class Shipper:
         """Connect in the background (and keep reconnecting)."""
         self._thread.start()
 
+    def interrupt(self) -> None:
+        """Drop the connection (it reconnects): unblocks a send the peer stopped reading."""
+        self._lost("interrupted by the agent's stop")
+
     def close(self) -> None:
         """Close the connection and stop reconnecting."""
         self._stop = True
@@ -76,17 +80,36 @@ class Shipper:
     def send_batch(self, batch: Batch, stop: threading.Event | None = None) -> bool:
         """Queue ``batch`` for sending; blocks while the window is full.
 
-        Returns False if asked to stop before the batch could be queued.
+        Once ``stop`` is set the batch is queued whatever the window: an orderly
+        stop keeps every unacknowledged batch for the next start (agent.session),
+        and a replicator held here (the network gone first, as at a reboot)
+        would outlive the stop.  Returns False if the shipper is closed.
         """
         key = (batch.disk, batch.gen, batch.seq)
         with self._cv:
-            while len(self._unacked) >= self.window:
-                if self._stop or (stop is not None and stop.is_set()):
+            while len(self._unacked) >= self.window and not (stop is not None and stop.is_set()):
+                if self._stop:
                     return False
                 self._cv.wait(0.2)
             self._unacked[key] = batch
         self._try_send({"type": "batch", "batch": batch.header()}, batch.payload)
         return True
+
+    def preload(self, batches: list[Batch]) -> None:
+        """Take over batches a previous run sent and never saw acknowledged (before start).
+
+        They are sent first, with their seqs, when the connection is up; the
+        process server takes a re-sent seq as the one it may already hold.
+        """
+        with self._cv:
+            for batch in batches:
+                self._unacked[(batch.disk, batch.gen, batch.seq)] = batch
+
+    def pending(self, disk: str, gen: int | None) -> list[Batch]:
+        """``disk``'s unacknowledged batches of generation ``gen``, in seq order."""
+        with self._cv:
+            mine = [b for (d, g, _), b in self._unacked.items() if d == disk and g == gen]
+        return sorted(mine, key=lambda b: b.seq)
 
     def request_resync(self, disk: str, request_id: str, block_size: int) -> None:
         """Ask the master target (through the process server) to start a new generation."""
@@ -121,17 +144,23 @@ class Shipper:
 
     # -- connection -------------------------------------------------------------------
 
-    def _try_send(self, header: dict[str, Any], payload: bytes | bytearray = b"") -> None:
-        sock = self._sock
+    def _try_send(
+        self, header: dict[str, Any], payload: bytes | bytearray = b"", sock: Any = None
+    ) -> bool:
+        """Send a frame on ``sock`` (default: the open connection); False if it failed."""
         if sock is None:
-            return  # sent on reconnect
+            sock = self._sock
+        if sock is None:
+            return False  # sent on reconnect
         try:
             with self._send_lock:
                 wire.send(sock, header, payload)
             if header["type"] == "batch":
                 self.bytes_sent += len(payload)
+            return True
         except (OSError, ssl.SSLError) as exc:
             self._lost(f"send failed: {exc}")
+            return False
 
     def _lost(self, why: str) -> None:
         if self.connected:
@@ -162,12 +191,12 @@ class Shipper:
                 pause = min(pause * 2, defaults.RECONNECT_MAX)
                 continue
             pause = defaults.RECONNECT_MIN
-            self._sock = sock
-            self.connected = True
             self.last_error = ""
             log.info("connected to the process server at %s:%d", *self.address)
-            self._resend()
-            self._receive(sock)
+            if self._resend(sock):
+                self._receive(sock)
+            else:
+                sock.close()
 
     def _connect(self) -> ssl.SSLSocket:
         raw = socket.create_connection(self.address, timeout=10)
@@ -182,15 +211,37 @@ class Shipper:
             raise FerryError(detail=f"process server refused hello: {message}")
         return sock
 
-    def _resend(self) -> None:
-        with self._cv:
-            batches = sorted(self._unacked.values(), key=lambda b: (b.disk, b.gen, b.seq))
-            requests = list(self._requests.values())
-        for frame in requests:
-            self._try_send(frame)
-        for batch in batches:
-            self._try_send({"type": "batch", "batch": batch.header()}, batch.payload)
-            self.bytes_resent += len(batch.payload)
+    def _resend(self, sock: ssl.SSLSocket) -> bool:
+        """Send the pending requests and every unacknowledged batch, then open for new ones.
+
+        What is queued meanwhile waits for this loop (the socket is not yet
+        ``_sock``), so the old batches go first, in order; one queued just as
+        the socket opens may go twice (a resend, harmless).  False if a send failed.
+        """
+        sent: set[Any] = set()
+        while True:
+            with self._cv:
+                frames: list[tuple[dict[str, Any], bytes | bytearray]] = [
+                    (f, b"") for f in self._requests.values() if id(f) not in sent
+                ]
+                batches = sorted(
+                    (b for k, b in self._unacked.items() if k not in sent),
+                    key=lambda b: (b.disk, b.gen, b.seq),
+                )
+                if (not frames and not batches) or self._stop:
+                    self._sock = sock
+                    self.connected = True
+                    return True
+            frames += [({"type": "batch", "batch": b.header()}, b.payload) for b in batches]
+            for header, payload in frames:
+                if not self._try_send(header, payload, sock):
+                    return False
+                if header["type"] == "batch":
+                    self.bytes_resent += len(payload)
+                    key = header["batch"]
+                    sent.add((key["disk"], key["gen"], key["seq"]))
+                else:
+                    sent.add(id(header))  # the request's own frame, as kept in _requests
 
     def _receive(self, sock: ssl.SSLSocket) -> None:
         while not self._stop:

@@ -11,23 +11,32 @@ durably) before the next start uses it; see docs/design.md, "Restarts"::
 
     {"disk", "identity", "size", "block", "gen", "next_seq", "last_tag",
      "dirty": <base64 roaring bitmap>, "target_zero": <base64 roaring bitmap>,
-     "boot_id", "instance", "devs", "lost_events", "filesystems_rw": [...], "stopped_at"}
+     "boot_id", "instance", "devs", "lost_events", "filesystems_rw": [...], "stopped_at",
+     "unacked": [{"header": <batch header>, "length": n, "sha256": hex}, ...]}
 
-Both are written durably (temporary file, fsync, rename, fsync directory).
+``disks/<disk>.unacked`` — the payloads of the batches listed in ``unacked``
+(sent, never acknowledged: at an orderly reboot the network is often gone
+before the agent stops), one after another; written before the stop record,
+which commits both; consumed with it.
+
+All are written durably (temporary file, fsync, rename, fsync directory).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pyroaring import BitMap
 
-from ferry.durable import fsync_dir, read_json, write_json
+from ferry.batch import Batch
+from ferry.durable import fsync_dir, read_json, write_atomic, write_json
 
 log = logging.getLogger("ferry.agent")
 
@@ -90,26 +99,70 @@ def bitmap_from(text: str) -> BitMap:
     return BitMap.deserialize(base64.b64decode(text))
 
 
-def save_stop(state_dir: str | Path, disk: str, record: dict[str, Any]) -> None:
-    """Durably record ``disk``'s state at an orderly stop."""
-    write_json(_dir(state_dir) / f"{disk}.stop.json", {"disk": disk, **record})
+def save_stop(
+    state_dir: str | Path, disk: str, record: dict[str, Any], unacked: Sequence[Batch] = ()
+) -> None:
+    """Durably record ``disk``'s state at an orderly stop, with its unacknowledged batches.
+
+    The payloads go first, then the record that lists them (the commit point):
+    a crash in between leaves no record, so the next start resyncs.
+    """
+    path = _dir(state_dir) / f"{disk}.stop.json"
+    listed = [
+        {"header": b.header(), "length": len(b.payload),
+         "sha256": hashlib.sha256(b.payload).hexdigest()}
+        for b in unacked
+    ]  # fmt: skip
+    if unacked:
+        write_atomic(_dir(state_dir) / f"{disk}.unacked", [b.payload for b in unacked])
+    write_json(path, {"disk": disk, **record, "unacked": listed})
 
 
 def take_stop(state_dir: str | Path, disk: str) -> dict[str, Any] | None:
     """Read and durably remove ``disk``'s stop record (None if there is none).
 
     Removed before the agent acts on it: a crash after this start must never
-    find it again, or it would trust a map that stopped being complete.
+    find it again, or it would trust a map that stopped being complete.  The
+    unacknowledged batches it lists are returned rebuilt in ``batches``; a
+    record whose batches cannot be read whole is ``unreadable``.
     """
     path = _dir(state_dir) / f"{disk}.stop.json"
+    payloads = path.parent / f"{disk}.unacked"
     try:
         record = read_json(path)
     except ValueError:
         record = {"unreadable": True}
-    if path.exists():
-        os.unlink(path)
+    if record is not None and not record.get("unreadable"):
+        try:
+            record["batches"] = _batches(record.get("unacked") or [], payloads)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("disk %s: the batches of its stop record cannot be read: %s", disk, exc)
+            record = {"unreadable": True}
+    removed = False
+    for file in (path, payloads):
+        if file.exists():
+            os.unlink(file)
+            removed = True
+    if removed:
         fsync_dir(path.parent)
     return record
+
+
+def _batches(listed: list[dict[str, Any]], payloads: Path) -> list[Batch]:
+    """The batches ``listed`` in a stop record, their payloads checked against their digests."""
+    if not listed:
+        return []
+    data = memoryview(payloads.read_bytes())
+    batches, at = [], 0
+    for item in listed:
+        payload = bytes(data[at : at + item["length"]])
+        at += item["length"]
+        if hashlib.sha256(payload).hexdigest() != item["sha256"]:
+            raise ValueError(f"seq {item['header'].get('seq')} does not match its digest")
+        batches.append(Batch.from_header(item["header"], payload))
+    if at != len(data):
+        raise ValueError(f"{len(data) - at} bytes more than the batches listed")
+    return batches
 
 
 def boot_id() -> str:

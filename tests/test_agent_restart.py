@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from support import wait_for
 
 from devkit.embedded import Embedded, FileWriter, digest
 
@@ -215,4 +217,41 @@ def test_an_orderly_stop_in_the_middle_of_a_long_pass_still_hands_over(
     assert "stopping in the middle of a pass" in deployment.log_tail("agent", 20)
     resumed = start(deployment)
     assert resumed["start"] == "resumed" and resumed["gen"] == 1 and resumed["resyncs"] == 0
+    converged(deployment, disk.device, target, size)
+
+
+def test_an_orderly_stop_with_the_process_server_gone_keeps_its_unacknowledged_batches(
+    deployment, loopdisk, tmp_path
+):
+    # At an orderly reboot the network goes before the agent stops (systemd-networkd
+    # drops its DHCP address): the last batches are sent but never acknowledged. The
+    # stop keeps them, verbatim; the next start sends them again before anything new.
+    size = 32 * MiB
+    disk = loopdisk(size, fs=False)
+    target = tmp_path / "target.img"
+    deployment.configure([{"id": DISK, "device": disk.device}], {DISK: str(target)})
+    deployment.start("process-server")
+    deployment.wait_port()
+    deployment.start("master-target")
+    assert start(deployment)["gen"] == 1
+
+    # The process server stops answering (as a vanished address does) and then dies
+    # with what it had not read: those batches exist only in the agent.
+    os.kill(deployment.procs["process-server"].pid, signal.SIGSTOP)
+    write_blocks(disk.device, 20, first=11)
+    wait_for(
+        lambda: ((deployment.agent_status() or {}).get("disks") or [{}])[0].get("backlog_batches"),
+        120, "a batch sent and not acknowledged", interval=0.2,
+    )  # fmt: skip
+    stop(deployment)
+    log = deployment.log_tail("agent", 5)
+    assert "unacknowledged batches kept to send again" in log, log
+    deployment.kill("process-server")
+    deployment.start("process-server")
+    deployment.wait_port()
+
+    resumed = start(deployment)
+    assert (resumed["start"], resumed["gen"], resumed["resyncs"]) == ("resumed", 1, 0), resumed
+    assert resumed["bytes_read"] < size // 4, "a resumed disk is not read in full"
+    assert deployment.agent_status()["bytes_resent"] > 0, "the kept batch was not sent again"
     converged(deployment, disk.device, target, size)

@@ -196,7 +196,12 @@ def test_the_cut_over_lab_machine_is_adapted_and_boots_with_its_marker(lab_machi
 
 @pytest.mark.qemu
 def test_a_machine_that_cannot_boot_is_not_cut_over(lab_machine, tmp_path):
-    broken = "UUID=0badc0de-0000-4000-8000-000000000000 /srv/gone ext4 defaults 0 2\n"
+    # Unbootable as with any missing device, only sooner: systemd gives up on it after 5 s,
+    # not its default 90 s of an emulated boot.
+    broken = (
+        "UUID=0badc0de-0000-4000-8000-000000000000 /srv/gone ext4 "
+        "defaults,x-systemd.device-timeout=5s 0 2\n"
+    )
     copies, digest = source_with_marker(lab_machine, tmp_path, fstab_extra=broken)
     spec = spec_for(copies, tmp_path, digest, adapt_it=False)
     manifest = cutover.convert(spec)

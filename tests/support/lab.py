@@ -35,6 +35,9 @@ from mastertarget import cutover
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
+LONG = os.environ.get("FERRY_LAB_LONG") == "1"
+"""``make lab`` (``python -m lab test``): the lab's long scenarios as well as those of make test."""
+
 LAB_TIMEOUT = 1800
 """Seconds a qemu test may take: the first one may build the image (minutes) and boot it."""
 
