@@ -337,6 +337,8 @@ class Machine:
             "ansible_user": "root",
             "ansible_ssh_private_key_file": str(self.key),
             "ansible_ssh_common_args": args,
+            # The same for Mitogen's strategy (docs/lab.md), which does not read the above.
+            "ansible_host_key_checking": False,
             "ansible_python_interpreter": "/usr/bin/python3",
             "ferry_lab_host_address": HOST_ALIAS,
             "ferry_lab_host_ports": self.host_ports,

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.lab import LONG
 
 from mastertarget import adapt, bootcheck, cutover
 
@@ -164,6 +165,11 @@ def spec_for(copies: dict, out: Path, digest: str, adapt_it: bool) -> dict:
 
 
 @pytest.mark.qemu
+@pytest.mark.skipif(
+    not LONG,
+    reason="make lab: in make test the lab guest is cut over through the playbook, "
+    "adapted and boot-checked with its marker (test_lab_guest.py)",
+)
 def test_the_cut_over_lab_machine_is_adapted_and_boots_with_its_marker(lab_machine, tmp_path):
     copies, digest = source_with_marker(lab_machine, tmp_path)
     spec = spec_for(copies, tmp_path, digest, adapt_it=True)

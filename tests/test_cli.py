@@ -207,6 +207,9 @@ def test_status_watch_redraws_until_interrupted(server, tenant, terminal):
     watch = subprocess.Popen(
         [sys.executable, "-m", "ferrycli.main", "status", "--watch", "--interval", "0.2"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as on a terminal: a suite started in the background (`make test &`)
+        # passes SIGINT on ignored, and an ignored SIGINT never reaches Python.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     seen = []
     while sum("ferry status" in line for line in seen) < 2:

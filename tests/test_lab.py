@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from support.lab import LONG
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 
@@ -122,6 +123,11 @@ def test_the_inventory_reaches_the_guest_with_ansible(lab_machine):
     assert '"ansible_service_mgr": "systemd"' in result.stdout
 
 
+# make lab: in make test the guest reboots with Ferry on it (test_lab_guest.py).
+only_long = pytest.mark.skipif(not LONG, reason="make lab: test_lab_guest.py reboots the guest")
+
+
+@only_long
 def test_a_reboot_keeps_the_machine_and_its_data(lab_machine):
     lab_machine.ssh("echo kept > /srv/data/reboot-proof && sync")
     pid, before = lab_machine.pid, lab_machine.boot_id()
@@ -131,6 +137,7 @@ def test_a_reboot_keeps_the_machine_and_its_data(lab_machine):
     assert lab_machine.ssh("cat /srv/data/reboot-proof").stdout.strip() == "kept"
 
 
+@only_long
 def test_a_crash_reset_comes_back_with_synced_data(lab_machine):
     lab_machine.ssh("echo synced > /srv/data/crash-proof && sync")
     before = lab_machine.boot_id()

@@ -1,20 +1,24 @@
-"""Ferry on a real server: the lab guest deployed and protected with the operator's playbooks.
+"""Ferry on a real server: the lab guest deployed, protected and cut over with the playbooks.
 
 The agent runs inside the Debian 12 guest under systemd (installed from a
 wheelhouse: the guest has no package index); storage, the configuration
 server, the process server and the master target run on this machine
-(``tests/support/lab.py``, ``protected_lab``). The scenarios share one
-deployment on the session's guest, in file order: the state after
-``site.yml`` and ``protect.yml`` (asserted with pytest-ansible's modules on
-the hosts, not by reading playbook output), an initial sync of both whole
-disks, the RPO under a writer in the guest, a crash reset and an orderly
-reboot under that writer, and a final tag after which both targets equal
-their source disks. ``make lab`` (``python -m lab test``, ``FERRY_LAB_LONG=1``)
-protects unseeded, measures the RPO longer and cuts the guest over through
-``playbooks/cutover.yml`` (boot check failed and resumed, then passed with the
-workload's marker) in place of the final tag; FERRY_LAB_CUTOVER=1 adds that
-cutover to a seeded run. Each figure is recorded with the image's figures
-(``python -m lab report``).
+(``tests/support/lab.py``, ``protected_lab``; the playbooks run with
+Mitogen's strategy, docs/lab.md). The scenarios share one deployment on the
+session's guest, in file order: the state after ``site.yml`` and
+``protect.yml`` (asserted with pytest-ansible's modules on the hosts, not by
+reading playbook output), a seeded initial sync of both whole disks, the RPO
+under a writer in the guest, an orderly reboot under that writer, and the
+cutover through ``playbooks/cutover.yml`` under the writer: both disks at
+one final tag, adapted, and boot-checked with the workload's marker.
+
+``make lab`` (``python -m lab test``, ``FERRY_LAB_LONG=1``) also protects
+unseeded, measures the RPO longer, crashes the guest under the writer, and
+first cuts over a source made unbootable (not committed, then resumed).
+``FERRY_LAB_UNBOOTABLE=1`` adds that unbootable cutover to a seeded run;
+``FERRY_LAB_CUTOVER=0`` ends with a final tag by the agent's command instead
+of the cutover, and compares both targets with their disks byte for byte.
+Each figure is recorded with the image's figures (``python -m lab report``).
 """
 
 from __future__ import annotations
@@ -42,17 +46,7 @@ from support.lab import (
 
 from lab.image import BOOT_OFFSET, BOOT_SIZE
 
-pytestmark = [
-    pytest.mark.qemu,
-    # Measured 2026-12-03 (TCG, load 1 to 1.6), the make test variant (seeded, no crash, no
-    # cutover): about 15 min (boot 48 s, wheelhouse 41 s, site.yml 234 s, protect.yml 229 s,
-    # orderly reboot 81 s, teardown), beyond the lab's 10 minutes of make test.
-    # `make lab` (python -m lab test) runs it; FERRY_LAB_FERRY=1 runs it in pytest.
-    pytest.mark.skipif(
-        not (os.environ.get("FERRY_LAB_ATTACH") or os.environ.get("FERRY_LAB_FERRY") == "1"),
-        reason="Ferry deployed on the lab guest runs with make lab (or FERRY_LAB_FERRY=1): ~15 min",
-    ),
-]
+pytestmark = [pytest.mark.qemu]
 
 # make lab (LONG): an unseeded first sync (every used block of both disks through the
 # guest's emulated CPU), a longer RPO window and the cutover through the playbook.
@@ -106,8 +100,10 @@ class Writer:
         self.machine = lab.machine
 
     def start(self) -> None:
+        """Start the writer unless it runs (a crash or a reboot ends it, a cutover does not)."""
         # The script as an argument: a transient unit's stdin is not this SSH session's.
         self.machine.ssh(
+            "systemctl is-active --quiet lab-writer || "
             f"systemd-run --quiet --collect --unit=lab-writer /bin/sh -c {shlex.quote(WRITER)}"
         )
 
@@ -256,6 +252,7 @@ def clock_offset(lab: LabDeployment) -> float:
     return guest - (before + time.time()) / 2
 
 
+@pytest.mark.skipif(not LONG, reason="make lab: about 3 min (a crash resyncs by digest under TCG)")
 def test_a_crash_under_a_writer_resyncs_only_the_differences(lab, writer):
     lab.machine.ssh("echo synced > /srv/data/crash-proof && sync")
     before = tags(lab)
@@ -306,16 +303,11 @@ def test_an_orderly_reboot_under_a_writer_keeps_the_dirty_map(lab, writer):
     )
 
 
-# -- the cutover through the playbook (#16): make lab ------------------------------------------
-# Measured: each cutover digests both disks in the guest under TCG with / frozen, converts,
-# adapts (libguestfs) and boot-checks (a second QEMU): several minutes each, beyond the
-# lab's budget in make test, where the final tag below stands in for them.
-CUTOVER = LONG or os.environ.get("FERRY_LAB_CUTOVER") == "1"
-"""Cut the guest over through the playbook (``make lab``; FERRY_LAB_CUTOVER=1 with a seeded
-first sync), instead of the final tag by the agent's command."""
-cutover_tests = pytest.mark.skipif(
-    not CUTOVER, reason="the cutover of the lab guest runs with make lab (FERRY_LAB_LONG=1)"
-)
+# -- the cutover through the playbook (#16) -----------------------------------------------------
+CUTOVER = os.environ.get("FERRY_LAB_CUTOVER") != "0"
+"""Cut the guest over through the playbook (the default), instead of the final tag by the
+agent's command (FERRY_LAB_CUTOVER=0)."""
+cutover_tests = pytest.mark.skipif(not CUTOVER, reason="FERRY_LAB_CUTOVER=0: the final tag instead")
 
 
 def workload_marker(lab: LabDeployment) -> str:
@@ -335,7 +327,12 @@ def cutover(
     return result, json.loads(path.read_text())
 
 
+UNBOOTABLE = LONG or os.environ.get("FERRY_LAB_UNBOOTABLE") == "1"
+"""First cut over a source made unbootable (``make lab``; FERRY_LAB_UNBOOTABLE=1 in a seeded run)."""
+
+
 @cutover_tests
+@pytest.mark.skipif(not UNBOOTABLE, reason="make lab: a second cutover, about 5 min under TCG")
 def test_a_cutover_of_a_source_that_cannot_boot_is_not_committed_and_replication_resumes(
     lab, writer
 ):
@@ -362,7 +359,7 @@ def test_a_cutover_of_a_source_that_cannot_boot_is_not_committed_and_replication
     said = " ".join(lab.ok("cutover.yml", "-e", "machine=lab01", "-e", "cutover_action=resume")
                     .stdout.split())  # fmt: skip
     assert "replication resumed" in said
-    writer.start()  # the fence stopped nothing in the guest, but make sure it writes on
+    writer.start()  # the fence stopped nothing in the guest: it still writes
     wait_for(lambda: all(t and t != final for t in tags(lab).values()), CATCH_UP,
              "a tag after the uncommitted cutover's final tag on both disks", 5)  # fmt: skip
     assert all(lab.cursor(d)["fenced"] is None for d in LAB_DISKS)

@@ -20,7 +20,9 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,16 +55,55 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def lab_machine(tmp_path_factory):
+def lab_machine(request, tmp_path_factory):
     attach = os.environ.get("FERRY_LAB_ATTACH")
     if attach:
         yield Machine.attach(Path(attach))
         return
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (deselect with -m 'not qemu')")
+    if any("lab" in item.fixturenames for item in request.session.items):
+        # A test will deploy Ferry on the guest: its wheelhouse is made meanwhile.
+        WHEELHOUSE.start(tmp_path_factory.mktemp("wheelhouse") / "agent")
     machine = Machine(ensure_image(), tmp_path_factory.mktemp("lab"))
     with machine:
         yield machine
+
+
+class Prebuilt:
+    """The agent's wheelhouse, made in a thread while the guest boots and other tests run."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.dest: Path | None = None
+        self.error: BaseException | None = None
+        self.took = 0.0
+
+    def start(self, dest: Path) -> None:
+        self.dest = dest
+        self.thread = threading.Thread(target=self._build, daemon=True)
+        self.thread.start()
+
+    def _build(self) -> None:
+        started = time.monotonic()
+        try:
+            build_wheelhouse(self.dest, ["agent"], cache_root() / "wheels")
+        except BaseException as e:  # handed to the test that needs it
+            self.error = e
+        self.took = time.monotonic() - started
+
+    def copy_to(self, dest: Path) -> float | None:
+        """Put the prebuilt wheelhouse at ``dest``; its build time, or None if none was made."""
+        if self.thread is None:
+            return None
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        shutil.copytree(self.dest, dest)
+        return self.took
+
+
+WHEELHOUSE = Prebuilt()
 
 
 # -- Ferry deployed on the lab ---------------------------------------------------------------
@@ -74,6 +115,24 @@ GUEST_AGENT_STATE = "/var/lib/ferry/agent"
 LAB_DISKS = {"lab01-sys": "/dev/disk/by-id/virtio-ferry-sys",
              "lab01-data": "/dev/disk/by-id/virtio-ferry-data"}  # fmt: skip
 """The guest's disks as inventory/lab protects them: whole disks, by the serial QEMU gives."""
+
+
+def mitogen_strategy() -> dict[str, str]:
+    """The environment that runs a playbook with Mitogen's strategy (docs/lab.md).
+
+    A module run in the emulated guest costs about 4 s with Ansible's own
+    strategy (a new interpreter that compiles Ansible's module code each
+    time) and well under a second with Mitogen's, which keeps one interpreter
+    in the guest. ``FERRY_LAB_STRATEGY=linear`` runs the lab with Ansible's own.
+    """
+    if os.environ.get("FERRY_LAB_STRATEGY") == "linear":
+        return {}
+    found = sorted(
+        CONTROLLER.parent.glob("lib/python3*/site-packages/ansible_mitogen/plugins/strategy")
+    )
+    if not found:
+        raise AssertionError("mitogen is not in the controller's virtualenv: run make setup")
+    return {"ANSIBLE_STRATEGY_PLUGINS": str(found[-1]), "ANSIBLE_STRATEGY": "mitogen_linear"}
 
 
 class LabDeployment:
@@ -118,13 +177,16 @@ class LabDeployment:
 
     def make_wheelhouse(self) -> None:
         started = time.monotonic()
-        build_wheelhouse(self.wheelhouse, ["agent"], cache_root() / "wheels")
-        self.timings["wheelhouse_s"] = time.monotonic() - started
+        prebuilt = WHEELHOUSE.copy_to(self.wheelhouse)
+        if prebuilt is None:
+            build_wheelhouse(self.wheelhouse, ["agent"], cache_root() / "wheels")
+        self.timings["wheelhouse_s"] = prebuilt or time.monotonic() - started
 
     def playbook(self, name: str, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
         """Run ``playbooks/<name>`` on the lab inventory; its output is kept in ``base``."""
         env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-               "ANSIBLE_FORCE_COLOR": "0", "PATH": f"{CONTROLLER}:{os.environ.get('PATH', '')}"}  # fmt: skip
+               "ANSIBLE_FORCE_COLOR": "0", "PATH": f"{CONTROLLER}:{os.environ.get('PATH', '')}",
+               **mitogen_strategy()}  # fmt: skip
         cmd = [str(CONTROLLER / "ansible-playbook"), f"playbooks/{name}", *self.inventory_args(),
                "-e", f"@{self.extra}", *args]  # fmt: skip
         started = time.monotonic()
