@@ -84,22 +84,25 @@ def check_script(markers: list[dict[str, str | None]]) -> str:
     lines = [
         "#!/bin/sh",
         "# Written by Ferry's boot check into a throw-away overlay; never on the migrated disks.",
-        "exec >/dev/ttyS0 2>&1",
-        f'echo "{BEGIN} multi-user=$(systemctl is-active multi-user.target)"',
+        "# Each line opens the console afresh: a getty starting on ttyS0 hangs up every",
+        "# descriptor already open on it, and what is written to one of those is lost.",
+        'say() { echo "$*" >>/dev/ttyS0; }',
+        f'say "{BEGIN} multi-user=$(systemctl is-active multi-user.target)"',
     ]
     for marker in markers:
         p = marker["path"]
         lines.append(
-            f'if [ -f "{p}" ]; then echo "FERRY-MARKER {p} $(sha256sum <"{p}" | cut -d" " -f1)"; '
-            f'else echo "FERRY-MARKER {p} missing"; fi'
+            f'if [ -f "{p}" ]; then say "FERRY-MARKER {p} $(sha256sum <"{p}" | cut -d" " -f1)"; '
+            f'else say "FERRY-MARKER {p} missing"; fi'
         )
-    lines += [f'echo "{END}"', "sync", "systemctl poweroff --no-block", ""]
+    lines += [f'say "{END}"', "sync", "systemctl poweroff --no-block", ""]
     return "\n".join(lines)
 
 
 UNIT_TEXT = f"""[Unit]
 Description=Ferry boot check (reports on the serial console, then powers off)
-After=multi-user.target
+# After the serial getty too, whose start hangs up the console (see the script).
+After=multi-user.target serial-getty@ttyS0.service
 
 [Service]
 Type=oneshot

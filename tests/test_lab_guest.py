@@ -378,6 +378,11 @@ def test_the_cutover_through_the_playbook_boots_the_adapted_disks_with_the_marke
     for disk in manifest["disks"]:
         assert disk["expected_sha256"] == disk["data_sha256"], disk
         assert disk["vhd_data_size"] % (1 << 20) == 0 and disk["checks"]["qemu"], disk
+    # Adapted on the cut-over disks (never on the source): the agent and its unit are gone.
+    changes = manifest["adaptation"]["changes"]
+    assert all(c["done"] for c in changes), changes
+    assert "agent" in {c["step"] for c in changes}, changes
+    assert "adapted_s" in manifest["timings"], manifest["timings"]
     check = manifest["boot_check"]
     assert check["passed"] and check["multi_user"], check
     path, digest = marker.split(":")
@@ -390,7 +395,7 @@ def test_the_cutover_through_the_playbook_boots_the_adapted_disks_with_the_marke
     assert state != "enabled", state
     timings = manifest["timings"]
     lab.machine.image.record(
-        cutover_timings=timings,  # disks_ready_s, adapted_s (when it changed anything), boot_checked_s
+        cutover_timings=timings,  # disks_ready_s, adapted_s, boot_checked_s
         cutover_boot_s=check.get("boot_s"),
     )
 
