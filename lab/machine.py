@@ -339,6 +339,9 @@ class Machine:
             "ansible_ssh_common_args": args,
             # The same for Mitogen's strategy (docs/lab.md), which does not read the above.
             "ansible_host_key_checking": False,
+            # A new SSH connection to the emulated guest can take longer than Ansible's
+            # default 10 s when the host is busy (a cutover's facts failed so in CI).
+            "ansible_timeout": 60,
             "ansible_python_interpreter": "/usr/bin/python3",
             "ferry_lab_host_address": HOST_ALIAS,
             "ferry_lab_host_ports": self.host_ports,

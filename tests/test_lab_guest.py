@@ -324,6 +324,8 @@ def cutover(
     markers = json.dumps({"cutover_boot_check_markers": [marker]})
     result = lab.playbook("cutover.yml", "-e", "machine=lab01", "-e", markers, *extra, timeout=3600)
     path = lab.ferry / "cutover" / "lab01" / "manifest.json"  # cutover_output_dir
+    if not path.exists():  # the playbook stopped before the master target's part: say why
+        raise AssertionError(" ".join(result.stdout.split())[-4000:])
     return result, json.loads(path.read_text())
 
 
