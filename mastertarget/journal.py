@@ -316,18 +316,16 @@ class Record:
     """``to``: {gen, seq, tag}."""
     size: int
     raw_len: int
+    # Derived once (they are read for every record at every group): ``to``'s (gen, seq),
+    # and the ids of the tags it leads from and to.
+    key: tuple[int, int] = dataclasses.field(init=False)
+    from_id: str | None = dataclasses.field(init=False)
+    to_id: str | None = dataclasses.field(init=False)
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.dst["gen"], self.dst["seq"])
-
-    @property
-    def from_id(self) -> str | None:
-        return (self.src.get("tag") or {}).get("id")
-
-    @property
-    def to_id(self) -> str | None:
-        return (self.dst.get("tag") or {}).get("id")
+    def __post_init__(self) -> None:
+        self.key = (self.dst["gen"], self.dst["seq"])
+        self.from_id = (self.src.get("tag") or {}).get("id")
+        self.to_id = (self.dst.get("tag") or {}).get("id")
 
 
 def scan(directory: Path) -> list[Record]:
@@ -345,6 +343,12 @@ def scan(directory: Path) -> list[Record]:
         except (JournalCorrupt, KeyError, TypeError, ValueError, OSError):
             log.warning("journal %s: unreadable record %s ignored", directory, path.name)
     return sorted(found, key=lambda r: r.key)
+
+
+def signature(cursor: dict[str, Any]) -> tuple[int, int, str | None]:
+    """What of a cursor the chain depends on: its (gen, applied_seq) and its tag's id."""
+    return (cursor.get("gen", 0), cursor.get("applied_seq", 0),
+            (cursor.get("last_tag") or {}).get("id"))  # fmt: skip
 
 
 def is_pending(record: Record, cursor: dict[str, Any]) -> bool:
@@ -414,6 +418,18 @@ class Journal:
         self.cut_short: dict[str, Any] | None = None
         """Set when the budget (or a failure) cost points the policy would keep: the alert."""
         self._maintained = float("-inf")
+        self._bytes, self._bytes_of = 0, self.records  # total_bytes, and of which list
+        self._clean_for: tuple[int, int, str | None] | None = None
+        """The cursor :attr:`records` are exactly the chain of, oldest first, with no pending
+        record and no garbage; None when not known.  Each group's record extends the chain
+        by one, so this spares :func:`chain` (linear in the points kept: an hour at four
+        tags a second is 14,400 records) at every group: it cost 74 ms per group at 6,000."""
+
+    def _chain(self, cursor: dict[str, Any]) -> tuple[list[Record], Record | None]:
+        """:func:`chain` of the records for ``cursor``, without a walk when they are known."""
+        if self._clean_for is not None and self._clean_for == signature(cursor):
+            return self.records[::-1], None
+        return chain(self.records, cursor)
 
     @property
     def enabled(self) -> bool:
@@ -428,6 +444,7 @@ class Journal:
         for path in self.directory.glob(".*"):
             path.unlink(missing_ok=True)  # a torn temporary
         self.records = scan(self.directory)
+        self._clean_for = None
         self._drop_garbage(cursor)
 
     def _drop_garbage(self, cursor: dict[str, Any]) -> None:
@@ -437,6 +454,8 @@ class Journal:
         the group in hand (a group that broke, then a resync): the target
         was written past the chain, so no older point is reachable any more.
         """
+        if self._clean_for is not None and self._clean_for == signature(cursor):
+            return  # the records are the chain: nothing is outside it
         kept, pending = chain(self.records, cursor)
         keep = {id(r) for r in kept} | ({id(pending)} if pending else set())
         head = (cursor.get("last_tag") or {}).get("id")
@@ -447,10 +466,14 @@ class Journal:
             if id(r) not in keep:
                 r.path.unlink(missing_ok=True)
         self.records = sorted([r for r in self.records if id(r) in keep], key=lambda r: r.key)
+        if pending is None:
+            self._clean_for = signature(cursor)
 
     @property
     def total_bytes(self) -> int:
-        return sum(r.size for r in self.records)
+        if self._bytes_of is not self.records:  # a new list: count it once
+            self._bytes, self._bytes_of = sum(r.size for r in self.records), self.records
+        return self._bytes
 
     # -- writing -------------------------------------------------------------------------
 
@@ -474,16 +497,16 @@ class Journal:
         if not self.enabled or not cursor.get("last_tag"):
             return
         head = (cursor["last_tag"] or {}).get("id")
-        mine = next(
-            (r for r in self.records if r.key == (to["gen"], to["seq"]) and r.from_id == head),
-            None,
-        )
-        if mine is not None:
-            return
-        _, pending = chain(self.records, cursor)
+        key = (to["gen"], to["seq"])
+        at = bisect.bisect_left(self.records, key, key=lambda r: r.key)  # records are by key
+        mine = self.records[at] if at < len(self.records) else None
+        if mine is not None and mine.key == key and mine.from_id == head:
+            return  # this group's record, left by a crash
+        _, pending = self._chain(cursor)
         if pending is not None:  # another group was begun here: the target may be torn
             self.reset(f"the group up to {pending.key} was begun and not finished")
         self._drop_garbage(cursor)
+        clean = self._clean_for is not None and self._clean_for == signature(cursor)
         ranges = coalesce(extents)
         raw = sum(n for _, n in ranges)
         assert self.policy is not None
@@ -504,8 +527,16 @@ class Journal:
         except OSError as exc:
             self.reset(f"cannot write an undo record: {exc}")
             return
-        self.records.append(Record(path, src, to, size, raw))
-        self.records.sort(key=lambda r: r.key)
+        record = Record(path, src, to, size, raw)
+        if self.records and self.records[-1].key >= key:
+            clean = False  # not the chain's next link (a cursor behind its records)
+        total = self.total_bytes  # of the list before the append (the same list after it)
+        self.records.append(record)
+        self._bytes = total + size
+        if not clean:
+            self.records.sort(key=lambda r: r.key)
+        # Once the group is applied the cursor is ``to``, and this record heads the chain.
+        self._clean_for = (key[0], key[1], record.to_id) if clean and record.to_id else None
 
     def reset(self, why: str) -> None:
         """Drop every record (durably, newest first) because the next write goes unrecorded."""
@@ -515,6 +546,7 @@ class Journal:
         with contextlib.suppress(OSError):
             durable.fsync_dir(self.directory)
         self.records = []
+        self._clean_for = None
         if lost:
             self.cut_short = {"at": self.now(), "reason": why}
         log.warning("disk %s: recovery journal dropped %d older points: %s", self.disk, lost, why)
@@ -535,7 +567,7 @@ class Journal:
     def _maintain(self, cursor: dict[str, Any], now: float) -> None:
         assert self.policy is not None
         self._drop_garbage(cursor)
-        links, _ = chain(self.records, cursor)
+        links, _ = self._chain(cursor)
         links = list(reversed(links))  # oldest first: links[i] leads to points()[i]
         pts = points(list(reversed(links)), cursor)
         keep = set(retained(pts, now, self.policy))
@@ -608,16 +640,14 @@ class Journal:
         if not self.enabled:
             return {"enabled": False}
         assert self.policy is not None
-        links, _ = chain(self.records, cursor)
+        links, _ = self._chain(cursor)
         pts = points(links, cursor)
         # Points younger than keep_all are all kept: say where that run starts, list the rest.
         # One pass (this runs at every publish; a membership test per point was quadratic in
         # the points kept: an hour at four tags a second is 14,400 of them).
-        now = self.now()
-        young: list[dict[str, Any]] = []
-        older: list[dict[str, Any]] = []
-        for p in pts:
-            (young if now - p["t0_wall"] < self.policy.keep_all_s else older).append(p)
+        cutoff = self.now() - self.policy.keep_all_s
+        young = [p for p in pts if p["t0_wall"] > cutoff]
+        older = [p for p in pts if p["t0_wall"] <= cutoff] if len(young) < len(pts) else []
         return {
             "enabled": True,
             "points": len(pts),
