@@ -53,6 +53,11 @@ blob's name (its notice was lost: ``mastertarget.gap``), in seconds; and between
 IDLE_POLL_MIN = 0.1
 """Wait after the first empty round, in seconds."""
 
+DRAINED_POLL = 0.05
+"""Wait after a round that worked and emptied the queue, in seconds: the next notice is at
+least one segment's upload away, and polling again at once mostly found nothing (a receive is
+the master target's costliest storage request: 2 points of a core at 20 MB/s of writes)."""
+
 IDLE_POLL_MAX = 0.25
 """Longest wait between empty rounds (the wait doubles up to it), in seconds.
 

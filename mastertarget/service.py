@@ -138,6 +138,8 @@ class DiskRunner(threading.Thread):
             done = self._retrying(worker.step)
             if done:
                 idle = defaults.IDLE_POLL_MIN
+                if worker.drained:  # the round emptied the queue (DRAINED_POLL)
+                    self.stop.wait(defaults.DRAINED_POLL)
             elif done is not None:
                 self.stop.wait(idle)
                 idle = min(idle * 2, defaults.IDLE_POLL_MAX)

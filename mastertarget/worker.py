@@ -137,6 +137,9 @@ class DiskWorker:
         self._status_at = self._state_at = float("-inf")
         self._published: tuple[Any, ...] = ()
         self._round = False
+        self.drained = False
+        """True when the last round received fewer notices than it asked for: the queue held
+        no more then, and polling it again at once would very likely find it empty."""
         self._torn: tuple[int, int] | None = None
         """``(gen, through)`` of applying.json found at open: the group a crash interrupted."""
         self._unsettled: dict[tuple[int, int], list[Message]] = {}
@@ -197,6 +200,7 @@ class DiskWorker:
         messages = self.storage.receive(
             self.queue, count=defaults.RECEIVE_BATCH, visibility=self.visibility
         )
+        self.drained = len(messages) < defaults.RECEIVE_BATCH
         self._round = True
         try:
             for message in messages:
