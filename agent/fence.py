@@ -25,11 +25,10 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from typing import Any
 
 from agent import defaults
+from agent.freeze import FreezeFailed, Frozen
 from ferry import agentsocket
 from ferry.diskio import device_size, sha256_of
 from ferry.errors import Exit, FerryError, PeerUnavailable
@@ -72,41 +71,23 @@ def final(
     longer describe the final tag.  ``keep_frozen`` still thaws ``/``, which
     the rest of the cutover writes to (the fence record, Ansible's modules).
     """
-    frozen: list[str] = []
-    fired = threading.Event()
-
-    def thaw(which: list[str]) -> None:
-        for point in reversed(which):
-            subprocess.run(["fsfreeze", "-u", point], capture_output=True, timeout=60)
-
-    def watchdog() -> None:
-        fired.set()
-        thaw(frozen)
-
-    timer = threading.Timer(limit, watchdog)
-    timer.daemon = True
-    started = time.monotonic()
-    timer.start()
+    freeze = Frozen(points, limit)
     try:
-        for point in points:
-            result = subprocess.run(
-                ["fsfreeze", "-f", point], capture_output=True, text=True, timeout=60
-            )
-            if result.returncode != 0:
-                raise FenceFailed(detail=f"cannot freeze {point}: {result.stderr.strip()}")
-            frozen.append(point)
-        digests = [digest(device) for device in devices]
-        tag = final_tag(socket_path, "crash" if points else "app", timeout)
-    finally:
-        timer.cancel()
-        thaw([p for p in frozen if p == "/"] if keep_frozen else frozen)
-    if fired.is_set():
+        with freeze:
+            digests = [digest(device) for device in devices]
+            tag = final_tag(socket_path, "crash" if points else "app", timeout)
+            frozen = list(freeze.frozen)
+            if keep_frozen:
+                freeze.thaw(keep=[p for p in frozen if p != "/"])
+    except FreezeFailed as exc:
+        raise FenceFailed(detail=str(exc)) from None
+    if freeze.fired:
         raise FenceFailed(
             detail=f"the freeze outlived its {limit:.0f} s limit and was thawed: "
             "resume (cutover_action=resume) and cut over again"
         )
     return {"tag": tag, "digests": digests, "frozen": frozen,
-            "frozen_s": round(time.monotonic() - started, 3)}  # fmt: skip
+            "frozen_s": round(freeze.seconds, 3)}  # fmt: skip
 
 
 def under_systemd() -> bool:

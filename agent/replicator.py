@@ -22,6 +22,7 @@ from pyroaring import BitMap
 
 from agent import defaults, state
 from agent.disks import filesystems_on, identity
+from agent.freeze import Frozen
 from agent.schedule import Every
 from agent.settings import Settings
 from agent.shipper import Shipper
@@ -696,6 +697,7 @@ class Replicator:
         taken half-frozen.  With nothing mounted the pass runs as it is, and
         the tag says so (``frozen: []``).
         """
+        self._thawed_early = False
         points = self._filesystems(states)
         if not points:
             log.warning(
@@ -704,39 +706,13 @@ class Replicator:
             )
             yield []
             return
-        frozen: list[str] = []
-        started = time.monotonic()
-        self._thawed_early = False
-        # Freezing one filesystem flushes it, which may outlast the watchdog on a slow
-        # machine: the lock keeps a freeze from landing after the watchdog thawed, or
-        # that filesystem would stay frozen for the whole pass (and forever if the
-        # agent is killed meanwhile).
-        lock = threading.Lock()
-
-        def watchdog_fired() -> None:
-            with lock:
-                self._thawed_early = True  # the pass that follows is no frozen point: no tag
-                _thaw_all(frozen, True)
-                frozen.clear()
-
-        watchdog = threading.Timer(self.settings.freeze_timeout, watchdog_fired)
-        watchdog.daemon = True
-        watchdog.start()
+        frozen = Frozen(points, self.settings.freeze_timeout)
         try:
-            for point in points:
-                with lock:
-                    if self._thawed_early:
-                        break
-                    subprocess.run(
-                        ["fsfreeze", "-f", point], check=True, capture_output=True, timeout=60
-                    )
-                    frozen.append(point)
-            yield list(points)
+            with frozen:
+                yield list(points)
         finally:
-            watchdog.cancel()
-            with lock:
-                _thaw_all(frozen, False)
-            took = time.monotonic() - started
+            self._thawed_early = frozen.fired  # the pass was no frozen point: no tag
+            took = frozen.seconds
             self.frozen_passes += 1
             self.longest_freeze = max(self.longest_freeze, took)
             log.info("froze %s for %.3f s", ", ".join(points), took)
@@ -794,13 +770,6 @@ def _fs_number(path: str) -> int:
         return os.stat(path).st_dev
     except OSError:
         return -1
-
-
-def _thaw_all(points: list[str], from_watchdog: bool) -> None:
-    for point in reversed(points):
-        result = subprocess.run(["fsfreeze", "-u", point], capture_output=True, text=True)
-        if from_watchdog and result.returncode == 0:
-            log.error("watchdog thawed %s: a freeze outlived freeze_timeout", point)
 
 
 def _runs(blocks: BitMap, longest: int):
