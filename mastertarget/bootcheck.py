@@ -287,14 +287,16 @@ def boot_and_watch(overlays: list[Path], console: Path, accel: str, timeout: flo
     return seen, boot
 
 
+MARKER_LINE = re.compile(r"FERRY-MARKER (/\S*) ([0-9a-f]{64}|missing)\b")
+"""One marker's report on the console: its path and digest, or ``missing``."""
+
+
 def verdict(seen: dict[str, Any], markers: list[dict[str, str | None]]) -> dict[str, Any]:
     """Passed or not, why, and what each marker showed."""
     text = seen["text"]
-    found = {}
-    for line in text.splitlines():
-        words = line.strip().split()
-        if len(words) == 3 and words[0] == "FERRY-MARKER":
-            found[words[1]] = words[2]
+    # Searched anywhere in a line: a getty's prompt written to the console at the same
+    # moment can share the marker's line ("ferry-lab login: FERRY-MARKER /srv/...").
+    found = {path: got for path, got in MARKER_LINE.findall(text)}
     results = []
     for m in markers:
         got = found.get(m["path"])
