@@ -68,8 +68,8 @@ lint: setup
 	$(ANSIBLE) $(CONTROLLER)/bin/yamllint -s roles playbooks inventory meta galaxy.yml .github .yamllint .ansible-lint
 	$(ANSIBLE) $(CONTROLLER)/bin/ansible-lint --offline
 
-# The lab's tests (pytest -m qemu) run in a session of their own beside the rest
-# (devkit/suite.py); PYTEST_ARGS runs one session with a selection of your own.
+# The lab's tests (pytest -m qemu), then two modules that even out the times, run
+# beside the rest (devkit/suite.py); PYTEST_ARGS runs one session of your own.
 test: setup lint
 	$(PY) -m devkit.suite $(PYTEST_ARGS)
 
