@@ -69,14 +69,18 @@ def test_retention_always_keeps_the_targets_own_point():
     assert journal.retained(pts, NOW, policy) == ["p4"]
 
 
-def test_a_running_journal_reports_the_points_a_restart_reads_from_its_records(tmp_path):
+def test_a_running_journal_reports_the_points_a_restart_reads_from_its_records(
+    tmp_path, monkeypatch
+):
     # The journal follows its chain group by group instead of walking every record
     # each time: what it reports must stay what its files say, through the paths that
     # leave something else on disk (a record left by a crash, a group begun and
-    # abandoned, thinning's merges, the budget).
+    # abandoned, thinning's merges, the budget).  Its report costs no walk either, and
+    # must say what a walk of the chain says.
+    monkeypatch.setattr(journal, "KEPT_REPORTED", 4)  # the list of older points gets cut
     clock = [NOW]
     policy = journal.Policy(
-        keep_all_s=20.0, thin_every_s=5.0, window_s=200.0, budget_bytes=96 * KiB
+        keep_all_s=20.0, thin_every_s=5.0, window_s=200.0, budget_bytes=256 * KiB
     )
     live = journal.Journal(tmp_path, DISK, policy, now=lambda: clock[0])
     tag = {"id": "p0", "kind": "crash", "t0_wall": NOW}
@@ -103,13 +107,16 @@ def test_a_running_journal_reports_the_points_a_restart_reads_from_its_records(t
         again = journal.Journal(tmp_path, DISK, policy, now=lambda: clock[0])
         again.open(cursor)
         mine, read_back = live.state(cursor), again.state(cursor)
+        assert mine == live._state_walked(cursor)
+        assert read_back == again._state_walked(cursor)
         mine.pop("cut_short"), read_back.pop("cut_short")  # an alert, kept in memory only
         assert mine == read_back
         assert live.total_bytes == again.total_bytes
 
-    for seq in range(1, 120):
+    seen = set()
+    for seq in range(1, 240):
         clock[0] += 0.5
-        if seq % 17 == 0:  # a group begun and abandoned: the next group from here resets
+        if seq in (17, 160):  # a group begun and abandoned: the next group from here resets
             group(seq * 1000, apply=False)
         to = group(seq)
         if seq % 13 == 0:  # the worker restarted before applying: the record is kept as is
@@ -117,7 +124,15 @@ def test_a_running_journal_reports_the_points_a_restart_reads_from_its_records(t
         cursor = {"gen": 1, "applied_seq": seq, "last_tag": to["tag"]}
         live.after_group(cursor)
         agrees(cursor)
-    assert live.state(cursor)["points"] > 1 and live.cut_short is not None
+        state = live.state(cursor)
+        seen |= {"merged"} if any(r.src["seq"] < r.dst["seq"] - 1 for r in live.records) else set()
+        seen |= {"budget"} if "budget" in (live.cut_short or {}).get("reason", "") else set()
+        seen |= {"cut"} if state["kept_truncated"] and len(state["kept"]) == 4 else set()
+    assert seen == {"merged", "budget", "cut"}, seen
+    assert state["points"] > 1 and state["all_since"]
+    clock[0] += 100  # no writes for a while: every point, the target's own too, is older
+    agrees(cursor)
+    assert live.state(cursor)["all_since"] is None
 
 
 def test_overlay_lets_the_older_before_image_win():
