@@ -17,6 +17,20 @@ RESYNC_BLOCK_MAX = 16 << 20
 BATCH_BYTES = 4 << 20
 """Largest data payload of one batch, in bytes."""
 
+SYNC_BATCH_BYTES = 16 << 20
+"""Largest data payload of one batch while a disk is in its initial sync or a resync: four
+times fewer segments per GiB cost the process server, the master target and storage a
+quarter less CPU and the sync a quarter less time (docs/performance.md, round five).  The
+memory it takes (about 60 MiB more at the agent) is handed back once the disk replicates."""
+
+BATCH_BYTES_MAX = 64 << 20
+"""Largest ``batch_bytes`` or ``sync_batch_bytes`` (a frame is at most 256 MiB; a batch is
+held in memory at every stage, up to ``window`` of them at the agent)."""
+
+TRIM_AFTER = 5.0
+"""Seconds after a disk's last sync batch was sent before the agent hands the memory its
+larger batches took back to the system (ferry.memory)."""
+
 WINDOW = 8
 """Batches sent but not yet acknowledged, per connection."""
 

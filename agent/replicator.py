@@ -28,7 +28,7 @@ from agent.settings import Settings
 from agent.shipper import Shipper
 from agent.tracker import DiskTrack, Tracker, mono
 from agent.verify import Verifier
-from ferry import blockio
+from ferry import blockio, memory
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import Exit, FerryError
 
@@ -156,6 +156,9 @@ class Replicator:
         self.started = time.time()
         self._reader = blockio.DirectReader
         self._buffers: dict[str, blockio.DirectReader] = {}
+        self._buffer_bytes: dict[str, int] = {}
+        # The larger batches of a sync, once over, give their memory back (ferry.memory).
+        self.trimmer = memory.AfterBurst(settings.batch_bytes + 1, defaults.TRIM_AFTER)
         # Online verify and scheduled work (agent.verify, agent.schedule).
         self.verifier = Verifier(settings.verify_chunk_bytes)
         self.app_every = Every(settings.app_tag_interval)
@@ -179,6 +182,7 @@ class Replicator:
                     continue
                 if self._scheduled_work():
                     continue
+                self.trimmer.maybe()
                 if self.paused.is_set() or not self._work_waiting():
                     self.stop.wait(self._interval())
                     continue
@@ -540,6 +544,7 @@ class Replicator:
             if disk.phase in ("initial-sync", "resync"):
                 log.info("disk %s: generation %d reached its first tag", disk.id, disk.gen)
                 disk.phase = "replicating"
+                self._drop_reader(disk.id)  # its buffer was sized for the sync's batches
 
     def _new_batch(self, disk: DiskState) -> Batch:
         if disk.gen is None:  # batches are made only within a generation
@@ -557,13 +562,14 @@ class Replicator:
         batch.seq = disk.next_seq
         disk.next_seq += 1
         disk.bytes_shipped += len(batch.payload)
+        self.trimmer.used(len(batch.payload))
         self.shipper.send_batch(batch, self.stop)
 
     def _ship_pass(self, disk: DiskState, blocks: BitMap) -> Batch | None:
         """Read ``blocks`` and send them; return the pass's last batch, unsent."""
         track = disk.track
-        limit = self.settings.batch_bytes
-        reader = self._reader_for(disk)
+        limit = self._batch_limit(disk)
+        reader = self._reader_for(disk, limit)
         batch = self._new_batch(disk)
         # The one copy of the data: from the O_DIRECT buffer into the batch's payload.
         payload = bytearray()
@@ -617,12 +623,26 @@ class Replicator:
         log.info("disk %s: stopping in the middle of a pass, %d blocks left dirty",
                  disk.id, len(rest))  # fmt: skip
 
-    def _reader_for(self, disk: DiskState) -> blockio.DirectReader:
+    def _drop_reader(self, disk: str) -> None:
+        reader = self._buffers.pop(disk, None)
+        self._buffer_bytes.pop(disk, None)
+        if reader is not None:
+            reader.close()
+
+    def _batch_limit(self, disk: DiskState) -> int:
+        """Bytes of data per batch: ``sync_batch_bytes`` while the disk syncs (a pass that
+        reads the whole disk, where no tag is due), ``batch_bytes`` once it replicates."""
+        syncing = disk.phase in ("initial-sync", "resync")
+        return self.settings.sync_batch_bytes if syncing else self.settings.batch_bytes
+
+    def _reader_for(self, disk: DiskState, limit: int) -> blockio.DirectReader:
+        """The disk's reader, its buffer sized for ``limit``."""
+        if self._buffer_bytes.get(disk.id) != limit:
+            self._drop_reader(disk.id)
         reader = self._buffers.get(disk.id)
         if reader is None:
-            reader = self._buffers[disk.id] = self._reader(
-                disk.track.device, self.settings.batch_bytes
-            )
+            reader = self._buffers[disk.id] = self._reader(disk.track.device, limit)
+            self._buffer_bytes[disk.id] = limit
         return reader
 
     def _extents(

@@ -43,6 +43,7 @@ class Settings:
     block_size: int = defaults.BLOCK_SIZE
     resync_block_size: int = defaults.RESYNC_BLOCK_SIZE
     batch_bytes: int = defaults.BATCH_BYTES
+    sync_batch_bytes: int = defaults.SYNC_BATCH_BYTES
     window: int = defaults.WINDOW
     pass_interval: float = defaults.PASS_INTERVAL
     idle_tag_interval: float = defaults.IDLE_TAG_INTERVAL
@@ -77,8 +78,10 @@ class Settings:
             return f"block_size must be a power of two >= 512, not {self.block_size}"
         if self.resync_block_size % self.block_size:
             return "resync_block_size must be a multiple of block_size"
-        if self.batch_bytes < self.block_size:
-            return "batch_bytes must be at least block_size"
+        for name in ("batch_bytes", "sync_batch_bytes"):
+            value = getattr(self, name)
+            if not self.block_size <= value <= defaults.BATCH_BYTES_MAX:
+                return f"{name} must be at least block_size and at most 64 MiB, not {value}"
         for name in ("app_tag_interval", "verify_interval"):
             if not getattr(self, name) >= 0:
                 return f"{name} must be 0 (off) or a number of seconds, not {getattr(self, name)}"

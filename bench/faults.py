@@ -183,7 +183,11 @@ class Run:
             if self.spool_fs:
                 self._mount_spool_fs(self.spool_fs)
             self.emb.start_storage()
-            agent: dict[str, Any] = {"freeze_after": 5.0, "batch_bytes": MiB}
+            agent: dict[str, Any] = {
+                "freeze_after": 5.0,
+                "batch_bytes": MiB,
+                "sync_batch_bytes": MiB,
+            }
             if self.agent_port:
                 agent["process_server"] = f"127.0.0.1:{self.agent_port}"
             self.emb.configure(

@@ -7,7 +7,9 @@ import threading
 import time
 from typing import Any, Protocol
 
+from ferry import memory
 from ferry.storage import Storage
+from processserver import defaults
 from processserver.health import StorageHealth
 from processserver.settings import Settings
 from processserver.spool import Spool
@@ -104,3 +106,6 @@ class Context:
     health: StorageHealth = dataclasses.field(default_factory=StorageHealth)
     peers: Registry = dataclasses.field(default_factory=Registry)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
+    trimmer: memory.AfterBurst = dataclasses.field(
+        default_factory=lambda: memory.AfterBurst(defaults.TRIM_LARGE, defaults.TRIM_AFTER)
+    )

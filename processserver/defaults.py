@@ -20,6 +20,14 @@ SPOOL_HELD_BYTES = 64 << 20
 """Payload bytes of freshly spooled batches also kept in memory for the uploaders, in bytes:
 a batch claimed while held is packed from memory instead of read back from its file."""
 
+TRIM_LARGE = 8 << 20
+"""Batches at least this large come from a disk's initial sync or resync (the agent's
+``sync_batch_bytes``, 16 MiB; ``batch_bytes`` is 4), in bytes: once none has come for
+``TRIM_AFTER`` seconds, the memory they took is handed back to the system (ferry.memory)."""
+
+TRIM_AFTER = 5.0
+"""Seconds without a large batch before the memory is handed back."""
+
 UPLOAD_THREADS = 4
 """Threads packing and uploading spooled batches, a count."""
 

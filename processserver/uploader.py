@@ -101,12 +101,14 @@ class Uploader:
             key = self.ctx.spool.claim(CLAIM_WAIT)
             if key is not None:
                 self._process(key)
+            self.ctx.trimmer.maybe()
 
     def _process(self, key: SpoolKey) -> None:
         """Upload and announce one claimed batch, retrying until it is done or we stop."""
         packed = self._load(key)
         if packed is None:
             return
+        self.ctx.trimmer.used(len(packed.batch.payload))
         backoff = Backoff()
         while True:
             if self._attempt(packed):

@@ -43,6 +43,10 @@ def run_agent(config: Path) -> subprocess.CompletedProcess:
         (('"127.0.0.1:7443"', '"no-port"'), "process_server must be host:port"),
         (("[[disks]]", "block_size = 1000\n[[disks]]"), "block_size must be a power of two"),
         (("[[disks]]", "window = 0\n[[disks]]"), "window must be greater than 0"),
+        (
+            ("[[disks]]", "sync_batch_bytes = 134217728\n[[disks]]"),
+            "sync_batch_bytes must be at least block_size and at most 64 MiB",
+        ),
         (("[[disks]]", 'tracker = "magic"\n[[disks]]'), "tracker must be auto, tracefs or scan"),
         (("[[disks]]", "speed = 3\n[[disks]]"), "unknown key speed"),
         (("[[disks]]", 'window = "8"\n[[disks]]'), "window must be an integer"),
