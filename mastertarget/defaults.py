@@ -50,6 +50,14 @@ GAP_LOOKUP_AFTER = 30.0
 """How long the batch the cursor waits for may stay missing before it is looked up by its
 blob's name (its notice was lost: ``mastertarget.gap``), in seconds; and between looks."""
 
+TRIM_LARGE = 8 << 20
+"""Segments of at least this many bytes of data come from a disk's initial sync or resync
+(the agent's ``sync_batch_bytes``, 16 MiB): once none has come for ``TRIM_AFTER`` seconds,
+the memory they took is handed back to the system (ferry.memory)."""
+
+TRIM_AFTER = 5.0
+"""Seconds without a large segment before the memory is handed back."""
+
 IDLE_POLL_MIN = 0.1
 """Wait after the first empty round, in seconds."""
 

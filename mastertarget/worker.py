@@ -50,7 +50,7 @@ from typing import Any
 
 from azure.core.exceptions import AzureError
 
-from ferry import durable, naming, segment
+from ferry import durable, memory, naming, segment
 from ferry import fence as fences
 from ferry import verify as verify_format
 from ferry.batch import Batch
@@ -70,6 +70,11 @@ from mastertarget.verified import Verified
 from mastertarget.verify import Checker
 
 log = logging.getLogger("ferry.mastertarget")
+
+
+TRIMMER = memory.AfterBurst(defaults.TRIM_LARGE, defaults.TRIM_AFTER)
+"""The process's: a sync's large segments, once applied, give their memory back (services
+call :meth:`~ferry.memory.AfterBurst.maybe` between rounds)."""
 
 
 class DiskWorker:
@@ -286,6 +291,7 @@ class DiskWorker:
         except SegmentCorrupt as exc:
             self._poison_segment(message, notice, str(exc))
             return
+        TRIMMER.used(opened.header.get("raw_len") or 0)
         self.verified.keep(notice.gen, notice.seq, opened)  # applied from memory (see verified.py)
         if self._round and self._applies_soon(notice.gen, notice.seq, len(data)):
             # Staged in memory: applied in this round, its file would only be written, fsync'ed
