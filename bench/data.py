@@ -347,8 +347,14 @@ def runs_of(blocks: np.ndarray) -> list[tuple[int, int]]:
     return [(int(blocks[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
-def replay_diff(data: Dataset, device: str) -> int:
-    """Write B's content of every block that differs from A onto ``device`` (O_DIRECT); bytes."""
+def replay_diff(data: Dataset, device: str) -> tuple[int, float]:
+    """Write B's content of every block that differs from A onto ``device`` (O_DIRECT).
+
+    Returns the bytes written and when the last write completed (wall clock): an
+    O_DIRECT write is complete, for the block layer and so for the agent's tracking,
+    when ``pwritev`` returns.  The fsync after it (of a loop device: a flush of its
+    backing file, up to hundreds of milliseconds) writes nothing of the change.
+    """
     import mmap
 
     runs = runs_of(data.diff())
@@ -362,8 +368,9 @@ def replay_diff(data: Dataset, device: str) -> int:
             n = count * BLOCK
             buf[:n] = src.read(first * BLOCK, n)
             written += os.pwritev(fd, [memoryview(buf)[:n]], first * BLOCK)
+        last = time.time()
         os.fsync(fd)
     finally:
         os.close(fd)
         src.close()
-    return written
+    return written, last
