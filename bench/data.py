@@ -350,8 +350,8 @@ def runs_of(blocks: np.ndarray) -> list[tuple[int, int]]:
 def replay_diff(data: Dataset, device: str) -> tuple[int, float]:
     """Write B's content of every block that differs from A onto ``device`` (O_DIRECT).
 
-    Returns the bytes written and when the last write completed (wall clock): an
-    O_DIRECT write is complete, for the block layer and so for the agent's tracking,
+    Returns the bytes written and when the last write completed (monotonic clock, as
+    the agent's t0): an O_DIRECT write is complete, for the block layer and so for the agent's tracking,
     when ``pwritev`` returns.  The fsync after it (of a loop device: a flush of its
     backing file, up to hundreds of milliseconds) writes nothing of the change.
     """
@@ -368,7 +368,7 @@ def replay_diff(data: Dataset, device: str) -> tuple[int, float]:
             n = count * BLOCK
             buf[:n] = src.read(first * BLOCK, n)
             written += os.pwritev(fd, [memoryview(buf)[:n]], first * BLOCK)
-        last = time.time()
+        last = time.monotonic()
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -9,8 +9,12 @@ three daemons as subprocesses, mutual TLS).  Around it:
   the peak at the start of each measured window.
 * :class:`TagWatcher` records every tag the master target applies: it polls
   the master target's ``status.json`` (the same state it publishes in its
-  state blob) every 20 ms for the exact ``t0_wall`` and ``applied_at``, and
-  reads the master target's log for tags applied between two polls.
+  state blob) every 20 ms for the exact ``t0_mono_ns`` and ``applied_at``,
+  and reads the master target's log for tags applied between two polls.
+  Every time here is on the monotonic clock (:class:`WallToMono`): the wall
+  clock of a machine that has just booted is stepped by NTP (once by 14 s,
+  in the middle of an RPO round), and a lag measured across a step is off
+  by the step.
 * :class:`Timeline` samples progress and CPU twice a second, for the charts
   and for the reading of where the time goes.
 """
@@ -21,11 +25,11 @@ import json
 import os
 import re
 import shutil
-import statistics
 import threading
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -171,13 +175,56 @@ _APPLIED = re.compile(
 
 @dataclass
 class Applied:
-    """One tag the target reached: when its point in time was, and when it was applied."""
+    """One tag the target reached: when its point in time was, and when it was applied.
+
+    Both times are seconds on the machine's monotonic clock (``time.monotonic``).
+    """
 
     tag: str
-    t0_wall: float
-    applied_at: float
+    t0: float
+    at: float
     exact: bool
-    """True when both times come from the master target's state; else from its log."""
+    """True when ``at`` comes from the master target's state; else from its log."""
+
+
+class WallToMono:
+    """Turns wall-clock stamps taken on this machine into monotonic time.
+
+    The master target stamps what it applied with the wall clock (its state's
+    ``applied_at``, its log lines).  :meth:`note`, called often, records the
+    offset between the two clocks whenever it moves (NTP slews or steps the
+    wall clock); a stamp is converted with the offset that held when the wall
+    clock read it.  A step backwards makes the stamps within its size
+    ambiguous; they take the later offset.
+    """
+
+    def __init__(self) -> None:
+        self.walls: list[float] = []
+        self.offsets: list[float] = []
+        self._lock = threading.Lock()
+        self.note()
+
+    def note(self) -> None:
+        mono = time.monotonic()
+        wall = time.time()
+        offset = wall - mono
+        with self._lock:
+            if self.offsets and abs(offset - self.offsets[-1]) < 0.001:
+                return
+            self.walls.append(wall)
+            self.offsets.append(offset)
+
+    def mono(self, wall: float) -> float:
+        with self._lock:
+            i = max(bisect_right(self.walls, wall) - 1, 0)
+            return wall - self.offsets[i]
+
+    @property
+    def steps(self) -> list[tuple[float, float]]:
+        """(wall, change in seconds) of each move of the wall clock larger than 0.1 s."""
+        with self._lock:
+            pairs = list(zip(self.walls, self.offsets, strict=True))
+        return [(w, o - p) for (_, p), (w, o) in pairwise(pairs) if abs(o - p) > 0.1]
 
 
 class TagWatcher(threading.Thread):
@@ -187,22 +234,23 @@ class TagWatcher(threading.Thread):
         super().__init__(name="tag-watcher", daemon=True)
         self.status, self.log, self.disk = status, log, disk
         self.seen: dict[str, Applied] = {}
-        self.offsets: list[float] = []
+        self.clock = WallToMono()
         self.stop = threading.Event()
         self.changed = threading.Condition()
 
     def run(self) -> None:
         while not self.stop.wait(0.02):
+            self.clock.note()
             try:
                 state = json.loads(self.status.read_text())["disks"][self.disk]
             except (OSError, ValueError, KeyError):
                 continue
             tag = state.get("last_tag") or {}
             if tag.get("id") and tag["id"] not in self.seen and state.get("applied_at"):
-                record = Applied(tag["id"], tag["t0_wall"], state["applied_at"], True)
+                at = self.clock.mono(state["applied_at"])
+                record = Applied(tag["id"], tag["t0_mono_ns"] / 1e9, at, True)
                 with self.changed:
                     self.seen[tag["id"]] = record
-                    self.offsets.append(tag["t0_wall"] - tag["t0_mono_ns"] / 1e9)
                     self.changed.notify_all()
 
     def wait_for(self, test, timeout: float, check=None) -> Applied:
@@ -220,26 +268,24 @@ class TagWatcher(threading.Thread):
                 if check:
                     check()
 
-    def covering(self, wall: float, timeout: float = 600, check=None) -> Applied:
-        """The first tag applied whose point in time is at or after ``wall``."""
-        return self.wait_for(lambda a: a.t0_wall >= wall, timeout, check)
+    def covering(self, mono: float, timeout: float = 600, check=None) -> Applied:
+        """The first tag applied whose point in time is at or after ``mono`` (monotonic s)."""
+        return self.wait_for(lambda a: a.t0 >= mono, timeout, check)
 
     def history(self) -> list[Applied]:
         """Every tag applied so far, oldest first: exact where polled, else from the log.
 
-        A tag only in the log gets ``t0_wall`` from its id (the agent's t0 on
-        the monotonic clock) and the agent's own mono-to-wall offset, and
-        ``applied_at`` from the log line's millisecond stamp plus 1 ms (the
-        line is written after the cursor is durable): never earlier than true.
+        A tag only in the log gets its t0 from its id (the agent's t0 on the
+        monotonic clock) and ``at`` from the log line's millisecond stamp plus
+        1 ms (the line is written after the cursor is durable): never earlier
+        than true.
         """
         out = dict(self.seen)
-        offset = statistics.median(self.offsets) if self.offsets else None
-        if offset is not None:
-            for tag, logged in self._logged():
-                if tag not in out:
-                    t0 = int(tag.rsplit("-", 1)[1]) / 1e9 + offset
-                    out[tag] = Applied(tag, t0, logged + 0.001, False)
-        return sorted(out.values(), key=lambda a: a.t0_wall)
+        for tag, logged in self._logged():
+            if tag not in out:
+                t0 = int(tag.rsplit("-", 1)[1]) / 1e9
+                out[tag] = Applied(tag, t0, self.clock.mono(logged) + 0.001, False)
+        return sorted(out.values(), key=lambda a: a.t0)
 
     def _logged(self) -> list[tuple[str, float]]:
         found: list[tuple[str, float]] = []
@@ -256,17 +302,17 @@ class TagWatcher(threading.Thread):
 
 
 def rpo_lags(writes: list[float], applied: list[Applied]) -> tuple[list[float], int]:
-    """For each write completed at wall time w: applied_at of the first tag with t0 >= w, - w.
+    """For each write completed at w (monotonic s): when the first tag with t0 >= w was applied, - w.
 
     Returns (lags, writes not yet covered by any applied tag).
     """
-    applied = sorted(applied, key=lambda a: a.t0_wall)
-    t0s = [a.t0_wall for a in applied]
+    applied = sorted(applied, key=lambda a: a.t0)
+    t0s = [a.t0 for a in applied]
     # Earliest application among all tags at or after each position (tags apply in order,
-    # so this is the tag's own applied_at; the suffix minimum only guards the assumption).
+    # so this is the tag's own time; the suffix minimum only guards the assumption).
     best, soonest = [0.0] * len(applied), float("inf")
     for i in range(len(applied) - 1, -1, -1):
-        soonest = min(soonest, applied[i].applied_at)
+        soonest = min(soonest, applied[i].at)
         best[i] = soonest
     lags, uncovered = [], 0
     for w in writes:
@@ -390,7 +436,7 @@ class FerryRun:
         meter = self.meter()
         meter.pids["agent"] = []
         with Measure(meter) as m:
-            started = time.time()
+            started = time.monotonic()
             self.emb.start("agent")
             meter.pids["agent"] = [self.emb.procs["agent"].pid]
             line = Timeline(self) if timeline else None
@@ -403,7 +449,7 @@ class FerryRun:
         status = self.emb.agent_status() or {}
         disk = (status.get("disks") or [{}])[0]
         return {
-            "seconds": first.applied_at - started,
+            "seconds": first.at - started,
             "tag": first.tag,
             "bytes_read": disk.get("bytes_read"),
             "bytes_shipped": disk.get("bytes_shipped"),
@@ -411,9 +457,9 @@ class FerryRun:
             "timeline": line.samples if line else [],
         }
 
-    def converge_after(self, wall: float) -> Applied:
-        """The first applied tag whose point in time includes everything written before ``wall``."""
-        return self.tags.covering(wall, 600, self.emb.check_alive)
+    def converge_after(self, mono: float) -> Applied:
+        """The first applied tag whose point in time includes everything written before ``mono``."""
+        return self.tags.covering(mono, 600, self.emb.check_alive)
 
     def agent_counters(self) -> dict[str, Any]:
         """Pass and freeze counters of the agent, and its disk's byte counters."""

@@ -3,10 +3,12 @@
 The source filesystem is mounted before the agent starts, so the agent can
 freeze it.  ``fio`` writes at random into a preallocated file on it with
 direct I/O (psync, 4-64 KiB, fixed rate) and logs every write's completion
-time (``--write_lat_log`` with ``--log_avg_msec=0 --log_unix_epoch=1``).
+time on the monotonic clock (``--write_lat_log`` with ``--log_avg_msec=0
+--log_alternate_epoch=1 --log_alternate_epoch_clock_id=1``), the clock of
+the agent's t0: the wall clock can be stepped under a run.
 
-RPO of a write completed at wall time *w*: the ``applied_at`` of the first
-tag applied with ``t0_wall >= w``, minus *w*.  fio logs whole milliseconds,
+RPO of a write completed at *w*: when the first tag with ``t0 >= w`` was
+applied, minus *w* (:func:`bench.ferryrun.rpo_lags`).  fio logs whole milliseconds,
 so *w* is rounded up to the next one: a tag counted as covering a write
 always does, and the figure is at most 1 ms pessimistic (plus, for tags
 known only from the master target's log, the few ms between the cursor's
@@ -40,13 +42,14 @@ def fio_layout(path: Path, size: int) -> None:
 
 
 def fio_writes(path: Path, size: int, rate: int, seconds: float, seed: int) -> dict[str, Any]:
-    """Random direct writes of 4-64 KiB at ``rate`` bytes/s; every completion time (wall, s)."""
+    """Random direct writes of 4-64 KiB at ``rate`` bytes/s; every completion time (monotonic s)."""
     with tempfile.TemporaryDirectory(prefix="ferry-bench-fio-") as tmp:
         prefix, out = Path(tmp) / "w", Path(tmp) / "out.json"
         sh("fio", "--name=rpo", f"--filename={path}", f"--size={size}", "--rw=randwrite",
            "--bsrange=4k-64k", "--blockalign=4k", "--direct=1", "--ioengine=psync",
            f"--rate={rate}", "--time_based", f"--runtime={seconds:g}", f"--randseed={seed}",
-           f"--write_lat_log={prefix}", "--log_avg_msec=0", "--log_unix_epoch=1",
+           f"--write_lat_log={prefix}", "--log_avg_msec=0", "--log_alternate_epoch=1",
+           "--log_alternate_epoch_clock_id=1",
            "--output-format=json", f"--output={out}")  # fmt: skip
         writes, nbytes = [], 0
         for line in Path(f"{prefix}_lat.1.log").read_text().splitlines():
@@ -128,20 +131,19 @@ class Live:
         """After a load, freeze the source, take the final tag, wait, verify the target."""
         fio_writes(self.fio_file, self.fio_size, int(load_mb * 1e6), load_seconds, seed)
         run, mnt = self.run, str(self.run.mnt)
-        t_quiet = time.time()
+        t_quiet = time.monotonic()
         sh("fsfreeze", "-f", mnt)
         try:
-            t_req = time.time()
+            t_req = time.monotonic()
             tag = run.emb.tag("crash", timeout=300)
-            t_durable = time.time()
-            applied = run.tags.wait_for(
-                lambda a: a.t0_wall >= tag["t0_wall"] - 1e-6, 600, run.emb.check_alive
-            )
-            t_seen = time.time()
+            t_durable = time.monotonic()
+            t0 = tag["t0_mono_ns"] / 1e9
+            applied = run.tags.wait_for(lambda a: a.t0 >= t0, 600, run.emb.check_alive)
+            t_seen = time.monotonic()
             same = _same_content(run.loop, run.target, run.size)
-            t_digest = time.time()
+            t_digest = time.monotonic()
             clean = _fsck_clean(run.target)
-            t_done = time.time()
+            t_done = time.monotonic()
         finally:
             sh("fsfreeze", "-u", mnt, check=False)
         if not same:
@@ -150,7 +152,7 @@ class Live:
             "seconds": t_done - t_req,
             "freeze_s": t_req - t_quiet,
             "tag_durable_s": t_durable - t_req,
-            "applied_s": applied.applied_at - t_req,
+            "applied_s": applied.at - t_req,
             "digest_s": t_digest - t_seen,
             "fsck_s": t_done - t_digest,
             "digest_equal": same,

@@ -93,7 +93,7 @@ def ferry_delta(run: FerryRun, data: Dataset) -> dict[str, Any]:
     """Write A→B's differing blocks onto the live source; time until the target has them."""
     before = run.agent_counters()
     drop_caches()
-    first = time.time()
+    first = time.monotonic()
     # From the last write's completion: a tag whose t0 is after it holds the whole change.
     # (Measured from after the fsync that follows, a pass that ran during the fsync held the
     # change yet was not counted, and the next tag came with the idle interval, 10 s later.)
@@ -103,8 +103,8 @@ def ferry_delta(run: FerryRun, data: Dataset) -> dict[str, Any]:
     if digest(run.target, data.size) != data.changed_digest:
         raise RuntimeError("Ferry's target differs from state B after the delta")
     return {
-        "seconds": applied.applied_at - done,
-        "from_first_write_s": applied.applied_at - first,
+        "seconds": applied.at - done,
+        "from_first_write_s": applied.at - first,
         "change_s": done - first,
         "bytes_written": written,
         "bytes_shipped": after["bytes_shipped"] - before["bytes_shipped"],
@@ -141,9 +141,20 @@ def live_run(data: Dataset, args: argparse.Namespace, tunables: dict[str, Any]) 
             profile = None
             if args.profile:
                 profile = profile_load(live, max(args.rates), args.profile_seconds)
+            steps = run.tags.clock.steps
+            for wall, step in steps:
+                say(f"the wall clock was stepped by {step:+.2f} s at "
+                    f"{time.strftime('%H:%M:%S', time.localtime(wall))}; the figures use the "
+                    "monotonic clock and do not see it")  # fmt: skip
         finally:
             run.close()
-    return {"rpo": rpo, "cutovers": cutovers, "lags": live.lags, "profile": profile}
+    return {
+        "rpo": rpo,
+        "cutovers": cutovers,
+        "lags": live.lags,
+        "profile": profile,
+        "clock_steps": [{"wall": w, "step_s": s} for w, s in steps],
+    }
 
 
 def profile_load(live: Live, rate: float, seconds: float) -> dict[str, Any]:
@@ -165,12 +176,12 @@ def profile_initial(data: Dataset, tunables: dict[str, Any]) -> dict[str, Any]:
             run.start_servers()
             spies = _spy(run, Path(tmp), "initial", skip=("agent",))
             drop_caches()
-            started = time.time()
+            started = time.monotonic()
             run.emb.start("agent")
             spies.update(_spy(run, Path(tmp), "initial", only=("agent",)))
             first = run.tags.wait_for(lambda a: True, 1800, run.emb.check_alive)
             out = _unspy(spies)
-            out["seconds_profiled_run"] = first.applied_at - started
+            out["seconds_profiled_run"] = first.at - started
         finally:
             run.close()
     return out

@@ -197,8 +197,8 @@ def _rpo_table(r: dict[str, Any]) -> list[str]:
         f"**RPO under load**: fio random writes, direct I/O, 4–64 KiB, psync, into a "
         f"{st['fio_size'] / MiB:.0f} MiB file on the mounted source; "
         f"{st.get('rpo_rounds', 1)} round(s) of {st['rpo_seconds']:g} s per rate, p50/p99/max "
-        f"are medians over rounds, pooled p99 over every write. RPO of a write = applied_at of "
-        f"the first tag with t0 ≥ its completion − its completion",
+        f"are medians over rounds, pooled p99 over every write. RPO of a write = when the first "
+        f"tag with t0 ≥ its completion was applied − its completion (monotonic clock)",
         "",
         "| rate MB/s | achieved | writes | p50 s | p99 s | max s | pooled p99 s | "
         "passes clean | passes frozen | longest freeze s |",

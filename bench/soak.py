@@ -6,8 +6,9 @@
 The live source of ``make bench`` (a mounted ext4 image, the agent able to
 freeze it) is replicated on the embedded default; fio then writes at random
 (direct I/O, 4-64 KiB) at ``--rate`` MB/s, window after window, each window
-one fio run (``bench.live``: RPO of a write = applied_at of the first tag
-with t0 at or after its completion, minus its completion).  Per window: RPO
+one fio run (``bench.live``: RPO of a write = when the first tag with t0
+at or after its completion was applied, minus its completion, on the
+monotonic clock).  Per window: RPO
 p50/p99/max, passes and clean passes, CPU share of each daemon.  Every 5 s,
 each daemon's resident memory.  Writes ``bench/results/<date>-<host>-soak.{json,md,png}``.
 Nothing here asserts a time.
