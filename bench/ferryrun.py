@@ -77,11 +77,20 @@ def group_members(pgid: int) -> list[int]:
     return out
 
 
+def _cpu_fields() -> list[int]:
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores spent busy since boot (not idle, not waiting for I/O)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    fields = _cpu_fields()
     return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor gave this virtual machine's cores to others since boot."""
+    return _cpu_fields()[7] / CLK_TCK
 
 
 class Meter:
@@ -93,9 +102,13 @@ class Meter:
     def read(self) -> dict[str, dict[str, float]]:
         """``{name: {cpu_s, rss_mib, hwm_mib}}`` now (sums over a set's processes).
 
-        ``machine`` is every core's busy time (all processes, ours or not).
+        ``machine`` is every core's busy time (all processes, ours or not, and the
+        hypervisor's ``steal``, which is also given apart).
         """
-        out = {"machine": {"cpu_s": machine_busy_seconds(), "rss_mib": 0.0, "hwm_mib": 0.0}}
+        out = {
+            "machine": {"cpu_s": machine_busy_seconds(), "rss_mib": 0.0, "hwm_mib": 0.0},
+            "steal": {"cpu_s": steal_seconds(), "rss_mib": 0.0, "hwm_mib": 0.0},
+        }
         for name, pids in self.pids.items():
             cpu = rss = hwm = 0.0
             for pid in pids:

@@ -150,6 +150,10 @@ def _initial_table(r: dict[str, Any]) -> list[str]:
     shares = f["cost"]["core_share"]
     busy = shares.get("machine")
     ours = sum(shares.get(n, 0.0) for n in (*DAEMONS, "azurite"))
+    steal = shares.get("steal")
+    rest = "other work on the machine" + (
+        f", and {steal:.2f} of a core taken by the hypervisor (steal)" if steal else ""
+    )
     st = f.get("stages") or {}
     if st.get("first_read_s") is not None:
         rows.append(
@@ -160,7 +164,7 @@ def _initial_table(r: dict[str, Any]) -> list[str]:
             f"{f['bytes_shipped'] / MiB:.0f} MiB of non-zero data shipped"
             + (
                 f"; the machine was {busy:.2f} of 2 cores busy on average, {ours:.2f} of them "
-                f"Ferry's daemons and Azurite (the rest: other work on the machine)."
+                f"Ferry's daemons and Azurite (the rest: {rest})."
                 if busy
                 else "."
             )

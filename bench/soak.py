@@ -89,8 +89,8 @@ def markdown(result: dict[str, Any], chart: str) -> str:
         "",
         "| window | achieved MB/s | writes | RPO p50 s | p99 s | max s | passes clean | "
         + " | ".join(f"{n} % core" for n in NAMES)
-        + " | load |",
-        "|--:|--:|--:|--:|--:|--:|--:|" + "--:|" * len(NAMES) + "--:|",
+        + " | steal % core | load |",
+        "|--:|--:|--:|--:|--:|--:|--:|" + "--:|" * len(NAMES) + "--:|--:|",
     ]
     for w in result["windows"]:
         share = w["cost"]["core_share"]
@@ -99,7 +99,7 @@ def markdown(result: dict[str, Any], chart: str) -> str:
             f"| {w['index'] + 1} | {w['achieved_mb_s']:.1f} | {w['writes']} | "
             f"{w['p50_s']:.2f} | {w['p99_s']:.2f} | {w['max_s']:.2f} | {clean} | "
             + " | ".join(f"{share[n] * 100:.0f}" for n in NAMES)
-            + f" | {w['load_average'][0]:.1f} |"
+            + f" | {share.get('steal', 0.0) * 100:.0f} | {w['load_average'][0]:.1f} |"
         )
     mem = result["memory"]
     if mem:
