@@ -351,9 +351,10 @@ def replay_diff(data: Dataset, device: str) -> tuple[int, float]:
     """Write B's content of every block that differs from A onto ``device`` (O_DIRECT).
 
     Returns the bytes written and when the last write completed (monotonic clock, as
-    the agent's t0): an O_DIRECT write is complete, for the block layer and so for the agent's tracking,
-    when ``pwritev`` returns.  The fsync after it (of a loop device: a flush of its
-    backing file, up to hundreds of milliseconds) writes nothing of the change.
+    the agent's t0): an O_DIRECT write is complete, for the block layer and so for
+    the agent's tracking, when ``pwritev`` returns.  The fsync after it (of a loop
+    device: a flush of its backing file, up to hundreds of milliseconds) writes
+    nothing of the change.
     """
     import mmap
 

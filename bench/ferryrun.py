@@ -77,20 +77,12 @@ def group_members(pgid: int) -> list[int]:
     return out
 
 
-def _cpu_fields() -> list[int]:
+def machine_seconds() -> tuple[float, float]:
+    """CPU seconds since boot: all cores busy (not idle, not waiting for I/O), and of
+    that, what the hypervisor gave this virtual machine's cores to others (steal)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is inside user)
-    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (not idle, not waiting for I/O)."""
-    fields = _cpu_fields()
-    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
-
-
-def steal_seconds() -> float:
-    """CPU seconds the hypervisor gave this virtual machine's cores to others since boot."""
-    return _cpu_fields()[7] / CLK_TCK
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK, fields[7] / CLK_TCK
 
 
 class Meter:
@@ -105,9 +97,10 @@ class Meter:
         ``machine`` is every core's busy time (all processes, ours or not, and the
         hypervisor's ``steal``, which is also given apart).
         """
+        busy, steal = machine_seconds()
         out = {
-            "machine": {"cpu_s": machine_busy_seconds(), "rss_mib": 0.0, "hwm_mib": 0.0},
-            "steal": {"cpu_s": steal_seconds(), "rss_mib": 0.0, "hwm_mib": 0.0},
+            "machine": {"cpu_s": busy, "rss_mib": 0.0, "hwm_mib": 0.0},
+            "steal": {"cpu_s": steal, "rss_mib": 0.0, "hwm_mib": 0.0},
         }
         for name, pids in self.pids.items():
             cpu = rss = hwm = 0.0
