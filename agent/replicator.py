@@ -7,6 +7,7 @@ docs/design.md, "Mobility agent", for the rules this code follows.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -574,13 +575,22 @@ class Replicator:
         # The one copy of the data: from the O_DIRECT buffer into the batch's payload.
         payload = bytearray()
         disk.pass_remaining = len(blocks) * track.block
+        # Full batches read but not sent yet, with the first block of each: once
+        # replicating, a pass reads all its blocks before it sends (and waits on the
+        # window), up to ``readahead`` bytes, for a write queued on a block the pass
+        # has not read yet makes the pass collide (docs/design.md, "Which pass a write
+        # belongs to"): the sends, and above all the window's backpressure when the
+        # pipeline is behind, would otherwise stretch the time the pass can collide.
+        ready: collections.deque[tuple[Batch, int]] = collections.deque()
+        readahead = self._readahead(disk)
+        held = 0
         unsent = 0  # the first block of the batch being filled: the ones before it were sent
         for first, count in _runs(blocks, max(1, limit // track.block)):
             if self.stop.is_set():
                 # An orderly stop: a resync's pass reads whole disks, for longer than a
                 # stop may take (TimeoutStopSec), and a stop that outlived the wait for
                 # this thread could not hand the dirty maps over (agent.restart).
-                self._give_back(disk, blocks, unsent)
+                self._give_back(disk, blocks, ready[0][1] if ready else unsent)
                 disk.pass_remaining = 0
                 return None
             start = first * track.block
@@ -595,7 +605,12 @@ class Replicator:
                 len(payload) + need > limit or len(batch.extents) + len(pieces) > MAX_EXTENTS
             ):
                 batch.payload = payload
-                self._send(disk, batch)
+                ready.append((batch, unsent))
+                held += len(payload)
+                while ready and held > readahead:  # over the budget: send the oldest
+                    sent, _ = ready.popleft()
+                    held -= len(sent.payload)
+                    self._send(disk, sent)
                 batch, payload = self._new_batch(disk), bytearray()
                 unsent = first
             for offset, n, kind, data in pieces:
@@ -603,10 +618,23 @@ class Replicator:
                 if data is not None:
                     payload += data
         disk.pass_remaining = 0
+        while ready:  # every block of the pass is read: it can no longer collide
+            self._send(disk, ready.popleft()[0])
         if not batch.extents:
             return None
         batch.payload = payload
         return batch
+
+    def _readahead(self, disk: DiskState) -> int:
+        """Bytes of full batches a pass may hold back until its reads are done.
+
+        Once replicating, the window's worth of ``batch_bytes`` (what the window
+        already lets the agent hold); none while syncing, whose batches are larger
+        and whose pass reads the whole disk.
+        """
+        if disk.phase in ("initial-sync", "resync"):
+            return 0
+        return self.settings.batch_bytes * self.settings.window
 
     def _give_back(self, disk: DiskState, blocks: BitMap, unsent: int) -> None:
         """Mark ``blocks`` from ``unsent`` on dirty again: a pass stopped before sending them.

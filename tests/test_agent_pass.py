@@ -1,0 +1,121 @@
+"""The order of a pass's reads and sends (agent.replicator.Replicator._ship_pass).
+
+A write queued on a block the pass has not read yet makes the pass collide: it
+ends without a tag (docs/design.md, "Which pass a write belongs to").  Once a
+disk replicates, a pass therefore reads every block before it sends, or waits
+on the process server's window, up to a budget; while the disk syncs it sends
+as it reads, and an orderly stop gives back every block it has not sent.
+
+The disk is a real file read through ferry.blockio; the tracker and the
+shipper record what the pass asks of them, in order.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from pyroaring import BitMap
+
+from agent.replicator import DiskState, Replicator
+from agent.settings import DiskSettings, Settings
+from agent.tracker import DiskTrack, Tracker
+from ferry.batch import Batch
+
+MiB = 1 << 20
+BLOCK = 4096
+
+
+class RecordingTracker(Tracker):
+    def __init__(self, disks: list[DiskTrack], events: list[tuple[str, int]]) -> None:
+        super().__init__(disks)
+        self.events = events
+
+    def chunk_read(self, disk: str, end_block: int) -> None:
+        self.events.append(("read", end_block))
+
+
+class RecordingShipper:
+    def __init__(self, events: list[tuple[str, int]], stop_after: int | None = None) -> None:
+        self.events = events
+        self.batches: list[Batch] = []
+        self.stop_after = stop_after
+        self.stop: threading.Event | None = None
+
+    def send_batch(self, batch: Batch, stop: threading.Event | None = None) -> bool:
+        self.events.append(("send", batch.seq))
+        self.batches.append(batch)
+        if self.stop_after is not None and len(self.batches) >= self.stop_after and stop:
+            stop.set()  # an orderly stop arrives while the pass waits on the window
+        return True
+
+
+@pytest.fixture
+def pass_on(tmp_path):
+    def make(phase: str, window: int = 8, stop_after: int | None = None):
+        size = 64 * MiB
+        image = tmp_path / "disk.img"
+        image.write_bytes(os.urandom(size))
+        settings = Settings(
+            tenant="t1", machine="web01", process_server="127.0.0.1:1", ca="", cert="",
+            key="", state_dir=str(tmp_path / "state"),
+            disks=[DiskSettings("web01-disk0", str(image))],
+            block_size=BLOCK, batch_bytes=1 * MiB, sync_batch_bytes=4 * MiB, window=window,
+        )  # fmt: skip
+        track = DiskTrack("web01-disk0", str(image), size, BLOCK)
+        events: list[tuple[str, int]] = []
+        tracker = RecordingTracker([track], events)
+        shipper = RecordingShipper(events, stop_after)
+        disk = DiskState(track=track, mountpoint=None, gen=1, phase=phase)
+        replicator = Replicator(settings, tracker, shipper, [disk])  # type: ignore[arg-type]
+        return replicator, disk, tracker, shipper, events
+
+    return make
+
+
+def scattered(n: int, every: int = 3) -> BitMap:
+    """``n`` single blocks with gaps between them: one read per block."""
+    return BitMap(range(0, n * every, every))
+
+
+def test_a_replicating_pass_reads_all_its_blocks_before_it_sends(pass_on):
+    replicator, disk, _, shipper, events = pass_on("replicating")
+    blocks = scattered(1000)  # 3.9 MiB: three full batches and the pass's last
+    last = replicator._ship_pass(disk, blocks)
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("send") == 3, kinds
+    assert kinds.index("send") == len(blocks), "a send came before the pass's last read"
+    assert [b.seq for b in shipper.batches] == [1, 2, 3], "full batches go in their order"
+    assert last is not None and last.seq == 0, "the pass's last batch waits for its tag"
+    shipped = sorted(o // BLOCK for b in [*shipper.batches, last] for o, _, _ in b.extents)
+    assert shipped == list(blocks), "every block of the pass is in one batch, once"
+
+
+def test_a_pass_larger_than_the_budget_sends_its_oldest_batches_as_it_reads(pass_on):
+    replicator, disk, _, shipper, events = pass_on("replicating", window=2)
+    blocks = scattered(2000)  # 7.8 MiB against a budget of 2 x 1 MiB
+    replicator._ship_pass(disk, blocks)
+    sends = [i for i, (kind, _) in enumerate(events) if kind == "send"]
+    assert len(sends) == 7
+    assert sends[0] < len(blocks), "held back more than the window's worth of batches"
+    assert [b.seq for b in shipper.batches] == list(range(1, 8))
+
+
+def test_a_syncing_pass_sends_as_it_reads(pass_on):
+    replicator, disk, _, shipper, events = pass_on("initial-sync")
+    blocks = BitMap(range(0, (64 * MiB) // BLOCK))
+    replicator._ship_pass(disk, blocks)
+    kinds = [kind for kind, _ in events]
+    assert kinds.index("send") <= 2, "a sync holds no batches back"
+    assert len(shipper.batches) >= 15
+
+
+def test_an_orderly_stop_gives_back_the_blocks_it_read_but_did_not_send(pass_on):
+    replicator, disk, tracker, shipper, _ = pass_on("replicating", window=2, stop_after=1)
+    blocks = scattered(2000)
+    assert replicator._ship_pass(disk, blocks) is None
+    sent = BitMap(o // BLOCK for b in shipper.batches for o, _, _ in b.extents)
+    dirty = tracker.disks[disk.id].dirty
+    assert sent and not (sent & dirty), "a block sent is dirty again"
+    assert blocks - sent <= dirty, "a block read and held back was not given back"
