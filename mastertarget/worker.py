@@ -38,6 +38,7 @@ is never recorded with the tag.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -149,6 +150,11 @@ class DiskWorker:
         """``(gen, through)`` of applying.json found at open: the group a crash interrupted."""
         self._unsettled: dict[tuple[int, int], list[Message]] = {}
         """Notices of segments staged in memory this round, deleted by _settle."""
+        self._fetcher: concurrent.futures.ThreadPoolExecutor | None = None
+        self._fetching: dict[str, concurrent.futures.Future[bytes]] = {}
+        """Downloads of this round's segments, by blob name (see _fetch_ahead)."""
+        self._to_fetch: list[str] = []
+        """Blobs of this round's segments not yet asked for, in the round's order."""
         """What of the last state blob written must reach readers at once (see publish)."""
 
     # -- life cycle ----------------------------------------------------------------------
@@ -171,6 +177,10 @@ class DiskWorker:
 
     def close(self) -> None:
         """Release the target; the queue, staging and cursor stay as they are."""
+        self._forget_fetches()
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=False, cancel_futures=True)
+            self._fetcher = None
         self.target.close()
         if self._apply_lock is not None:
             os.close(self._apply_lock)
@@ -208,12 +218,15 @@ class DiskWorker:
         self.drained = len(messages) < defaults.RECEIVE_BATCH
         self._round = True
         try:
+            self._fetch_ahead(messages)
             for message in messages:
                 self.handle(message)
+            self._forget_fetches()  # before applying: no download holds memory meanwhile
             found = self._replay_marked() + self._look_up_gap()
             applied = self.apply_ready()
         finally:
             self._round = False
+            self._forget_fetches()
             self._settle()
         self.publish(force=self._changed)
         return len(messages) + found + applied
@@ -263,7 +276,7 @@ class DiskWorker:
                 self.storage.delete_message(self.queue, message)
             return
         try:
-            data = self.storage.get(self.segments, notice.blob)
+            data = self._download(notice.blob)
         except NotFound:
             self._blob_missing(message, notice)
             return
@@ -302,6 +315,55 @@ class DiskWorker:
         self.staging.add(notice.gen, notice.seq, data, opened.header.get("tag") is not None)
         killpoint.reached("staged")
         self.storage.delete_message(self.queue, message)
+
+    def _fetch_ahead(self, messages: list[Message]) -> None:
+        """Start downloading the segments this round will want (FETCH_AHEAD at a time).
+
+        Only what the round would download anyway: a segment notice of a batch
+        neither applied already nor staged.  Each is still verified, in the
+        round's order, by :meth:`_segment`; a download's failure is raised
+        there, as if it had been made then.
+        """
+        self._to_fetch = []
+        for message in messages:
+            try:
+                notice = notices.parse(message.body, self.tenant, self.disk)
+            except BadNotice:
+                continue
+            if not isinstance(notice, notices.SegmentNotice):
+                continue
+            key = (notice.gen, notice.seq)
+            if self.cursor.is_stale(*key) or key in self.staging:
+                continue
+            self._to_fetch.append(notice.blob)
+        self._to_fetch.reverse()  # popped from the end
+        self._top_up()
+
+    def _top_up(self) -> None:
+        while self._to_fetch and len(self._fetching) < defaults.FETCH_AHEAD:
+            blob = self._to_fetch.pop()
+            if blob in self._fetching:
+                continue
+            if self._fetcher is None:
+                self._fetcher = concurrent.futures.ThreadPoolExecutor(
+                    defaults.FETCH_AHEAD, thread_name_prefix=f"fetch-{self.disk}"
+                )
+            self._fetching[blob] = self._fetcher.submit(self.storage.get, self.segments, blob)
+
+    def _download(self, blob: str) -> bytes:
+        """Blob ``blob`` of the disk's segments: its download started ahead, or now."""
+        future = self._fetching.pop(blob, None)
+        self._top_up()
+        if future is None:
+            return self.storage.get(self.segments, blob)
+        return future.result()
+
+    def _forget_fetches(self) -> None:
+        """Drop the round's downloads not used (a notice handled otherwise, a round cut short)."""
+        self._to_fetch = []
+        for future in self._fetching.values():
+            future.cancel()  # one running finishes in the background; its bytes are dropped
+        self._fetching = {}
 
     def _applies_soon(self, gen: int, seq: int, size: int) -> bool:
         """True if batch (gen, seq) may well be applied in this round: the cursor's generation,

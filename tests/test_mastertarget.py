@@ -380,6 +380,46 @@ def test_missing_blob_is_poisoned_on_the_third_sighting(make_worker, storage, te
     assert "blob missing after 3 deliveries" in ps.state()["reason"]
 
 
+def test_a_round_downloads_its_segments_ahead_and_applies_them_in_order(
+    make_worker, storage, tenant, monkeypatch
+):
+    """The round's downloads overlap (FETCH_AHEAD in flight) while the segments are still
+    verified and applied in their order, and a missing blob among them is still noticed."""
+    ps = SegmentShipper(storage, tenant, disk_size=1 * MiB)
+    worker = make_worker(missing_retry=0)
+    new_generation(ps, worker)
+    in_flight, most, lock = [0], [0], threading.Lock()
+    real_get = storage.get
+
+    def get(container, name):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            time.sleep(0.05)  # a download that takes time, as a large segment's does
+            return real_get(container, name)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(storage, "get", get)
+    batches = [ps.batch(1, seq, [(seq * 16 * KiB, os.urandom(16 * KiB))]) for seq in range(1, 9)]
+    batches.append(ps.batch(1, 9, [(0, os.urandom(4 * KiB))], tag=True))
+    for batch in reversed(batches):  # announced last first: applied in seq order all the same
+        ps.ship(batch)
+    drain(worker)
+    assert most[0] == mt_defaults.FETCH_AHEAD, f"{most[0]} downloads at once"
+    assert worker.cursor.applied_seq == 9
+    assert read_target(worker) == apply_to(bytearray(1 * MiB), *batches)
+
+    gone = ps.upload(ps.batch(1, 11, [(0, b"y" * 4096)], tag=True))
+    storage.delete(naming.segments_container(tenant, DISK), gone["blob"])
+    ps.ship(ps.batch(1, 10, [(8192, b"x" * 4096)]))
+    ps.announce(gone)
+    worker.step()
+    assert ps.poisoned() == [] and storage.peek_count(ps.queue) == 1, "the missing blob waits"
+
+
 def test_unusable_notices_go_to_the_poison_queue(make_worker, storage, tenant):
     ps = SegmentShipper(storage, tenant, disk_size=256 * KiB)
     worker = make_worker()
