@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from types import ModuleType
 
+from ferry import memory
 from ferry.errors import ConfigError
 from ferry.process import run_main, setup_logging
 
@@ -91,5 +92,6 @@ def run_daemon(
     from_server: Callable[[], int | None],
 ) -> int:
     """Set up logging, then run the mode ``args`` chose under :func:`run_main`."""
+    memory.one_arena()  # before any thread: what the daemon frees can be trimmed (ferry.memory)
     setup_logging(component, args.verbose)
     return run_main(component, from_server if args.server_credentials else from_file)
