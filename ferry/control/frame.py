@@ -92,6 +92,6 @@ def run_daemon(
     from_server: Callable[[], int | None],
 ) -> int:
     """Set up logging, then run the mode ``args`` chose under :func:`run_main`."""
-    memory.one_arena()  # before any thread: what the daemon frees can be trimmed (ferry.memory)
+    memory.tune()  # before any thread (ferry.memory)
     setup_logging(component, args.verbose)
     return run_main(component, from_server if args.server_credentials else from_file)
