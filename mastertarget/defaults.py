@@ -109,8 +109,8 @@ DIRECT_MIN = 256 << 10
 
 An initial sync writes long extents; copying them into the page cache cost
 the master target a third of its CPU there (the kernel's copy of each byte
-into new page-cache memory on this VM), an O_DIRECT write of the same bytes
-from a reused buffer a tenth of that.  Replication's short extents stay
+into new page-cache memory, which on this VM the host must first give back),
+an O_DIRECT write of the same bytes from a reused buffer a small part of that.  Replication's short extents stay
 buffered: their before-images are read back by the recovery journal, from the
 page cache."""
 

@@ -5,20 +5,20 @@ cursor moves only after that fsync (invariant 8), so buffered writes are as
 safe as O_DIRECT ones here and much cheaper for small extents.
 
 Long data extents (``DIRECT_MIN``) go through a second descriptor opened with
-O_DIRECT, from a reused aligned buffer: the page-cache copy of each byte was a
-third of the master target's CPU in an initial sync.  The kernel keeps the two
-paths coherent (a direct write flushes and drops the cached pages of its
-range), reads and fsync use the buffered descriptor; where O_DIRECT is refused
-(tmpfs, an alignment the device rejects) every write is buffered.
+O_DIRECT, from a reused aligned buffer: in an initial sync the kernel's copy
+of each byte into the page cache was a third of the master target's CPU (perf;
+on this VM new page cache is memory the host had taken back, faulted in and
+zeroed again first), O_DIRECT writes cost 0.05-0.07 CPU s per GiB
+(``bench/writepaths.py``).  The kernel keeps the two paths coherent (a direct
+write flushes and drops the cached pages of its range); reads and fsync use
+the buffered descriptor.  Where O_DIRECT is refused (an alignment the device
+rejects, a filesystem without it) every write is buffered.
 
-In an image file each buffered data extent's range is allocated (``fallocate``)
-before it is written. A buffered write into a hole of a sparse file, next to other
-holes, cost this kernel (6.18, ext4 with large folios) 1.7-3.3 CPU seconds per
-GiB, mostly zeroing the parts of new page-cache folios the write did not
-cover; into allocated blocks it cost 0.2-0.6 (scratch measurement, 2.5 MiB
-writes with 4 KiB-1 MiB gaps). An initial sync writes an empty target's holes
-all the time. The file holds the same blocks either way: only what is written
-is allocated.
+In an image file each buffered data extent's range is allocated
+(``fallocate``) before it is written: into allocated blocks the same writes
+took 0.16-0.17 CPU s per GiB against 0.27 into holes (2.5 MiB extents, warm
+memory; ``bench/writepaths.py``), and the file holds the same blocks either
+way: only what is written is allocated.
 """
 
 from __future__ import annotations
