@@ -110,9 +110,9 @@ DIRECT_MIN = 256 << 10
 An initial sync writes long extents; copying them into the page cache cost
 the master target a third of its CPU there (the kernel's copy of each byte
 into new page-cache memory, which on this VM the host must first give back),
-an O_DIRECT write of the same bytes from a reused buffer a small part of that.  Replication's short extents stay
-buffered: their before-images are read back by the recovery journal, from the
-page cache."""
+an O_DIRECT write of the same bytes from a reused buffer a small part of
+that.  Replication's short extents stay buffered: their before-images are
+read back by the recovery journal, from the page cache."""
 
 DIRECT_CHUNK = 4 << 20
 """Size of the aligned buffer O_DIRECT writes go through, in bytes."""

@@ -150,12 +150,12 @@ class DiskWorker:
         """``(gen, through)`` of applying.json found at open: the group a crash interrupted."""
         self._unsettled: dict[tuple[int, int], list[Message]] = {}
         """Notices of segments staged in memory this round, deleted by _settle."""
+        """What of the last state blob written must reach readers at once (see publish)."""
         self._fetcher: concurrent.futures.ThreadPoolExecutor | None = None
         self._fetching: dict[str, concurrent.futures.Future[bytes]] = {}
         """Downloads of this round's segments, by blob name (see _fetch_ahead)."""
         self._to_fetch: list[str] = []
         """Blobs of this round's segments not yet asked for, in the round's order."""
-        """What of the last state blob written must reach readers at once (see publish)."""
 
     # -- life cycle ----------------------------------------------------------------------
 
