@@ -24,7 +24,6 @@ of the host's memory the runs between reused.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import mmap
 import os
 import resource
@@ -32,21 +31,14 @@ import time
 from pathlib import Path
 
 from bench.data import CACHE, drop_caches
+from ferry.blockio import fallocate
 
 GiB = 1 << 30
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def _fallocate(fd: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, 0, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def measure(mode: str, extent: int, gap: int, source: mmap.mmap, path: Path) -> dict[str, float]:
@@ -56,7 +48,7 @@ def measure(mode: str, extent: int, gap: int, source: mmap.mmap, path: Path) -> 
     try:
         os.ftruncate(fd, 2 * GiB)
         if mode == "fallocate-all":
-            _fallocate(fd, 0, 2 * GiB)
+            fallocate(fd, 0, 2 * GiB)
         drop_caches()
         view = memoryview(source)
         written = 0
@@ -65,7 +57,7 @@ def measure(mode: str, extent: int, gap: int, source: mmap.mmap, path: Path) -> 
             if written >= GiB:
                 break
             if mode == "fallocate-each":
-                _fallocate(fd, offset, extent)
+                fallocate(fd, offset, extent)
             os.pwrite(fd, view[:extent], offset)
             written += extent
         os.fsync(fd)

@@ -8,6 +8,9 @@ where the filesystem allows O_DIRECT, and buffered otherwise.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import mmap
 import os
@@ -38,6 +41,34 @@ def device_size(fd: int) -> int:
         buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
         return struct.unpack("Q", buf)[0]
     return st.st_size
+
+
+def _libc_fallocate():
+    # glibc's fallocate, not posix_fallocate (which falls back to writing zeros):
+    # os has no fallocate before Python 3.13's, and no library wraps the one call.
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        call = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
+_FALLOCATE = _libc_fallocate()
+FALLOCATE_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV})
+"""errnos of a ``fallocate`` the filesystem (or this libc) does not do."""
+
+
+def fallocate(fd: int, offset: int, length: int) -> None:
+    """Allocate ``[offset, offset + length)`` of the file open as ``fd`` (size unchanged
+    within it); OSError as the system call fails, ENOSYS without glibc."""
+    if _FALLOCATE is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    if _FALLOCATE(fd, 0, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def dev_number(path: str) -> int:

@@ -23,8 +23,6 @@ way: only what is written is allocated.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import mmap
@@ -41,22 +39,6 @@ from mastertarget import defaults
 _ZEROS = bytes(defaults.ZERO_CHUNK)
 
 log = logging.getLogger("ferry.mastertarget")
-
-
-def _libc_fallocate():
-    """glibc's ``fallocate`` (not ``posix_fallocate``, which falls back to writing zeros)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    call.restype = ctypes.c_int
-    return call
-
-
-_FALLOCATE = _libc_fallocate()
-_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV}
 
 
 class Target:
@@ -94,7 +76,7 @@ class Target:
                 self.kind, "a block device or a regular file"
             )
             raise DeviceError(device=self.path, problem=f"not {what}")
-        self.allocate = not self.is_device and _FALLOCATE is not None
+        self.allocate = not self.is_device
         try:
             self.direct_fd = os.open(self.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as exc:
@@ -204,16 +186,14 @@ class Target:
             self._write(offset + done, data[done:])
 
     def _allocate(self, offset: int, length: int) -> None:
-        assert _FALLOCATE is not None
-        if _FALLOCATE(self._open_fd, 0, offset, length) == 0:
-            return
-        code = ctypes.get_errno()
-        if code in _UNSUPPORTED:
+        try:
+            blockio.fallocate(self._open_fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in blockio.FALLOCATE_UNSUPPORTED:
+                raise  # ENOSPC, EIO: as a write's would be
             self.allocate = False  # the write alone does it, at the cost above
             log.info("target %s: fallocate is not supported here (%s); writing without it",
-                     self.path, os.strerror(code))  # fmt: skip
-            return
-        raise OSError(code, os.strerror(code), self.path)  # ENOSPC, EIO: as a write's would be
+                     self.path, exc.strerror)  # fmt: skip
 
     def _write(self, offset: int, data: memoryview) -> None:
         while data:
