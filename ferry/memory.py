@@ -5,7 +5,7 @@ A disk's initial sync or resync ships larger batches than replication does
 threshold after freeing the first of them and then keeps up to twice that
 much of the freed heap, in each thread's arena, for good.  ``malloc_trim``
 hands it back (about a millisecond here); where there is no glibc (musl)
-this does nothing.  A ctypes call of one libc function: no library wraps it.
+this does nothing.  ctypes calls of two libc functions: no library wraps them.
 
 Each daemon sets the allocator up once, before any thread (:func:`tune`):
 
@@ -38,9 +38,10 @@ log = logging.getLogger("ferry.memory")
 _malloc_trim: Any
 _mallopt: Any
 try:
-    _malloc_trim = ctypes.CDLL(None).malloc_trim
+    _libc = ctypes.CDLL(None)
+    _malloc_trim = _libc.malloc_trim
     _malloc_trim.argtypes, _malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-    _mallopt = ctypes.CDLL(None).mallopt
+    _mallopt = _libc.mallopt
     _mallopt.argtypes, _mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
 except (OSError, AttributeError):  # not glibc
     _malloc_trim = _mallopt = None
