@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 
 import pytest
@@ -9,7 +10,17 @@ import xxhash
 
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import SegmentCorrupt
-from ferry.segment import UnknownKey, key_id, keyring, pack, unpack, verify
+from ferry.segment import (
+    FLAG_AES,
+    FLAG_SEALED,
+    FLAG_ZSTD,
+    UnknownKey,
+    key_id,
+    keyring,
+    pack,
+    unpack,
+    verify,
+)
 
 KEY = bytes(range(32))
 
@@ -149,3 +160,44 @@ def test_packing_a_batch_again_gives_the_same_sealed_segment():
     assert (first, sum1) == (again, sum2)
     other, sum3 = pack(sample(seq=8), KEY)
     assert sum3 != sum1  # another batch, another nonce and ciphertext
+
+
+def test_segments_are_sealed_with_aes_gcm_under_a_nonce_of_header_and_body():
+    """A process server seals with AES-256-GCM; the nonce changes with any byte of the
+    header or the body (it is a keyed hash of both), so two batches never share one."""
+    batch = sample()
+    data, _ = pack(batch, KEY)
+    hlen = int.from_bytes(data[8:12], "big")
+    assert data[12 + hlen] == FLAG_ZSTD | FLAG_SEALED | FLAG_AES
+    nonce = data[12 + hlen + 9 : 12 + hlen + 21]
+    changed = Batch(**{**batch.__dict__, "payload": batch.payload[:-1] + b"\1"})
+    retagged = Batch(**{**batch.__dict__, "tag": {"id": "web01-2", "kind": "crash"}})
+    for other in (changed, retagged):
+        odata, _ = pack(other, KEY)
+        ohlen = int.from_bytes(odata[8:12], "big")
+        assert odata[12 + ohlen + 9 : 12 + ohlen + 21] != nonce
+        assert unpack(odata, "s", EXPECT, key=KEY) == other
+
+
+LEGACY = base64.b64decode(
+    "RkVSUllTRzEAAADLeyJkaXNrIjoid2ViMDEtZGlzazAiLCJkaXNrX3NpemUiOjEwNzM3NDE4MjQsImV4dGVudHMi"
+    "OltbMCw4MTkyLCJkIl0sWzEwNDg1NzYsNjU1MzYsInoiXV0sImdlbiI6Mywia2V5X2lkIjoiYzJmMjM5YmFmOTdl"
+    "ZDBlMCIsInJhd19sZW4iOjgxOTIsInNlcSI6NywidGFnIjp7ImlkIjoid2ViMDEtMSIsImtpbmQiOiJjcmFzaCJ9"
+    "LCJ0ZW5hbnQiOiJhY21lIn0DAAAAAAAAAEXBMza5SFYZrlcvUWimKvzosDSl8VLSPKRKJN/3wHIsyZ9xXwDHcay6"
+    "BkULl7kcgySk+7dwrEdRFRs1OM5Z65/LyvHu5ydjUxmkq2g2B2XvNuTWAfWW"
+)
+"""A segment sealed with ChaCha20-Poly1305 by the process server of 42a6951 (key KEY)."""
+
+
+def test_a_segment_sealed_by_an_older_process_server_still_opens():
+    """Segments in flight across an upgrade: ChaCha20-Poly1305 ones open, and a flip of
+    the algorithm flag (checksum recomputed) fails authentication rather than opening."""
+    batch = unpack(LEGACY, "s", EXPECT, key=KEY, checksum="635319a4ab68360765ef36e4d601f596")
+    assert batch.payload == b"ferry legacy segment\n" * 390 + b"xx"
+    assert batch.tag == {"id": "web01-1", "kind": "crash"}
+    hlen = int.from_bytes(LEGACY[8:12], "big")
+    flipped = bytearray(LEGACY[:-16])
+    flipped[12 + hlen] |= FLAG_AES
+    flipped += xxhash.xxh3_128(bytes(flipped)).digest()
+    with pytest.raises(SegmentCorrupt, match="authentication failed"):
+        unpack(bytes(flipped), "s", EXPECT, key=KEY)
