@@ -39,6 +39,11 @@ _BLOCK = re.compile(
 )
 _MARK = re.compile(rb"ferry-mark (\d+)")
 
+IDLE_CHUNK = 16 << 10
+"""A read of trace_pipe shorter than this waits up to IDLE_WAIT before the next."""
+IDLE_WAIT = 0.02
+"""Seconds the reader lets events gather after a short read (a marker ends the wait)."""
+
 OnComplete = Callable[[int, int, int, float], None]
 """``(dev, first_sector, sectors, ts)`` of a completed write (ts on the trace clock, s)."""
 OnQueue = Callable[[int, int, int, float], None]
@@ -153,6 +158,8 @@ class TraceInstance:
         self._fd: int | None = None
         self._marker_fd: int | None = None
         self._pending = b""
+        self._wake = threading.Event()
+        """Set when a marker is written: a pass waits for the reader to consume it."""
         self.events = 0
 
     # -- lifecycle ------------------------------------------------------------------
@@ -247,6 +254,7 @@ class TraceInstance:
         promised (the reader did not stop, or held half an event line).
         """
         self._stop = True
+        self._wake.set()  # a reader letting events gather
         if self._marker_fd is not None:
             try:
                 os.write(self._marker_fd, b"ferry-detach")  # wakes a reader blocked in read
@@ -265,6 +273,7 @@ class TraceInstance:
     def close(self) -> None:
         """Stop the reader and remove the instance."""
         self._stop = True
+        self._wake.set()
         if self._marker_fd is not None and self._thread is not None:
             try:
                 os.write(self._marker_fd, b"ferry-stop")
@@ -307,6 +316,7 @@ class TraceInstance:
         while True:
             try:
                 os.write(self._marker_fd, b"ferry-mark %d" % number)
+                self._wake.set()
                 return
             except OSError as exc:
                 if exc.errno != errno.EBADF or time.monotonic() > deadline:
@@ -346,10 +356,13 @@ class TraceInstance:
             self._pending = lines.pop()
             for line in lines:
                 self._dispatch(line)
-            if len(chunk) < 4096:
-                # A short read means the stream is nearly idle: let events
-                # gather instead of waking for each one (the agent's CPU).
-                time.sleep(0.005)
+            if len(chunk) < IDLE_CHUNK:
+                # A short read means the stream is not busy: let events gather
+                # instead of waking for every few (each wake-up costs the agent
+                # more CPU than the events it reads), unless a marker was written
+                # meanwhile, which a pass is waiting for.
+                self._wake.wait(IDLE_WAIT)
+                self._wake.clear()
 
     def _dispatch(self, line: bytes) -> None:
         m = _LINE.match(line)

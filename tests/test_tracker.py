@@ -205,3 +205,40 @@ def test_scan_tracker_finds_changes_in_an_image_file(tmp_path):
     assert tracker.end_pass() is False
     assert set(tracker.begin_pass(["d0"])["d0"]) == {9}
     assert tracker.end_pass() is True
+
+
+def test_a_trickle_of_writes_is_read_in_gathered_chunks_and_a_marker_ends_the_wait(
+    raw_disk, monkeypatch
+):
+    """Under a steady trickle of writes the reader lets events gather (a wake-up per
+    event cost the agent more CPU than the events): it reads trace_pipe a few times per
+    IDLE_WAIT at most, not once per write; every write is still marked dirty, and a pass's
+    marker is consumed while the reader waits."""
+    from agent import tracefs
+
+    tracker = make_tracker(raw_disk.device, 64 << 20)
+    reads = []
+    real_read = os.read
+
+    def counting_read(fd: int, n: int) -> bytes:
+        if fd == tracker.instance._fd:
+            reads.append(n)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(tracefs.os, "read", counting_read)
+    try:
+        dirty_blocks(tracker)
+        reads.clear()
+        writes = 200
+        started = time.monotonic()
+        for i in range(writes):
+            dd_direct(raw_disk.device, (2 * i) * BLOCK, os.urandom(BLOCK))
+            time.sleep(0.002)
+        elapsed = time.monotonic() - started
+        assert dirty_blocks(tracker) == {2 * i for i in range(writes)}
+        # One read per IDLE_WAIT, and a few more for the marker of the sync just made.
+        assert len(reads) <= elapsed / tracefs.IDLE_WAIT + 4, (
+            f"{len(reads)} reads of trace_pipe in {elapsed:.2f} s for {writes} writes"
+        )
+    finally:
+        tracker.close()
