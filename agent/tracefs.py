@@ -39,8 +39,6 @@ _BLOCK = re.compile(
 )
 _MARK = re.compile(rb"ferry-mark (\d+)")
 
-IDLE_CHUNK = 16 << 10
-"""A read of trace_pipe shorter than this waits up to IDLE_WAIT before the next."""
 IDLE_WAIT = 0.02
 """Seconds the reader lets events gather after a short read (a marker ends the wait)."""
 
@@ -158,6 +156,9 @@ class TraceInstance:
         self._fd: int | None = None
         self._marker_fd: int | None = None
         self._pending = b""
+        self._longest = 4096
+        """The longest read of trace_pipe so far, at least a page: what it gives at once
+        when it holds more (a page or two, not what was asked for; 8 KiB here)."""
         self._wake = threading.Event()
         """Set when a marker is written: a pass waits for the reader to consume it."""
         self.events = 0
@@ -356,11 +357,14 @@ class TraceInstance:
             self._pending = lines.pop()
             for line in lines:
                 self._dispatch(line)
-            if len(chunk) < IDLE_CHUNK:
+            self._longest = max(self._longest, len(chunk))
+            if len(chunk) < self._longest // 2:
                 # A short read means the stream is not busy: let events gather
                 # instead of waking for every few (each wake-up costs the agent
                 # more CPU than the events it reads), unless a marker was written
-                # meanwhile, which a pass is waiting for.
+                # meanwhile, which a pass is waiting for.  A read as long as the pipe
+                # gives is read on from at once (waiting after those, the reader fell
+                # behind at 50 MB/s).
                 self._wake.wait(IDLE_WAIT)
                 self._wake.clear()
 

@@ -242,3 +242,35 @@ def test_a_trickle_of_writes_is_read_in_gathered_chunks_and_a_marker_ends_the_wa
         )
     finally:
         tracker.close()
+
+
+def test_a_backlog_is_read_on_without_waiting(raw_disk, monkeypatch):
+    """When the pipe holds more than one read gives, the reader reads on at once: waiting
+    after every read capped it at a few hundred KB of events a second, and at 50 MB/s of
+    writes it fell behind and passes slowed to seconds."""
+    tracker = make_tracker(raw_disk.device, 64 << 20)
+    instance = tracker.instance
+    waits = []
+    real_wait = instance._wake.wait
+
+    def counting_wait(timeout: float | None = None) -> bool:
+        waits.append(timeout)
+        return real_wait(timeout)
+
+    monkeypatch.setattr(instance._wake, "wait", counting_wait)
+    try:
+        dirty_blocks(tracker)
+        # 20,000 marker lines the parser ignores (about 1.3 MB), written faster than a
+        # reader that waits after every read drains them (it waited ~200 times after).
+        fd = os.open(instance.path / "trace_marker", os.O_WRONLY)
+        try:
+            for i in range(20000):
+                os.write(fd, b"backlog %d" % i)
+        finally:
+            os.close(fd)
+        waits.clear()
+        dd_direct(raw_disk.device, 7 * BLOCK, os.urandom(BLOCK))
+        assert dirty_blocks(tracker) == {7}
+        assert len(waits) < 20, f"the reader waited {len(waits)} times draining the backlog"
+    finally:
+        tracker.close()
