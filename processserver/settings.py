@@ -43,7 +43,7 @@ class Settings:
     compression_level: int = defaults.COMPRESSION_LEVEL
     """zstd level of segment bodies (1-22)."""
     segment_key_file: str | None = None
-    """Hex 32-byte key every segment is sealed with (ChaCha20-Poly1305); wins over segment_key."""
+    """Hex 32-byte key every segment is sealed with (AES-256-GCM); wins over segment_key."""
     segment_key: str | None = None
     """The same, as 64 hex digits (server mode: the tenant's current key, from the server)."""
     allow_unsealed: bool = False

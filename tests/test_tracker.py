@@ -212,8 +212,7 @@ def test_a_trickle_of_writes_is_read_in_gathered_chunks_and_a_marker_ends_the_wa
 ):
     """Under a steady trickle of writes the reader lets events gather (a wake-up per
     event cost the agent more CPU than the events): it reads trace_pipe a few times per
-    IDLE_WAIT at most, not once per write; every write is still marked dirty, and a pass's
-    marker is consumed while the reader waits."""
+    IDLE_WAIT at most, not once per write, and every write is still marked dirty."""
     from agent import tracefs
 
     tracker = make_tracker(raw_disk.device, 64 << 20)
