@@ -20,7 +20,7 @@ from typing import Any
 
 from agent import defaults
 from ferry import pki, wire
-from ferry.batch import Batch
+from ferry.batch import Batch, Payload
 from ferry.errors import FerryError
 
 log = logging.getLogger("ferry.agent.shipper")
@@ -144,9 +144,7 @@ class Shipper:
 
     # -- connection -------------------------------------------------------------------
 
-    def _try_send(
-        self, header: dict[str, Any], payload: bytes | bytearray = b"", sock: Any = None
-    ) -> bool:
+    def _try_send(self, header: dict[str, Any], payload: Payload = b"", sock: Any = None) -> bool:
         """Send a frame on ``sock`` (default: the open connection); False if it failed."""
         if sock is None:
             sock = self._sock
@@ -221,7 +219,7 @@ class Shipper:
         sent: set[Any] = set()
         while True:
             with self._cv:
-                frames: list[tuple[dict[str, Any], bytes | bytearray]] = [
+                frames: list[tuple[dict[str, Any], Payload]] = [
                     (f, b"") for f in self._requests.values() if id(f) not in sent
                 ]
                 batches = sorted(

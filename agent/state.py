@@ -35,7 +35,7 @@ from typing import Any
 
 from pyroaring import BitMap
 
-from ferry.batch import Batch
+from ferry.batch import Batch, contiguous
 from ferry.durable import fsync_dir, read_json, write_atomic, write_json
 
 log = logging.getLogger("ferry.agent")
@@ -108,13 +108,13 @@ def save_stop(
     a crash in between leaves no record, so the next start resyncs.
     """
     path = _dir(state_dir) / f"{disk}.stop.json"
+    payloads = [contiguous(b.payload) for b in unacked]
     listed = [
-        {"header": b.header(), "length": len(b.payload),
-         "sha256": hashlib.sha256(b.payload).hexdigest()}
-        for b in unacked
-    ]  # fmt: skip
+        {"header": b.header(), "length": len(p), "sha256": hashlib.sha256(p).hexdigest()}
+        for b, p in zip(unacked, payloads, strict=True)
+    ]
     if unacked:
-        write_atomic(_dir(state_dir) / f"{disk}.unacked", [b.payload for b in unacked])
+        write_atomic(_dir(state_dir) / f"{disk}.unacked", payloads)
     write_json(path, {"disk": disk, **record, "unacked": listed})
 
 

@@ -16,8 +16,49 @@ DATA = "d"
 ZERO = "z"
 """Extent kind: the range is all zeros; the payload carries nothing for it."""
 
-Payload = bytes | bytearray
-"""A batch's data: the agent fills a bytearray in place rather than join copies of it."""
+KEEP_MIN = 64 << 10
+"""Shortest piece a :class:`Gathered` payload keeps as a view rather than copies, in bytes:
+shorter ones are copied together, so the TLS records and writes they go out in stay long."""
+
+
+class Gathered:
+    """A batch's data in parts, in extent order, as the agent ships it without a copy.
+
+    Long pieces are views of the buffers they were read into (kept alive, never
+    overwritten, while viewed: ferry.blockio.DirectReader's ``keep``); short ones
+    are copied together into a bytearray.  ``bytes()`` joins them (to save them).
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytearray | memoryview] = []
+        self.size = 0
+
+    def add(self, data: memoryview, keep: bool) -> None:
+        """Append ``data``: as the view itself if ``keep`` and it is long, else copied."""
+        if keep and len(data) >= KEEP_MIN:
+            self.parts.append(data)
+        elif self.parts and isinstance(self.parts[-1], bytearray):
+            self.parts[-1] += data
+        else:
+            self.parts.append(bytearray(data))
+        self.size += len(data)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
+Payload = bytes | bytearray | Gathered
+"""A batch's data: bytes or a bytearray as received, :class:`Gathered` as the agent reads it."""
+
+
+def contiguous(payload: Payload) -> bytes | bytearray:
+    """``payload`` in one piece: itself, or a :class:`Gathered` payload's parts joined."""
+    return bytes(payload) if isinstance(payload, Gathered) else payload
 
 
 @dataclasses.dataclass
@@ -93,7 +134,7 @@ class Batch:
 
     def pieces(self):
         """Yield ``(offset, memoryview-or-None, length)`` for each extent; None means zeros."""
-        view = memoryview(self.payload)
+        view = memoryview(contiguous(self.payload))
         pos = 0
         for offset, length, kind in self.extents:
             if kind == DATA:

@@ -78,9 +78,17 @@ def dev_number(path: str) -> int:
 
 
 class DirectReader:
-    """Aligned reads from a device or file, with O_DIRECT where possible."""
+    """Aligned reads from a device or file, with O_DIRECT where possible.
 
-    def __init__(self, path: str, max_chunk: int) -> None:
+    A read's view is valid until the next read, unless the reader was made with
+    ``keep``: then no read goes to a buffer of which a view is still alive (the
+    interpreter counts them: an mmap with views refuses to be resized), so a
+    caller may hold on to the views of up to ``keep`` reads, while :meth:`may_keep`
+    says so, and send them later without copying them.  A view held longer only
+    costs another buffer; it is never overwritten.
+    """
+
+    def __init__(self, path: str, max_chunk: int, keep: int = 0) -> None:
         self.path = path
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -92,12 +100,19 @@ class DirectReader:
                 raise DeviceError(device=path, problem=exc.strerror or str(exc))
             self.direct = False
         self.size = device_size(self.fd)
-        self.buf = mmap.mmap(-1, _round_up(max_chunk))
+        self.keep = keep
+        self._bytes = _round_up(max_chunk)
+        self.buf = mmap.mmap(-1, self._bytes)
+        self._pool = [self.buf]
+        """Every buffer reads go to, ``buf`` the current one (with ``keep``, up to keep + 1)."""
         self.last = (0, 0)
         """Where the last read's bytes are in ``buf``: ``(start, length)``."""
 
     def read(self, offset: int, length: int) -> memoryview:
-        """Return ``length`` bytes at ``offset`` (valid until the next read)."""
+        """Return ``length`` bytes at ``offset`` (valid until the next read, or, with
+        ``keep``, for as long as the view is held)."""
+        if self.keep:
+            self.buf = self._free_buffer()
         start = offset - offset % ALIGN
         end = min(_round_up(offset + length), _round_up(self.size))
         want = end - start
@@ -114,18 +129,52 @@ class DirectReader:
         self.last = (skip, length)
         return memoryview(self.buf)[skip : skip + length]
 
+    @property
+    def buffers(self) -> int:
+        """How many buffers the reader has made (one without ``keep``)."""
+        return len(self._pool)
+
+    def may_keep(self) -> bool:
+        """Whether views of the last read may be held: another buffer is free, or may be
+        made within ``keep`` + 1, for the next read."""
+        if not self.keep:
+            return False
+        free = sum(1 for b in self._pool if b is not self.buf and not _in_use(b))
+        return free > 0 or len(self._pool) <= self.keep
+
+    def _free_buffer(self) -> mmap.mmap:
+        if not _in_use(self.buf):
+            return self.buf
+        for buf in self._pool:
+            if not _in_use(buf):
+                return buf
+        buf = mmap.mmap(-1, self._bytes)  # beyond keep + 1 only if a view outlived may_keep
+        self._pool.append(buf)
+        return buf
+
     def zero_runs(self, block: int) -> list[tuple[int, int, bool]]:
         """:func:`zero_runs` of what the last :meth:`read` returned, searched in place."""
         skip, length = self.last
         return zero_runs(self.buf, skip, length, block)
 
     def close(self) -> None:
-        """Release the descriptor and buffer."""
+        """Release the descriptor and buffers (a buffer still viewed goes with its last view)."""
         os.close(self.fd)
-        try:
-            self.buf.close()
-        except BufferError:
-            pass  # a caller still holds a view; the mapping goes with it
+        for buf in self._pool:
+            try:
+                buf.close()
+            except BufferError:
+                pass  # a caller still holds a view; the mapping goes with it
+        self._pool = []
+
+
+def _in_use(buf: mmap.mmap) -> bool:
+    """Whether a view of ``buf`` is alive (resizing to its own size is refused then)."""
+    try:
+        buf.resize(len(buf))
+    except BufferError:
+        return True
+    return False
 
 
 def _round_up(n: int, align: int = ALIGN) -> int:

@@ -41,7 +41,7 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from ferry.batch import Batch
+from ferry.batch import Batch, contiguous
 from ferry.errors import SegmentCorrupt
 
 MAGIC = b"FERRYSG1"
@@ -110,7 +110,7 @@ def pack(batch: Batch, key: bytes | None = None, level: int = 1) -> tuple[bytes,
     if key is not None:
         header["key_id"] = key_id(key)
     hbytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    body = [_compressor(level).compress(batch.payload)]
+    body = [_compressor(level).compress(contiguous(batch.payload))]
     flags = FLAG_ZSTD
     if key is not None:
         nonce = _nonce(key, hbytes, body[0])

@@ -33,6 +33,7 @@ import socket
 import struct
 from typing import Any, Literal, overload
 
+from ferry.batch import Gathered
 from ferry.errors import ProtocolError
 
 MAGIC = b"FRY1"
@@ -44,15 +45,18 @@ MAX_PAYLOAD = 256 << 20
 
 
 def encode(
-    header: dict[str, Any], payload: bytes | bytearray | memoryview = b""
+    header: dict[str, Any], payload: bytes | bytearray | memoryview | Gathered = b""
 ) -> list[bytes | bytearray | memoryview]:
     """The byte strings of one frame (send them in order)."""
     hbytes = json.dumps(header, separators=(",", ":")).encode()
-    return [_FRAME.pack(MAGIC, len(hbytes), len(payload)), hbytes, payload]
+    parts = payload.parts if isinstance(payload, Gathered) else [payload]
+    return [_FRAME.pack(MAGIC, len(hbytes), len(payload)), hbytes, *parts]
 
 
 def send(
-    sock: socket.socket, header: dict[str, Any], payload: bytes | bytearray | memoryview = b""
+    sock: socket.socket,
+    header: dict[str, Any],
+    payload: bytes | bytearray | memoryview | Gathered = b"",
 ) -> None:
     """Send one frame; the caller serialises writers."""
     for part in encode(header, payload):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ferry import durable
-from ferry.batch import Batch
+from ferry.batch import Batch, contiguous
 from ferry.errors import Exit, FerryError
 from ferry.naming import check_id
 from processserver import defaults
@@ -74,7 +74,7 @@ class SpoolKey(NamedTuple):
 def encode(batch: Batch) -> list[bytes | bytearray]:
     """The parts of a spool file for ``batch``."""
     header = json.dumps(batch.header(), separators=(",", ":")).encode()
-    return [_LEN.pack(len(header)), header, batch.payload]
+    return [_LEN.pack(len(header)), header, contiguous(batch.payload)]
 
 
 def decode(data: bytes) -> Batch:

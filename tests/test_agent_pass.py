@@ -119,3 +119,53 @@ def test_an_orderly_stop_gives_back_the_blocks_it_read_but_did_not_send(pass_on)
     dirty = tracker.disks[disk.id].dirty
     assert sent and not (sent & dirty), "a block sent is dirty again"
     assert blocks - sent <= dirty, "a block read and held back was not given back"
+
+
+def _disk_bytes(replicator, disk, batch: Batch) -> bytes:
+    """What the disk holds at ``batch``'s data extents, read back from the image."""
+    with open(disk.track.device, "rb") as f:
+        out = b""
+        for offset, length, kind in batch.extents:
+            if kind == "d":
+                f.seek(offset)
+                out += f.read(length)
+    return out
+
+
+def test_a_syncing_pass_ships_the_disks_bytes_though_every_batch_is_still_held(pass_on):
+    # A sync sends long runs as views of the buffers they were read into, not copies;
+    # the shipper keeps every batch until the process server acknowledges it (this one
+    # never does), so a buffer still viewed must never take another read, and the
+    # reader may hold no more than a window's worth of reads before it copies again.
+    replicator, disk, _, shipper, _ = pass_on("initial-sync", window=3)
+    with open(disk.track.device, "r+b") as f:  # zeros between runs of data, as on a disk
+        for at in range(0, 64 * MiB, 5 * MiB):
+            f.seek(at)
+            f.write(bytes(700 * 1024))
+    last = replicator._ship_pass(disk, BitMap(range(0, (64 * MiB) // BLOCK)))
+    held = [*shipper.batches, last]
+    assert len(held) >= 15
+    for batch in held:
+        assert batch is not None
+        assert bytes(batch.payload) == _disk_bytes(replicator, disk, batch), (
+            f"batch {batch.seq} does not hold what the disk holds at its extents"
+        )
+    kept = [p for b in held for p in b.payload.parts if isinstance(p, memoryview)]
+    assert kept, "no run went out as a view of its read"
+    assert replicator._buffers[disk.id].buffers <= 3 + 2, "the reader held more reads than a window"
+
+
+def test_a_read_the_shipper_let_go_of_is_read_into_again(pass_on):
+    replicator, disk, _, shipper, _ = pass_on("initial-sync", window=2)
+
+    class Acking(type(shipper)):
+        def send_batch(self, batch, stop=None):
+            super().send_batch(batch, stop)
+            self.batches = self.batches[-2:]  # the process server acknowledged the older
+            return True
+
+    replicator.shipper = Acking([])
+    last = replicator._ship_pass(disk, BitMap(range(0, (64 * MiB) // BLOCK)))
+    for batch in [*replicator.shipper.batches, last]:
+        assert bytes(batch.payload) == _disk_bytes(replicator, disk, batch)
+    assert replicator._buffers[disk.id].buffers <= 2 + 2, "a buffer no longer viewed was not reused"
