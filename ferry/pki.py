@@ -11,18 +11,22 @@ import ipaddress
 import os
 import ssl
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+# The certificate authority's half imports cryptography when it is used: the daemons
+# only make TLS contexts and read peer certificates (ssl), and cryptography.x509 took
+# a quarter of the agent's imports at every start.
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 VALID_DAYS = 825
 """Lifetime of issued certificates, in days."""
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    from cryptography.hazmat.primitives import serialization
+
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -35,12 +39,19 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def _name(cn: str) -> x509.Name:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Ferry"),
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # fmt: skip
 
 
 def make_ca(directory: str | Path, name: str = "Ferry CA") -> tuple[Path, Path]:
     """Create ``ca.pem`` and ``ca.key`` in ``directory`` unless they exist; return their paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = d / "ca.pem", d / "ca.key"
@@ -71,8 +82,6 @@ def make_ca(directory: str | Path, name: str = "Ferry CA") -> tuple[Path, Path]:
 TENANT_URI = "urn:ferry:tenant:"
 """Prefix of the URI subject alternative names that bind an agent certificate to tenants."""
 
-_SHA256_SIGNERS = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, dsa.DSAPrivateKey)
-
 MACHINE_URI = "urn:ferry:machine:"
 """Prefix of the URI subject alternative name naming the machine an agent certificate is for."""
 
@@ -102,6 +111,11 @@ def issue(
     authentication only and carries ``hosts`` (DNS names or IP addresses).
     ``role`` defaults to ``agent`` when ``tenants`` or ``machine`` are given.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     role = role or ("agent" if tenants or machine else "server")
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -113,7 +127,8 @@ def issue(
     out_dir.mkdir(parents=True, exist_ok=True)
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
-    if not isinstance(ca_key, _SHA256_SIGNERS):  # what .sign(..., SHA256) can use
+    if not isinstance(ca_key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, dsa.DSAPrivateKey)):
+        # what .sign(..., SHA256) can use
         raise ValueError(f"{ca_dir / 'ca.key'} is a {type(ca_key).__name__}, not an EC or RSA key")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
