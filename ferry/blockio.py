@@ -143,9 +143,7 @@ class DirectReader:
         return free > 0 or len(self._pool) <= self.keep
 
     def _free_buffer(self) -> mmap.mmap:
-        if not _in_use(self.buf):
-            return self.buf
-        for buf in self._pool:
+        for buf in (self.buf, *self._pool):  # the current one first
             if not _in_use(buf):
                 return buf
         buf = mmap.mmap(-1, self._bytes)  # beyond keep + 1 only if a view outlived may_keep
