@@ -52,11 +52,12 @@ class Gathered:
         return b"".join(self.parts)
 
 
-Payload = bytes | bytearray | Gathered
-"""A batch's data: bytes or a bytearray as received, :class:`Gathered` as the agent reads it."""
+Payload = bytes | bytearray | memoryview | Gathered
+"""A batch's data: bytes or a bytearray as received, a view of a reused buffer as the master
+target decompresses it (ferry.segment.decode), :class:`Gathered` as the agent reads it."""
 
 
-def contiguous(payload: Payload) -> bytes | bytearray:
+def contiguous(payload: Payload) -> bytes | bytearray | memoryview:
     """``payload`` in one piece: itself, or a :class:`Gathered` payload's parts joined."""
     return bytes(payload) if isinstance(payload, Gathered) else payload
 

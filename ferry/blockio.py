@@ -16,6 +16,7 @@ import mmap
 import os
 import stat
 import struct
+import threading
 
 import xxhash
 
@@ -77,6 +78,77 @@ def dev_number(path: str) -> int:
     return (os.major(rdev) << 20) | os.minor(rdev)
 
 
+class BufferPool:
+    """Page-aligned buffers of ``size`` bytes, each used again once no view of it is alive.
+
+    The interpreter does the counting: an mmap with live views refuses to be
+    resized (:func:`_in_use`), and a view's buffer is freed with its last
+    reference.  Being mmaps, the buffers are page-aligned: O_DIRECT takes
+    them as they are (the master target decompresses segments into them and
+    writes long extents from there, mastertarget.target).
+    """
+
+    def __init__(self, size: int, limit: int | None = None) -> None:
+        self.size = _round_up(size)
+        self.limit = limit
+        """Most buffers made at once (None: no limit)."""
+        self.buffers: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self, prefer: mmap.mmap | None = None) -> mmap.mmap | None:
+        """A buffer no view points into, ``prefer`` first; a new one if none is free and
+        fewer than ``limit`` exist; else None.
+
+        The buffer is free only until someone views it: callers on several
+        threads use :meth:`view` instead.
+        """
+        with self._lock:
+            return self._take(prefer)
+
+    def view(self, n: int) -> memoryview | None:
+        """The first ``n`` bytes of a free buffer (safe across threads), None if ``n``
+        is more than a buffer holds or every buffer is in use and the limit reached."""
+        if n > self.size:
+            return None
+        with self._lock:
+            buf = self._take(None)
+            return None if buf is None else memoryview(buf)[:n]
+
+    def spare(self, besides: mmap.mmap | None = None) -> int:
+        """How many buffers other than ``besides`` no view points into."""
+        with self._lock:
+            return sum(1 for b in self.buffers if b is not besides and not _in_use(b))
+
+    def release(self) -> int:
+        """Unmap every buffer no view points into (after a burst); return how many."""
+        with self._lock:
+            free = [b for b in self.buffers if not _in_use(b)]
+            for buf in free:
+                buf.close()
+            self.buffers = [b for b in self.buffers if not b.closed]
+        return len(free)
+
+    def close(self) -> None:
+        """Unmap every buffer (one still viewed goes with its last view)."""
+        with self._lock:
+            for buf in self.buffers:
+                try:
+                    buf.close()
+                except BufferError:
+                    pass  # a caller still holds a view; the mapping goes with it
+            self.buffers = []
+
+    def _take(self, prefer: mmap.mmap | None) -> mmap.mmap | None:
+        for buf in (prefer, *self.buffers) if prefer is not None else self.buffers:
+            if not _in_use(buf):
+                return buf
+        if self.limit is not None and len(self.buffers) >= self.limit:
+            return None
+        buf = mmap.mmap(-1, self.size)
+        self.buffers.append(buf)
+        return buf
+
+
 class DirectReader:
     """Aligned reads from a device or file, with O_DIRECT where possible.
 
@@ -101,10 +173,10 @@ class DirectReader:
             self.direct = False
         self.size = device_size(self.fd)
         self.keep = keep
-        self._bytes = _round_up(max_chunk)
-        self.buf = mmap.mmap(-1, self._bytes)
-        self._pool = [self.buf]
-        """Every buffer reads go to, ``buf`` the current one (with ``keep``, up to keep + 1)."""
+        self._pool = BufferPool(max_chunk)
+        """Every buffer reads go to (with ``keep``, up to keep + 1)."""
+        self.buf = self._new_buffer()
+        """The buffer of the last read."""
         self.last = (0, 0)
         """Where the last read's bytes are in ``buf``: ``(start, length)``."""
 
@@ -112,7 +184,7 @@ class DirectReader:
         """Return ``length`` bytes at ``offset`` (valid until the next read, or, with
         ``keep``, for as long as the view is held)."""
         if self.keep:
-            self.buf = self._free_buffer()
+            self.buf = self._new_buffer(self.buf)
         start = offset - offset % ALIGN
         end = min(_round_up(offset + length), _round_up(self.size))
         want = end - start
@@ -132,22 +204,19 @@ class DirectReader:
     @property
     def buffers(self) -> int:
         """How many buffers the reader has made (one without ``keep``)."""
-        return len(self._pool)
+        return len(self._pool.buffers)
 
     def may_keep(self) -> bool:
         """Whether views of the last read may be held: another buffer is free, or may be
         made within ``keep`` + 1, for the next read."""
         if not self.keep:
             return False
-        free = sum(1 for b in self._pool if b is not self.buf and not _in_use(b))
-        return free > 0 or len(self._pool) <= self.keep
+        return self._pool.spare(besides=self.buf) > 0 or self.buffers <= self.keep
 
-    def _free_buffer(self) -> mmap.mmap:
-        for buf in (self.buf, *self._pool):  # the current one first
-            if not _in_use(buf):
-                return buf
-        buf = mmap.mmap(-1, self._bytes)  # beyond keep + 1 only if a view outlived may_keep
-        self._pool.append(buf)
+    def _new_buffer(self, current: mmap.mmap | None = None) -> mmap.mmap:
+        # The current one first; beyond keep + 1 buffers only if a view outlived may_keep.
+        buf = self._pool.take(prefer=current)
+        assert buf is not None  # the reader's pool has no limit
         return buf
 
     def zero_runs(self, block: int) -> list[tuple[int, int, bool]]:
@@ -158,12 +227,16 @@ class DirectReader:
     def close(self) -> None:
         """Release the descriptor and buffers (a buffer still viewed goes with its last view)."""
         os.close(self.fd)
-        for buf in self._pool:
-            try:
-                buf.close()
-            except BufferError:
-                pass  # a caller still holds a view; the mapping goes with it
-        self._pool = []
+        self._pool.close()
+
+
+def aligned(view: memoryview) -> bool:
+    """Whether ``view`` starts at an O_DIRECT-aligned address; a read-only or empty view
+    (whose address ctypes will not give) counts as not."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _in_use(buf: mmap.mmap) -> bool:

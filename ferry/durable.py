@@ -20,7 +20,7 @@ def fsync_dir(path: str | Path) -> None:
 
 def write_atomic(
     path: str | Path,
-    parts: list[bytes | bytearray] | list[bytes] | bytes | bytearray,
+    parts: list[bytes | bytearray | memoryview] | list[bytes] | bytes | bytearray | memoryview,
     durable: bool = True,
 ) -> None:
     """Replace ``path`` with ``parts`` so that a crash leaves the old or the new file, whole.
@@ -29,12 +29,11 @@ def write_atomic(
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if isinstance(parts, bytes | bytearray | memoryview):
-        parts = [parts]
+    pieces = [parts] if isinstance(parts, bytes | bytearray | memoryview) else parts
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         try:
-            for part in parts:
+            for part in pieces:
                 view = memoryview(part)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -52,7 +51,7 @@ def write_atomic(
         fsync_dir(path.parent)
 
 
-def write_group(files: list[tuple[Path, list[bytes | bytearray]]]) -> None:
+def write_group(files: list[tuple[Path, list[bytes | bytearray | memoryview]]]) -> None:
     """:func:`write_atomic` of several files at once, each directory fsync'ed once.
 
     Group commit: every file is written to its temporary, then each is

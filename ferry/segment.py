@@ -34,6 +34,7 @@ import hashlib
 import json
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
@@ -217,9 +218,13 @@ def open_verified(
     return Opened(name, header, body, flags)
 
 
-def decode(opened: Opened) -> Batch:
-    """The batch of a verified segment: decompress its body; SegmentCorrupt if that fails."""
-    payload = _decompress(opened.body, opened.flags, opened.header, opened.name)
+def decode(opened: Opened, into: Callable[[int], memoryview | None] | None = None) -> Batch:
+    """The batch of a verified segment: decompress its body; SegmentCorrupt if that fails.
+
+    The payload is decompressed into what ``into`` gives for its length (e.g.
+    a reused buffer, ``ferry.blockio.BufferPool.view``), else into new bytes.
+    """
+    payload = _decompress(opened.body, opened.flags, opened.header, opened.name, into)
     try:
         return Batch.from_header(opened.header, payload)
     except ValueError as exc:
@@ -297,18 +302,42 @@ def _open(
     raise SegmentCorrupt(name=name, why="authentication failed")
 
 
-def _decompress(body: bytes | memoryview, flags: int, header: dict, name: str) -> bytes:
+def _decompress(
+    body: bytes | memoryview,
+    flags: int,
+    header: dict,
+    name: str,
+    into: Callable[[int], memoryview | None] | None = None,
+) -> bytes | memoryview:
     raw_len = header.get("raw_len")
     if not isinstance(raw_len, int) or raw_len < 0:
         raise SegmentCorrupt(name=name, why="header lacks raw_len")
     if not flags & FLAG_ZSTD:
-        payload = bytes(body)
-    else:
-        try:
-            payload = _decompressor().decompress(body, max_output_size=raw_len)
-        except zstandard.ZstdError as exc:
-            raise SegmentCorrupt(name=name, why=f"cannot decompress ({exc})")
-    if len(payload) != raw_len:
+        return _check_length(bytes(body), raw_len, name)
+    out = into(raw_len) if into is not None and raw_len else None
+    try:
+        if out is not None:
+            return _check_length(out, _decompress_into(body, out), name)
+        payload = _decompressor().decompress(body, max_output_size=raw_len)
+    except zstandard.ZstdError as exc:
+        raise SegmentCorrupt(name=name, why=f"cannot decompress ({exc})")
+    return _check_length(payload, raw_len, name)
+
+
+def _decompress_into(body: bytes | memoryview, out: memoryview) -> int:
+    """Decompress ``body`` into ``out``; the bytes it decompresses to (``len(out)`` + 1 if more)."""
+    reader = _decompressor().stream_reader(body, read_across_frames=True)
+    got = 0
+    while got < len(out):
+        n = reader.readinto(out[got:])
+        if not n:
+            return got
+        got += n
+    return got + len(reader.read(1))
+
+
+def _check_length(payload: bytes | memoryview, length: int, name: str) -> bytes | memoryview:
+    if len(payload) != length:
         raise SegmentCorrupt(name=name, why="payload length differs from the header")
     return payload
 

@@ -115,7 +115,16 @@ that.  Replication's short extents stay buffered: their before-images are
 read back by the recovery journal, from the page cache."""
 
 DIRECT_CHUNK = 4 << 20
-"""Size of the aligned buffer O_DIRECT writes go through, in bytes."""
+"""Size of the aligned buffer O_DIRECT writes go through, in bytes (a segment decompressed
+into a reused buffer, ``DECODE_BUFFER_BYTES``, is written from where it lies instead)."""
+
+DECODE_BUFFER_BYTES = 16 << 20
+"""Size of each reused, page-aligned buffer segments are decompressed into (the agent's
+``sync_batch_bytes``), in bytes: a larger payload is decompressed into fresh memory."""
+
+DECODE_BUFFERS = 8
+"""Most reused decompression buffers at once, for all disks, a count; past it, payloads are
+decompressed into fresh memory.  Given back after a burst of large segments (``TRIM_AFTER``)."""
 
 CHECKSUM_CHUNK = 8 << 20
 """Bytes read at a time when re-checking a staged file before a group is applied."""

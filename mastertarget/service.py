@@ -26,7 +26,7 @@ from mastertarget import defaults
 from mastertarget.ownership import Ownership
 from mastertarget.settings import DiskSettings, Settings
 from mastertarget.status import StatusBoard
-from mastertarget.worker import TRIMMER, DiskWorker
+from mastertarget.worker import DECODED, TRIMMER, DiskWorker
 
 log = logging.getLogger("ferry.mastertarget")
 
@@ -136,7 +136,8 @@ class DiskRunner(threading.Thread):
         idle = defaults.IDLE_POLL_MIN
         while not self.stop.is_set() and not worker.fenced:
             done = self._retrying(worker.step)
-            TRIMMER.maybe()
+            if TRIMMER.maybe():
+                DECODED.release()
             if done:
                 idle = defaults.IDLE_POLL_MIN
                 if worker.drained:  # the round emptied the queue (DRAINED_POLL)

@@ -155,21 +155,28 @@ class Target:
     def _write_direct(self, offset: int, data: memoryview) -> None:
         """Write ``data`` at ``offset`` (aligned) through the O_DIRECT descriptor.
 
-        Whole aligned chunks go through the bounce buffer; an unaligned tail, or
+        Whole aligned chunks go through the bounce buffer, unless ``data`` itself
+        starts at an aligned address (a reused, page-aligned decompression
+        buffer: ``mastertarget.worker.DECODED``); an unaligned tail, or
         everything from a write O_DIRECT refused (EINVAL: the device wants a
         larger alignment), is written buffered instead.
         """
         assert self.direct_fd is not None
-        if self._bounce is None:
-            self._bounce = mmap.mmap(-1, defaults.DIRECT_CHUNK)  # page-aligned
-        bounce = memoryview(self._bounce)
+        bounce = None
+        if not blockio.aligned(data):  # else written from where it lies (segment.decode's buffer)
+            if self._bounce is None:
+                self._bounce = mmap.mmap(-1, defaults.DIRECT_CHUNK)  # page-aligned
+            bounce = memoryview(self._bounce)
         whole = len(data) - len(data) % blockio.ALIGN
         done = 0
         try:
             while done < whole:
-                n = min(whole - done, len(bounce))
-                bounce[:n] = data[done : done + n]
-                wrote = os.pwrite(self.direct_fd, bounce[:n], offset + done)
+                if bounce is None:
+                    chunk = data[done:whole]
+                else:
+                    chunk = bounce[: min(whole - done, len(bounce))]
+                    chunk[:] = data[done : done + len(chunk)]
+                wrote = os.pwrite(self.direct_fd, chunk, offset + done)
                 done += wrote - wrote % blockio.ALIGN  # a short write: the rest goes again
                 if wrote % blockio.ALIGN:
                     break
@@ -181,7 +188,8 @@ class Target:
             os.close(self.direct_fd)
             self.direct_fd = None
         finally:
-            bounce.release()
+            if bounce is not None:
+                bounce.release()
         if done < len(data):
             self._write(offset + done, data[done:])
 

@@ -55,6 +55,7 @@ from ferry import durable, memory, naming, segment
 from ferry import fence as fences
 from ferry import verify as verify_format
 from ferry.batch import Batch
+from ferry.blockio import BufferPool
 from ferry.errors import FerryError, NotFound, SegmentCorrupt
 from ferry.storage import Message, Storage
 from mastertarget import applylock, defaults, killpoint, layout, notices
@@ -75,7 +76,12 @@ log = logging.getLogger("ferry.mastertarget")
 
 TRIMMER = memory.AfterBurst(defaults.TRIM_LARGE, defaults.TRIM_AFTER)
 """The process's: a sync's large segments, once applied, give their memory back (services
-call :meth:`~ferry.memory.AfterBurst.maybe` between rounds)."""
+call :meth:`~ferry.memory.AfterBurst.maybe` between rounds, and :meth:`DECODED.release
+<ferry.blockio.BufferPool.release>` when it trims)."""
+
+DECODED = BufferPool(defaults.DECODE_BUFFER_BYTES, defaults.DECODE_BUFFERS)
+"""The process's reused buffers segments are decompressed into: page-aligned, so that the
+target writes long extents from them with O_DIRECT without copying (mastertarget.target)."""
 
 
 class DiskWorker:
@@ -695,7 +701,7 @@ class DiskWorker:
         """The batch of a staged segment: from memory if kept when staged, else from its file."""
         opened = self.verified.take(gen, seq)
         if opened is not None:
-            return segment.decode(opened)
+            return segment.decode(opened, DECODED.view)
         return self._verify(self.staging.read(gen, seq), file_name(gen, seq), gen, seq)
 
     def _group_intact(self, gen: int, first: int, last: int) -> bool:

@@ -71,7 +71,7 @@ class SpoolKey(NamedTuple):
         return f"{self.tenant}/{self.disk} gen {self.gen} seq {self.seq}"
 
 
-def encode(batch: Batch) -> list[bytes | bytearray]:
+def encode(batch: Batch) -> list[bytes | bytearray | memoryview]:
     """The parts of a spool file for ``batch``."""
     header = json.dumps(batch.header(), separators=(",", ":")).encode()
     return [_LEN.pack(len(header)), header, contiguous(batch.payload)]

@@ -8,6 +8,7 @@ after the restart; the master target skips a notice it has already applied.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -67,9 +68,11 @@ class _Packed:
     """A batch packed as a segment, and how far its upload got."""
 
     def __init__(self, batch: Batch, key: bytes | None, level: int) -> None:
-        self.batch = batch
         self.blob = naming.segment_blob(batch.tenant, batch.disk, batch.gen, batch.seq)
         self.data, self.checksum = segment.pack(batch, key, level)
+        self.raw_len = len(batch.payload)
+        # The payload is in the segment now: its memory need not wait for the upload (and retries).
+        self.batch = dataclasses.replace(batch, payload=b"")
         self.stored = False
         self.failures = 0
 
@@ -108,7 +111,7 @@ class Uploader:
         packed = self._load(key)
         if packed is None:
             return
-        self.ctx.trimmer.used(len(packed.batch.payload))
+        self.ctx.trimmer.used(packed.raw_len)
         backoff = Backoff()
         while True:
             if self._attempt(packed):
@@ -166,7 +169,7 @@ class Uploader:
         ctx.health.succeeded()
         ctx.stats.add(
             segments_uploaded=1,
-            bytes_uploaded_raw=len(batch.payload),
+            bytes_uploaded_raw=packed.raw_len,
             bytes_uploaded_compressed=len(packed.data),
         )
         log.debug("uploaded and announced %s (%d bytes)", packed.blob, len(packed.data))

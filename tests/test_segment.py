@@ -201,3 +201,39 @@ def test_a_segment_sealed_by_an_older_process_server_still_opens():
     flipped += xxhash.xxh3_128(bytes(flipped)).digest()
     with pytest.raises(SegmentCorrupt, match="authentication failed"):
         unpack(bytes(flipped), "s", EXPECT, key=KEY)
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "sealed"])
+def test_a_segment_decompressed_into_a_buffer_of_the_callers_is_the_same_batch(key):
+    """The master target decompresses into reused, page-aligned buffers (ferry.blockio)."""
+    from ferry.blockio import BufferPool
+    from ferry.segment import decode, open_verified
+
+    batch = sample()
+    data, checksum = pack(batch, key)
+    pool = BufferPool(1 << 20)
+    back = decode(open_verified(data, "s", EXPECT, key=key, checksum=checksum), pool.view)
+    assert isinstance(back.payload, memoryview) and back.payload.obj is pool.buffers[0]
+    assert back == batch
+    # too big for the buffers: decompressed into new memory, the same batch
+    assert decode(open_verified(data, "s", EXPECT, key=key), BufferPool(4096).view) == batch
+
+
+def test_a_body_longer_or_shorter_than_its_header_says_is_refused_in_a_buffer_too():
+    import zstandard
+
+    from ferry.blockio import BufferPool
+    from ferry.segment import Opened, decode
+
+    batch = sample()
+    header = {**batch.header(), "raw_len": len(batch.payload)}
+    pool = BufferPool(1 << 20)
+    for body in (batch.payload + b"more", batch.payload[:-1]):
+        opened = Opened("s", header, zstandard.ZstdCompressor().compress(body), FLAG_ZSTD)
+        with pytest.raises(SegmentCorrupt, match="payload length differs"):
+            decode(opened, pool.view)
+        with pytest.raises(SegmentCorrupt, match="payload length differs"):
+            decode(opened)
+    garbage = Opened("s", header, b"\x28\xb5\x2f\xfd" + os.urandom(64), FLAG_ZSTD)
+    with pytest.raises(SegmentCorrupt, match="cannot decompress"):
+        decode(garbage, pool.view)

@@ -117,10 +117,17 @@ def test_the_master_target_serves_only_the_disks_whose_target_passes(tmp_path):
     assert [(d.id, d.kind, d.size) for d in served.disks] == [("d1", "file", 1 << 20)]
 
 
-def _write_and_compare(target: Target, size: int) -> None:
+def _write_and_compare(target: Target, size: int, pooled: bool = False) -> None:
     """Batches of long (O_DIRECT) and short (buffered) extents that overlap each other,
-    including an unaligned tail and zeros: the target reads back exactly as written."""
+    including an unaligned tail and zeros: the target reads back exactly as written.
+
+    ``pooled``: each payload lies in a page-aligned buffer, as the master target
+    decompresses segments (long extents at aligned places in it are written from
+    there, the others through the bounce buffer)."""
     from ferry.batch import DATA, ZERO, Batch
+    from ferry.blockio import BufferPool
+
+    pool = BufferPool(16 * MiB)
 
     expect = bytearray(size)
     rounds = [
@@ -141,8 +148,11 @@ def _write_and_compare(target: Target, size: int) -> None:
                 expect[offset : offset + length] = data
             else:
                 expect[offset : offset + length] = bytes(length)
+        held = pool.view(len(payload)) if pooled else None
+        if held is not None:
+            held[:] = payload
         batch = Batch(tenant="t", disk="d0", gen=1, seq=seq, disk_size=size,
-                      extents=extents, payload=bytes(payload))  # fmt: skip
+                      extents=extents, payload=bytes(payload) if held is None else held)  # fmt: skip
         assert target.write_batch(batch) == sum(n for _, n, _ in extents)
         target.sync()
         # read back through the buffered descriptor, as the journal and verify do
@@ -151,12 +161,39 @@ def _write_and_compare(target: Target, size: int) -> None:
         assert f.read() == bytes(expect)
 
 
-def test_long_extents_are_written_direct_and_read_back_with_the_rest(tmp_path):
+@pytest.mark.parametrize("pooled", [False, True], ids=["bytes", "aligned-buffer"])
+def test_long_extents_are_written_direct_and_read_back_with_the_rest(tmp_path, pooled):
     target = Target(tmp_path / "target.img", "file").open()
     try:
         assert target.direct_fd is not None, "O_DIRECT is refused on this filesystem"
-        _write_and_compare(target, 16 * MiB)
+        _write_and_compare(target, 16 * MiB, pooled)
         assert target.direct_fd is not None, "an O_DIRECT write was refused"
+    finally:
+        target.close()
+
+
+def test_a_long_extent_at_an_aligned_place_is_written_without_a_copy(tmp_path):
+    from ferry.batch import DATA, Batch
+    from ferry.blockio import BufferPool
+
+    data = os.urandom(2 * MiB)
+    target = Target(tmp_path / "target.img", "file").open()
+    try:
+        payload = BufferPool(2 * MiB).view(2 * MiB)
+        assert payload is not None
+        payload[:] = data
+        batch = Batch(tenant="t", disk="d0", gen=1, seq=1, disk_size=8 * MiB,
+                      extents=[(4 * MiB, 2 * MiB, DATA)], payload=payload)  # fmt: skip
+        target.write_batch(batch)
+        assert target._bounce is None, "the extent was copied into the bounce buffer"
+        target.sync()
+        assert target.read(4 * MiB, 2 * MiB) == data
+        other = os.urandom(2 * MiB)
+        batch.seq, batch.payload = 2, other  # bytes: not at an address O_DIRECT takes
+        target.write_batch(batch)
+        assert target._bounce is not None
+        target.sync()
+        assert target.read(4 * MiB, 2 * MiB) == other
     finally:
         target.close()
 
