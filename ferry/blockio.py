@@ -175,7 +175,7 @@ class DirectReader:
         self.keep = keep
         self._pool = BufferPool(max_chunk)
         """Every buffer reads go to (with ``keep``, up to keep + 1)."""
-        self.buf = self._new_buffer()
+        self.buf = self._free_buffer()
         """The buffer of the last read."""
         self.last = (0, 0)
         """Where the last read's bytes are in ``buf``: ``(start, length)``."""
@@ -184,7 +184,7 @@ class DirectReader:
         """Return ``length`` bytes at ``offset`` (valid until the next read, or, with
         ``keep``, for as long as the view is held)."""
         if self.keep:
-            self.buf = self._new_buffer(self.buf)
+            self.buf = self._free_buffer(self.buf)
         start = offset - offset % ALIGN
         end = min(_round_up(offset + length), _round_up(self.size))
         want = end - start
@@ -213,7 +213,7 @@ class DirectReader:
             return False
         return self._pool.spare(besides=self.buf) > 0 or self.buffers <= self.keep
 
-    def _new_buffer(self, current: mmap.mmap | None = None) -> mmap.mmap:
+    def _free_buffer(self, current: mmap.mmap | None = None) -> mmap.mmap:
         # The current one first; beyond keep + 1 buffers only if a view outlived may_keep.
         buf = self._pool.take(prefer=current)
         assert buf is not None  # the reader's pool has no limit
