@@ -139,7 +139,8 @@ class BufferPool:
             self.buffers = []
 
     def _take(self, prefer: mmap.mmap | None) -> mmap.mmap | None:
-        for buf in (prefer, *self.buffers) if prefer is not None else self.buffers:
+        others = [b for b in self.buffers if b is not prefer]
+        for buf in [prefer, *others] if prefer is not None else others:  # each probed once
             if not _in_use(buf):
                 return buf
         if self.limit is not None and len(self.buffers) >= self.limit:
