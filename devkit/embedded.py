@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from devkit.azurite import ROOT, Azurite, free_port
-from ferry import naming, pki
+from ferry import memory, naming, pki
 from ferry.blockio import DirectReader
 from ferry.errors import Exit, FerryError, NotFound
 from ferry.storage import Storage
@@ -207,9 +207,10 @@ class Embedded:
         args = [sys.executable, "-m", DAEMONS[name], "--config", str(self.configs[name]), *extra]
         if self.verbose:
             args.append("--verbose")
-        proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=ROOT
-        )
+        env = self.env()
+        if name in memory.HUGE_PAGE_DAEMONS:  # as the role's environment file has it
+            env = {**memory.HUGE_PAGE_HEAP, **env}
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         log.close()
         self.procs[name] = proc
         if name == "agent":

@@ -25,6 +25,8 @@ from ferry.errors import DeviceError
 BLKGETSIZE64 = 0x80081272
 ALIGN = 4096
 """O_DIRECT alignment for offsets, lengths and buffers, in bytes."""
+HUGE_PAGE = 2 << 20
+"""Size of a transparent huge page (x86-64, arm64 with 4 KiB pages), in bytes."""
 
 
 def is_block_device(path: str) -> bool:
@@ -145,7 +147,7 @@ class BufferPool:
                 return buf
         if self.limit is not None and len(self.buffers) >= self.limit:
             return None
-        buf = mmap.mmap(-1, self.size)
+        buf = page_buffer(self.size)
         self.buffers.append(buf)
         return buf
 
@@ -238,6 +240,26 @@ def aligned(view: memoryview) -> bool:
         return ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
     except (TypeError, ValueError):
         return False
+
+
+def page_buffer(size: int) -> mmap.mmap:
+    """A zeroed, page-aligned anonymous buffer of ``size`` bytes, in huge pages where it can be.
+
+    O_DIRECT pins every page of its buffer for each read or write: in 4 KiB
+    pages that was most of the kernel's cost of the agent's reads, and a read
+    of 2 GiB took twice as long (docs/performance.md, round ten).  A private
+    mapping advised MADV_HUGEPAGE is backed by 2 MiB pages when the kernel
+    has them (transparent_hugepage ``always`` or ``madvise``, the usual
+    settings); without them it is an ordinary buffer.  A shared mapping (what
+    ``mmap.mmap(-1, n)`` makes) is shmem, which gets no huge pages by default.
+    """
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if size >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # a kernel without transparent huge pages: 4 KiB pages, as before
+    return buf
 
 
 def _in_use(buf: mmap.mmap) -> bool:

@@ -165,7 +165,7 @@ class Target:
         bounce = None
         if not blockio.aligned(data):  # else written from where it lies (segment.decode's buffer)
             if self._bounce is None:
-                self._bounce = mmap.mmap(-1, defaults.DIRECT_CHUNK)  # page-aligned
+                self._bounce = blockio.page_buffer(defaults.DIRECT_CHUNK)
             bounce = memoryview(self._bounce)
         whole = len(data) - len(data) % blockio.ALIGN
         done = 0

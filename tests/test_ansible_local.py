@@ -283,6 +283,12 @@ def test_site_deploys_every_role_and_shows_no_secret_even_at_vvv(deployment):
         for name in ("process-server", "master-target"):
             assert (etc / f"{name}.segment.key").read_text().strip() not in output, name
     assert {"azurite", "config-server", "process-server"} <= deployment.running()
+    # Its environment file runs the process server with its heap in huge pages
+    # (ferry/memory.py); an agent never.
+    daemon = deployment.daemons()["process-server"]
+    environ = Path(f"/proc/{daemon}/environ").read_bytes().split(b"\0")
+    assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ
+    assert "GLIBC_TUNABLES" not in (etc / "agent.env").read_text()
     if SERVER_MODE:
         # Registered, and waiting for the configuration server to protect something.
         assert {"agent", "master-target"} <= deployment.running()

@@ -8,8 +8,11 @@ segment's before they reach the target).
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
+
+import pytest
 
 from ferry.blockio import BufferPool
 
@@ -74,3 +77,41 @@ def test_threads_sharing_a_pool_never_get_a_buffer_another_still_views():
     assert not problems, problems[:3]
     assert len(pool.buffers) == 3
     assert fresh < 5 * 300  # most took a pooled buffer
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def _huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds ``address``, in KiB."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(
+    _thp_mode() not in ("always", "madvise"), reason="the kernel gives no transparent huge pages"
+)
+def test_large_buffers_are_backed_by_huge_pages():
+    # O_DIRECT pins each page of its buffer per read or write: in 2 MiB pages a read of
+    # 2 GiB took half the time and a third of the kernel's CPU (docs/performance.md,
+    # round ten).  A shared anonymous mapping (mmap's default) would get none.
+    pool = BufferPool(16 << 20)
+    buf = pool.take()
+    assert buf is not None
+    buf.write(b"\1" * len(buf))  # fault every page in
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert _huge_kib(address) >= 2048
+    small = BufferPool(64 << 10).take()  # below a huge page: nothing to advise
+    assert small is not None and len(small) == 64 << 10

@@ -172,6 +172,10 @@ def test_a_sync_ships_larger_batches_and_hands_their_memory_back(deployment, loo
     assert first["seq"] <= 96 // 16 + 1, f"the sync took {first['seq']} batches, not 6-7"
     back = {"agent": 0.55, "process-server": 0.6, "master-target": 0.5}
     pids = {k: deployment.procs[k].pid for k in back}
+    # The process server and master target keep their heap in huge pages (ferry.memory).
+    for name, pid in pids.items():
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert (b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ) == (name != "agent"), name
     # Measured: the agent from 85 to 36 MiB (52 while it kept the sync's read buffer), the
     # process server from 290 to 120 (250 to 200 without handing the heap back), the
     # master target from 170 to 55 (120 without).
