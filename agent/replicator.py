@@ -143,6 +143,12 @@ class Replicator:
         self.shipper = shipper
         self.disks = {d.id: d for d in disks}
         self.stop = threading.Event()
+        """Set (through :meth:`halt`): the loop ends at the next pass boundary."""
+        self.wake = threading.Event()
+        """Set when the loop should look again before its wait is over: a stop, an event
+        from the process server (a resync answer waited 0.25 s for the next look), a tag
+        request."""
+        shipper.on_inbox = self.wake.set
         self.paused = threading.Event()
         """Set: no passes run (tracking goes on, so nothing is lost); tags are refused."""
         self.tag_requests: queue.Queue[TagRequest] = queue.Queue()
@@ -185,7 +191,7 @@ class Replicator:
                     continue
                 self.trimmer.maybe()
                 if self.paused.is_set() or not self._work_waiting():
-                    self.stop.wait(self._interval())
+                    self._idle(self._interval())
                     continue
                 started = mono()
                 clean = (
@@ -194,11 +200,21 @@ class Replicator:
                 )
                 if clean or self.tracker.kind == "scan":
                     # Space passes out; after a collision, try again at once.
-                    self.stop.wait(max(0.0, self._interval() - (mono() - started)))
+                    self._idle(max(0.0, self._interval() - (mono() - started)))
         finally:
             for reader in self._buffers.values():
                 reader.close()
             self.verifier.close()
+
+    def halt(self) -> None:
+        """Have the loop end at the next pass boundary (it wakes if it waits)."""
+        self.stop.set()
+        self.wake.set()
+
+    def _idle(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if woken (:attr:`wake`)."""
+        if self.wake.wait(seconds):
+            self.wake.clear()
 
     def _interval(self) -> float:
         if self.tracker.kind == "scan":
@@ -281,6 +297,7 @@ class Replicator:
             raise TagFailed(problem=f"tag kind must be crash or app, not {kind!r}")
         request = TagRequest(kind, pause_after=pause_after or final, final=final)
         self.tag_requests.put(request)
+        self.wake.set()
         deadline = time.monotonic() + timeout
         while not request.done.wait(0.2):
             if self.stop.is_set():

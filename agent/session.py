@@ -178,7 +178,7 @@ class Session:
         unless ``hand_over`` is False (the machine is no longer protected).
         """
         orderly = self.alive and hand_over
-        self.replicator.stop.set()
+        self.replicator.halt()
         if self.worker is not None and self.worker.ident is not None:
             self.worker.join(timeout=5)
             if self.worker.is_alive():  # perhaps held in a send the peer no longer reads

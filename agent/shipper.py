@@ -16,6 +16,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from agent import defaults
@@ -45,6 +46,8 @@ class Shipper:
         self.hello = hello
         self.window = window
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.on_inbox: Callable[[], None] = lambda: None
+        """Called after each event is put in ``inbox`` (the replicator wakes to take it)."""
         self._cv = threading.Condition()
         self._unacked: dict[tuple[str, int, int], Batch] = {}
         self._requests: dict[str, dict[str, Any]] = {}
@@ -269,8 +272,10 @@ class Shipper:
                 if pending and pending["request_id"] == header.get("request_id"):
                     del self._requests[header["disk"]]
             self.inbox.put({**header, "digests": payload})
+            self.on_inbox()
         elif kind == "resync-required":
             self.inbox.put(header)
+            self.on_inbox()
         elif kind == "error":
             log.error("process server reported: %s", header.get("message"))
         else:

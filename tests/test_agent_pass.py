@@ -13,11 +13,14 @@ shipper record what the pass asks of them, in order.
 from __future__ import annotations
 
 import os
+import queue
 import threading
+import time
 
 import pytest
 from pyroaring import BitMap
 
+from agent.disks import identity
 from agent.replicator import DiskState, Replicator
 from agent.settings import DiskSettings, Settings
 from agent.tracker import DiskTrack, Tracker
@@ -42,6 +45,17 @@ class RecordingShipper:
         self.batches: list[Batch] = []
         self.stop_after = stop_after
         self.stop: threading.Event | None = None
+        self.inbox: queue.Queue[dict] = queue.Queue()
+        self.on_inbox = lambda: None
+        self.requests: list[str] = []
+
+    def request_resync(self, disk: str, request_id: str, block_size: int) -> None:
+        self.requests.append(request_id)
+
+    def answer(self, event: dict) -> None:
+        """An event from the process server, as the shipper's reader thread hands it on."""
+        self.inbox.put(event)
+        self.on_inbox()
 
     def send_batch(self, batch: Batch, stop: threading.Event | None = None) -> bool:
         self.events.append(("send", batch.seq))
@@ -53,7 +67,7 @@ class RecordingShipper:
 
 @pytest.fixture
 def pass_on(tmp_path):
-    def make(phase: str, window: int = 8, stop_after: int | None = None):
+    def make(phase: str, window: int = 8, stop_after: int | None = None, **more):
         size = 64 * MiB
         image = tmp_path / "disk.img"
         image.write_bytes(os.urandom(size))
@@ -62,6 +76,7 @@ def pass_on(tmp_path):
             key="", state_dir=str(tmp_path / "state"),
             disks=[DiskSettings("web01-disk0", str(image))],
             block_size=BLOCK, batch_bytes=1 * MiB, sync_batch_bytes=4 * MiB, window=window,
+            **more,
         )  # fmt: skip
         track = DiskTrack("web01-disk0", str(image), size, BLOCK)
         events: list[tuple[str, int]] = []
@@ -169,3 +184,35 @@ def test_a_read_the_shipper_let_go_of_is_read_into_again(pass_on):
     for batch in [*replicator.shipper.batches, last]:
         assert bytes(batch.payload) == _disk_bytes(replicator, disk, batch)
     assert replicator._buffers[disk.id].buffers <= 2 + 2, "a buffer no longer viewed was not reused"
+
+
+def _until(condition, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_a_resync_answer_is_taken_when_it_arrives_not_at_the_next_look(pass_on):
+    # The loop looked at its inbox once per pass interval, so an initial sync began up
+    # to 0.25 s after the master target's answer reached the agent.  With an interval
+    # of a minute, the answer is still taken at once, and a stop still ends the loop.
+    replicator, disk, _, shipper, _ = pass_on("resync-wait", pass_interval=60.0)
+    disk.gen = None
+    disk.identity = identity(disk.track.device)
+    replicator.paused.set()  # the answer is taken all the same; no pass runs after it
+    loop = threading.Thread(target=replicator.run, daemon=True)
+    loop.start()
+    try:
+        _until(lambda: shipper.requests, "the agent to ask for a generation")
+        shipper.answer({
+            "type": "resync-answer", "disk": disk.id, "request_id": shipper.requests[-1],
+            "gen": 7, "block_size": BLOCK, "target_size": disk.track.size, "empty": True,
+            "digests": b"",
+        })  # fmt: skip
+        _until(lambda: disk.gen == 7, "the generation to start before the next look")
+        assert disk.phase == "initial-sync"
+    finally:
+        replicator.halt()
+        loop.join(10)
+    assert not loop.is_alive(), "the loop did not stop within 10 s"
