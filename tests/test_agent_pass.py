@@ -7,7 +7,9 @@ on the process server's window, up to a budget; while the disk syncs it sends
 as it reads, and an orderly stop gives back every block it has not sent.
 
 The disk is a real file read through ferry.blockio; the tracker and the
-shipper record what the pass asks of them, in order.
+shipper record what the pass asks of them, in order.  The last test is of
+the loop around the passes: it takes an answer from the process server when
+the answer arrives, not at its next look.
 """
 
 from __future__ import annotations
