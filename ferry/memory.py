@@ -30,7 +30,7 @@ only from the environment, at start.  Their buffers are fresh memory for each
 segment, each page of it faulted in: with 2 MiB pages a 2 GiB initial sync
 cost the process server 0.32 CPU s less (six pairs of runs, standard error
 0.06) and the master target 0.10; the process server's peak in a sync was
-21 MiB higher on average, and both hold about 11 MiB more while replicating
+21 MiB higher on average, and both hold 11-15 MiB more while replicating
 (docs/performance.md, round ten).  The agent runs without it: on the source
 server its memory counts more, and it gained nothing measurable.
 """
