@@ -305,27 +305,45 @@ def _read_exactly(reader: Any, n: int, path: Path) -> bytes:
 # -- the chain ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
 class Record:
-    """One undo record as the index knows it."""
+    """One undo record as the index knows it.
 
-    path: Path
-    src: dict[str, Any]
-    """``from``: {gen, seq, tag}."""
-    dst: dict[str, Any]
-    """``to``: {gen, seq, tag}."""
-    size: int
-    raw_len: int
-    # Derived once (they are read for every record at every group): ``to``'s (gen, seq),
-    # and the ids of the tags it leads from and to.
-    key: tuple[int, int] = dataclasses.field(init=False)
-    from_id: str | None = dataclasses.field(init=False)
-    to_id: str | None = dataclasses.field(init=False)
+    The index holds one for every point the policy keeps, and it keeps every
+    point of the last hour: 14,400 per disk at four points a second.  So a
+    record is small: slots, its path as a string, and the ``from`` of a record
+    that follows its predecessor in the chain is that record's ``to`` itself,
+    not an equal copy (:meth:`follow`).  A soak measured the copies at 0.75 MiB
+    a minute of the master target's memory.
+    """
 
-    def __post_init__(self) -> None:
-        self.key = (self.dst["gen"], self.dst["seq"])
-        self.from_id = (self.src.get("tag") or {}).get("id")
-        self.to_id = (self.dst.get("tag") or {}).get("id")
+    __slots__ = ("_path", "src", "dst", "size", "raw_len", "key", "from_id", "to_id")
+
+    def __init__(
+        self, path: Path | str, src: dict[str, Any], dst: dict[str, Any], size: int, raw_len: int
+    ) -> None:
+        self._path = os.fspath(path)
+        self.src = src
+        """``from``: {gen, seq, tag}."""
+        self.dst = dst
+        """``to``: {gen, seq, tag}."""
+        self.size, self.raw_len = size, raw_len
+        # Derived once (they are read for every record at every group): ``to``'s (gen, seq),
+        # and the ids of the tags it leads from and to.
+        self.key: tuple[int, int] = (dst["gen"], dst["seq"])
+        self.from_id: str | None = (src.get("tag") or {}).get("id")
+        self.to_id: str | None = (dst.get("tag") or {}).get("id")
+
+    @property
+    def path(self) -> Path:
+        return Path(self._path)
+
+    def follow(self, before: Record | None) -> None:
+        """Share ``before``'s ``to`` as this record's ``from`` where the two are equal."""
+        if before is not None and before.dst is not self.src and before.dst == self.src:
+            self.src, self.from_id = before.dst, before.to_id
+
+    def __repr__(self) -> str:
+        return f"Record({self._path!r}, {self.from_id!r} -> {self.to_id!r}, key={self.key})"
 
 
 def scan(directory: Path) -> list[Record]:
@@ -342,7 +360,10 @@ def scan(directory: Path) -> list[Record]:
                                 int(header["raw_len"])))  # fmt: skip
         except (JournalCorrupt, KeyError, TypeError, ValueError, OSError):
             log.warning("journal %s: unreadable record %s ignored", directory, path.name)
-    return sorted(found, key=lambda r: r.key)
+    found.sort(key=lambda r: r.key)
+    for before, record in zip(found, found[1:]):
+        record.follow(before)
+    return found
 
 
 def signature(cursor: dict[str, Any]) -> tuple[int, int, str | None]:
@@ -534,6 +555,7 @@ class Journal:
             self.reset(f"cannot write an undo record: {exc}")
             return
         record = Record(path, src, to, size, raw)
+        record.follow(self.records[-1] if self.records else None)
         if self.records and self.records[-1].key >= key:
             clean = False  # not the chain's next link (a cursor behind its records)
         total = self.total_bytes  # of the list before the append (the same list after it)
