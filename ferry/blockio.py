@@ -9,7 +9,6 @@ where the filesystem allows O_DIRECT, and buffered otherwise.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -50,7 +49,9 @@ def _libc_fallocate():
     # glibc's fallocate, not posix_fallocate (which falls back to writing zeros):
     # os has no fallocate before Python 3.13's, and no library wraps the one call.
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The C library the interpreter runs on, without ctypes.util.find_library: that
+        # runs ldconfig, a process started at every daemon's start.
+        libc = ctypes.CDLL(None, use_errno=True)
         call = libc.fallocate
     except (OSError, AttributeError):
         return None
