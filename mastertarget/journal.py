@@ -40,6 +40,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -361,7 +362,7 @@ def scan(directory: Path) -> list[Record]:
         except (JournalCorrupt, KeyError, TypeError, ValueError, OSError):
             log.warning("journal %s: unreadable record %s ignored", directory, path.name)
     found.sort(key=lambda r: r.key)
-    for before, record in zip(found, found[1:]):
+    for before, record in itertools.pairwise(found):
         record.follow(before)
     return found
 
