@@ -28,6 +28,7 @@ Frame types (``header["type"]``):
 
 from __future__ import annotations
 
+import ctypes
 import json
 import socket
 import struct
@@ -35,6 +36,23 @@ from typing import Any, Literal, overload
 
 from ferry.batch import Gathered
 from ferry.errors import ProtocolError
+
+
+def _unzeroed_bytearray() -> Any:
+    # CPython's C API makes a bytearray without zeroing it when given no source bytes:
+    # bytearray(n) zeroes each payload before it is received into, a pass over memory the
+    # process server paid for every byte it receives (0.06 CPU s per GiB here).  No library
+    # offers this; elsewhere, bytearray(n).
+    try:
+        make = ctypes.pythonapi.PyByteArray_FromStringAndSize
+    except AttributeError:
+        return bytearray
+    make.restype, make.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_ssize_t]
+    return lambda n: make(None, n)
+
+
+_receive_buffer = _unzeroed_bytearray()
+"""``n`` bytes to receive into: every one of them is written before any is read."""
 
 MAGIC = b"FRY1"
 _FRAME = struct.Struct(">4sII")
@@ -96,7 +114,7 @@ def _recv_exact(
 ) -> bytearray | None:
     """``n`` bytes, received in place (a payload is not copied again); None only if
     ``allow_eof`` and the stream ends before the first."""
-    buf = bytearray(n)
+    buf: bytearray = _receive_buffer(n)
     view = memoryview(buf)
     got = 0
     while got < n:
