@@ -41,7 +41,7 @@ from ferry.errors import ProtocolError
 def _unzeroed_bytearray() -> Any:
     # CPython's C API makes a bytearray without zeroing it when given no source bytes:
     # bytearray(n) zeroes each payload before it is received into, a pass over memory the
-    # process server paid for every byte it receives (0.06 CPU s per GiB here).  No library
+    # process server paid for every byte it receives (0.07 CPU s per GiB here).  No library
     # offers this; elsewhere, bytearray(n).
     try:
         make = ctypes.pythonapi.PyByteArray_FromStringAndSize
