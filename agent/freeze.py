@@ -116,5 +116,8 @@ def _thaw(points: list[str], from_watchdog: bool) -> None:
         except subprocess.TimeoutExpired:  # the others are thawed all the same
             log.error("thawing %s took longer than %g s", point, FSFREEZE_TIMEOUT)
             continue
-        if from_watchdog and result.returncode == 0:
+        if result.returncode != 0:  # its writers stay blocked: say so, loudly
+            log.error("cannot thaw %s: %s", point,
+                      result.stderr.strip() or f"exit status {result.returncode}")  # fmt: skip
+        elif from_watchdog:
             log.error("watchdog thawed %s: a freeze outlived its limit", point)
