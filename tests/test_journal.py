@@ -22,6 +22,7 @@ from support.segments import DISK, SegmentShipper
 
 from ferry.batch import Batch
 from mastertarget import journal, layout, recovery
+from mastertarget.cursor import Cursor
 from mastertarget.cutover import CutoverError
 from mastertarget.settings import DiskSettings, Settings
 from mastertarget.worker import DiskWorker
@@ -143,8 +144,6 @@ def test_an_hour_of_points_costs_the_master_target_little_memory(tmp_path):
     # grow by 0.75 MiB a minute with them (about 3 KiB a point, 45 MiB an hour per disk).
     # Measured here as the worker makes them (the cursor copied for every group, tags as
     # the agent writes them) and as a restart reads them back from their files.
-    from mastertarget.cursor import Cursor
-
     clock = [NOW]
     policy = journal.Policy(keep_all_s=3600, thin_every_s=300, window_s=86400, budget_bytes=1 << 40)
     image = bytes(64 * KiB)
