@@ -231,14 +231,21 @@ def decode(opened: Opened, into: Callable[[int], memoryview | None] | None = Non
         raise SegmentCorrupt(name=opened.name, why=str(exc))
 
 
-def _open_segment(
-    data: bytes,
-    name: str,
-    expect: dict[str, object] | None,
-    key: Keys,
-    checksum: str | None,
-    allow_unsealed: bool | None = None,
-) -> tuple[dict, bytes | memoryview, int]:
+def peek(data: bytes | memoryview, name: str) -> tuple[dict, str]:
+    """A segment's header and checksum hex, once its checksum and framing held.
+
+    No key is needed and nothing is decrypted: what a process server checks of
+    a segment it spooled itself before uploading it (the master target still
+    checks everything, :func:`open_verified`).  SegmentCorrupt on any defect.
+    """
+    header, _hbytes, _body, _flags, checksum = _frame(data, name, None, None)
+    return header, checksum
+
+
+def _frame(
+    data: bytes | memoryview, name: str, expect: dict[str, object] | None, checksum: str | None
+) -> tuple[dict, bytes, memoryview, int, str]:
+    """Checksum and framing checked: ``(header, header bytes, body, flags, checksum hex)``."""
     view = memoryview(data)
     if len(view) < _HEAD.size + _BODY.size + _SUM:
         raise SegmentCorrupt(name=name, why=f"truncated ({len(view)} bytes)")
@@ -270,6 +277,18 @@ def _open_segment(
                 name=name, why=f"{field} is {header.get(field)!r}, expected {value!r}"
             )
     body = view[bstart : bstart + blen]  # no copy: decrypt and zstd read views
+    return header, hbytes, body, flags, actual.hex()
+
+
+def _open_segment(
+    data: bytes,
+    name: str,
+    expect: dict[str, object] | None,
+    key: Keys,
+    checksum: str | None,
+    allow_unsealed: bool | None = None,
+) -> tuple[dict, bytes | memoryview, int]:
+    header, hbytes, body, flags, _sum = _frame(data, name, expect, checksum)
     keys = keyring(key) if isinstance(key, bytes) else dict(key or {})
     allow = not keys if allow_unsealed is None else allow_unsealed
     return header, _open(body, flags, hbytes, header, keys, allow, name), flags

@@ -24,7 +24,7 @@ from ferry.naming import REQUEST_ID_RE, check_id
 from processserver import defaults
 from processserver.context import Context
 from processserver.relay import ResyncRelay
-from processserver.spool import SpoolKey
+from processserver.spool import Spooled, SpoolKey
 
 log = logging.getLogger("ferry.processserver.connection")
 
@@ -319,15 +319,18 @@ class Connection:
         return bool(readable)
 
     def _store(self, batches: list[Batch]) -> None:
-        """Spool ``batches``; while the spool's filesystem is full, wait for room as over the limit.
+        """Pack ``batches`` as segments and spool them; while the spool's filesystem is full,
+        wait for room as over the limit.
 
         Refusing would close the connection, and the agent would send its whole
         window again and again while the disk stays full.
         """
+        key, level = self.ctx.segment_key, self.ctx.settings.compression_level
+        items = [Spooled.pack(batch, key, level) for batch in batches]
         full_since = None
         while True:
             try:
-                self.ctx.spool.store_group(batches)
+                self.ctx.spool.store_group(items)
                 break
             except OSError as exc:
                 if exc.errno != errno.ENOSPC or self.ctx.stopping.is_set():

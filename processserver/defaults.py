@@ -17,8 +17,8 @@ GROUP_BATCHES = 8
 each file fsync'ed, each directory once), a count; the agent's window is 8."""
 
 SPOOL_HELD_BYTES = 64 << 20
-"""Payload bytes of freshly spooled batches also kept in memory for the uploaders, in bytes:
-a batch claimed while held is packed from memory instead of read back from its file."""
+"""Segment bytes of freshly spooled batches also kept in memory for the uploaders, in bytes:
+a batch claimed while held is uploaded from memory instead of read back from its file."""
 
 TRIM_LARGE = 8 << 20
 """Batches at least this large come from a disk's initial sync or resync (the agent's
@@ -29,7 +29,7 @@ TRIM_AFTER = 5.0
 """Seconds without a large batch before the memory is handed back."""
 
 UPLOAD_THREADS = 4
-"""Threads packing and uploading spooled batches, a count."""
+"""Threads uploading spooled segments, a count (each connection packs its own batches)."""
 
 BANDWIDTH_LIMIT = 0
 """Upper bound on segment bytes uploaded, in bytes per second (0 = unlimited)."""

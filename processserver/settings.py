@@ -35,13 +35,13 @@ class Settings:
     listen: str = defaults.LISTEN
     """``host:port`` to accept agents on."""
     spool_limit_bytes: int = defaults.SPOOL_LIMIT_BYTES
-    """Above this many spooled bytes agents are made to wait, in bytes."""
+    """Above this many spooled bytes (segments, compressed) agents are made to wait, in bytes."""
     upload_threads: int = defaults.UPLOAD_THREADS
-    """Threads packing and uploading segments (1-64)."""
+    """Threads uploading segments (1-64); each connection packs its own batches."""
     bandwidth_limit: int = defaults.BANDWIDTH_LIMIT
     """Cap on segment bytes uploaded, in bytes per second (0 = unlimited)."""
     compression_level: int = defaults.COMPRESSION_LEVEL
-    """zstd level of segment bodies (1-22)."""
+    """zstd level of segment bodies: 1 to 22, or -7 to -1 (faster, larger)."""
     segment_key_file: str | None = None
     """Hex 32-byte key every segment is sealed with (AES-256-GCM); wins over segment_key."""
     segment_key: str | None = None

@@ -1,11 +1,14 @@
 """The spool: accepted batches, durable on local disk until they are uploaded and announced.
 
 One file per batch, ``<root>/<tenant>/<disk>/<gen:08d>-<seq:012d>.batch``,
-holding a u32 big-endian header length, the batch header (JSON) and the
-payload.  A batch is acknowledged only once its file and directory are
-fsync'ed (invariant 5); the file is deleted only after its segment was
-uploaded and announced (invariant 6).  A resent batch has the same name and
-simply replaces the file.
+holding the batch packed as the segment that will be uploaded, byte for byte
+(compressed and sealed: :mod:`ferry.segment`), so the spool writes, keeps and
+holds about a third of what it received.  A file of an earlier version holds
+a u32 big-endian header length, the batch header (JSON) and the raw payload
+instead; it is packed when it is uploaded.  A batch is acknowledged only once
+its file and directory are fsync'ed (invariant 5); the file is deleted only
+after its segment was uploaded and announced (invariant 6).  A resent batch
+has the same name and simply replaces the file.
 
 The spool also hands files to the uploaders: oldest first, in (gen, seq)
 order within a disk, never the same file to two uploaders at once.  A file
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import json
@@ -28,9 +32,9 @@ import threading
 from pathlib import Path
 from typing import NamedTuple
 
-from ferry import durable
+from ferry import durable, segment
 from ferry.batch import Batch, contiguous
-from ferry.errors import Exit, FerryError
+from ferry.errors import Exit, FerryError, SegmentCorrupt
 from ferry.naming import check_id
 from processserver import defaults
 
@@ -71,14 +75,54 @@ class SpoolKey(NamedTuple):
         return f"{self.tenant}/{self.disk} gen {self.gen} seq {self.seq}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Spooled:
+    """A batch as the spool keeps it: packed as the segment its upload sends."""
+
+    key: SpoolKey
+    data: bytes
+    """The segment, as it is written to the spool file and uploaded."""
+    checksum: str
+    raw_len: int
+    """The batch's payload bytes before compression."""
+    tag: str | None
+    """The id of the tag the batch carries, if any (named in its notice)."""
+
+    @classmethod
+    def pack(cls, batch: Batch, key: bytes | None, level: int) -> Spooled:
+        """Compress and seal ``batch`` (:func:`ferry.segment.pack`)."""
+        data, checksum = segment.pack(batch, key, level)
+        tag = batch.tag.get("id") if isinstance(batch.tag, dict) else None
+        return cls(SpoolKey.of(batch), data, checksum, len(batch.payload), tag)
+
+    @classmethod
+    def read(cls, key: SpoolKey, data: bytes) -> Spooled:
+        """A spool file's segment; ValueError if it is damaged or holds another batch."""
+        try:
+            header, checksum = segment.peek(data, str(key))
+        except SegmentCorrupt as exc:
+            raise ValueError(str(exc)) from None
+        tag = header.get("tag")
+        raw_len = header.get("raw_len")
+        found = (header.get("tenant"), header.get("disk"), header.get("gen"), header.get("seq"))
+        if found != tuple(key) or not isinstance(raw_len, int):
+            raise ValueError(f"the file holds a segment of {found}")
+        return cls(key, data, checksum, raw_len, tag.get("id") if isinstance(tag, dict) else None)
+
+
+def is_segment(data: bytes) -> bool:
+    """True if a spool file's content is a segment (else: a raw batch of an earlier version)."""
+    return data[: len(segment.MAGIC)] == segment.MAGIC
+
+
 def encode(batch: Batch) -> list[bytes | bytearray | memoryview]:
-    """The parts of a spool file for ``batch``."""
+    """The parts of a spool file of an earlier version for ``batch`` (raw, unpacked)."""
     header = json.dumps(batch.header(), separators=(",", ":")).encode()
     return [_LEN.pack(len(header)), header, contiguous(batch.payload)]
 
 
 def decode(data: bytes) -> Batch:
-    """The batch in a spool file's content; ValueError if it is damaged."""
+    """The batch in a spool file of an earlier version; ValueError if it is damaged."""
     if len(data) < _LEN.size:
         raise ValueError(f"truncated spool file ({len(data)} bytes)")
     (hlen,) = _LEN.unpack_from(data)
@@ -113,9 +157,9 @@ class Spool:
         self._writing: collections.Counter[SpoolKey] = collections.Counter()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._dirs: set[Path] = set()
-        self._held: dict[SpoolKey, Batch] = {}
-        """Batches as written, until claimed: reading a file just written back and decoding
-        it (a copy of its payload) cost a tenth of the process server's CPU."""
+        self._held: dict[SpoolKey, Spooled] = {}
+        """Segments as written, until claimed: reading a file just written back (a copy)
+        costs the process server CPU for nothing."""
         self._held_bytes = 0
         self._held_limit = held
 
@@ -173,22 +217,22 @@ class Spool:
 
     # -- receiving -----------------------------------------------------------------------
 
-    def store(self, batch: Batch) -> SpoolKey:
-        """Write ``batch`` durably (file and directory fsync'ed); return its key.
+    def store(self, item: Spooled) -> SpoolKey:
+        """Write ``item`` durably (file and directory fsync'ed); return its key.
 
         Only after this returns may the batch be acknowledged.
         """
-        return self.store_group([batch])[0]
+        return self.store_group([item])[0]
 
-    def store_group(self, batches: list[Batch]) -> list[SpoolKey]:
-        """Write ``batches`` durably at once (group commit); return their keys.
+    def store_group(self, items: list[Spooled]) -> list[SpoolKey]:
+        """Write ``items`` durably at once (group commit); return their keys.
 
         Every file is fsync'ed and each directory once (``ferry.durable.write_group``):
         only after this returns may any of them be acknowledged.  On an error none
         is queued for upload nor may be acknowledged, and every file is whole or absent.
         """
-        keys = [SpoolKey.of(b) for b in batches]
-        parts = [encode(b) for b in batches]
+        keys = [item.key for item in items]
+        parts: list[list[bytes | bytearray | memoryview]] = [[item.data] for item in items]
         with self._cond:
             for key in keys:  # seen by finish(): an uploader must not delete a file being rewritten
                 self._writing[key] += 1
@@ -203,13 +247,13 @@ class Spool:
             written = True
         finally:
             with self._cond:
-                for key, part, batch in zip(keys, parts, batches, strict=True):
+                for key, item in zip(keys, items, strict=True):
                     self._writing[key] -= 1
                     if not self._writing[key]:
                         del self._writing[key]
                     if written:
-                        self._hold(key, batch)
-                        self._add(key, sum(len(p) for p in part))
+                        self._hold(key, item)
+                        self._add(key, len(item.data))
         return keys
 
     def _ensure_dir(self, directory: Path) -> None:
@@ -237,18 +281,18 @@ class Spool:
             self._enqueue(key)
         self._cond.notify_all()
 
-    def _hold(self, key: SpoolKey, batch: Batch) -> None:
-        """Keep the batch just written to ``key``'s file in memory, if the budget allows."""
+    def _hold(self, key: SpoolKey, item: Spooled) -> None:
+        """Keep the segment just written to ``key``'s file in memory, if the budget allows."""
         self._unhold(key)
-        if self._held_bytes + len(batch.payload) <= self._held_limit:
-            self._held[key] = batch
-            self._held_bytes += len(batch.payload)
+        if self._held_bytes + len(item.data) <= self._held_limit:
+            self._held[key] = item
+            self._held_bytes += len(item.data)
 
-    def _unhold(self, key: SpoolKey) -> Batch | None:
-        batch = self._held.pop(key, None)
-        if batch is not None:
-            self._held_bytes -= len(batch.payload)
-        return batch
+    def _unhold(self, key: SpoolKey) -> Spooled | None:
+        item = self._held.pop(key, None)
+        if item is not None:
+            self._held_bytes -= len(item.data)
+        return item
 
     def _enqueue(self, key: SpoolKey) -> None:
         heapq.heappush(self._queues.setdefault((key.tenant, key.disk), []), (key.gen, key.seq))
@@ -305,15 +349,24 @@ class Spool:
         """The content of a claimed batch's file."""
         return self.path(key).read_bytes()
 
-    def batch(self, key: SpoolKey) -> Batch:
-        """The batch of a claimed key: as it was written, if still held, else read from its file.
+    def load(self, key: SpoolKey) -> Spooled | Batch:
+        """What a claimed key's file holds: its segment (as written, if still held), or the
+        raw batch of a file an earlier version spooled (to be packed before its upload).
 
-        OSError or ValueError if the file cannot be read or decoded.  A held
-        batch is the very object whose encoding the file holds, fsync'ed.
+        OSError or ValueError if the file cannot be read, is damaged or holds
+        another batch.  A held segment is the very bytes the file holds, fsync'ed.
         """
         with self._cond:
             held = self._unhold(key)
-        return held if held is not None else decode(self.read(key))
+        if held is not None:
+            return held
+        data = self.read(key)
+        if is_segment(data):
+            return Spooled.read(key, data)
+        batch = decode(data)
+        if SpoolKey.of(batch) != key:
+            raise ValueError(f"the file holds {SpoolKey.of(batch)}")
+        return batch
 
     def finish(self, key: SpoolKey) -> None:
         """A claimed batch was uploaded and announced: delete its file (unless rewritten since)."""

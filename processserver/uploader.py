@@ -1,4 +1,4 @@
-"""Uploaders: spooled batch -> segment blob -> queue notice -> spool file deleted.
+"""Uploaders: spooled segment -> segment blob -> queue notice -> spool file deleted.
 
 The order is invariant 6: the blob is written before the notice that names
 it, and the spool file goes only after both.  A crash in between leaves the
@@ -8,20 +8,19 @@ after the restart; the master target skips a notice it has already applied.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 from typing import Any
 
-from ferry import naming, segment
+from ferry import naming
 from ferry import notice as disk_notice
 from ferry.batch import Batch
 from ferry.errors import StorageUnavailable
 from processserver import defaults
 from processserver.context import Context
 from processserver.health import Backoff
-from processserver.spool import SpoolKey
+from processserver.spool import Spooled, SpoolKey
 
 log = logging.getLogger("ferry.processserver.uploader")
 
@@ -58,21 +57,20 @@ class TokenBucket:
             stop.wait(debt / self.rate)
 
 
-def notice(batch: Batch, checksum: str, size: int) -> dict[str, Any]:
-    """The queue message announcing the segment of ``batch`` (its format: ferry/notice.py)."""
-    tag = batch.tag.get("id") if isinstance(batch.tag, dict) else None
-    return disk_notice.segment(batch.tenant, batch.disk, batch.gen, batch.seq, checksum, size, tag)
+def notice(item: Spooled) -> dict[str, Any]:
+    """The queue message announcing a spooled segment (its format: ferry/notice.py)."""
+    k = item.key
+    return disk_notice.segment(
+        k.tenant, k.disk, k.gen, k.seq, item.checksum, len(item.data), item.tag
+    )
 
 
-class _Packed:
-    """A batch packed as a segment, and how far its upload got."""
+class _Upload:
+    """A spooled segment, and how far its upload got."""
 
-    def __init__(self, batch: Batch, key: bytes | None, level: int) -> None:
-        self.blob = naming.segment_blob(batch.tenant, batch.disk, batch.gen, batch.seq)
-        self.data, self.checksum = segment.pack(batch, key, level)
-        self.raw_len = len(batch.payload)
-        # The payload is in the segment now: its memory need not wait for the upload (and retries).
-        self.batch = dataclasses.replace(batch, payload=b"")
+    def __init__(self, item: Spooled) -> None:
+        self.item = item
+        self.blob = naming.segment_blob(*item.key)
         self.stored = False
         self.failures = 0
 
@@ -108,29 +106,30 @@ class Uploader:
 
     def _process(self, key: SpoolKey) -> None:
         """Upload and announce one claimed batch, retrying until it is done or we stop."""
-        packed = self._load(key)
-        if packed is None:
+        upload = self._load(key)
+        if upload is None:
             return
-        self.ctx.trimmer.used(packed.raw_len)
+        self.ctx.trimmer.used(upload.item.raw_len)
         backoff = Backoff()
         while True:
-            if self._attempt(packed):
+            if self._attempt(upload):
                 self.ctx.spool.finish(key)
                 return
             if self.ctx.stopping.wait(backoff.pause()):
                 self.ctx.spool.release(key)  # still spooled: the next start uploads it
                 return
 
-    def _load(self, key: SpoolKey) -> _Packed | None:
-        """Read and pack a claimed batch; a damaged file is quarantined (None)."""
+    def _load(self, key: SpoolKey) -> _Upload | None:
+        """A claimed batch's segment (a raw batch of an earlier version packed now);
+        a damaged file is quarantined (None)."""
         try:
-            batch = self.ctx.spool.batch(key)
-            if SpoolKey.of(batch) != key:
-                raise ValueError(f"the file holds {SpoolKey.of(batch)}")
+            item = self.ctx.spool.load(key)
         except (OSError, ValueError) as exc:
             self._quarantine(key, exc)
             return None
-        return _Packed(batch, self.ctx.segment_key, self.ctx.settings.compression_level)
+        if isinstance(item, Batch):
+            item = Spooled.pack(item, self.ctx.segment_key, self.ctx.settings.compression_level)
+        return _Upload(item)
 
     def _quarantine(self, key: SpoolKey, why: Exception) -> None:
         where = self.ctx.spool.quarantine(key)
@@ -144,33 +143,32 @@ class Uploader:
             key, why, where, key.tenant, key.disk,
         )  # fmt: skip
 
-    def _attempt(self, packed: _Packed) -> bool:
+    def _attempt(self, upload: _Upload) -> bool:
         """One try at put + send; True when both are done."""
         ctx = self.ctx
-        batch = packed.batch
+        item, key = upload.item, upload.item.key
         try:
-            if not packed.stored:
-                self.bucket.take(len(packed.data), ctx.stopping)
+            if not upload.stored:
+                self.bucket.take(len(item.data), ctx.stopping)
                 ctx.storage.put(
-                    naming.segments_container(batch.tenant, batch.disk), packed.blob, packed.data
+                    naming.segments_container(key.tenant, key.disk), upload.blob, item.data
                 )
-                packed.stored = True
-            body = notice(batch, packed.checksum, len(packed.data))
-            ctx.storage.send(naming.disk_queue(batch.tenant, batch.disk), body)
+                upload.stored = True
+            ctx.storage.send(naming.disk_queue(key.tenant, key.disk), notice(item))
         except StorageUnavailable as exc:
-            ctx.health.failed(f"uploading {packed.blob}", exc)
+            ctx.health.failed(f"uploading {upload.blob}", exc)
             return False
         except Exception as exc:  # a bug or a refusal (e.g. bad credentials): keep the file
-            if not packed.failures:  # the traceback once, not on every retry
-                log.exception("uploading %s failed", packed.blob)
-            packed.failures += 1
-            ctx.health.failed(f"uploading {packed.blob}", exc)
+            if not upload.failures:  # the traceback once, not on every retry
+                log.exception("uploading %s failed", upload.blob)
+            upload.failures += 1
+            ctx.health.failed(f"uploading {upload.blob}", exc)
             return False
         ctx.health.succeeded()
         ctx.stats.add(
             segments_uploaded=1,
-            bytes_uploaded_raw=packed.raw_len,
-            bytes_uploaded_compressed=len(packed.data),
+            bytes_uploaded_raw=item.raw_len,
+            bytes_uploaded_compressed=len(item.data),
         )
-        log.debug("uploaded and announced %s (%d bytes)", packed.blob, len(packed.data))
+        log.debug("uploaded and announced %s (%d bytes)", upload.blob, len(item.data))
         return True

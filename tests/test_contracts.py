@@ -15,12 +15,13 @@ import pytest
 import yaml
 
 from ferry import naming, notice, segment, tokens
-from ferry.batch import Batch
+from ferry.batch import DATA, Batch
 from ferry.naming import ID_RE
 from functions.core.redact import redact
 from mastertarget import notices
 from mastertarget.errors import BadNotice
 from processserver import uploader
+from processserver.spool import Spooled
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLE_YAML = sorted((ROOT / "roles").glob("*/**/*.yml"))
@@ -60,16 +61,18 @@ def test_inline_id_patterns_in_roles_equal_the_id_pattern():
 
 
 def batch(gen: int = 3, seq: int = 7, tag: dict | None = None) -> Batch:
-    return Batch("demo", "web01-disk0", gen, seq, 1 << 20, [(0, 4096, "data")], b"x" * 4096, tag)
+    return Batch("demo", "web01-disk0", gen, seq, 1 << 20, [(0, 4096, DATA)], b"x" * 4096, tag)
 
 
 def test_the_segment_notice_the_process_server_writes_is_what_the_master_target_reads():
-    packed, checksum = segment.pack(batch(tag={"id": "t-1", "reason": "fence"}))
-    body = uploader.notice(batch(tag={"id": "t-1", "reason": "fence"}), checksum, len(packed))
+    spooled = Spooled.pack(batch(tag={"id": "t-1", "reason": "fence"}), None, 1)
+    body = uploader.notice(spooled)
     parsed = notices.parse(body, "demo", "web01-disk0")
     blob = naming.segment_blob("demo", "web01-disk0", 3, 7)
-    assert parsed == notice.SegmentNotice(3, 7, blob, checksum, "t-1")
-    assert body["blob"] == blob and body["bytes"] == len(packed)
+    assert parsed == notice.SegmentNotice(3, 7, blob, spooled.checksum, "t-1")
+    assert body["blob"] == blob and body["bytes"] == len(spooled.data)
+    # The segment the notice names checks out against it, as the master target reads it.
+    assert segment.unpack(spooled.data, blob, checksum=parsed.checksum).tag["id"] == "t-1"
 
 
 @pytest.mark.parametrize(
@@ -84,7 +87,7 @@ def test_the_segment_notice_the_process_server_writes_is_what_the_master_target_
     ],
 )
 def test_a_tampered_segment_notice_is_refused(change, segment_claimed):
-    body = {**uploader.notice(batch(), "ab" * 16, 100), **change}
+    body = {**uploader.notice(Spooled.pack(batch(), None, 1)), **change}
     with pytest.raises(BadNotice) as refused:
         notices.parse(body, "demo", "web01-disk0")
     assert refused.value.segment is segment_claimed

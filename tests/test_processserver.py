@@ -25,6 +25,7 @@ from ferry import naming, pki
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import SegmentCorrupt
 from ferry.segment import unpack
+from processserver.spool import encode
 
 DISK_SIZE = 1 << 30
 
@@ -306,9 +307,18 @@ def test_acked_batches_survive_sigkill_while_storage_is_down(
     assert collect_acks(agent, len(batches)) == set(batches)
     assert server.signal(signal.SIGKILL) == -signal.SIGKILL
     assert len(server.spooled(tenant)) == len(batches)
+    spool_dir = server.state_dir / "spool" / tenant / DISK
+    for (gen, seq), batch in batches.items():
+        # What was acknowledged is on disk as the very segment its upload sends: sealed.
+        spooled = (spool_dir / f"{gen:08d}-{seq:012d}.batch").read_bytes()
+        assert unpack(spooled, "spooled", key=server.segment_key) == batch
     # A write the crash interrupted (never acknowledged) must not be uploaded.
-    leftover = server.state_dir / "spool" / tenant / DISK / ".00000001-000000000099.batch.tmp7"
+    leftover = spool_dir / ".00000001-000000000099.batch.tmp7"
     leftover.write_bytes(b"half a batch")
+    # A batch spooled raw by an earlier version is packed and uploaded like the others.
+    legacy = make_batch(tenant, 6)
+    (spool_dir / "00000001-000000000006.batch").write_bytes(b"".join(map(bytes, encode(legacy))))
+    batches[(1, 6)] = legacy
 
     server.start(storage=azurite.connection_string)
     notices = collect_notices(storage, tenant, len(batches))
