@@ -312,6 +312,7 @@ def test_acked_batches_survive_sigkill_while_storage_is_down(
         # What was acknowledged is on disk as the very segment its upload sends: sealed.
         spooled = (spool_dir / f"{gen:08d}-{seq:012d}.batch").read_bytes()
         assert unpack(spooled, "spooled", key=server.segment_key) == batch
+        assert bytes(batch.payload[:64]) not in spooled  # the data is not on disk in the clear
     # A write the crash interrupted (never acknowledged) must not be uploaded.
     leftover = spool_dir / ".00000001-000000000099.batch.tmp7"
     leftover.write_bytes(b"half a batch")
