@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ferry import durable, segment
-from ferry.batch import Batch, contiguous
+from ferry.batch import Batch
 from ferry.errors import Exit, FerryError, SegmentCorrupt
 from ferry.naming import check_id
 from processserver import defaults
@@ -113,12 +113,6 @@ class Spooled:
 def is_segment(data: bytes) -> bool:
     """True if a spool file's content is a segment (else: a raw batch of an earlier version)."""
     return data[: len(segment.MAGIC)] == segment.MAGIC
-
-
-def encode(batch: Batch) -> list[bytes | bytearray | memoryview]:
-    """The parts of a spool file of an earlier version for ``batch`` (raw, unpacked)."""
-    header = json.dumps(batch.header(), separators=(",", ":")).encode()
-    return [_LEN.pack(len(header)), header, contiguous(batch.payload)]
 
 
 def decode(data: bytes) -> Batch:

@@ -19,13 +19,19 @@ from pathlib import Path
 
 import pytest
 from support import ROOT, wait_for
-from support.process_server import DISK, Agent, ProcessServer, agent_context, dead_storage
+from support.process_server import (
+    DISK,
+    Agent,
+    ProcessServer,
+    agent_context,
+    dead_storage,
+    legacy_spool_file,
+)
 
 from ferry import naming, pki
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import SegmentCorrupt
 from ferry.segment import unpack
-from processserver.spool import encode
 
 DISK_SIZE = 1 << 30
 
@@ -318,7 +324,7 @@ def test_acked_batches_survive_sigkill_while_storage_is_down(
     leftover.write_bytes(b"half a batch")
     # A batch spooled raw by an earlier version is packed and uploaded like the others.
     legacy = make_batch(tenant, 6)
-    (spool_dir / "00000001-000000000006.batch").write_bytes(b"".join(map(bytes, encode(legacy))))
+    (spool_dir / "00000001-000000000006.batch").write_bytes(legacy_spool_file(legacy))
     batches[(1, 6)] = legacy
 
     server.start(storage=azurite.connection_string)

@@ -7,10 +7,11 @@ import threading
 import time
 
 import pytest
+from support.process_server import legacy_spool_file
 
 from ferry import segment
 from ferry.batch import DATA, Batch
-from processserver.spool import Spool, Spooled, SpoolKey, encode
+from processserver.spool import Spool, Spooled, SpoolKey
 from processserver.uploader import TokenBucket
 
 KEY = os.urandom(segment.KEY_BYTES)
@@ -155,7 +156,7 @@ def test_a_file_read_back_is_checked_and_one_of_an_earlier_version_is_still_take
     spool.store(item("a", 1, 3))
     # An earlier version spooled raw batches in the same place; a restart takes them as they are.
     legacy = batch("a", 1, 4)
-    spool.path(SpoolKey.of(legacy)).write_bytes(b"".join(map(bytes, encode(legacy))))
+    spool.path(SpoolKey.of(legacy)).write_bytes(legacy_spool_file(legacy))
     # One file's segment lost a byte's worth of bits; another holds a different batch's segment.
     damaged = bytearray(spool.path(SpoolKey("acme", "a", 1, 2)).read_bytes())
     damaged[100] ^= 0x40

@@ -27,6 +27,13 @@ DISK = "web01-disk0"
 """The disk the agent says hello with, unless told otherwise."""
 
 
+def legacy_spool_file(batch: Batch) -> bytes:
+    """A spool file as versions before 2026-12-04 wrote it: u32 big-endian header length,
+    the batch header (compact JSON), the raw payload (written here, not by the code read)."""
+    header = json.dumps(batch.header(), separators=(",", ":")).encode()
+    return len(header).to_bytes(4, "big") + header + bytes(batch.payload)
+
+
 class ProcessServer:
     """``python -m processserver`` with its own settings, state directory and log."""
 
