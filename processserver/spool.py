@@ -3,7 +3,7 @@
 One file per batch, ``<root>/<tenant>/<disk>/<gen:08d>-<seq:012d>.batch``,
 holding the batch packed as the segment that will be uploaded, byte for byte
 (compressed and sealed: :mod:`ferry.segment`), so the spool writes, keeps and
-holds about a third of what it received.  A file of an earlier version holds
+holds what compression leaves (a third, for the bench's disk).  A file of an earlier version holds
 a u32 big-endian header length, the batch header (JSON) and the raw payload
 instead; it is packed when it is uploaded.  A batch is acknowledged only once
 its file and directory are fsync'ed (invariant 5); the file is deleted only
