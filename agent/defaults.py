@@ -62,6 +62,9 @@ RECONNECT_MIN = 0.5
 RECONNECT_MAX = 10.0
 """Longest pause between reconnection attempts, in seconds."""
 
+TLS_WRITE_BUFFER = 1 << 20
+"""TLS records gathered per write to the process server, in bytes (ferry.tlsbuffer)."""
+
 STATUS_INTERVAL = 1.0
 """How often status.json is rewritten, in seconds."""
 

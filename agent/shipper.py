@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import defaults
-from ferry import pki, wire
+from ferry import pki, tlsbuffer, wire
 from ferry.batch import Batch, Payload
 from ferry.errors import FerryError
 
@@ -204,6 +204,7 @@ class Shipper:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock = self.context.wrap_socket(raw, server_hostname=self.server_name)
         sock.settimeout(None)
+        tlsbuffer.buffer(sock, write=defaults.TLS_WRITE_BUFFER)
         wire.send(sock, {"type": "hello", **self.hello})
         reply = wire.recv(sock, "process server")
         if reply is None or reply[0].get("type") != "welcome":

@@ -34,6 +34,7 @@ import socket
 import struct
 from typing import Any, Literal, overload
 
+from ferry import tlsbuffer
 from ferry.batch import Gathered
 from ferry.errors import ProtocolError
 
@@ -80,6 +81,7 @@ def send(
     for part in encode(header, payload):
         if part:
             sock.sendall(part)
+    tlsbuffer.flush(sock)
 
 
 def recv(sock: socket.socket, peer: str = "peer") -> tuple[dict[str, Any], bytearray] | None:

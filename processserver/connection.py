@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from ferry import __version__, pki, wire
+from ferry import __version__, pki, tlsbuffer, wire
 from ferry.batch import Batch
 from ferry.errors import ProtocolError
 from ferry.naming import REQUEST_ID_RE, check_id
@@ -92,6 +92,7 @@ class Connection:
         """TLS handshake (the client certificate is verified here) and hello, both timed."""
         self.sock.settimeout(defaults.HANDSHAKE_TIMEOUT)
         self.sock.do_handshake()
+        tlsbuffer.buffer(self.sock, read=defaults.TLS_READ_BUFFER)
         self.peer = pki.peer_name(self.sock)
         frame = wire.recv(self.sock, self.address)
         if frame is None:
@@ -313,7 +314,7 @@ class Connection:
 
     def _frame_waiting(self) -> bool:
         """True if the agent's next frame has begun to arrive (reading it will not wait long)."""
-        if self.sock.pending():
+        if self.sock.pending() or tlsbuffer.pending(self.sock):
             return True
         readable, _, _ = select.select([self.sock], [], [], 0)
         return bool(readable)

@@ -58,6 +58,10 @@ RETRY_MAX = 30.0
 HANDSHAKE_TIMEOUT = 15.0
 """Longest a new connection may take for its TLS handshake and hello, in seconds."""
 
+TLS_READ_BUFFER = 256 << 10
+"""Bytes read from an agent's socket at a time, its TLS records then taken from memory
+(ferry.tlsbuffer), in bytes."""
+
 MAX_CONNECTIONS = 256
 """Agent connections served at once (one thread each), a count."""
 
