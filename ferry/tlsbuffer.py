@@ -88,6 +88,8 @@ def _load() -> _Lib | None:
 def _ssl_of(sock: ssl.SSLSocket, obj: Any) -> int | None:
     """The ``SSL *`` of ``obj``, ``sock``'s ``_ssl._SSLSocket``, or None where the layout is
     not the one known."""
+    if type(obj).__name__ != "_SSLSocket":  # an SSLObject's, or another interpreter's
+        return None
     owner = ctypes.c_void_p.from_address(id(obj) + _SOCKET_FIELD).value
     if owner not in {id(ref) for ref in weakref.getweakrefs(sock)}:
         return None
@@ -153,7 +155,10 @@ def buffer(sock: ssl.SSLSocket, *, write: int = 0, read: int = 0) -> bool:
 
 
 def _held(sock: Any, write: bool) -> _Buffers | None:
-    held = _buffers.get(sock)
+    try:
+        held = _buffers.get(sock)
+    except TypeError:  # not a socket (nothing weakly referable was ever buffered)
+        return None
     if held is None or not (held.write if write else held.read):
         return None
     # Shut down or closed: its descriptor's number may be another socket's by now.
