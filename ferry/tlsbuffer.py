@@ -85,7 +85,7 @@ def _load() -> _Lib | None:
         return _lib
 
 
-def _ssl_of(sock: ssl.SSLSocket, obj: Any) -> int | None:
+def _ssl_of(lib: _Lib, sock: ssl.SSLSocket, obj: Any) -> int | None:
     """The ``SSL *`` of ``obj``, ``sock``'s ``_ssl._SSLSocket``, or None where the layout is
     not the one known."""
     if type(obj).__name__ != "_SSLSocket":  # an SSLObject's, or another interpreter's
@@ -94,8 +94,7 @@ def _ssl_of(sock: ssl.SSLSocket, obj: Any) -> int | None:
     if owner not in {id(ref) for ref in weakref.getweakrefs(sock)}:
         return None
     ptr = ctypes.c_void_p.from_address(id(obj) + _SSL_FIELD).value
-    lib = _load()
-    if not ptr or lib is None or lib.get_fd(ptr) != sock.fileno():
+    if not ptr or lib.get_fd(ptr) != sock.fileno():
         return None
     return ptr
 
@@ -140,7 +139,7 @@ def buffer(sock: ssl.SSLSocket, *, write: int = 0, read: int = 0) -> bool:
     """
     lib = _load()
     obj = getattr(sock, "_sslobj", None)
-    ptr = _ssl_of(sock, obj) if lib is not None and obj is not None else None
+    ptr = _ssl_of(lib, sock, obj) if lib is not None and obj is not None else None
     if lib is None or ptr is None:
         log.debug("TLS records of %s left unbuffered: ssl's layout not recognised", sock)
         return False
