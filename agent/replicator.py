@@ -606,7 +606,20 @@ class Replicator:
         readahead = self._readahead(disk)
         held = 0
         unsent = 0  # the first block of the batch being filled: the ones before it were sent
-        for first, count in _runs(blocks, max(1, limit // track.block)):
+        block = track.block
+        spans = (
+            (
+                first * block,
+                min((first + count) * block, track.size) - first * block,
+                (first, count),
+            )
+            for first, count in _runs(blocks, max(1, limit // block))
+        )
+
+        def read(run: tuple[int, int]) -> None:  # every run up to this one is read
+            self.tracker.chunk_read(disk.id, run[0] + run[1])
+
+        for (first, _count), view in reader.read_each(spans, read):
             if self.stop.is_set():
                 # An orderly stop: a resync's pass reads whole disks, for longer than a
                 # stop may take (TimeoutStopSec), and a stop that outlived the wait for
@@ -614,10 +627,7 @@ class Replicator:
                 self._give_back(disk, blocks, ready[0][1] if ready else unsent)
                 disk.pass_remaining = 0
                 return None
-            start = first * track.block
-            length = min((first + count) * track.block, track.size) - start
-            view = reader.read(start, length)
-            self.tracker.chunk_read(disk.id, first + count)
+            length = len(view)
             disk.bytes_read += length
             disk.pass_remaining = max(0, disk.pass_remaining - length)
             pieces = self._extents(disk, first, view, reader.zero_runs(track.block))

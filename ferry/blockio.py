@@ -17,10 +17,12 @@ import re
 import stat
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal, TypeVar
 
 import xxhash
 
+from ferry import aio
 from ferry.errors import DeviceError
 
 BLKGETSIZE64 = 0x80081272
@@ -28,6 +30,10 @@ ALIGN = 4096
 """O_DIRECT alignment for offsets, lengths and buffers, in bytes."""
 HUGE_PAGE = 2 << 20
 """Size of a transparent huge page (x86-64, arm64 with 4 KiB pages), in bytes."""
+AIO_DEPTH = 64
+"""Most reads :meth:`DirectReader.read_each` submits at once (beyond 16 a read costs
+little less: 5.6 µs each at 16, 4.4 at 64, from a loop device here)."""
+T = TypeVar("T")
 
 
 def is_block_device(path: str) -> bool:
@@ -185,6 +191,8 @@ class DirectReader:
         """The buffer of the last read."""
         self.last = (0, 0)
         """Where the last read's bytes are in ``buf``: ``(start, length)``."""
+        self._aio: aio.Context | None | Literal[False] = False
+        """The AIO context of :meth:`read_each`: False until first needed, None if none."""
 
     def read(self, offset: int, length: int) -> memoryview:
         """Return ``length`` bytes at ``offset`` (valid until the next read, or, with
@@ -194,18 +202,87 @@ class DirectReader:
         start = offset - offset % ALIGN
         end = min(_round_up(offset + length), _round_up(self.size))
         want = end - start
-        view = memoryview(self.buf)[:want]
-        got = 0
+        self._fill(0, start, want, 0, offset - start + length)
+        skip = offset - start
+        self.last = (skip, length)
+        return memoryview(self.buf)[skip : skip + length]
+
+    def _fill(self, at: int, start: int, want: int, got: int, need: int) -> None:
+        """Read ``want`` bytes of the device at ``start`` into the buffer at ``at``, of
+        which ``got`` are there already; at least ``need`` must be (else a short read)."""
+        view = memoryview(self.buf)[at : at + want]
         while got < want:
             n = os.preadv(self.fd, [view[got:]], start + got)
             if n <= 0:
                 break
             got += n
-        if got < offset - start + length:
-            raise DeviceError(device=self.path, problem=f"short read at {offset}")
-        skip = offset - start
-        self.last = (skip, length)
-        return memoryview(self.buf)[skip : skip + length]
+        if got < need:
+            raise DeviceError(device=self.path, problem=f"short read at {start + need}")
+
+    def read_each(
+        self, spans: Iterable[tuple[int, int, T]], done: Callable[[T], None]
+    ) -> Iterator[tuple[T, memoryview]]:
+        """Yield ``(item, view)`` for each ``(offset, length, item)`` of ``spans``, in order.
+
+        Without ``keep``, up to :data:`AIO_DEPTH` spans that fit the buffer
+        together are read at once (:mod:`ferry.aio`): one wait for all of them
+        instead of one each. ``done(item)`` is called once every span up to
+        ``item``'s has been read, before any of them is yielded (for a group,
+        once, with its last item). A view is valid until the next one is asked
+        for; :meth:`zero_runs` looks at the last one yielded.
+        """
+        if self.keep or self._context() is None:
+            for offset, length, item in spans:
+                view = [self.read(offset, length)]
+                done(item)
+                yield item, view.pop()  # held by the caller only: may_keep counts on it
+            return
+        group: list[tuple[int, int, int, int, int, T]] = []
+        used = 0
+        for offset, length, item in spans:
+            if offset + length > self.size:
+                yield from self._read_group(group, done)
+                raise DeviceError(device=self.path, problem=f"short read at {offset}")
+            start = offset - offset % ALIGN
+            want = min(_round_up(offset + length), _round_up(self.size)) - start
+            if want > len(self.buf):
+                raise ValueError(f"a read of {want} bytes, more than the buffer's {len(self.buf)}")
+            if group and (len(group) == AIO_DEPTH or used + want > len(self.buf)):
+                yield from self._read_group(group, done)
+                group, used = [], 0
+            group.append((used, start, want, offset, length, item))
+            used += want
+        if group:
+            yield from self._read_group(group, done)
+
+    def _context(self) -> aio.Context | None:
+        """The reader's AIO context, made on first use; None where there is none."""
+        if self._aio is False or (self._aio is not None and self._aio.closed):
+            self._aio = aio.open_context(AIO_DEPTH)
+        return self._aio
+
+    def _read_group(
+        self, group: list[tuple[int, int, int, int, int, T]], done: Callable[[T], None]
+    ) -> Iterator[tuple[T, memoryview]]:
+        if not group:
+            return
+        context = self._context()
+        assert context is not None
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+        try:
+            results = context.read(self.fd, [(base + g[0], g[2], g[1]) for g in group])
+        except OSError as exc:
+            raise DeviceError(device=self.path, problem=exc.strerror or str(exc)) from exc
+        for (at, start, want, offset, length, _), got in zip(group, results, strict=True):
+            if got < 0:
+                raise DeviceError(device=self.path, problem=f"{os.strerror(-got)} at {start}")
+            if got < want:  # short: only at the device's end; read on as read() does
+                self._fill(at, start, want, got, offset - start + length)
+        done(group[-1][5])
+        for at, start, _, offset, length, item in group:
+            skip = at + offset - start
+            self.last = (skip, length)
+            yield item, memoryview(self.buf)[skip : skip + length]
 
     @property
     def buffers(self) -> int:
@@ -232,6 +309,8 @@ class DirectReader:
 
     def close(self) -> None:
         """Release the descriptor and buffers (a buffer still viewed goes with its last view)."""
+        if self._aio:
+            self._aio.close()
         os.close(self.fd)
         self._pool.close()
 
@@ -316,30 +395,40 @@ def zero_runs(buf: mmap.mmap | bytes, start: int, length: int, block: int) -> li
     find = buf.find
     if n:
         with memoryview(buf) as view:
-            seen = 0
-            for k in (0, block // 2):
-                seen |= int.from_bytes(view[start + k : full : block].tobytes(), "little")
-        maybe = seen.to_bytes(n, "little")
-        done = 0
-        for match in _SAMPLED_ZERO.finditer(maybe):
-            first, end = match.span()
-            _extend(out, done, first - done, False)
-            at = start + first * block
-            if _all_zeros(find, at, (end - first) * block):
-                _extend(out, first, end - first, True)
+            firsts = view[start:full:block].tobytes()
+            if 0 not in firsts:  # no piece starts with a zero byte: all data (most reads)
+                out.append((0, n, False))
+                firsts = b""
             else:
-                zero = _ZEROS[:block] if block <= len(_ZEROS) else bytes(block)
-                mask = [
-                    find(zero, a, a + block) == a for a in range(at, start + end * block, block)
-                ]
-                for s, count, value in runs(mask):
-                    _extend(out, first + s, count, value)
-            done = end
-        _extend(out, done, n - done, False)
+                middles = view[start + block // 2 : full : block].tobytes()
+        if firsts:
+            seen = int.from_bytes(firsts, "little") | int.from_bytes(middles, "little")
+            _sampled(out, find, seen.to_bytes(n, "little"), start, block)
     tail = length - n * block
     if tail:  # a short last piece
         _extend(out, n, 1, _all_zeros(find, full, tail))
     return out
+
+
+def _sampled(
+    out: list[Run], find: Callable[..., int], maybe: bytes, start: int, block: int
+) -> None:
+    """Append the runs of the pieces at ``start``, one per byte of ``maybe`` (zero where
+    both the piece's sampled bytes are): a zero there is confirmed by comparing."""
+    done = 0
+    for match in _SAMPLED_ZERO.finditer(maybe):
+        first, end = match.span()
+        _extend(out, done, first - done, False)
+        at = start + first * block
+        if _all_zeros(find, at, (end - first) * block):
+            _extend(out, first, end - first, True)
+        else:
+            zero = _ZEROS[:block] if block <= len(_ZEROS) else bytes(block)
+            mask = [find(zero, a, a + block) == a for a in range(at, start + end * block, block)]
+            for s, count, value in runs(mask):
+                _extend(out, first + s, count, value)
+        done = end
+    _extend(out, done, len(maybe) - done, False)
 
 
 def _all_zeros(find: Callable[..., int], at: int, length: int) -> bool:
