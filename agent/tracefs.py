@@ -31,13 +31,14 @@ COMPLETE_EVENTS = ("block_rq_complete", "block_bio_complete")
 QUEUE_EVENT = "block_bio_queue"
 """Event that reveals a write racing a read pass."""
 
-_LINE = re.compile(
-    rb"^\s*.+?-\d+\s+\[\d+\]\s+\S+\s+(?P<ts>\d+\.\d+): (?P<event>\w+): (?P<rest>.*)$"
+_EVENT = re.compile(
+    rb"^[^\n]*?-\d+ +\[\d+\] +\S+ +(\d+\.\d+): (\w+): "
+    rb"(?:(\d+),(\d+) \S+ (?:\([^\n]*?\) )?(\d+) \+ (\d+)|[^\n]*?ferry-mark (\d+))",
+    re.MULTILINE,
 )
-_BLOCK = re.compile(
-    rb"^(?P<maj>\d+),(?P<min>\d+) (?P<rwbs>\S+) (?:\(.*?\) )?(?P<sector>\d+) \+ (?P<n>\d+)"
-)
-_MARK = re.compile(rb"ferry-mark (\d+)")
+"""One event line: ``task-pid [cpu] flags ts: event: `` then a block event's
+``maj,min rwbs [(cmd) ]sector + n`` or a marker's ``ferry-mark N``. Lines that
+are neither (other markers, ``CPU:N [LOST M EVENTS]``) do not match."""
 
 IDLE_WAIT = 0.02
 """Seconds the reader lets events gather after a short read (a marker ends the wait)."""
@@ -353,10 +354,7 @@ class TraceInstance:
             if not chunk:
                 time.sleep(0.01)
                 continue
-            lines = (self._pending + chunk).split(b"\n")
-            self._pending = lines.pop()
-            for line in lines:
-                self._dispatch(line)
+            self._take(chunk)
             self._longest = max(self._longest, len(chunk))
             if len(chunk) < self._longest // 2:
                 # A short read means the stream is not busy: let events gather
@@ -368,26 +366,31 @@ class TraceInstance:
                 self._wake.wait(IDLE_WAIT)
                 self._wake.clear()
 
-    def _dispatch(self, line: bytes) -> None:
-        m = _LINE.match(line)
-        if not m:
-            return
-        event, rest, ts = m.group("event"), m.group("rest"), float(m.group("ts"))
-        if event == b"tracing_mark_write":
-            mark = _MARK.search(rest)
-            if mark:
-                self.on_mark(int(mark.group(1)), ts)
-            return
-        b = _BLOCK.match(rest)
-        if not b:
-            return
-        n = int(b.group("n"))
-        if n == 0:
-            return  # flushes carry no data
-        self.events += 1
-        dev = (int(b.group("maj")) << 20) | int(b.group("min"))
-        sector = int(b.group("sector"))
-        if event == b"block_bio_queue":
-            self.on_queue(dev, sector, n, ts)
-        else:
-            self.on_complete(dev, sector, n, ts)
+    def _take(self, chunk: bytes) -> None:
+        """Feed what ``chunk`` completes; a line cut short waits for the rest of it."""
+        data = self._pending + chunk
+        cut = data.rfind(b"\n") + 1
+        self._pending = data[cut:]
+        self._feed(data[:cut])
+
+    def _feed(self, lines: bytes) -> None:
+        """Hand the events of whole ``lines`` to the callbacks, in order.
+
+        One regular expression over the whole read (``findall``), not a match
+        per line and per field: at 20 MB/s of random writes the reader takes
+        two events per write, and parsing them one by one cost a sixth of the
+        agent's CPU.
+        """
+        for ts, event, major, minor, sector, n, mark in _EVENT.findall(lines):
+            if event == b"tracing_mark_write":
+                if mark:
+                    self.on_mark(int(mark), float(ts))
+                continue
+            if not n or n == b"0":
+                continue  # not a block event of ours; a flush carries no data
+            self.events += 1
+            dev = (int(major) << 20) | int(minor)
+            if event == b"block_bio_queue":
+                self.on_queue(dev, int(sector), int(n), float(ts))
+            else:
+                self.on_complete(dev, int(sector), int(n), float(ts))
