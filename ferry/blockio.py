@@ -217,7 +217,7 @@ class DirectReader:
                 break
             got += n
         if got < need:
-            raise DeviceError(device=self.path, problem=f"short read at {start + need}")
+            raise DeviceError(device=self.path, problem=f"short read at {start + got}")
 
     def read_each(
         self, spans: Iterable[tuple[int, int, T]], done: Callable[[T], None]
@@ -396,12 +396,10 @@ def zero_runs(buf: mmap.mmap | bytes, start: int, length: int, block: int) -> li
     if n:
         with memoryview(buf) as view:
             firsts = view[start:full:block].tobytes()
-            if 0 not in firsts:  # no piece starts with a zero byte: all data (most reads)
-                out.append((0, n, False))
-                firsts = b""
-            else:
-                middles = view[start + block // 2 : full : block].tobytes()
-        if firsts:
+            middles = view[start + block // 2 : full : block].tobytes() if 0 in firsts else b""
+        if not middles:  # no piece starts with a zero byte: all data (most reads)
+            out.append((0, n, False))
+        else:
             seen = int.from_bytes(firsts, "little") | int.from_bytes(middles, "little")
             _sampled(out, find, seen.to_bytes(n, "little"), start, block)
     tail = length - n * block
