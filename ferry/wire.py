@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import select
 import socket
 import struct
 from typing import Any, Literal, overload
@@ -82,6 +83,17 @@ def send(
         if part:
             sock.sendall(part)
     tlsbuffer.flush(sock)
+
+
+def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
+    """Whether ``sock`` has bytes to read within ``timeout`` seconds (0: now).
+
+    poll, not select: select refuses a descriptor numbered 1024 or more, and a
+    process server serving many agents holds more descriptors than that.
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
 
 
 def recv(sock: socket.socket, peer: str = "peer") -> tuple[dict[str, Any], bytearray] | None:

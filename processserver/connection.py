@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import select
 import socket
 import ssl
 import threading
@@ -316,8 +315,7 @@ class Connection:
         """True if the agent's next frame has begun to arrive (reading it will not wait long)."""
         if self.sock.pending() or tlsbuffer.pending(self.sock):
             return True
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        return bool(readable)
+        return wire.readable(self.sock)
 
     def _store(self, batches: list[Batch]) -> None:
         """Pack ``batches`` as segments and spool them; while the spool's filesystem is full,

@@ -4,7 +4,7 @@ a frame leaves only when flushed, and a read buffer's bytes are seen as waiting.
 from __future__ import annotations
 
 import os
-import select
+import resource
 import socket
 import ssl
 import threading
@@ -44,7 +44,7 @@ def pair(certs: Path) -> Iterator[tuple[ssl.SSLSocket, ssl.SSLSocket]]:
 
 
 def _readable(sock: ssl.SSLSocket, timeout: float) -> bool:
-    return bool(select.select([sock], [], [], timeout)[0])
+    return wire.readable(sock, timeout)
 
 
 def test_buffered_frames_arrive_whole_and_in_order(pair):
@@ -126,3 +126,22 @@ def test_a_closed_socket_is_not_flushed_into_another(pair):
     finally:
         other_a.close()
         other_b.close()
+
+
+def test_readiness_is_seen_on_a_descriptor_above_1024(pair):
+    # A process server serving many agents holds more than 1024 descriptors; select()
+    # refuses those (its group commit asked it whether the next frame had begun).
+    client, server = pair
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    high = socket.socket(fileno=os.dup2(server.fileno(), 1500))
+    try:
+        assert not wire.readable(high)
+        client.sendall(b"x")
+        assert wire.readable(high, 5.0)
+    finally:
+        high.detach()
+        os.close(1500)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
