@@ -382,7 +382,8 @@ def zero_runs(buf: mmap.mmap | bytes, start: int, length: int, block: int) -> li
     :func:`zero_mask` would; the last piece may be short.  ``buf`` is tested in
     place (an mmap or bytes).  Two bytes of every piece, its first and its
     middle one, are gathered by a strided copy each: a piece with either not
-    zero is data, with nothing more to look at (almost all of a disk's data).
+    zero is data, with nothing more to look at (almost all of a disk's data;
+    where no piece starts with a zero byte the middles are not even gathered).
     The other pieces are taken in runs and compared with zeros whole, a MiB
     per ``find`` (one C comparison); a run that is not all zeros is compared
     piece by piece.  So a piece is called zero only after every byte of it was
