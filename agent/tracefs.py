@@ -378,8 +378,8 @@ class TraceInstance:
 
         One regular expression over the whole read (``findall``), not a match
         per line and per field: at 20 MB/s of random writes the reader takes
-        two events per write, and parsing them one by one cost a sixth of the
-        agent's CPU.
+        two events per write, and handling them was a seventh of the agent's
+        CPU (4.6 µs per event to parse that way, 3.0 this way).
         """
         for ts, event, major, minor, sector, n, mark in _EVENT.findall(lines):
             if event == b"tracing_mark_write":
