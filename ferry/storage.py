@@ -60,6 +60,7 @@ from azure.storage.queue import (
 )
 
 from ferry.errors import LeaseHeld, NotFound, StorageUnavailable
+from ferry.httptransport import HttpClientTransport
 
 log = logging.getLogger("ferry.storage")
 
@@ -102,6 +103,10 @@ _CLIENT_OPTS: dict[str, Any] = {
     # stalled call once held a master target's lease renewal for 126 s.
     "read_timeout": 20,
 }
+# Every client of the process sends through one http.client transport (ferry.httptransport:
+# the default one, requests, took most of a storage call's CPU); its connection settings are
+# the ones above.
+_CLIENT_OPTS["transport"] = HttpClientTransport(**_CLIENT_OPTS)
 
 
 @dataclasses.dataclass
@@ -176,7 +181,8 @@ class Storage:
         self.endpoint = self.blobs.url.split("?")[0]
         self._access: _GrantAccess | None = None
         self._guard = _translate(self.endpoint)
-        self._known: set[str] = set()
+        self._known: set[tuple[str, str]] = set()  # ("container" or "queue", name) made or granted
+        self._queue_clients: dict[str, QueueClient] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -196,6 +202,7 @@ class Storage:
         self.endpoint = access.blob_endpoint
         self._guard = _translate(self.endpoint, access)
         self._known = set()
+        self._queue_clients = {}
         self._lock = threading.Lock()
         return self
 
@@ -220,14 +227,14 @@ class Storage:
 
         With a grant: only checks that the grant covers it (GrantMissing).
         """
-        if container in self._known:
+        if ("container", container) in self._known:
             return
         if self._access is not None:
             self._access.container(container)
         else:
             with self._guard(f"container {container}"), contextlib.suppress(ResourceExistsError):
                 self.blobs.create_container(container)
-        self._known.add(container)
+        self._known.add(("container", container))
 
     def put(self, container: str, name: str, data: bytes, lease: str | None = None) -> None:
         """Write blob ``name`` whole, replacing any previous content. Idempotent."""
@@ -308,25 +315,34 @@ class Storage:
     # -- queues -------------------------------------------------------------------
 
     def _queue(self, queue: str):
-        return self.queues.get_queue_client(
-            queue,
-            message_encode_policy=TextBase64EncodePolicy(),
-            message_decode_policy=TextBase64DecodePolicy(),
-        )
+        # With the account key, one client per queue, made on first use (a client is safe to
+        # share between threads; making one took about a sixth of a small call's CPU).  With a
+        # grant, _GrantAccess keeps them, and checks on every call that the grant still covers it.
+        if self._access is not None:
+            return self.queues.get_queue_client(queue)
+        client = self._queue_clients.get(queue)
+        if client is None:
+            client = self.queues.get_queue_client(
+                queue,
+                message_encode_policy=TextBase64EncodePolicy(),
+                message_decode_policy=TextBase64DecodePolicy(),
+            )
+            self._queue_clients[queue] = client
+        return client
 
     def ensure_queue(self, queue: str) -> None:
         """Create ``queue`` if absent. Idempotent.
 
         With a grant: only checks that the grant covers it (GrantMissing).
         """
-        if queue in self._known:
+        if ("queue", queue) in self._known:
             return
         if self._access is not None:
             self._access.queue(queue)
         else:
             with self._guard(f"queue {queue}"), contextlib.suppress(ResourceExistsError):
                 self.queues.create_queue(queue)
-        self._known.add(queue)
+        self._known.add(("queue", queue))
 
     def send(self, queue: str, body: dict[str, Any]) -> None:
         """Enqueue ``body`` as JSON. Not idempotent: a retry may deliver twice."""
@@ -386,7 +402,7 @@ class Storage:
         """Delete ``queue``; absent is fine."""
         with contextlib.suppress(NotFound), self._guard(f"queue {queue}"):
             self.queues.delete_queue(queue)
-        self._known.discard(queue)
+        self._known.discard(("queue", queue))
 
 
 class _GrantAccess:
