@@ -110,8 +110,11 @@ def test_storage_calls_work_over_azurite_on_one_connection_per_endpoint(azurite,
     original = http.client.HTTPConnection.connect
 
     def counting(self):
-        connects.append((self.host, self.port))
+        if threading.current_thread() is me:  # not another test's leftover thread
+            connects.append((self.host, self.port))
         return original(self)
+
+    me = threading.current_thread()
 
     monkeypatch.setattr(http.client.HTTPConnection, "connect", counting)
     storage = Storage(azurite.connection_string)
