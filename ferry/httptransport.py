@@ -32,6 +32,7 @@ policy does that, as it did over ``requests``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import os
 import select
@@ -45,6 +46,7 @@ from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 from azure.core.exceptions import (
+    AzureError,
     IncompleteReadError,
     ServiceRequestError,
     ServiceRequestTimeoutError,
@@ -243,28 +245,15 @@ class HttpClientTransport(HttpTransport):
         key: _Key = (scheme, host, port, proxy)
         connection = self._acquire(key, connect_timeout, verify, cert)
         conn = connection.conn
-        try:
+        with _failing(conn, ServiceRequestTimeoutError, ServiceRequestError):  # not sent
             if conn.sock is None:
                 conn.timeout = connect_timeout
                 conn.connect()
             conn.sock.settimeout(read_timeout)
-        except TimeoutError as exc:
-            conn.close()
-            raise ServiceRequestTimeoutError(str(exc), error=exc) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise ServiceRequestError(str(exc), error=exc) from exc
         body = request.data if request.data is not None else getattr(request, "content", None)
-        headers = dict(request.headers)
-        try:
-            conn.request(request.method, target, body=body, headers=headers)
+        with _failing(conn, ServiceResponseTimeoutError, ServiceResponseError):
+            conn.request(request.method, target, body=body, headers=dict(request.headers))
             raw = conn.getresponse()
-        except TimeoutError as exc:
-            conn.close()
-            raise ServiceResponseTimeoutError(str(exc), error=exc) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise ServiceResponseError(str(exc), error=exc) from exc
         response = Response(request, connection, raw)
         if not stream:
             response.read()
@@ -379,6 +368,21 @@ class _ProxiedHTTPConnection(http.client.HTTPConnection):
         super().putrequest(method, url, *args, **kwargs)
         for name, value in self.proxy_headers.items():
             self.putheader(name, value)
+
+
+@contextlib.contextmanager
+def _failing(
+    conn: http.client.HTTPConnection, on_timeout: type[AzureError], on_error: type[AzureError]
+) -> Iterator[None]:
+    """Failures of ``conn`` as the SDK's errors (``on_timeout`` for a timeout); ``conn`` closed."""
+    try:
+        yield
+    except TimeoutError as exc:
+        conn.close()
+        raise on_timeout(str(exc), error=exc) from exc
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise on_error(str(exc), error=exc) from exc
 
 
 def _dropped(sock: socket.socket) -> bool:
