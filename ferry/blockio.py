@@ -105,6 +105,8 @@ class BufferPool:
         """Most buffers made at once (None: no limit)."""
         self.buffers: list[mmap.mmap] = []
         self._lock = threading.Lock()
+        self._next = 0
+        """Where the next search for a free buffer begins: after the one last taken."""
 
     def take(self, prefer: mmap.mmap | None = None) -> mmap.mmap | None:
         """A buffer no view points into, ``prefer`` first; a new one if none is free and
@@ -150,14 +152,23 @@ class BufferPool:
             self.buffers = []
 
     def _take(self, prefer: mmap.mmap | None) -> mmap.mmap | None:
-        others = [b for b in self.buffers if b is not prefer]
-        for buf in [prefer, *others] if prefer is not None else others:  # each probed once
-            if not _in_use(buf):
+        # Each probe is a system call. Views are let go of in about the order they were
+        # taken (a batch's, once acknowledged), so the buffer after the one last taken is
+        # the likeliest to be free: the search goes round from there, not from the first.
+        if prefer is not None and not _in_use(prefer):
+            return prefer
+        count = len(self.buffers)
+        for i in range(count):
+            at = (self._next + i) % count
+            buf = self.buffers[at]
+            if buf is not prefer and not _in_use(buf):
+                self._next = at + 1
                 return buf
-        if self.limit is not None and len(self.buffers) >= self.limit:
+        if self.limit is not None and count >= self.limit:
             return None
         buf = page_buffer(self.size)
         self.buffers.append(buf)
+        self._next = count + 1
         return buf
 
 
