@@ -1,4 +1,5 @@
-"""The agent's connection to its process server (mutual TLS, see ferry.wire).
+"""The agent's connection to its process server (mutual TLS, then Ferry's own records where
+the process server takes them: ferry.wire, ferry.records).
 
 ``send_batch`` blocks while ``window`` batches are unacknowledged: that is
 the agent's backpressure, and why its memory stays bounded when the process
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import defaults
-from ferry import pki, tlsbuffer, wire
+from ferry import pki, records, tlsbuffer, wire
 from ferry.batch import Batch, Payload
 from ferry.errors import FerryError
 
@@ -51,7 +52,7 @@ class Shipper:
         self._cv = threading.Condition()
         self._unacked: dict[tuple[str, int, int], Batch] = {}
         self._requests: dict[str, dict[str, Any]] = {}
-        self._sock: ssl.SSLSocket | None = None
+        self._sock: wire.Conn | None = None
         self._send_lock = threading.Lock()
         self._stop = False
         self.connected = False
@@ -199,21 +200,35 @@ class Shipper:
             else:
                 sock.close()
 
-    def _connect(self) -> ssl.SSLSocket:
+    def _connect(self) -> wire.Conn:
+        """Connect, shake hands, say hello; the connection in Ferry's own records where the
+        process server takes them (``ferry.records``), else in TLS records, gathered."""
         raw = socket.create_connection(self.address, timeout=10)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock = self.context.wrap_socket(raw, server_hostname=self.server_name)
         sock.settimeout(None)
-        tlsbuffer.buffer(sock, write=defaults.TLS_WRITE_BUFFER)
-        wire.send(sock, {"type": "hello", **self.hello})
-        reply = wire.recv(sock, "process server")
-        if reply is None or reply[0].get("type") != "welcome":
-            message = reply[0].get("message", reply[0]) if reply else "closed the connection"
+        keys = records.secrets(sock)
+        offer = {"records": [records.PROTOCOL]} if keys else {}
+        try:
+            wire.send(sock, {"type": "hello", **self.hello, **offer})
+            reply = wire.recv(sock, "process server")
+            if reply is None or reply[0].get("type") != "welcome":
+                message = reply[0].get("message", reply[0]) if reply else "closed the connection"
+                raise FerryError(detail=f"process server refused hello: {message}")
+            taken = reply[0].get("records")
+            if taken is None:
+                tlsbuffer.buffer(sock, write=defaults.TLS_WRITE_BUFFER)
+                return sock
+            if taken != records.PROTOCOL or keys is None:
+                raise FerryError(
+                    detail=f"process server answered with records {taken!r}, not offered"
+                )
+            return records.switch(sock, keys, server_side=False)
+        except BaseException:
             sock.close()
-            raise FerryError(detail=f"process server refused hello: {message}")
-        return sock
+            raise
 
-    def _resend(self, sock: ssl.SSLSocket) -> bool:
+    def _resend(self, sock: wire.Conn) -> bool:
         """Send the pending requests and every unacknowledged batch, then open for new ones.
 
         What is queued meanwhile waits for this loop (the socket is not yet
@@ -245,7 +260,7 @@ class Shipper:
                 else:
                     sent.add(id(header))  # the request's own frame, as kept in _requests
 
-    def _receive(self, sock: ssl.SSLSocket) -> None:
+    def _receive(self, sock: wire.Conn) -> None:
         while not self._stop:
             try:
                 frame = wire.recv(sock, "process server")

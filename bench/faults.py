@@ -565,9 +565,10 @@ class FaultProxy:
     (1 KiB every 50 ms), ``blackhole`` (nothing moves, connections stay open),
     ``halfopen`` (the server's answers stop, the client's data still flows),
     ``reset`` (every connection is reset at once, new ones too) and
-    ``mangle`` (client to server, whole TLS records: after 20-300 records of
-    a connection one record is dropped, duplicated, swapped with the next or
-    has a byte flipped; what a frame suffers on a faulty path, as TLS sees it).
+    ``mangle`` (client to server, whole records, TLS's and then Ferry's own:
+    after 20-300 records of a connection one record is dropped, duplicated,
+    swapped with the next or has a byte flipped; what a frame suffers on a
+    faulty path, as the records see it).
     """
 
     ACTIONS = ("drop", "duplicate", "reorder", "corrupt")
@@ -655,10 +656,13 @@ class FaultProxy:
 
 
 class _Records:
-    """One connection's client-to-server TLS records, one of them mangled (``mangle`` mode).
+    """One connection's client-to-server records, one of them mangled (``mangle`` mode).
 
-    A TLS record is a 5-byte header (type, version, length) and its body;
-    bytes are held until a record is whole, then passed on, mangled or not.
+    A TLS record is a 5-byte header (type, version, length) and its body; after
+    the handshake the agent and the process server go on in Ferry's own records
+    (``ferry.records``: a u32 length, whose first byte is always 0, and the
+    sealed bytes). Bytes are held until a record is whole, then passed on,
+    mangled or not.
     """
 
     def __init__(self, proxy: FaultProxy, countdown: int) -> None:
@@ -676,7 +680,10 @@ class _Records:
         self.buffer += data
         out = []
         while len(self.buffer) >= 5:
-            size = 5 + int.from_bytes(self.buffer[3:5], "big")
+            if self.buffer[0] == 0:  # Ferry's own record (ferry.records): u32 length, sealed bytes
+                size = 4 + int.from_bytes(self.buffer[:4], "big")
+            else:  # a TLS record: type (20-24), version, u16 length
+                size = 5 + int.from_bytes(self.buffer[3:5], "big")
             if len(self.buffer) < size:
                 break
             record, self.buffer = self.buffer[:size], self.buffer[size:]
@@ -1004,14 +1011,14 @@ class NoticeMangler(threading.Thread):
 
 
 def frames_and_notices(work: Path, scale: Scale, rng: random.Random) -> Result:
-    """TLS records mangled agent → process server; notices lost, duplicated, reordered, corrupted."""
+    """Records mangled agent → process server; notices lost, duplicated, reordered, corrupted."""
     from mastertarget.defaults import GAP_LOOKUP_AFTER
 
     phase = scale.net_phase_s * 3
     rounds = 2 if scale is QUICK else 3
     result = Result(
         "loss, duplication, reordering and corruption of frames and notices",
-        f"agent → process server through FaultProxy `mangle` for {phase:.0f} s (one TLS record "
+        f"agent → process server through FaultProxy `mangle` for {phase:.0f} s (one record "
         "per connection dropped, duplicated, swapped or flipped); then, "
         f"{rounds} times, the master target stopped while notices pile up and one in three "
         "lost, duplicated, reordered (or, the last time, corrupted) through Azurite's queue API",

@@ -1,4 +1,5 @@
-"""OpenSSL's buffering BIO under a TLS socket: records leave and arrive in large reads and writes.
+"""OpenSSL's buffering BIO under a TLS socket: records leave and arrive in large reads and writes;
+and OpenSSL's keying-material exporter, which ``ferry.records`` keys its records with.
 
 Python's ``ssl`` gives each TLS record its own system call: a 16 KiB record is
 one ``write`` at the sender, a 5-byte header and a body two ``read`` calls at
@@ -60,6 +61,8 @@ class _Lib:
         self.up_ref = self._fn(lib.BIO_up_ref, ci, vp)
         self.int_ctrl = self._fn(lib.BIO_int_ctrl, cl, vp, ci, cl, ci)
         self.ctrl = self._fn(lib.BIO_ctrl, cl, vp, ci, cl, vp)
+        sz, cp = ctypes.c_size_t, ctypes.c_char_p
+        self.export = self._fn(lib.SSL_export_keying_material, ci, vp, cp, sz, cp, sz, cp, sz, ci)
 
     @staticmethod
     def _fn(fn: Any, restype: Any, *argtypes: Any) -> Any:
@@ -175,6 +178,21 @@ def flush(sock: Any) -> None:
     if _lib.ctrl(wbio, _BIO_CTRL_FLUSH, 0, None) <= 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err) if err else "TLS write buffer not flushed")
+
+
+def export_keying_material(sock: ssl.SSLSocket, label: bytes, length: int) -> bytes | None:
+    """``length`` bytes exported from ``sock``'s TLS session under ``label`` and no context
+    (RFC 5705, RFC 8446 section 7.5: both ends get the same bytes, no one else can);
+    None where the ``SSL`` cannot be reached (then nothing is exported, by either end)."""
+    lib = _load()
+    obj = getattr(sock, "_sslobj", None)
+    ptr = _ssl_of(lib, sock, obj) if lib is not None and obj is not None else None
+    if lib is None or ptr is None:
+        return None
+    out = ctypes.create_string_buffer(length)
+    if lib.export(ptr, out, length, label, len(label), None, 0, 0) != 1:
+        return None
+    return out.raw
 
 
 def pending(sock: Any) -> int:

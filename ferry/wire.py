@@ -1,4 +1,5 @@
-"""Framing on the agent <-> process server connection (inside mutual TLS).
+"""Framing on the agent <-> process server connection (inside mutual TLS, or Ferry's own
+records that follow its handshake: ``ferry.records``).
 
 Each frame is::
 
@@ -10,8 +11,10 @@ Each frame is::
 
 Frame types (``header["type"]``):
 
-* agent -> server ``hello``: ``{tenant, machine, disks: [disk ids]}``;
-  the server answers ``welcome`` or ``error``.
+* agent -> server ``hello``: ``{tenant, machine, disks: [disk ids], records?}``;
+  the server answers ``welcome {server, records?}`` or ``error``. ``records``:
+  the agent offers ``["ferry-records-1"]`` and the server takes it, and both then
+  go on in Ferry's own records (``ferry.records``); without it, in TLS records.
 * agent -> server ``batch``: ``{batch: Batch.header()}`` + payload; the server
   answers ``ack {disk, gen, seq}`` only after the batch is durable in its
   spool.  Acks may come in any order.
@@ -38,6 +41,7 @@ from typing import Any, Literal, overload
 from ferry import tlsbuffer
 from ferry.batch import Gathered
 from ferry.errors import ProtocolError
+from ferry.records import RecordSocket
 
 
 def _unzeroed_bytearray() -> Any:
@@ -55,6 +59,9 @@ def _unzeroed_bytearray() -> Any:
 
 _receive_buffer = _unzeroed_bytearray()
 """``n`` bytes to receive into: every one of them is written before any is read."""
+
+Conn = socket.socket | RecordSocket
+"""What frames travel on: a TLS socket, or Ferry's own records after its handshake."""
 
 MAGIC = b"FRY1"
 _FRAME = struct.Struct(">4sII")
@@ -74,7 +81,7 @@ def encode(
 
 
 def send(
-    sock: socket.socket,
+    sock: Conn,
     header: dict[str, Any],
     payload: bytes | bytearray | memoryview | Gathered = b"",
 ) -> None:
@@ -82,10 +89,13 @@ def send(
     for part in encode(header, payload):
         if part:
             sock.sendall(part)
-    tlsbuffer.flush(sock)
+    if isinstance(sock, RecordSocket):
+        sock.flush()
+    else:
+        tlsbuffer.flush(sock)
 
 
-def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
+def readable(sock: Conn, timeout: float = 0.0) -> bool:
     """Whether ``sock`` has bytes to read within ``timeout`` seconds (0: now).
 
     poll, not select: select refuses a descriptor numbered 1024 or more, and a
@@ -96,7 +106,7 @@ def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
     return bool(poller.poll(int(timeout * 1000)))
 
 
-def recv(sock: socket.socket, peer: str = "peer") -> tuple[dict[str, Any], bytearray] | None:
+def recv(sock: Conn, peer: str = "peer") -> tuple[dict[str, Any], bytearray] | None:
     """Receive one frame; None on a clean end of stream before a frame starts."""
     head = _recv_exact(sock, _FRAME.size, peer, allow_eof=True)
     if head is None:
@@ -118,14 +128,10 @@ def recv(sock: socket.socket, peer: str = "peer") -> tuple[dict[str, Any], bytea
 
 
 @overload
-def _recv_exact(
-    sock: socket.socket, n: int, peer: str, allow_eof: Literal[False] = False
-) -> bytearray: ...
+def _recv_exact(sock: Conn, n: int, peer: str, allow_eof: Literal[False] = False) -> bytearray: ...
 @overload
-def _recv_exact(sock: socket.socket, n: int, peer: str, allow_eof: bool) -> bytearray | None: ...
-def _recv_exact(
-    sock: socket.socket, n: int, peer: str, allow_eof: bool = False
-) -> bytearray | None:
+def _recv_exact(sock: Conn, n: int, peer: str, allow_eof: bool) -> bytearray | None: ...
+def _recv_exact(sock: Conn, n: int, peer: str, allow_eof: bool = False) -> bytearray | None:
     """``n`` bytes, received in place (a payload is not copied again); None only if
     ``allow_eof`` and the stream ends before the first."""
     buf: bytearray = _receive_buffer(n)

@@ -1,4 +1,5 @@
-"""One agent connection: TLS handshake, hello, then batches and resync requests.
+"""One agent connection: TLS handshake, hello, then batches and resync requests (in
+Ferry's own records where the agent offers them: ferry.records).
 
 The connection's own thread reads frames and answers batches; relay threads
 write to the same socket, so every write holds ``_send_lock``.  Bad input
@@ -16,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from ferry import __version__, pki, tlsbuffer, wire
+from ferry import __version__, pki, records, tlsbuffer, wire
 from ferry.batch import Batch
 from ferry.errors import ProtocolError
 from ferry.naming import REQUEST_ID_RE, check_id
@@ -48,7 +49,10 @@ class Connection:
 
     def __init__(self, ctx: Context, sock: ssl.SSLSocket, address: tuple) -> None:
         self.ctx = ctx
-        self.sock = sock
+        self.tls = sock
+        """The TLS socket: the handshake, hello, and the certificate's names."""
+        self.sock: wire.Conn = sock
+        """What frames travel on: ``tls``, or after welcome Ferry's own records (ferry.records)."""
         self.address = f"{address[0]}:{address[1]}"
         self.peer = "unknown"
         self.tenant: str | None = None
@@ -89,11 +93,11 @@ class Connection:
 
     def _open(self) -> None:
         """TLS handshake (the client certificate is verified here) and hello, both timed."""
-        self.sock.settimeout(defaults.HANDSHAKE_TIMEOUT)
-        self.sock.do_handshake()
-        tlsbuffer.buffer(self.sock, read=defaults.TLS_READ_BUFFER)
-        self.peer = pki.peer_name(self.sock)
-        frame = wire.recv(self.sock, self.address)
+        tls = self.tls
+        tls.settimeout(defaults.HANDSHAKE_TIMEOUT)
+        tls.do_handshake()
+        self.peer = pki.peer_name(tls)
+        frame = wire.recv(tls, self.address)  # unbuffered: a read buffer could take bytes past TLS
         if frame is None:
             raise OSError("closed before hello")
         self._hello(frame[0])
@@ -134,7 +138,8 @@ class Connection:
         ``SSLSocket.shutdown`` would also drop the TLS state and break that ack.
         """
         try:
-            socket.socket.shutdown(self.sock, socket.SHUT_RD)
+            raw = self.sock.sock if isinstance(self.sock, records.RecordSocket) else self.sock
+            socket.socket.shutdown(raw, socket.SHUT_RD)
         except OSError:
             pass
 
@@ -227,9 +232,22 @@ class Connection:
         if problem:
             raise Rejected(problem)
         self.tenant, self.machine, self.disks = tenant, machine, frozenset(disks)
-        self.send({"type": "welcome", "server": SERVER_NAME})
-        log.info("agent %s/%s (%s, certificate %s) connected with disks %s",
-                 tenant, machine, self.address, self.peer, ", ".join(sorted(disks)))  # fmt: skip
+        offered = header.get("records")
+        keys = (
+            records.secrets(self.tls)
+            if isinstance(offered, list) and records.PROTOCOL in offered
+            else None
+        )
+        welcome = {"type": "welcome", "server": SERVER_NAME}
+        with self._send_lock:  # nothing else is sent on TLS between welcome and the switch
+            wire.send(self.tls, {**welcome, "records": records.PROTOCOL} if keys else welcome)
+            if keys:
+                self.sock = records.switch(self.tls, keys, server_side=True)
+            else:
+                tlsbuffer.buffer(self.tls, read=defaults.TLS_READ_BUFFER)
+        log.info("agent %s/%s (%s, certificate %s) connected with disks %s, in %s records",
+                 tenant, machine, self.address, self.peer, ", ".join(sorted(disks)),
+                 "Ferry's" if keys else "TLS")  # fmt: skip
 
     def _identity_problem(self, tenant: str, machine: str, disks: list[str]) -> str | None:
         """Why this agent may not send for ``tenant``/``machine``/``disks``, or None.
@@ -238,7 +256,7 @@ class Connection:
         hello alone; the disks from what the configuration server registered
         for the machine (``agents``), when the process server was told.
         """
-        bound = pki.peer_tenants(self.sock)
+        bound = pki.peer_tenants(self.tls)
         if not bound:
             return (
                 f"certificate {self.peer} is bound to no tenant (issue agent certificates "
@@ -249,7 +267,7 @@ class Connection:
         settings = self.ctx.settings
         if settings.tenant is not None and tenant != settings.tenant:
             return f"this process server serves tenant {settings.tenant}, not {tenant}"
-        machines = pki.peer_machines(self.sock)
+        machines = pki.peer_machines(self.tls)
         if "*" not in machines and machine not in machines:
             return (
                 f"certificate {self.peer} is for machine {', '.join(sorted(machines))}, "
@@ -313,7 +331,10 @@ class Connection:
 
     def _frame_waiting(self) -> bool:
         """True if the agent's next frame has begun to arrive (reading it will not wait long)."""
-        if self.sock.pending() or tlsbuffer.pending(self.sock):
+        sock = self.sock
+        if isinstance(sock, (ssl.SSLSocket, records.RecordSocket)) and sock.pending():
+            return True  # a record opened, not all taken
+        if tlsbuffer.pending(sock):
             return True
         return wire.readable(self.sock)
 

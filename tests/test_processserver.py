@@ -58,13 +58,15 @@ def servers(tmp_path, certs, azurite):
 
 @pytest.fixture
 def connect(certs):
-    """Factory: ``connect(server, tenant)`` -> an Agent that has said hello; closed at teardown."""
+    """Factory: ``connect(server, tenant, offer_records=False)`` -> an Agent that has said hello
+    (its answer in ``welcome``); closed at teardown."""
     agents: list[Agent] = []
 
-    def make(server: ProcessServer, tenant: str) -> Agent:
+    def make(server: ProcessServer, tenant: str, offer_records: bool = False) -> Agent:
         agent = Agent(server.port, agent_context(certs))
         agents.append(agent)
-        assert agent.hello(tenant)["type"] == "welcome"
+        agent.welcome = agent.hello(tenant, offer_records=offer_records)
+        assert agent.welcome["type"] == "welcome"
         return agent
 
     yield make
@@ -135,17 +137,23 @@ def verify_uploaded(storage, notices: list[dict], batches: dict, key: bytes | No
 # -- the data path --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+@pytest.mark.parametrize(
+    ("sealed", "records"), [(False, False), (True, True)], ids=["plain-tls", "sealed-records"]
+)
 def test_batches_are_acked_uploaded_and_announced(
-    servers, connect, storage, tenant, tmp_path, sealed
+    servers, connect, storage, tenant, tmp_path, sealed, records
 ):
+    """Segments sealed or not; the connection in TLS records (an agent that offers nothing,
+    as before 2026-12-05) or in Ferry's own (offered, taken)."""
     key = os.urandom(32) if sealed else None
     settings: dict = {"allow_unsealed": True}
     if key:
         (tmp_path / "segment.key").write_text(key.hex() + "\n")
         settings["segment_key_file"] = str(tmp_path / "segment.key")
     server = servers(**settings)
-    agent = connect(server, tenant)
+    agent = connect(server, tenant, offer_records=records)
+    assert agent.welcome.get("records") == ("ferry-records-1" if records else None)
+    assert ("in Ferry's records" if records else "in TLS records") in server.log.read_text()
     batches = {(1, s): make_batch(tenant, s, tag=s % 3 == 0) for s in range(1, 7)}
     for batch in batches.values():
         agent.send_batch(batch)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from devkit.azurite import connection_string, free_port
 from devkit.embedded import write_toml
-from ferry import pki, wire
+from ferry import pki, records, wire
 from ferry.batch import Batch
 from support import ROOT, wait_for
 
@@ -114,11 +114,13 @@ class Agent:
 
     def __init__(self, port: int, context: ssl.SSLContext) -> None:
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        self.sock: wire.Conn = context.wrap_socket(raw, server_hostname="localhost")
         self.sock.settimeout(None)
         self.frames: queue.Queue = queue.Queue()
+        self.welcome: dict = {}
+        """The answer to hello, where a test keeps it."""
         self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        """Started by the first recv(), or by hello() once it has its answer."""
 
     def _read(self) -> None:
         try:
@@ -133,6 +135,8 @@ class Agent:
 
     def recv(self, timeout: float = 10) -> tuple[dict, bytes] | None:
         """The next frame; None once the server closed; TimeoutError if none comes in time."""
+        if not self.reader.is_alive() and self.reader.ident is None:
+            self.reader.start()
         try:
             item = self.frames.get(timeout=timeout)
         except queue.Empty:
@@ -141,22 +145,48 @@ class Agent:
             raise item
         return item
 
-    def hello(self, tenant: str, disks: tuple[str, ...] = (DISK,), machine: str = "web01") -> dict:
-        self.send({"type": "hello", "tenant": tenant, "machine": machine, "disks": list(disks)})
-        frame = self.recv()
+    def hello(
+        self,
+        tenant: str,
+        disks: tuple[str, ...] = (DISK,),
+        machine: str = "web01",
+        offer_records: bool = False,
+    ) -> dict:
+        """Say hello (offering Ferry's own records if ``offer_records``, as the agent does)
+        and return the answer; go on in records if the server took them."""
+        hello = {"type": "hello", "tenant": tenant, "machine": machine, "disks": list(disks)}
+        keys = (
+            records.secrets(self.sock)
+            if offer_records and isinstance(self.sock, ssl.SSLSocket)
+            else None
+        )
+        if offer_records:
+            assert keys is not None, "this interpreter's ssl layout was not recognised"
+            hello["records"] = [records.PROTOCOL]
+        self.send(hello)
+        # Read here, unless the reader runs: the answer decides what it reads from.
+        started = self.reader.ident is not None
+        frame = self.recv() if started else wire.recv(self.sock, "process server")
         assert frame is not None
+        if frame[0].get("records") == records.PROTOCOL and keys is not None:
+            assert isinstance(self.sock, ssl.SSLSocket)
+            self.sock = records.switch(self.sock, keys, server_side=False)
+        if self.reader.ident is None:
+            self.reader.start()
         return frame[0]
 
     def send_batch(self, batch: Batch) -> None:
         self.send({"type": "batch", "batch": batch.header()}, batch.payload)
 
     def close(self) -> None:
+        raw = self.sock.sock if isinstance(self.sock, records.RecordSocket) else self.sock
         try:
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # wakes the reader
+            socket.socket.shutdown(raw, socket.SHUT_RDWR)  # wakes the reader
         except OSError:
             pass
         # Closing under a reader would let it read the next socket that gets this fd.
-        self.reader.join(5)
+        if self.reader.ident is not None:
+            self.reader.join(5)
         self.sock.close()
 
 
