@@ -12,34 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.tls import loopback_pair
 
-from ferry import pki, records, wire
+from ferry import records, wire
 from ferry.errors import ProtocolError
 
 MiB = 1 << 20
-
-
-def _tls_pair(certs: Path) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
-    ca = str(certs / "ca" / "ca.pem")
-    server_ctx = pki.server_context(
-        ca, str(certs / "process-server.pem"), str(certs / "process-server.key")
-    )
-    client_ctx = pki.client_context(ca, str(certs / "agent.pem"), str(certs / "agent.key"))
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[ssl.SSLSocket] = []
-
-    def accept() -> None:
-        raw, _ = listener.accept()
-        accepted.append(server_ctx.wrap_socket(raw, server_side=True))
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    client = client_ctx.wrap_socket(
-        socket.create_connection(listener.getsockname()), server_hostname="localhost"
-    )
-    thread.join(10)
-    listener.close()
-    return client, accepted[0]
 
 
 def _switch_both(
@@ -62,7 +40,7 @@ def _switch_both(
 @pytest.fixture
 def pair(certs: Path) -> Iterator[tuple[records.RecordSocket, records.RecordSocket]]:
     """(agent's end, process server's end) of a loopback connection switched to records."""
-    agent, server = _switch_both(*_tls_pair(certs))
+    agent, server = _switch_both(*loopback_pair(certs))
     yield agent, server
     agent.close()
     server.close()
@@ -96,8 +74,8 @@ def test_frames_arrive_whole_and_in_order_both_ways(pair):
 
 
 def test_keys_are_the_sessions_own(certs):
-    client, server = _tls_pair(certs)
-    other_client, other_server = _tls_pair(certs)
+    client, server = loopback_pair(certs)
+    other_client, other_server = loopback_pair(certs)
     try:
         keys = records.secrets(client)
         assert keys is not None
@@ -110,41 +88,25 @@ def test_keys_are_the_sessions_own(certs):
 
 
 def test_tls_older_than_1_3_exports_nothing(certs):
-    ca = str(certs / "ca" / "ca.pem")
-    server_ctx = pki.server_context(
-        ca, str(certs / "process-server.pem"), str(certs / "process-server.key")
-    )
-    server_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    client_ctx = pki.client_context(ca, str(certs / "agent.pem"), str(certs / "agent.key"))
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[ssl.SSLSocket] = []
-    thread = threading.Thread(
-        target=lambda: accepted.append(
-            server_ctx.wrap_socket(listener.accept()[0], server_side=True)
-        )
-    )
-    thread.start()
-    client = client_ctx.wrap_socket(
-        socket.create_connection(listener.getsockname()), server_hostname="localhost"
-    )
-    thread.join(10)
-    listener.close()
+    client, server = loopback_pair(certs, server_max=ssl.TLSVersion.TLSv1_2)
     try:
         assert client.version() == "TLSv1.2"
         assert records.secrets(client) is None  # the agent then offers nothing: TLS records
     finally:
         client.close()
-        accepted[0].close()
+        server.close()
 
 
 class _Relay:
-    """Sealed records from one socket to another, one of them mangled on the way."""
+    """Two ends with keys of their own, and the records from one to the other through this
+    relay (``record`` takes the next one, ``forward`` passes bytes on, mangled or not)."""
 
-    def __init__(self) -> None:
-        self.left, inner_left = socket.socketpair()
-        inner_right, self.right = socket.socketpair()
-        self.seen: list[bytes] = []
-        self._src, self._dst = inner_left, inner_right
+    def __init__(self, recv_secret: bytes | None = None) -> None:
+        self.left, self._src = socket.socketpair()
+        self._dst, self.right = socket.socketpair()
+        a, b = os.urandom(32), recv_secret or os.urandom(32)
+        self.sender = records.RecordSocket(self.left, send=b, recv=a)
+        self.receiver = records.RecordSocket(self.right, send=a, recv=b)
 
     def record(self) -> bytes:
         """The next whole record from the sender (length prefix included)."""
@@ -162,103 +124,84 @@ class _Relay:
     def forward(self, data: bytes) -> None:
         self._dst.sendall(data)
 
-    def close(self) -> None:
+    def end(self) -> None:
+        """The receiver's stream ends after what was forwarded."""
+        self._dst.shutdown(socket.SHUT_WR)
+
+    def __enter__(self) -> _Relay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         for sock in (self.left, self.right, self._src, self._dst):
             sock.close()
 
 
-def _ends(relay: _Relay) -> tuple[records.RecordSocket, records.RecordSocket]:
-    a, b = os.urandom(32), os.urandom(32)
-    return records.RecordSocket(relay.left, send=a, recv=b), records.RecordSocket(
-        relay.right, send=b, recv=a
-    )
+@pytest.fixture
+def relay() -> Iterator[_Relay]:
+    with _Relay() as made:
+        yield made
 
 
 @pytest.mark.parametrize("mangle", ["flip", "length", "drop", "duplicate", "swap", "truncate"])
-def test_a_record_mangled_on_the_way_is_refused(mangle):
-    relay = _Relay()
-    sender, receiver = _ends(relay)
-    try:
-        for i in range(3):  # a frame this short is one record
-            wire.send(sender, {"type": "batch", "i": i}, os.urandom(1000))
-        first, second, third = relay.record(), relay.record(), relay.record()
-        if mangle == "flip":
-            second = second[:50] + bytes([second[50] ^ 1]) + second[51:]
-        elif mangle == "length":  # a shorter record claimed: its tag is not where it was put
-            second = (int.from_bytes(second[:4], "big") - 1).to_bytes(4, "big") + second[4:]
-        sent = {
-            "flip": [first, second, third],
-            "length": [first, second, third],
-            "drop": [first, third],
-            "duplicate": [first, first, second],
-            "swap": [first, third, second],
-            "truncate": [first, second[:1000]],
-        }[mangle]
-        for record in sent:
-            relay.forward(record)
-        if mangle == "truncate":
-            relay._dst.shutdown(socket.SHUT_WR)
-        assert wire.recv(receiver)[0]["i"] == 0  # the first was untouched
-        with pytest.raises(ProtocolError, match="failed authentication|closed mid-record"):
-            wire.recv(receiver)
-        with pytest.raises(ProtocolError):  # and nothing more is read from a broken stream
-            wire.recv(receiver)
-    finally:
-        relay.close()
+def test_a_record_mangled_on_the_way_is_refused(relay, mangle):
+    for i in range(3):  # a frame this short is one record
+        wire.send(relay.sender, {"type": "batch", "i": i}, os.urandom(1000))
+    first, second, third = relay.record(), relay.record(), relay.record()
+    if mangle == "flip":
+        second = second[:50] + bytes([second[50] ^ 1]) + second[51:]
+    elif mangle == "length":  # a shorter record claimed: its tag is not where it was put
+        second = (int.from_bytes(second[:4], "big") - 1).to_bytes(4, "big") + second[4:]
+    sent = {
+        "flip": [first, second, third],
+        "length": [first, second, third],
+        "drop": [first, third],
+        "duplicate": [first, first, second],
+        "swap": [first, third, second],
+        "truncate": [first, second[:1000]],
+    }[mangle]
+    for record in sent:
+        relay.forward(record)
+    if mangle == "truncate":
+        relay.end()
+    assert wire.recv(relay.receiver)[0]["i"] == 0  # the first was untouched
+    with pytest.raises(ProtocolError, match="failed authentication|closed mid-record"):
+        wire.recv(relay.receiver)
+    with pytest.raises(ProtocolError):  # and nothing more is read from a broken stream
+        wire.recv(relay.receiver)
 
 
-def test_a_record_longer_than_allowed_is_refused_before_it_is_read():
-    relay = _Relay()
-    _, receiver = _ends(relay)
-    try:
-        relay.forward((records.RECORD + records.TAG + 1).to_bytes(4, "big"))
-        with pytest.raises(ProtocolError, match="sealed record of"):
-            wire.recv(receiver)
-    finally:
-        relay.close()
+def test_a_record_longer_than_allowed_is_refused_before_it_is_read(relay):
+    relay.forward((records.RECORD + records.TAG + 1).to_bytes(4, "big"))
+    with pytest.raises(ProtocolError, match="sealed record of"):
+        wire.recv(relay.receiver)
 
 
-def test_the_stream_ends_between_records_not_inside_one():
-    relay = _Relay()
-    sender, receiver = _ends(relay)
-    try:
-        wire.send(sender, {"type": "ack"})
-        relay.forward(relay.record())
-        relay._dst.shutdown(socket.SHUT_WR)
-        assert wire.recv(receiver) == ({"type": "ack"}, bytearray())
-        assert wire.recv(receiver) is None  # a clean end of stream
-    finally:
-        relay.close()
+def test_the_stream_ends_between_records_not_inside_one(relay):
+    wire.send(relay.sender, {"type": "ack"})
+    relay.forward(relay.record())
+    relay.end()
+    assert wire.recv(relay.receiver) == ({"type": "ack"}, bytearray())
+    assert wire.recv(relay.receiver) is None  # a clean end of stream
 
 
-def test_keys_change_after_key_records(monkeypatch):
+def test_keys_change_after_key_records(relay, monkeypatch):
     monkeypatch.setattr(records, "KEY_RECORDS", 3)
-    relay = _Relay()
-    sender, receiver = _ends(relay)
-    try:
-        seen = []
-        for i in range(10):
-            wire.send(sender, {"type": "ack", "i": i})
-            record = relay.record()
-            seen.append(record)
-            relay.forward(record)
-            assert wire.recv(receiver)[0] == {"type": "ack", "i": i}
-        assert receiver._recv.key_number == 3 and receiver._recv.record == 1
-        # Record 3 is the first under the second key, with the first record's nonce: a
-        # receiver on the second key takes it, one still on the first refuses it.
-        for key_number, taken in ((1, True), (0, False)):
-            other = _Relay()
-            reader = records.RecordSocket(other.right, send=b"x" * 32, recv=sender._send.secret)
-            reader._recv.key_number = key_number
-            reader._recv.aead = reader._recv._key()
-            try:
-                other.forward(seen[3])
-                if taken:
-                    assert wire.recv(reader)[0] == {"type": "ack", "i": 3}
-                else:
-                    with pytest.raises(ProtocolError, match="failed authentication"):
-                        wire.recv(reader)
-            finally:
-                other.close()
-    finally:
-        relay.close()
+    seen = []
+    for i in range(10):
+        wire.send(relay.sender, {"type": "ack", "i": i})
+        seen.append(relay.record())
+        relay.forward(seen[-1])
+        assert wire.recv(relay.receiver)[0] == {"type": "ack", "i": i}
+    assert relay.receiver._recv.key_number == 3 and relay.receiver._recv.record == 1
+    # Record 3 is the first under the second key, with the first record's nonce: a
+    # receiver on the second key takes it, one still on the first refuses it.
+    for key_number, taken in ((1, True), (0, False)):
+        with _Relay(recv_secret=relay.sender._send.secret) as other:
+            other.receiver._recv.key_number = key_number
+            other.receiver._recv.aead = other.receiver._recv._key()
+            other.forward(seen[3])
+            if taken:
+                assert wire.recv(other.receiver)[0] == {"type": "ack", "i": 3}
+            else:
+                with pytest.raises(ProtocolError, match="failed authentication"):
+                    wire.recv(other.receiver)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.tls import loopback_pair
 
 from ferry import pki, tlsbuffer, wire
 
@@ -19,28 +20,10 @@ from ferry import pki, tlsbuffer, wire
 @pytest.fixture
 def pair(certs: Path) -> Iterator[tuple[ssl.SSLSocket, ssl.SSLSocket]]:
     """A connected (client, server) pair over loopback TCP with the deployment's mTLS."""
-    ca = str(certs / "ca" / "ca.pem")
-    server_ctx = pki.server_context(
-        ca, str(certs / "process-server.pem"), str(certs / "process-server.key")
-    )
-    client_ctx = pki.client_context(ca, str(certs / "agent.pem"), str(certs / "agent.key"))
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[ssl.SSLSocket] = []
-
-    def accept() -> None:
-        raw, _ = listener.accept()
-        accepted.append(server_ctx.wrap_socket(raw, server_side=True))
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    client = client_ctx.wrap_socket(
-        socket.create_connection(listener.getsockname()), server_hostname="localhost"
-    )
-    thread.join(10)
-    listener.close()
-    yield client, accepted[0]
+    client, server = loopback_pair(certs)
+    yield client, server
     client.close()
-    accepted[0].close()
+    server.close()
 
 
 def _readable(sock: ssl.SSLSocket, timeout: float) -> bool:
