@@ -566,9 +566,9 @@ class FaultProxy:
     ``halfopen`` (the server's answers stop, the client's data still flows),
     ``reset`` (every connection is reset at once, new ones too) and
     ``mangle`` (client to server, whole records, TLS's and then Ferry's own:
-    after 20-300 records of a connection one record is dropped, duplicated,
-    swapped with the next or has a byte flipped; what a frame suffers on a
-    faulty path, as the records see it).
+    after 20-300 full TLS records' worth of a connection's bytes, the record
+    that crosses it is dropped, duplicated, swapped with the next or has a
+    byte flipped; what a frame suffers on a faulty path, as the records see it).
     """
 
     ACTIONS = ("drop", "duplicate", "reorder", "corrupt")
@@ -626,7 +626,7 @@ class FaultProxy:
             w.close()
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, way: str) -> None:
-        records = _Records(self, self.rng.randint(20, 300)) if way == "up" else None
+        records = _Records(self, self.rng.randint(20, 300) * _TLS_RECORD) if way == "up" else None
         while True:
             data = await src.read(64 * 1024)
             if not data:
@@ -655,6 +655,10 @@ class FaultProxy:
         self.thread.join(10)
 
 
+_TLS_RECORD = 16 << 10
+"""A full TLS record's plaintext: the mangler's countdown is in multiples of it."""
+
+
 class _Records:
     """One connection's client-to-server records, one of them mangled (``mangle`` mode).
 
@@ -668,6 +672,8 @@ class _Records:
     def __init__(self, proxy: FaultProxy, countdown: int) -> None:
         self.proxy = proxy
         self.countdown = countdown
+        """Bytes of records to pass before the one mangled: counted in bytes, not records,
+        so that TLS's 16 KiB records and Ferry's of up to 1 MiB are mangled as often."""
         self.buffer = b""
         self.held: bytes | None = None  # a record kept back to come after the next one
 
@@ -697,8 +703,10 @@ class _Records:
         if self.held is not None:  # the swap: this one first, then the one held back
             record, self.held = record + self.held, None
             return record
-        self.countdown -= 1
-        if self.proxy.mode != "mangle" or self.countdown != 0:
+        if self.proxy.mode != "mangle" or self.countdown <= 0:
+            return record
+        self.countdown -= len(record)
+        if self.countdown > 0:
             return record
         action = self.proxy.rng.choice(FaultProxy.ACTIONS)
         self.proxy.mangled[action] += 1
