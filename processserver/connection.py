@@ -153,6 +153,7 @@ class Connection:
             "disks": sorted(self.disks),
             "since": self.since,
             "throttled": self.throttled,
+            "records": "ferry" if isinstance(self.sock, records.RecordSocket) else "tls",
         }
 
     # -- writing ---------------------------------------------------------------------------

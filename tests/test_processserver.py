@@ -153,7 +153,8 @@ def test_batches_are_acked_uploaded_and_announced(
     server = servers(**settings)
     agent = connect(server, tenant, offer_records=records)
     assert agent.welcome.get("records") == ("ferry-records-1" if records else None)
-    assert ("in Ferry's records" if records else "in TLS records") in server.log.read_text()
+    said = "in Ferry's records" if records else "in TLS records"
+    wait_for(lambda: said in server.log.read_text(), 10, f"the log saying {said!r}")
     batches = {(1, s): make_batch(tenant, s, tag=s % 3 == 0) for s in range(1, 7)}
     for batch in batches.values():
         agent.send_batch(batch)
@@ -173,8 +174,8 @@ def test_batches_are_acked_uploaded_and_announced(
     status = server.status()
     assert status["batches_received"] == len(batches)
     assert status["spool"]["files"] == 0
-    assert [(a["cn"], a["tenant"], a["machine"]) for a in status["agents"]] == [
-        ("agent", tenant, "web01")
+    assert [(a["cn"], a["tenant"], a["machine"], a["records"]) for a in status["agents"]] == [
+        ("agent", tenant, "web01", "ferry" if records else "tls")
     ]
     assert server.signal(signal.SIGTERM) == 0
 
