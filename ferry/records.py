@@ -101,7 +101,7 @@ class _Direction:
         return AESGCM(HKDFExpand(hashes.SHA256(), 32, info).derive(self.secret))
 
     def nonce(self) -> bytes:
-        """This record's nonce; the next call gives the next record's (and key, in time)."""
+        """This record's nonce (its number under the key); the next call gives the next's."""
         nonce = self.record.to_bytes(12, "big")
         self.record += 1
         return nonce
@@ -158,13 +158,12 @@ class RecordSocket:
     def sendall(self, data: Any) -> None:
         """Send ``data``: short writes wait for :meth:`flush` (or a long write after them)."""
         view = memoryview(data).cast("B")
-        if len(view) < SMALL and len(self._out) + len(view) <= RECORD:
+        if len(view) < SMALL:
+            if len(self._out) + len(view) > RECORD:
+                self.flush()
             self._out += view
             return
         self.flush()
-        if len(view) < SMALL:
-            self._out += view
-            return
         for at in range(0, len(view), RECORD):
             self._seal(view[at : at + RECORD])
 

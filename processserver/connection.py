@@ -337,7 +337,7 @@ class Connection:
             return True  # a record opened, not all taken
         if tlsbuffer.pending(sock):
             return True
-        return wire.readable(self.sock)
+        return wire.readable(sock)
 
     def _store(self, batches: list[Batch]) -> None:
         """Pack ``batches`` as segments and spool them; while the spool's filesystem is full,
