@@ -207,8 +207,8 @@ class Shipper:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock = self.context.wrap_socket(raw, server_hostname=self.server_name)
         sock.settimeout(None)
-        keys = records.secrets(sock)
-        offer = {"records": [records.PROTOCOL]} if keys else {}
+        offered = records.offer(sock)
+        offer = {"records": offered} if offered else {}
         try:
             wire.send(sock, {"type": "hello", **self.hello, **offer})
             reply = wire.recv(sock, "process server")
@@ -219,11 +219,11 @@ class Shipper:
             if taken is None:
                 tlsbuffer.buffer(sock, write=defaults.TLS_WRITE_BUFFER)
                 return sock
-            if taken != records.PROTOCOL or keys is None:
+            if taken not in offered:
                 raise FerryError(
                     detail=f"process server answered with records {taken!r}, not offered"
                 )
-            return records.switch(sock, keys, server_side=False)
+            return records.switch(sock, taken, server_side=False)
         except BaseException:
             sock.close()
             raise

@@ -8,20 +8,24 @@ round sixteen). QUIC (RFC 9001) does the same: TLS for the handshake, its own
 packet protection after it. Here, once both ends said so in ``hello`` and
 ``welcome``:
 
-* both export 64 bytes from the TLS session (RFC 8446 section 7.5, label
-  :data:`LABEL`): the first 32 the agent's sending secret, the last 32 the
-  process server's;
+* both export 64 bytes from the TLS session (RFC 8446 section 7.5, the
+  protocol's own label): the first 32 the agent's sending secret, the last
+  32 the process server's;
 * both close TLS (``close_notify`` each way, ``SSLSocket.unwrap``) and go on
   over the same TCP connection with records of their own::
 
-      length  u32 big-endian   n: ciphertext and tag, 17 to RECORD + 16
-      sealed  n bytes          AES-256-GCM(key, nonce, plaintext, aad=length)
+      length  u32 big-endian   n: ciphertext and tag, tag + 1 to RECORD + tag bytes
+      sealed  n bytes          AEAD(key, nonce, plaintext, aad=length)
 
+  where the AEAD is the protocol's: ``ferry-records-2`` AEGIS-256 (a 32-byte
+  tag; :mod:`ferry.aegis`), ``ferry-records-1`` AES-256-GCM (16);
 * a direction's key is HKDF-Expand(SHA-256) of its secret and the key's
-  number; the nonce is the record's number under that key (96 bits, big
-  endian), so no nonce repeats under a key; after :data:`KEY_RECORDS` records
-  both ends take the next key, as TLS 1.3's key update does (at most 64 GiB
-  under one key, 2^32 AES blocks: AES-GCM's margin stays near 2^-64);
+  number; the nonce is the record's number under that key (big endian, the
+  AEAD's nonce length), so no nonce repeats under a key; after
+  :data:`KEY_RECORDS` records both ends take the next key, as TLS 1.3's key
+  update does (at most 64 GiB under one key, 2^32 AES blocks: AES-GCM's
+  margin stays near 2^-64; AEGIS-256 needs no such bound and follows the
+  same schedule);
 * the plaintext is the same byte stream of frames as before (``ferry.wire``).
 
 A record that was changed, dropped, repeated or moved fails authentication
@@ -34,9 +38,11 @@ is spooled, as before.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import ssl
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -44,16 +50,34 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from ferry import tlsbuffer
+from ferry import aegis, tlsbuffer
 from ferry.errors import ProtocolError
 
-PROTOCOL = "ferry-records-1"
-"""What ``hello`` offers (``records: [...]``) and ``welcome`` accepts (``records: ...``)."""
-LABEL = b"EXPERIMENTAL-ferry-records-1"
-"""The exporter label (RFC 5705: private labels begin with EXPERIMENTAL)."""
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """One protocol's exporter label and AEAD."""
+
+    label: bytes
+    """The exporter label (RFC 5705: private labels begin with EXPERIMENTAL)."""
+    aead: Callable[[bytes], Any]
+    """A 32-byte key -> an AEAD with cryptography's ``encrypt_into`` / ``decrypt_into``."""
+    nonce: int
+    tag: int
+
+
+SUITES = {
+    "ferry-records-2": Suite(
+        b"EXPERIMENTAL-ferry-records-2", aegis.AEGIS256, aegis.NONCE, aegis.TAG
+    ),
+    "ferry-records-1": Suite(b"EXPERIMENTAL-ferry-records-1", AESGCM, 12, 16),
+}
+"""The protocols, most preferred first: ``hello`` offers them all (``records: [...]``),
+``welcome`` names the first of them the process server runs (``records: ...``); an
+agent or process server of round sixteen knows ``ferry-records-1`` alone."""
+PROTOCOL = next(iter(SUITES))
 RECORD = 1 << 20
 """Largest plaintext of one record, in bytes."""
-TAG = 16
 KEY_RECORDS = 1 << 16
 """Records sealed under one key (of at most RECORD bytes each: 64 GiB) before the next."""
 SMALL = 64 << 10
@@ -61,48 +85,69 @@ SMALL = 64 << 10
 _LENGTH = struct.Struct(">I")
 
 
-def secrets(sock: ssl.SSLSocket) -> tuple[bytes, bytes] | None:
-    """(agent's, process server's) sending secrets of ``sock``'s TLS session; None where
-    they cannot be had (TLS older than 1.3, or OpenSSL out of reach: ``ferry.tlsbuffer``)."""
+def offer(sock: ssl.SSLSocket) -> list[str]:
+    """The protocols this end can run over ``sock``, most preferred first; none where the
+    secrets cannot be had (TLS older than 1.3, or OpenSSL out of reach: ``ferry.tlsbuffer``)."""
+    return list(SUITES) if secrets(sock, PROTOCOL) is not None else []
+
+
+def choose(offered: object) -> str | None:
+    """The protocol a process server takes from an agent's offer (``hello``'s ``records``)."""
+    if not isinstance(offered, list):
+        return None
+    return next((name for name in SUITES if name in offered), None)
+
+
+def secrets(sock: ssl.SSLSocket, protocol: str) -> tuple[bytes, bytes] | None:
+    """(agent's, process server's) sending secrets of ``sock``'s TLS session for
+    ``protocol``; None where they cannot be had (see :func:`offer`)."""
     if sock.version() != "TLSv1.3":
         return None
-    material = tlsbuffer.export_keying_material(sock, LABEL, 64)
+    material = tlsbuffer.export_keying_material(sock, SUITES[protocol].label, 64)
     if material is None:
         return None
     return material[:32], material[32:]
 
 
-def switch(sock: ssl.SSLSocket, keys: tuple[bytes, bytes], server_side: bool) -> RecordSocket:
-    """Close TLS on ``sock`` (both ends do, right after ``welcome``) and go on sealed.
+def switch(sock: ssl.SSLSocket, protocol: str, server_side: bool) -> RecordSocket:
+    """Close TLS on ``sock`` (both ends do, right after ``welcome``) and go on in
+    ``protocol``'s records. ``ProtocolError`` if its secrets cannot be had.
 
     Nothing may be sent on ``sock`` between ``welcome`` and this call, at either end.
     """
+    keys = secrets(sock, protocol)
+    if keys is None:
+        raise ProtocolError(peer="peer", problem=f"cannot export the secrets of {protocol}")
     timeout = sock.gettimeout()
     sock.unwrap()
     raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
     raw.settimeout(timeout)
     agent, server = keys
     return RecordSocket(
-        raw, send=server if server_side else agent, recv=agent if server_side else server
+        raw,
+        send=server if server_side else agent,
+        recv=agent if server_side else server,
+        protocol=protocol,
     )
 
 
 class _Direction:
     """One direction's keys and record numbers."""
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, suite: Suite) -> None:
         self.secret = secret
+        self.suite = suite
         self.key_number = 0
         self.record = 0
         self.aead = self._key()
 
-    def _key(self) -> AESGCM:
+    def _key(self) -> Any:
         info = b"ferry records key " + self.key_number.to_bytes(8, "big")
-        return AESGCM(HKDFExpand(hashes.SHA256(), 32, info).derive(self.secret))
+        return self.suite.aead(HKDFExpand(hashes.SHA256(), 32, info).derive(self.secret))
 
     def nonce(self) -> bytes:
         """This record's nonce (its number under the key); the next call gives the next's."""
-        nonce = self.record.to_bytes(12, "big")
+        nonce = self.record.to_bytes(self.suite.nonce, "big")
         self.record += 1
         return nonce
 
@@ -119,14 +164,19 @@ class RecordSocket:
     connections use. Writers are serialised by the caller (as on an ``SSLSocket``);
     one reader and one writer may work at once."""
 
-    def __init__(self, sock: socket.socket, send: bytes, recv: bytes) -> None:
+    def __init__(
+        self, sock: socket.socket, send: bytes, recv: bytes, protocol: str = PROTOCOL
+    ) -> None:
         self.sock = sock
-        self._send = _Direction(send)
-        self._recv = _Direction(recv)
+        self.protocol = protocol
+        suite = SUITES[protocol]
+        self._tag = suite.tag
+        self._send = _Direction(send, suite)
+        self._recv = _Direction(recv, suite)
         self._out = bytearray()
-        self._sealed = bytearray(_LENGTH.size + RECORD + TAG)
+        self._sealed = bytearray(_LENGTH.size + RECORD + suite.tag)
         self._sealed_view = memoryview(self._sealed)
-        self._in = bytearray(RECORD + TAG)
+        self._in = bytearray(RECORD + suite.tag)
         self._in_view = memoryview(self._in)
         self._length = bytearray(_LENGTH.size)
         self._plain: memoryview | None = None  # a record opened here, read in parts
@@ -151,7 +201,7 @@ class RecordSocket:
         self.sock.close()
 
     def __repr__(self) -> str:
-        return f"<RecordSocket {self.sock!r}>"
+        return f"<RecordSocket {self.protocol} {self.sock!r}>"
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -174,7 +224,7 @@ class RecordSocket:
             self._seal(memoryview(out))
 
     def _seal(self, plain: memoryview) -> None:
-        n = len(plain) + TAG
+        n = len(plain) + self._tag
         sealed = self._sealed_view
         _LENGTH.pack_into(sealed, 0, n)
         end = _LENGTH.size + n
@@ -211,11 +261,11 @@ class RecordSocket:
         if not self._fill(memoryview(self._length), at_start=True):
             return 0
         n = _LENGTH.unpack(self._length)[0]
-        if not TAG < n <= RECORD + TAG:
+        if not self._tag < n <= RECORD + self._tag:
             raise ProtocolError(peer=self._peer(), problem=f"sealed record of {n} bytes")
         sealed = self._in_view[:n]
         self._fill(sealed, at_start=False)
-        size = n - TAG
+        size = n - self._tag
         if want >= size:  # straight into the caller's buffer: a payload is not copied again
             self._open(sealed, view[:size])
             return size

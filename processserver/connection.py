@@ -153,7 +153,7 @@ class Connection:
             "disks": sorted(self.disks),
             "since": self.since,
             "throttled": self.throttled,
-            "records": "ferry" if isinstance(self.sock, records.RecordSocket) else "tls",
+            "records": self.sock.protocol if isinstance(self.sock, records.RecordSocket) else "tls",
         }
 
     # -- writing ---------------------------------------------------------------------------
@@ -233,22 +233,17 @@ class Connection:
         if problem:
             raise Rejected(problem)
         self.tenant, self.machine, self.disks = tenant, machine, frozenset(disks)
-        offered = header.get("records")
-        keys = (
-            records.secrets(self.tls)
-            if isinstance(offered, list) and records.PROTOCOL in offered
-            else None
-        )
+        taken = records.choose(header.get("records")) if records.offer(self.tls) else None
         welcome = {"type": "welcome", "server": SERVER_NAME}
         with self._send_lock:  # nothing else is sent on TLS between welcome and the switch
-            wire.send(self.tls, {**welcome, "records": records.PROTOCOL} if keys else welcome)
-            if keys:
-                self.sock = records.switch(self.tls, keys, server_side=True)
+            wire.send(self.tls, {**welcome, "records": taken} if taken else welcome)
+            if taken:
+                self.sock = records.switch(self.tls, taken, server_side=True)
             else:
                 tlsbuffer.buffer(self.tls, read=defaults.TLS_READ_BUFFER)
-        log.info("agent %s/%s (%s, certificate %s) connected with disks %s, in %s records",
+        log.info("agent %s/%s (%s, certificate %s) connected with disks %s, in %s",
                  tenant, machine, self.address, self.peer, ", ".join(sorted(disks)),
-                 "Ferry's" if keys else "TLS")  # fmt: skip
+                 f"Ferry's records ({taken})" if taken else "TLS records")  # fmt: skip
 
     def _identity_problem(self, tenant: str, machine: str, disks: list[str]) -> str | None:
         """Why this agent may not send for ``tenant``/``machine``/``disks``, or None.

@@ -62,7 +62,7 @@ def connect(certs):
     (its answer in ``welcome``); closed at teardown."""
     agents: list[Agent] = []
 
-    def make(server: ProcessServer, tenant: str, offer_records: bool = False) -> Agent:
+    def make(server: ProcessServer, tenant: str, offer_records: bool | list[str] = False) -> Agent:
         agent = Agent(server.port, agent_context(certs))
         agents.append(agent)
         agent.welcome = agent.hello(tenant, offer_records=offer_records)
@@ -138,22 +138,29 @@ def verify_uploaded(storage, notices: list[dict], batches: dict, key: bytes | No
 
 
 @pytest.mark.parametrize(
-    ("sealed", "records"), [(False, False), (True, True)], ids=["plain-tls", "sealed-records"]
+    ("sealed", "offer", "records"),
+    [
+        (False, False, "tls"),
+        (True, True, "ferry-records-2"),
+        (True, ["ferry-records-1"], "ferry-records-1"),
+    ],
+    ids=["plain-tls", "sealed-records", "sealed-records-of-round-16"],
 )
 def test_batches_are_acked_uploaded_and_announced(
-    servers, connect, storage, tenant, tmp_path, sealed, records
+    servers, connect, storage, tenant, tmp_path, sealed, offer, records
 ):
     """Segments sealed or not; the connection in TLS records (an agent that offers nothing,
-    as before 2026-12-05) or in Ferry's own (offered, taken)."""
+    as before 2026-12-05) or in Ferry's own (offered, taken): the first the process server
+    runs of those offered, AES-256-GCM's for an agent that knows no other (round sixteen)."""
     key = os.urandom(32) if sealed else None
     settings: dict = {"allow_unsealed": True}
     if key:
         (tmp_path / "segment.key").write_text(key.hex() + "\n")
         settings["segment_key_file"] = str(tmp_path / "segment.key")
     server = servers(**settings)
-    agent = connect(server, tenant, offer_records=records)
-    assert agent.welcome.get("records") == ("ferry-records-1" if records else None)
-    said = "in Ferry's records" if records else "in TLS records"
+    agent = connect(server, tenant, offer_records=offer)
+    assert agent.welcome.get("records") == (None if records == "tls" else records)
+    said = "in TLS records" if records == "tls" else f"in Ferry's records ({records})"
     wait_for(lambda: said in server.log.read_text(), 10, f"the log saying {said!r}")
     batches = {(1, s): make_batch(tenant, s, tag=s % 3 == 0) for s in range(1, 7)}
     for batch in batches.values():
@@ -175,7 +182,7 @@ def test_batches_are_acked_uploaded_and_announced(
     assert status["batches_received"] == len(batches)
     assert status["spool"]["files"] == 0
     assert [(a["cn"], a["tenant"], a["machine"], a["records"]) for a in status["agents"]] == [
-        ("agent", tenant, "web01", "ferry" if records else "tls")
+        ("agent", tenant, "web01", records)
     ]
     assert server.signal(signal.SIGTERM) == 0
 

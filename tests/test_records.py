@@ -1,6 +1,7 @@
-"""Ferry's own records after the TLS 1.3 handshake (ferry.records), over real sockets: frames
-arrive whole and in order both ways, the keys are the session's own and change in time, and a
-record changed, lost, repeated or moved on the way is refused."""
+"""Ferry's own records after the TLS 1.3 handshake (ferry.records), over real sockets, in both
+protocols (AEGIS-256 and AES-256-GCM): frames arrive whole and in order both ways, the keys
+are the session's own and change in time, and a record changed, lost, repeated or moved on
+the way is refused."""
 
 from __future__ import annotations
 
@@ -18,29 +19,32 @@ from ferry import records, wire
 from ferry.errors import ProtocolError
 
 MiB = 1 << 20
+PROTOCOLS = list(records.SUITES)
 
 
 def _switch_both(
-    client: ssl.SSLSocket, server: ssl.SSLSocket
+    client: ssl.SSLSocket, server: ssl.SSLSocket, protocol: str
 ) -> tuple[records.RecordSocket, records.RecordSocket]:
     """Both ends export their keys and leave TLS at once (each waits for the other's
     close_notify), as the agent and the process server do after welcome."""
-    ckeys, skeys = records.secrets(client), records.secrets(server)
-    assert ckeys is not None and skeys is not None, (
+    assert records.offer(client) == records.offer(server) == PROTOCOLS, (
         "this interpreter's ssl layout was not recognised"
     )
     switched: list[records.RecordSocket] = []
-    thread = threading.Thread(target=lambda: switched.append(records.switch(server, skeys, True)))
+    thread = threading.Thread(
+        target=lambda: switched.append(records.switch(server, protocol, server_side=True))
+    )
     thread.start()
-    agent = records.switch(client, ckeys, server_side=False)
+    agent = records.switch(client, protocol, server_side=False)
     thread.join(10)
     return agent, switched[0]
 
 
-@pytest.fixture
-def pair(certs: Path) -> Iterator[tuple[records.RecordSocket, records.RecordSocket]]:
+@pytest.fixture(params=PROTOCOLS)
+def pair(certs: Path, request) -> Iterator[tuple[records.RecordSocket, records.RecordSocket]]:
     """(agent's end, process server's end) of a loopback connection switched to records."""
-    agent, server = _switch_both(*loopback_pair(certs))
+    agent, server = _switch_both(*loopback_pair(certs), request.param)
+    assert agent.protocol == server.protocol == request.param
     yield agent, server
     agent.close()
     server.close()
@@ -73,25 +77,38 @@ def test_frames_arrive_whole_and_in_order_both_ways(pair):
     assert [(h["i"], bytes(p)) for h, p in answers] == [(i, d[:3]) for i, d in frames]
 
 
-def test_keys_are_the_sessions_own(certs):
+def test_keys_are_the_sessions_and_the_protocols_own(certs):
     client, server = loopback_pair(certs)
     other_client, other_server = loopback_pair(certs)
     try:
-        keys = records.secrets(client)
-        assert keys is not None
-        assert keys == records.secrets(server)  # both ends export the same
-        assert keys[0] != keys[1]  # a key for each direction
-        assert keys != records.secrets(other_client)  # another session, other keys
+        keys = {p: records.secrets(client, p) for p in PROTOCOLS}
+        assert None not in keys.values()
+        for protocol, pair in keys.items():
+            assert pair == records.secrets(server, protocol)  # both ends export the same
+            assert pair[0] != pair[1]  # a key for each direction
+            assert pair != records.secrets(other_client, protocol)  # another session, others
+        assert len(set(keys.values())) == len(PROTOCOLS)  # each protocol its own label
     finally:
         for sock in (client, server, other_client, other_server):
             sock.close()
+
+
+def test_the_process_server_takes_the_first_it_runs_of_what_was_offered():
+    assert records.choose(["ferry-records-1", "ferry-records-2"]) == "ferry-records-2"
+    assert records.choose(["ferry-records-1"]) == "ferry-records-1"  # an agent of round 16
+    assert records.choose(["ferry-records-9", 3]) is None
+    assert records.choose("ferry-records-2") is None  # not a list: not an offer
+    assert records.choose(None) is None
 
 
 def test_tls_older_than_1_3_exports_nothing(certs):
     client, server = loopback_pair(certs, server_max=ssl.TLSVersion.TLSv1_2)
     try:
         assert client.version() == "TLSv1.2"
-        assert records.secrets(client) is None  # the agent then offers nothing: TLS records
+        assert records.offer(client) == []  # the agent then offers nothing: TLS records
+        assert records.secrets(client, records.PROTOCOL) is None
+        with pytest.raises(ProtocolError, match="cannot export"):
+            records.switch(client, records.PROTOCOL, server_side=False)
     finally:
         client.close()
         server.close()
@@ -101,12 +118,12 @@ class _Relay:
     """Two ends with keys of their own, and the records from one to the other through this
     relay (``record`` takes the next one, ``forward`` passes bytes on, mangled or not)."""
 
-    def __init__(self, recv_secret: bytes | None = None) -> None:
+    def __init__(self, protocol: str, recv_secret: bytes | None = None) -> None:
         self.left, self._src = socket.socketpair()
         self._dst, self.right = socket.socketpair()
         a, b = os.urandom(32), recv_secret or os.urandom(32)
-        self.sender = records.RecordSocket(self.left, send=b, recv=a)
-        self.receiver = records.RecordSocket(self.right, send=a, recv=b)
+        self.sender = records.RecordSocket(self.left, send=b, recv=a, protocol=protocol)
+        self.receiver = records.RecordSocket(self.right, send=a, recv=b, protocol=protocol)
 
     def record(self) -> bytes:
         """The next whole record from the sender (length prefix included)."""
@@ -136,9 +153,9 @@ class _Relay:
             sock.close()
 
 
-@pytest.fixture
-def relay() -> Iterator[_Relay]:
-    with _Relay() as made:
+@pytest.fixture(params=PROTOCOLS)
+def relay(request) -> Iterator[_Relay]:
+    with _Relay(request.param) as made:
         yield made
 
 
@@ -171,7 +188,8 @@ def test_a_record_mangled_on_the_way_is_refused(relay, mangle):
 
 
 def test_a_record_longer_than_allowed_is_refused_before_it_is_read(relay):
-    relay.forward((records.RECORD + records.TAG + 1).to_bytes(4, "big"))
+    tag = records.SUITES[relay.sender.protocol].tag
+    relay.forward((records.RECORD + tag + 1).to_bytes(4, "big"))
     with pytest.raises(ProtocolError, match="sealed record of"):
         wire.recv(relay.receiver)
 
@@ -196,7 +214,7 @@ def test_keys_change_after_key_records(relay, monkeypatch):
     # Record 3 is the first under the second key, with the first record's nonce: a
     # receiver on the second key takes it, one still on the first refuses it.
     for key_number, taken in ((1, True), (0, False)):
-        with _Relay(recv_secret=relay.sender._send.secret) as other:
+        with _Relay(relay.sender.protocol, recv_secret=relay.sender._send.secret) as other:
             other.receiver._recv.key_number = key_number
             other.receiver._recv.aead = other.receiver._recv._key()
             other.forward(seen[3])

@@ -150,27 +150,29 @@ class Agent:
         tenant: str,
         disks: tuple[str, ...] = (DISK,),
         machine: str = "web01",
-        offer_records: bool = False,
+        offer_records: bool | list[str] = False,
     ) -> dict:
-        """Say hello (offering Ferry's own records if ``offer_records``, as the agent does)
-        and return the answer; go on in records if the server took them."""
+        """Say hello (offering Ferry's own records if ``offer_records``: every protocol, as
+        the agent does, or the ones listed) and return the answer; go on in records if the
+        server took them."""
         hello = {"type": "hello", "tenant": tenant, "machine": machine, "disks": list(disks)}
-        keys = (
-            records.secrets(self.sock)
-            if offer_records and isinstance(self.sock, ssl.SSLSocket)
-            else None
-        )
+        offered: list[str] = []
         if offer_records:
-            assert keys is not None, "this interpreter's ssl layout was not recognised"
-            hello["records"] = [records.PROTOCOL]
+            assert isinstance(self.sock, ssl.SSLSocket)
+            offered = records.offer(self.sock)
+            assert offered, "this interpreter's ssl layout was not recognised"
+            if isinstance(offer_records, list):
+                offered = offer_records
+            hello["records"] = offered
         self.send(hello)
         # Read here, unless the reader runs: the answer decides what it reads from.
         started = self.reader.ident is not None
         frame = self.recv() if started else wire.recv(self.sock, "process server")
         assert frame is not None
-        if frame[0].get("records") == records.PROTOCOL and keys is not None:
-            assert isinstance(self.sock, ssl.SSLSocket)
-            self.sock = records.switch(self.sock, keys, server_side=False)
+        taken = frame[0].get("records")
+        if taken is not None:
+            assert taken in offered and isinstance(self.sock, ssl.SSLSocket)
+            self.sock = records.switch(self.sock, taken, server_side=False)
         if self.reader.ident is None:
             self.reader.start()
         return frame[0]
