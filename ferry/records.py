@@ -42,7 +42,7 @@ import dataclasses
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -91,11 +91,12 @@ def offer(sock: ssl.SSLSocket) -> list[str]:
     return list(SUITES) if secrets(sock, PROTOCOL) is not None else []
 
 
-def choose(offered: object) -> str | None:
-    """The protocol a process server takes from an agent's offer (``hello``'s ``records``)."""
+def choose(offered: object, runs: Iterable[str] = SUITES) -> str | None:
+    """The protocol a process server that ``runs`` those protocols (most preferred first)
+    takes from an agent's offer (``hello``'s ``records``); None for no protocol."""
     if not isinstance(offered, list):
         return None
-    return next((name for name in SUITES if name in offered), None)
+    return next((name for name in runs if name in offered), None)
 
 
 def secrets(sock: ssl.SSLSocket, protocol: str) -> tuple[bytes, bytes] | None:

@@ -6,17 +6,20 @@ Layout (all integers big-endian)::
     hlen      u32      length of the header
     header    hlen     canonical JSON of Batch.header() plus "raw_len"
     flags     u8       bit 0: body is zstd, bit 1: body is AEAD-sealed,
-                       bit 2: the AEAD is AES-256-GCM (else ChaCha20-Poly1305)
+                       bit 3: the AEAD is AEGIS-256, else bit 2: AES-256-GCM,
+                       else ChaCha20-Poly1305
     blen      u64      length of the body
-    body      blen     zstd(payload), or nonce(12) || AEAD(zstd(payload))
+    body      blen     zstd(payload), or nonce || AEAD(zstd(payload)) (a nonce
+                       of 32 bytes for AEGIS-256, else 12)
     checksum  16 bytes xxh3-128 of every byte before it
 
 The AEAD's associated data is the header bytes, which name tenant, disk,
 generation and sequence: a segment cannot be replayed under another name.
-Process servers seal with AES-256-GCM; segments sealed with ChaCha20-Poly1305
-(by older process servers) still open.  The nonce is synthetic (a keyed
-BLAKE3 hash of header and body, :func:`_nonce`), so the same batch packed
-again is the same segment byte for byte.
+Process servers seal with AEGIS-256 (:mod:`ferry.aegis`), or AES-256-GCM
+where they are set to (``cipher``); segments sealed with AES-256-GCM or
+ChaCha20-Poly1305 (by older process servers) still open.  The nonce is
+synthetic (a keyed BLAKE3 hash of header and body, :func:`_nonce`), so the
+same batch packed again is the same segment byte for byte.
 A sealed segment's header also names its key (``key_id``, a hash of the key,
 never the key), so a master target holding several keys of a tenant (a
 rotation in flight) opens each segment with the key it was sealed with.
@@ -36,12 +39,14 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import xxhash
 import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from ferry.aegis import AEGIS256
 from ferry.batch import Batch, contiguous
 from ferry.errors import SegmentCorrupt
 
@@ -49,12 +54,20 @@ MAGIC = b"FERRYSG1"
 FLAG_ZSTD = 1
 FLAG_SEALED = 2
 FLAG_AES = 4
-"""With FLAG_SEALED: sealed with AES-256-GCM; without it, ChaCha20-Poly1305."""
+"""With FLAG_SEALED and not FLAG_AEGIS: sealed with AES-256-GCM; without it, ChaCha20-Poly1305."""
+FLAG_AEGIS = 8
+"""With FLAG_SEALED: sealed with AEGIS-256."""
+CIPHERS: dict[str, tuple[int, Callable[[bytes], Any], int]] = {
+    "aegis-256": (FLAG_AEGIS, AEGIS256, 32),
+    "aes-256-gcm": (FLAG_AES, AESGCM, 12),
+}
+"""What a process server may seal with (its ``cipher``): flag, AEAD and nonce length."""
+CIPHER = "aegis-256"
 _HEAD = struct.Struct(">8sI")
 _BODY = struct.Struct(">BQ")
 _SUM = 16
 KEY_BYTES = 32
-"""Length of a segment encryption key (AES-256-GCM; ChaCha20-Poly1305 before)."""
+"""Length of a segment encryption key (AEGIS-256 and AES-256-GCM; ChaCha20-Poly1305 before)."""
 
 Keys = bytes | dict[str, bytes] | None
 """What a reader holds: one key, several by :func:`key_id` (a rotation), or none."""
@@ -64,13 +77,14 @@ class UnknownKey(SegmentCorrupt):
     """segment {name} is corrupt: {why}"""
 
 
-def _nonce(key: bytes, hbytes: bytes, body: bytes) -> bytes:
+def _nonce(key: bytes, hbytes: bytes, body: bytes, size: int) -> bytes:
     """The nonce: a keyed hash of what is sealed (synthetic IV).
 
     The same batch packed again (a process server restarted before it knew
     its upload and notice were done) is the same segment byte for byte, so
     a notice of the first upload still matches the blob; two different
-    segments get the same nonce only if keyed BLAKE3 collides in 96 bits.
+    segments get the same nonce only if keyed BLAKE3 collides in ``size`` bytes
+    (12 for AES-256-GCM, 32 for AEGIS-256).
     BLAKE3 rather than HMAC-SHA256: it costs a process server 0.17 CPU s per
     GiB here against 0.6 (docs/performance.md, round seven).  Imported here:
     only a process server seals (blake3 is in its extra alone).
@@ -80,7 +94,7 @@ def _nonce(key: bytes, hbytes: bytes, body: bytes) -> bytes:
     h = blake3.blake3(_HLEN.pack(len(hbytes)), key=_nonce_key(key))
     h.update(hbytes)
     h.update(body)
-    return h.digest(12)
+    return h.digest(size)
 
 
 _HLEN = struct.Struct(">I")
@@ -104,8 +118,11 @@ def keyring(*keys: bytes | None) -> dict[str, bytes]:
     return {key_id(k): k for k in keys if k is not None}
 
 
-def pack(batch: Batch, key: bytes | None = None, level: int = 1) -> tuple[bytes, str]:
-    """Encode ``batch`` as a segment; return ``(segment bytes, checksum hex)``."""
+def pack(
+    batch: Batch, key: bytes | None = None, level: int = 1, cipher: str = CIPHER
+) -> tuple[bytes, str]:
+    """Encode ``batch`` as a segment, sealed with ``cipher`` (:data:`CIPHERS`) if a ``key``
+    is given; return ``(segment bytes, checksum hex)``."""
     header = batch.header()
     header["raw_len"] = len(batch.payload)
     if key is not None:
@@ -114,9 +131,10 @@ def pack(batch: Batch, key: bytes | None = None, level: int = 1) -> tuple[bytes,
     body = [_compressor(level).compress(contiguous(batch.payload))]
     flags = FLAG_ZSTD
     if key is not None:
-        nonce = _nonce(key, hbytes, body[0])
-        body = [nonce, AESGCM(key).encrypt(nonce, body[0], hbytes)]
-        flags |= FLAG_SEALED | FLAG_AES
+        flag, aead, nonce_size = CIPHERS[cipher]
+        nonce = _nonce(key, hbytes, body[0], nonce_size)
+        body = [nonce, aead(key).encrypt(nonce, body[0], hbytes)]
+        flags |= FLAG_SEALED | flag
     blen = sum(len(part) for part in body)
     parts = [_HEAD.pack(MAGIC, len(hbytes)), hbytes, _BODY.pack(flags, blen), *body]
     digest = xxhash.xxh3_128()
@@ -312,10 +330,15 @@ def _open(
         candidates = [keys[named]]
     else:
         raise UnknownKey(name=name, why=f"segment is sealed with key {named}, not one held here")
-    aead = AESGCM if flags & FLAG_AES else ChaCha20Poly1305
+    if flags & FLAG_AEGIS:
+        aead: Callable[[bytes], Any] = AEGIS256
+        nonce_size = 32
+    else:
+        aead = AESGCM if flags & FLAG_AES else ChaCha20Poly1305
+        nonce_size = 12
     for key in candidates:
         try:
-            return aead(key).decrypt(body[:12], body[12:], hbytes)
+            return aead(key).decrypt(body[:nonce_size], body[nonce_size:], hbytes)
         except (InvalidTag, ValueError):
             continue
     raise SegmentCorrupt(name=name, why="authentication failed")

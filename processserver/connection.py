@@ -233,7 +233,9 @@ class Connection:
         if problem:
             raise Rejected(problem)
         self.tenant, self.machine, self.disks = tenant, machine, frozenset(disks)
-        taken = records.choose(header.get("records")) if records.offer(self.tls) else None
+        offered = header.get("records")
+        runs = self.ctx.settings.record_protocols
+        taken = records.choose(offered, runs) if records.offer(self.tls) else None
         welcome = {"type": "welcome", "server": SERVER_NAME}
         with self._send_lock:  # nothing else is sent on TLS between welcome and the switch
             wire.send(self.tls, {**welcome, "records": taken} if taken else welcome)
@@ -341,8 +343,11 @@ class Connection:
         Refusing would close the connection, and the agent would send its whole
         window again and again while the disk stays full.
         """
-        key, level = self.ctx.segment_key, self.ctx.settings.compression_level
-        items = [Spooled.pack(batch, key, level) for batch in batches]
+        key, settings = self.ctx.segment_key, self.ctx.settings
+        items = [
+            Spooled.pack(batch, key, settings.compression_level, settings.cipher)
+            for batch in batches
+        ]
         full_since = None
         while True:
             try:

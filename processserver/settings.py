@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from ferry import segment
+from ferry import records, segment
 from ferry import settings as ferry_settings
 from ferry.errors import ConfigError
 from ferry.settings import positive
@@ -42,8 +42,13 @@ class Settings:
     """Cap on segment bytes uploaded, in bytes per second (0 = unlimited)."""
     compression_level: int = defaults.COMPRESSION_LEVEL
     """zstd level of segment bodies: 1 to 22, or -7 to -1 (faster, larger)."""
+    cipher: str = segment.CIPHER
+    """What segments are sealed with and which of Ferry's records agents get: ``aegis-256``
+    (AEGIS-256; agents of round sixteen get AES-256-GCM records), or ``aes-256-gcm``
+    (FIPS 140-approved; sealed segments and records in AES-256-GCM alone, as master
+    targets and agents before round seventeen read and speak them)."""
     segment_key_file: str | None = None
-    """Hex 32-byte key every segment is sealed with (AES-256-GCM); wins over segment_key."""
+    """Hex 32-byte key every segment is sealed with (``cipher``); wins over segment_key."""
     segment_key: str | None = None
     """The same, as 64 hex digits (server mode: the tenant's current key, from the server)."""
     allow_unsealed: bool = False
@@ -78,6 +83,8 @@ class Settings:
             return f"storage_env must be an environment variable name, not {self.storage_env!r}"
         if not -7 <= self.compression_level <= 22 or self.compression_level == 0:
             return f"compression_level must be -7 to -1 (fast) or 1 to 22, not {self.compression_level}"
+        if self.cipher not in segment.CIPHERS:
+            return f"cipher must be {' or '.join(segment.CIPHERS)}, not {self.cipher!r}"
         if not 1 <= self.upload_threads <= 64:
             return f"upload_threads must be 1-64, not {self.upload_threads}"
         if self.bandwidth_limit < 0:
@@ -86,6 +93,13 @@ class Settings:
             spool_limit_bytes=self.spool_limit_bytes,
             state_poll_interval=self.state_poll_interval,
         )
+
+    @property
+    def record_protocols(self) -> list[str]:
+        """Ferry's record protocols agents may get here, most preferred first (``cipher``)."""
+        if self.cipher == "aes-256-gcm":
+            return ["ferry-records-1"]
+        return list(records.SUITES)
 
     @property
     def address(self) -> tuple[str, int]:

@@ -89,9 +89,11 @@ class Spooled:
     """The id of the tag the batch carries, if any (named in its notice)."""
 
     @classmethod
-    def pack(cls, batch: Batch, key: bytes | None, level: int) -> Spooled:
+    def pack(
+        cls, batch: Batch, key: bytes | None, level: int, cipher: str = segment.CIPHER
+    ) -> Spooled:
         """Compress and seal ``batch`` (:func:`ferry.segment.pack`)."""
-        data, checksum = segment.pack(batch, key, level)
+        data, checksum = segment.pack(batch, key, level, cipher)
         tag = batch.tag.get("id") if isinstance(batch.tag, dict) else None
         return cls(SpoolKey.of(batch), data, checksum, len(batch.payload), tag)
 

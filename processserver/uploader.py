@@ -128,7 +128,10 @@ class Uploader:
             self._quarantine(key, exc)
             return None
         if isinstance(item, Batch):
-            item = Spooled.pack(item, self.ctx.segment_key, self.ctx.settings.compression_level)
+            settings = self.ctx.settings
+            item = Spooled.pack(
+                item, self.ctx.segment_key, settings.compression_level, settings.cipher
+            )
         return _Upload(item)
 
     def _quarantine(self, key: SpoolKey, why: Exception) -> None:

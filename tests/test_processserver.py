@@ -31,7 +31,7 @@ from support.process_server import (
 from ferry import naming, pki
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import SegmentCorrupt
-from ferry.segment import unpack
+from ferry.segment import FLAG_AEGIS, FLAG_AES, unpack
 
 DISK_SIZE = 1 << 30
 
@@ -117,8 +117,10 @@ def collect_notices(storage, tenant: str, count: int, timeout: float = 30) -> li
     return notices
 
 
-def verify_uploaded(storage, notices: list[dict], batches: dict, key: bytes | None) -> None:
-    """Every notice names a verified segment holding exactly the batch that was sent."""
+def verify_uploaded(storage, notices: list[dict], batches: dict, key: bytes | None) -> list[int]:
+    """Every notice names a verified segment holding exactly the batch that was sent; the
+    segments' flags (ferry.segment: how each was compressed and sealed)."""
+    flags = []
     for n in notices:
         batch = batches[(n["gen"], n["seq"])]
         blob = naming.segment_blob(batch.tenant, DISK, batch.gen, batch.seq)
@@ -132,28 +134,33 @@ def verify_uploaded(storage, notices: list[dict], batches: dict, key: bytes | No
         assert back.payload == batch.payload
         assert back.extents == batch.extents
         assert back.tag == batch.tag
+        flags.append(data[12 + int.from_bytes(data[8:12], "big")])
+    return flags
 
 
 # -- the data path --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("sealed", "offer", "records"),
+    ("sealed", "cipher", "offer", "records"),
     [
-        (False, False, "tls"),
-        (True, True, "ferry-records-2"),
-        (True, ["ferry-records-1"], "ferry-records-1"),
+        (False, None, False, "tls"),
+        (True, None, True, "ferry-records-2"),
+        (True, None, ["ferry-records-1"], "ferry-records-1"),
+        (True, "aes-256-gcm", True, "ferry-records-1"),
     ],
-    ids=["plain-tls", "sealed-records", "sealed-records-of-round-16"],
+    ids=["plain-tls", "sealed-records", "sealed-records-of-round-16", "aes-256-gcm"],
 )
 def test_batches_are_acked_uploaded_and_announced(
-    servers, connect, storage, tenant, tmp_path, sealed, offer, records
+    servers, connect, storage, tenant, tmp_path, sealed, cipher, offer, records
 ):
     """Segments sealed or not; the connection in TLS records (an agent that offers nothing,
     as before 2026-12-05) or in Ferry's own (offered, taken): the first the process server
-    runs of those offered, AES-256-GCM's for an agent that knows no other (round sixteen)."""
+    runs of those offered, AES-256-GCM's for an agent that knows no other (round sixteen)
+    and for every agent of a process server set to ``cipher = "aes-256-gcm"``, which seals
+    its segments with AES-256-GCM too (AEGIS-256 otherwise)."""
     key = os.urandom(32) if sealed else None
-    settings: dict = {"allow_unsealed": True}
+    settings: dict = {"allow_unsealed": True, **({"cipher": cipher} if cipher else {})}
     if key:
         (tmp_path / "segment.key").write_text(key.hex() + "\n")
         settings["segment_key_file"] = str(tmp_path / "segment.key")
@@ -169,7 +176,11 @@ def test_batches_are_acked_uploaded_and_announced(
 
     notices = collect_notices(storage, tenant, len(batches))
     assert sorted((n["gen"], n["seq"]) for n in notices) == sorted(batches)
-    verify_uploaded(storage, notices, batches, key)
+    flags = verify_uploaded(storage, notices, batches, key)
+    sealed_with = {FLAG_AEGIS: "aegis-256", FLAG_AES: "aes-256-gcm", 0: None}
+    assert {sealed_with[f & (FLAG_AEGIS | FLAG_AES)] for f in flags} == {
+        (cipher or "aegis-256") if key else None
+    }
     if key:  # sealed: useless without the key
         blob = notices[0]["blob"]
         with pytest.raises(SegmentCorrupt, match="encrypted"):
@@ -560,6 +571,7 @@ def run_server(config: Path, env: dict | None = None) -> subprocess.CompletedPro
         ({"upload_threads": "four"}, "upload_threads must be an integer"),
         ({"listen": "nowhere"}, "listen must be host:port"),
         ({"compression_level": 99}, "compression_level must be -7 to -1 (fast) or 1 to 22"),
+        ({"cipher": "rot13"}, "cipher must be aegis-256 or aes-256-gcm, not 'rot13'"),
         ({"storage_env": "FERRY_TEST_NOT_SET"}, "environment variable FERRY_TEST_NOT_SET"),
         ({"cert": "/nonexistent/ps.pem"}, "cert: cannot read /nonexistent/ps.pem"),
         ({"segment_key_file": "/nonexistent/key"}, "cannot read the segment key"),

@@ -11,6 +11,8 @@ import xxhash
 from ferry.batch import DATA, ZERO, Batch
 from ferry.errors import SegmentCorrupt
 from ferry.segment import (
+    CIPHERS,
+    FLAG_AEGIS,
     FLAG_AES,
     FLAG_SEALED,
     FLAG_ZSTD,
@@ -42,10 +44,14 @@ def sample(seq: int = 7) -> Batch:
 EXPECT = {"tenant": "acme", "disk": "web01-disk0", "gen": 3, "seq": 7}
 
 
-@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "sealed"])
-def test_round_trip(key):
+@pytest.mark.parametrize(
+    ("key", "cipher"),
+    [(None, "aegis-256"), (KEY, "aegis-256"), (KEY, "aes-256-gcm")],
+    ids=["plain", "sealed", "sealed-aes"],
+)
+def test_round_trip(key, cipher):
     batch = sample()
-    data, checksum = pack(batch, key)
+    data, checksum = pack(batch, key, cipher=cipher)
     back = unpack(data, "s", EXPECT, key=key, checksum=checksum)
     assert back == batch
     assert list(back.pieces())[1] == (1 << 20, None, 65536)
@@ -65,9 +71,13 @@ def test_truncated(key):
             unpack(data[:cut], "s", EXPECT, key=key)
 
 
-@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "sealed"])
-def test_every_bit_flip_region(key):
-    data, _ = pack(sample(), key)
+@pytest.mark.parametrize(
+    ("key", "cipher"),
+    [(None, "aegis-256"), (KEY, "aegis-256"), (KEY, "aes-256-gcm")],
+    ids=["plain", "sealed", "sealed-aes"],
+)
+def test_every_bit_flip_region(key, cipher):
+    data, _ = pack(sample(), key, cipher=cipher)
     for pos in range(0, len(data), max(1, len(data) // 97)):
         bad = bytearray(data)
         bad[pos] ^= 0x10
@@ -75,10 +85,9 @@ def test_every_bit_flip_region(key):
             unpack(bytes(bad), "s", EXPECT, key=key)
 
 
-def test_flip_with_recomputed_checksum_fails_authentication():
-    import xxhash
-
-    data, _ = pack(sample(), KEY)
+@pytest.mark.parametrize("cipher", list(CIPHERS))
+def test_flip_with_recomputed_checksum_fails_authentication(cipher):
+    data, _ = pack(sample(), KEY, cipher=cipher)
     bad = bytearray(data)
     bad[-40] ^= 1  # inside the sealed body
     bad[-16:] = xxhash.xxh3_128(bytes(bad[:-16])).digest()
@@ -151,31 +160,40 @@ def test_verify_checks_all_but_decompression(key):
         verify(data, "s", {**EXPECT, "seq": 9}, key=key)
 
 
-def test_packing_a_batch_again_gives_the_same_sealed_segment():
+@pytest.mark.parametrize("cipher", list(CIPHERS))
+def test_packing_a_batch_again_gives_the_same_sealed_segment(cipher):
     """A process server restarted mid-upload packs the batch again: its first notice must
     still match the blob (random nonces made it differ, and the master target resynced)."""
     batch = sample()
-    first, sum1 = pack(batch, KEY)
-    again, sum2 = pack(batch, KEY)
+    first, sum1 = pack(batch, KEY, cipher=cipher)
+    again, sum2 = pack(batch, KEY, cipher=cipher)
     assert (first, sum1) == (again, sum2)
-    other, sum3 = pack(sample(seq=8), KEY)
+    other, sum3 = pack(sample(seq=8), KEY, cipher=cipher)
     assert sum3 != sum1  # another batch, another nonce and ciphertext
 
 
-def test_segments_are_sealed_with_aes_gcm_under_a_nonce_of_header_and_body():
-    """A process server seals with AES-256-GCM; the nonce changes with any byte of the
-    header or the body (it is a keyed hash of both), so two batches never share one."""
+@pytest.mark.parametrize(
+    ("cipher", "flag", "nonce_size"), [("aegis-256", FLAG_AEGIS, 32), ("aes-256-gcm", FLAG_AES, 12)]
+)
+def test_segments_are_sealed_with_the_cipher_under_a_nonce_of_header_and_body(
+    cipher, flag, nonce_size
+):
+    """A process server seals with AEGIS-256 unless set to AES-256-GCM; the nonce changes
+    with any byte of the header or the body (a keyed hash of both), so two batches never
+    share one."""
     batch = sample()
-    data, _ = pack(batch, KEY)
+    data, _ = pack(batch, KEY, cipher=cipher)
+    if cipher == "aegis-256":
+        assert pack(batch, KEY) == (data, _)  # the default
     hlen = int.from_bytes(data[8:12], "big")
-    assert data[12 + hlen] == FLAG_ZSTD | FLAG_SEALED | FLAG_AES
-    nonce = data[12 + hlen + 9 : 12 + hlen + 21]
+    assert data[12 + hlen] == FLAG_ZSTD | FLAG_SEALED | flag
+    nonce = data[12 + hlen + 9 : 12 + hlen + 9 + nonce_size]
     changed = Batch(**{**batch.__dict__, "payload": batch.payload[:-1] + b"\1"})
     retagged = Batch(**{**batch.__dict__, "tag": {"id": "web01-2", "kind": "crash"}})
     for other in (changed, retagged):
-        odata, _ = pack(other, KEY)
+        odata, _ = pack(other, KEY, cipher=cipher)
         ohlen = int.from_bytes(odata[8:12], "big")
-        assert odata[12 + ohlen + 9 : 12 + ohlen + 21] != nonce
+        assert odata[12 + ohlen + 9 : 12 + ohlen + 9 + nonce_size] != nonce
         assert unpack(odata, "s", EXPECT, key=KEY) == other
 
 
@@ -187,20 +205,42 @@ LEGACY = base64.b64decode(
     "BkULl7kcgySk+7dwrEdRFRs1OM5Z65/LyvHu5ydjUxmkq2g2B2XvNuTWAfWW"
 )
 """A segment sealed with ChaCha20-Poly1305 by the process server of 42a6951 (key KEY)."""
+LEGACY_AES = base64.b64decode(
+    "RkVSUllTRzEAAADLeyJkaXNrIjoid2ViMDEtZGlzazAiLCJkaXNrX3NpemUiOjEwNzM3NDE4MjQsImV4dGVudHMi"
+    "OltbMCw4MTkyLCJkIl0sWzEwNDg1NzYsNjU1MzYsInoiXV0sImdlbiI6Mywia2V5X2lkIjoiYzJmMjM5YmFmOTdl"
+    "ZDBlMCIsInJhd19sZW4iOjgxOTIsInNlcSI6NywidGFnIjp7ImlkIjoid2ViMDEtMSIsImtpbmQiOiJjcmFzaCJ9"
+    "LCJ0ZW5hbnQiOiJhY21lIn0HAAAAAAAAAE1/Hd7h9Tc2NklgHii3UcCFbro+D3g/mKwh56eD8quXVRXiv0Wn3b8c"
+    "EYxRBBnVcv8o4dfUGzgETBfDM5ke5ujQhhJUJnwQA5MDqUGRLx677/qHtkaDu4LRGdH2/9g="
+)
+"""A segment sealed with AES-256-GCM by the process server of 1fe69af (key KEY)."""
 
 
-def test_a_segment_sealed_by_an_older_process_server_still_opens():
-    """Segments in flight across an upgrade: ChaCha20-Poly1305 ones open, and a flip of
-    the algorithm flag (checksum recomputed) fails authentication rather than opening."""
-    batch = unpack(LEGACY, "s", EXPECT, key=KEY, checksum="635319a4ab68360765ef36e4d601f596")
-    assert batch.payload == b"ferry legacy segment\n" * 390 + b"xx"
+@pytest.mark.parametrize(
+    ("legacy", "checksum", "payload"),
+    [
+        (LEGACY, "635319a4ab68360765ef36e4d601f596", b"ferry legacy segment\n" * 390 + b"xx"),
+        (
+            LEGACY_AES,
+            "1ebbeffa87b64683bb82d119d1f6ffd8",
+            b"ferry round sixteen segment\n" * 292 + b"yy" * 8,
+        ),
+    ],
+    ids=["chacha20-poly1305", "aes-256-gcm"],
+)
+def test_a_segment_sealed_by_an_older_process_server_still_opens(legacy, checksum, payload):
+    """Segments in flight across an upgrade: ChaCha20-Poly1305 and AES-256-GCM ones open,
+    and a flip of an algorithm flag (checksum recomputed) fails authentication rather than
+    opening."""
+    batch = unpack(legacy, "s", EXPECT, key=KEY, checksum=checksum)
+    assert batch.payload == payload
     assert batch.tag == {"id": "web01-1", "kind": "crash"}
-    hlen = int.from_bytes(LEGACY[8:12], "big")
-    flipped = bytearray(LEGACY[:-16])
-    flipped[12 + hlen] |= FLAG_AES
-    flipped += xxhash.xxh3_128(bytes(flipped)).digest()
-    with pytest.raises(SegmentCorrupt, match="authentication failed"):
-        unpack(bytes(flipped), "s", EXPECT, key=KEY)
+    hlen = int.from_bytes(legacy[8:12], "big")
+    for flag in (FLAG_AES, FLAG_AEGIS):
+        flipped = bytearray(legacy[:-16])
+        flipped[12 + hlen] ^= flag
+        flipped += xxhash.xxh3_128(bytes(flipped)).digest()
+        with pytest.raises(SegmentCorrupt, match="authentication failed"):
+            unpack(bytes(flipped), "s", EXPECT, key=KEY)
 
 
 @pytest.mark.parametrize("key", [None, KEY], ids=["plain", "sealed"])
