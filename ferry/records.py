@@ -73,8 +73,8 @@ SUITES = {
     "ferry-records-1": Suite(b"EXPERIMENTAL-ferry-records-1", AESGCM, 12, 16),
 }
 """The protocols, most preferred first: ``hello`` offers them all (``records: [...]``),
-``welcome`` names the first of them the process server runs (``records: ...``); an
-agent or process server of round sixteen knows ``ferry-records-1`` alone."""
+``welcome`` names the first of them the process server runs (``records: ...``); agents
+and process servers of earlier versions know ``ferry-records-1`` alone."""
 PROTOCOL = next(iter(SUITES))
 RECORD = 1 << 20
 """Largest plaintext of one record, in bytes."""

@@ -44,9 +44,9 @@ class Settings:
     """zstd level of segment bodies: 1 to 22, or -7 to -1 (faster, larger)."""
     cipher: str = segment.CIPHER
     """What segments are sealed with and which of Ferry's records agents get: ``aegis-256``
-    (AEGIS-256; agents of round sixteen get AES-256-GCM records), or ``aes-256-gcm``
-    (FIPS 140-approved; sealed segments and records in AES-256-GCM alone, as master
-    targets and agents before round seventeen read and speak them)."""
+    (AEGIS-256; an agent that offers only AES-256-GCM records, an earlier version, gets
+    those), or ``aes-256-gcm`` (FIPS 140-approved: segments and every agent's records in
+    AES-256-GCM, which master targets and agents of earlier versions read and speak)."""
     segment_key_file: str | None = None
     """Hex 32-byte key every segment is sealed with (``cipher``); wins over segment_key."""
     segment_key: str | None = None

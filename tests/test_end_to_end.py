@@ -7,6 +7,7 @@ changing the source.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import shutil
@@ -116,6 +117,9 @@ def test_filesystem_replicates_consistently_under_writes(deployment, loopdisk, t
     status = deployment.agent_status()
     assert status["tracker"] == "tracefs"
     assert status["disks"][0]["resyncs"] == 1, "no resync beyond the start was needed"
+    # The agent offered its record protocols and got the first: AEGIS-256 (ferry.records).
+    served = json.loads((deployment.base / "process-server" / "status.json").read_text())
+    assert [agent["records"] for agent in served["agents"]] == ["ferry-records-2"]
 
 
 def test_initial_sync_skips_zeros_and_resync_sends_only_differences(deployment, loopdisk, tmp_path):

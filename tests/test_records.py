@@ -95,7 +95,7 @@ def test_keys_are_the_sessions_and_the_protocols_own(certs):
 
 def test_the_process_server_takes_the_first_it_runs_of_what_was_offered():
     assert records.choose(["ferry-records-1", "ferry-records-2"]) == "ferry-records-2"
-    assert records.choose(["ferry-records-1"]) == "ferry-records-1"  # an agent of round 16
+    assert records.choose(["ferry-records-1"]) == "ferry-records-1"  # an earlier agent
     assert records.choose(["ferry-records-9", 3]) is None
     assert records.choose("ferry-records-2") is None  # not a list: not an offer
     assert records.choose(None) is None
