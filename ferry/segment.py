@@ -330,12 +330,10 @@ def _open(
         candidates = [keys[named]]
     else:
         raise UnknownKey(name=name, why=f"segment is sealed with key {named}, not one held here")
-    if flags & FLAG_AEGIS:
-        aead: Callable[[bytes], Any] = AEGIS256
-        nonce_size = 32
-    else:
-        aead = AESGCM if flags & FLAG_AES else ChaCha20Poly1305
-        nonce_size = 12
+    if flags & (FLAG_AEGIS | FLAG_AES):
+        _, aead, nonce_size = CIPHERS["aegis-256" if flags & FLAG_AEGIS else "aes-256-gcm"]
+    else:  # sealed by a process server of an earlier version
+        aead, nonce_size = ChaCha20Poly1305, 12
     for key in candidates:
         try:
             return aead(key).decrypt(body[:nonce_size], body[nonce_size:], hbytes)
