@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.data import HERE
 from bench.replication import code_state, machine, preflight
+from bench.report import cpu_id
 
 RESULTS = HERE / "results"
 
@@ -61,9 +62,11 @@ def write(
 
 
 def measured(result: dict[str, Any]) -> str:
-    """``Measured <date> on `<host>`, code `<commit>``` (and whether it had uncommitted changes)."""
+    """``Measured <date> on `<host>` (<CPU>), code `<commit>``` (and whether it had uncommitted
+    changes)."""
+    m = result["machine"]
     return (
-        f"Measured {result['date']} on `{result['machine']['host']}`, code "
+        f"Measured {result['date']} on `{m['host']}` ({m.get('cpu_model', '?')}{cpu_id(m)}), code "
         f"`{result['code']['commit'][:10]}`"
         f"{' (with uncommitted changes)' if result['code']['dirty'] else ''}"
     )
