@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.data import HERE
 from bench.replication import code_state, machine, preflight
-from bench.report import cpu_id
+from bench.report import cpu
 
 RESULTS = HERE / "results"
 
@@ -66,7 +66,7 @@ def measured(result: dict[str, Any]) -> str:
     changes)."""
     m = result["machine"]
     return (
-        f"Measured {result['date']} on `{m['host']}` ({m.get('cpu_model', '?')}{cpu_id(m)}), code "
+        f"Measured {result['date']} on `{m['host']}` ({cpu(m)}), code "
         f"`{result['code']['commit'][:10]}`"
         f"{' (with uncommitted changes)' if result['code']['dirty'] else ''}"
     )

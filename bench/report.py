@@ -94,17 +94,18 @@ def _top_rate(r: dict[str, Any]) -> str | None:
     return rates[-1] if rates else None
 
 
-def cpu_id(m: dict[str, Any]) -> str:
-    """The CPU's family, model and instruction sets in brackets, for runs that recorded them."""
-    return f" ({m['cpu_id']})" if m.get("cpu_id") else ""
+def cpu(m: dict[str, Any]) -> str:
+    """The CPU's model name, and its family, model and instruction sets where recorded."""
+    name = m.get("cpu_model", "?")
+    return f"{name} ({m['cpu_id']})" if m.get("cpu_id") else name
 
 
 def markdown(r: dict[str, Any], charts: dict[str, str] | None = None) -> str:
     """The results as markdown: setup line, five tables, goals, chart links."""
     m, data = r["machine"], r["data"]
     lines = [
-        f"Measured {r['date']} on `{m['host']}` ({m['cpus']} cores of {m['cpu_model']}"
-        f"{cpu_id(m)}, {m['memory_gib']} GiB, "
+        f"Measured {r['date']} on `{m['host']}` ({m['cpus']} cores of {cpu(m)}, "
+        f"{m['memory_gib']} GiB, "
         f"Linux {m['kernel']}, Python {m['python']}), code `{r['code']['commit'][:10]}`"
         f"{' (with uncommitted changes)' if r['code']['dirty'] else ''}; "
         f"{r['settings']['runs']} run(s), medians; other work was running on the machine.",
