@@ -347,7 +347,7 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpu_model": facts.get("model name", "?"),
         "cpu_id": f"family {facts.get('cpu family', '?')}, model {facts.get('model', '?')}, "
-        f"stepping {facts.get('stepping', '?')}; {' '.join(noted) or 'no AES-NI or AVX'}",
+        f"stepping {facts.get('stepping', '?')}; {' '.join(noted) or 'none of aes, vaes, vpclmulqdq, avx2, avx512f'}",
         "kernel": platform.release(),
         "python": platform.python_version(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
