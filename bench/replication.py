@@ -341,13 +341,14 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     flags = set(facts.get("flags", "").split())
-    noted = [f for f in ("aes", "vaes", "vpclmulqdq", "avx2", "avx512f") if f in flags]
+    sets = ("aes", "vaes", "vpclmulqdq", "avx2", "avx512f")
+    noted = " ".join(f for f in sets if f in flags) or f"none of {', '.join(sets)}"
     return {
         "host": socket.gethostname(),
         "cpus": os.cpu_count(),
         "cpu_model": facts.get("model name", "?"),
         "cpu_id": f"family {facts.get('cpu family', '?')}, model {facts.get('model', '?')}, "
-        f"stepping {facts.get('stepping', '?')}; {' '.join(noted) or 'none of aes, vaes, vpclmulqdq, avx2, avx512f'}",
+        f"stepping {facts.get('stepping', '?')}; {noted}",
         "kernel": platform.release(),
         "python": platform.python_version(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
